@@ -1,0 +1,168 @@
+"""Hugging Face checkpoint directories: `config.json` + `model.safetensors` (or shards + index).
+
+State-dict keys are the checkpoint's keys one to one (the module names follow Hugging Face), so
+loading is: build the model on the meta device (no memory), read the tensors with safetensors,
+check every name and shape, then `load_state_dict(assign=True)`. Only safetensors and JSON are
+ever read: nothing is unpickled. Writes go to a temporary directory that is renamed into place,
+so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PathLike = Union[str, os.PathLike]
+
+
+def read_config(path: PathLike) -> ModelConfig:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: missing; a Hugging Face model directory needs config.json")
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return ModelConfig.from_hf_config(hf)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+        files = sorted(set(index["weight_map"].values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX_NAME} names shard files that are missing: {missing}")
+        return [path / f for f in files]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+    raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}{hint}")
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors file(s), by name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(path)):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                tensors[name] = sf.get_tensor(name)
+    return tensors
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str) -> None:
+    """Raise one error that lists every missing name, unexpected name and shape mismatch."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{n}: expected {tuple(expected[n])}, found {tuple(found[n].shape)}"
+              for n in sorted(set(expected) & set(found)) if tuple(expected[n]) != tuple(found[n].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {unexpected}")
+    if shapes:
+        problems.append("shape mismatches: " + "; ".join(shapes))
+    if problems:
+        raise ValueError(f"{where}: " + " | ".join(problems))
+
+
+def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+                    quantization: Optional[str] = None) -> Transformer:
+    """Load a Hugging Face LLaMA / Mistral / Qwen2 directory into a `Transformer`.
+
+    dtype: cast floating tensors to this dtype (default: as stored). quantization="nf4" stores
+    every Linear but lm_head as 4-bit NF4 with double quantization (QLoRA's frozen base).
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    tensors = read_state_dict(path)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; it is the embedding
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    check_state_dict(expected, tensors, str(path))
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+               for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    if quantization is not None:
+        from .linear4bit import quantize_model
+
+        quantize_model(model, quantization)
+    return model.eval()
+
+
+def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 * 1024**3) -> None:
+    """Write a directory that `load_pretrained` and `transformers.AutoModelForCausalLM` both read."""
+    path = Path(path)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    hf = model.config.to_hf_config()
+    hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    shards = _split_shards(state, max_shard_size)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=f".{path.name}.tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished `tmp` into `path`. Other files already in `path` (a tokenizer) stay;
+    weight files of an earlier save that this one did not rewrite (old shards) are removed last."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    new = {f.name for f in tmp.iterdir()}
+    for f in tmp.iterdir():
+        os.replace(f, path / f.name)  # atomic per file on one filesystem
+    for old in path.glob("model*.safetensors*"):
+        if old.name not in new:
+            old.unlink()
+    tmp.rmdir()

@@ -1,0 +1,134 @@
+"""Model configuration: the LLaMA family's hyper-parameters under Hugging Face's field names.
+
+One dataclass covers LLaMA, Mistral and Qwen2: they differ only in the fields below (Qwen2 adds
+q/k/v biases and usually ties the embeddings; Mistral may use a sliding attention window).
+`from_hf_config` / `to_hf_config` convert to and from a checkpoint's `config.json`, so a
+directory saved here loads in `transformers` and the reverse.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096  # d_model
+    intermediate_size: int = 11008  # SwiGLU hidden width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # GQA groups; None means multi-head (= num_attention_heads)
+    head_dim: Optional[int] = None  # None means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    attention_bias: bool = False  # bias on q/k/v (Qwen2: always; LLaMA: on o_proj too)
+    model_type: str = "llama"  # "llama" | "mistral" | "qwen2": decides the checkpoint's architecture name
+    sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """HF LLaMA puts `attention_bias` on all four projections; Qwen2 only on q, k, v."""
+        return self.attention_bias and self.model_type != "qwen2"
+
+    # --- Hugging Face config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a `config.json` dict (model_type llama, mistral or qwen2)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config.json: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+        # transformers 4.x writes rope_theta (+ rope_scaling); 5.x nests both in rope_parameters.
+        rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"config.json: rope scaling {rope!r} is not supported (only plain RoPE)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses 'silu')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names}
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if model_type == "qwen2":
+            kwargs["attention_bias"] = True  # Qwen2 hard-codes q/k/v bias; its config has no such field
+            if hf.get("use_sliding_window", False):
+                raise ValueError("config.json: use_sliding_window=true (Qwen2 per-layer windows) is not supported")
+            kwargs["sliding_window"] = None
+        if hf.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias=true is not supported")
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` dict that `transformers.AutoConfig` reads back to an equal model."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        hf = dataclasses.asdict(self)
+        hf.update(architectures=[arch[self.model_type]], hidden_act="silu", rope_scaling=None, initializer_range=0.02)
+        if self.model_type == "qwen2":
+            del hf["attention_bias"]
+            hf["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type == "llama":
+            hf.pop("sliding_window")
+            hf["mlp_bias"] = False
+        return hf
+
+    # --- presets ------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        """A config copied from a public model's `config.json` (see PRESETS)."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+_QWEN = dict(model_type="qwen2", attention_bias=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
+             bos_token_id=151643, eos_token_id=151643)
+PRESETS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-2-7b-hf, Llama-2-13b-hf
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
+    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # Qwen/Qwen2-0.5B, Qwen2-1.5B, Qwen2-7B, Qwen2.5-3B
+    "qwen2-0.5b": dict(_QWEN, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072,
+                       tie_word_embeddings=True),
+    "qwen2-1.5b": dict(_QWEN, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                       tie_word_embeddings=True),
+    "qwen2-7b": dict(_QWEN, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072),
+    "qwen2.5-3b": dict(_QWEN, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                       tie_word_embeddings=True),
+}

@@ -1,0 +1,80 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+Each step feeds only the newest token and reuses the cached keys/values of the past, so a step
+costs O(S) attention instead of re-running the whole prefix. Batches are left-padded: every row
+ends at the same column, so the next token of each row is read from the last position.
+Greedy output equals `transformers`' greedy generate token for token (tests/test_generation.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .model import KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax).
+
+    top_k keeps the k largest logits; top_p keeps the smallest set of tokens whose probability
+    reaches p (nucleus sampling, Holtzman et al. 2019), always at least one token.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Callable[..., torch.Tensor],
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    pad_token_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """input_ids (B, T), left-padded when rows differ -> (B, T + n) with n <= max_new_tokens.
+
+    A row that emitted an eos token is finished: it is filled with pad_token_id (default: the
+    first eos id) and generation stops when every row is finished. `model` is any callable with
+    the Transformer's signature (a PeftModel works: prefix tuning fills the cache first).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    B = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+    eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    cfg = getattr(model, "config", None)
+    cache = KVCache(cfg.num_hidden_layers) if use_cache else None
+    ids, step_ids = input_ids, input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_ids if use_cache else ids, attention_mask=mask, cache=cache)[:, -1, :]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        ids = torch.cat((ids, nxt[:, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(nxt[:, None])), dim=1)
+        step_ids = nxt[:, None]
+        finished |= torch.isin(nxt, eos_t)
+        if eos and bool(finished.all()):
+            break
+    return ids

@@ -1,0 +1,233 @@
+"""The LLaMA-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+    x = embed_tokens(ids)                                    # (B, T, d)
+    for each layer:
+        x = x + o_proj(Attention(RoPE(q_proj(n1(x))), RoPE(k_proj(n1(x))), v_proj(n1(x))))
+        x = x + down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))
+    logits = lm_head(norm(x))                                # (B, T, vocab)
+
+Module names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`, ...), q/k/v separate, so
+state-dict keys map one to one onto a checkpoint and `target_modules=["q_proj","v_proj"]` works.
+Tested against `transformers`' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM
+(tests/test_model_parity.py): float32 logits within 1e-4.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 like the reference, then cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for angles pos / theta^(2i/head_dim), i < head_dim/2.
+
+    Computed in float32 from the positions each call (no buffer: a model built on the meta device
+    needs nothing re-initialized after loading), halves duplicated in the "rotate_half" layout.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by their angle. x: (B, H, T, hd); cos, sin: (B, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one (B, n_kv_heads, S, head_dim) pair per layer.
+
+    It may start non-empty: prefix tuning pre-fills every layer with its learned prefix.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search, or dropping finished sequences)."""
+        self.keys = [None if k is None else k[index] for k in self.keys]
+        self.values = [None if v is None else v[index] for v in self.values]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, q_out, kv_out = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, q_out, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kv_out, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kv_out, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_out, d, bias=cfg.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache], layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` part of a checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(mask2d: torch.Tensor, T: int, sliding_window: Optional[int]) -> torch.Tensor:
+    """(B, S) keep-mask over past + current keys -> (B, 1, T, S) boolean mask for the last T queries.
+
+    Query t sits at index S - T + t. It sees key j when j <= its index (causal), the key is not
+    padding, and (Mistral) it lies inside the sliding window. A query that would see nothing (a pad
+    position in a left-padded row) sees itself, so softmax stays finite; its output is never used.
+    """
+    S = mask2d.shape[1]
+    q_idx = torch.arange(S - T, S, device=mask2d.device)[:, None]  # (T, 1)
+    k_idx = torch.arange(S, device=mask2d.device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (q_idx - k_idx < sliding_window)
+    allowed = allowed[None] & mask2d[:, None, :].bool()  # (B, T, S)
+    allowed = allowed | (k_idx == q_idx)[None]
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    """Causal language model: `model(input_ids, attention_mask)` -> logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each layer in backward: memory for time
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # N(0, 0.02) like HF's initializer_range; a model built on "meta" skips real allocation.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T), or inputs_embeds (B, T, d) -> logits (B, T, vocab).
+
+        attention_mask (B, S) marks real tokens (1) and padding (0) over the cached past and the
+        current T tokens, S = cache.length + T. Positions count real tokens only: a left-padded
+        row starts at position 0 at its first real token, as Hugging Face's generate does.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        mask = None
+        if attention_mask is not None or past > 0 or self.config.sliding_window is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
+            mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """See `minipeft.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, path, max_shard_size: int = 2 * 1024**3) -> None:
+        """Write `config.json` + `model.safetensors` (sharded above max_shard_size bytes)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
