@@ -1,0 +1,158 @@
+"""LoRA: low-rank adaptation of a frozen linear layer (Hu et al. 2021, arXiv:2106.09685).
+
+         x ──────────────┬──────────────┐
+         │               │              │ dropout (LoRA branch only)
+    W (out, in), frozen  │      A (r, in)   Kaiming-uniform init
+         │               │      B (out, r)  zeros init: the layer starts as an exact no-op
+         ▼               │              ▼
+    y = x Wᵀ + b   +   s · (x Aᵀ) Bᵀ,     s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+
+Trainable parameters per layer: r · (in + out), e.g. 2 · d · r for a square d × d projection.
+Merging folds ΔW = s · B A into W (computed in float32, cast back, refused if non-finite);
+unmerging subtracts it again. Names, shapes and files follow Hugging Face PEFT, and
+tests/test_lora_peft.py proves equal logits and loadable files in both directions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .peft_config import PeftConfig
+from .tuner_layer import TunerLayer
+
+
+@dataclasses.dataclass
+class LoraConfig(PeftConfig):
+    r: int = 8  # rank of the update B A
+    lora_alpha: float = 8  # scaling numerator: s = lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    target_modules: Optional[Union[list[str], str]] = None  # names, a regex, or "all-linear"; None: q/v
+    use_rslora: bool = False  # s = lora_alpha / sqrt(r) (Kalajdzievski 2023): stable across ranks
+    init_lora_weights: Union[bool, str] = True  # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; False: random B
+    bias: str = "none"  # "none" | "all" | "lora_only": which biases also train
+    modules_to_save: Optional[list[str]] = None  # whole modules trained and saved too (e.g. ["lm_head"])
+    peft_type = "LORA"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', "
+                             f"got {self.init_lora_weights!r}")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLinear(TunerLayer):
+    """A Linear (or 4-bit Linear) base layer with named LoRA adapters."""
+
+    adapter_module_names = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        # Adapter weights are float32 whatever the base dtype: tiny updates to B A would round away
+        # in bf16 (PEFT's autocast_adapter_dtype does the same).
+        device = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())).device
+        kw = dict(bias=False, dtype=torch.float32, device=device)
+        self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)
+        self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = config.scaling
+        self.reset_lora_parameters(name, config.init_lora_weights)
+
+    def reset_lora_parameters(self, name: str, init: Union[bool, str]) -> None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if A.is_meta:
+            return
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))  # not a no-op: for tests and experiments
+        else:
+            nn.init.zeros_(B)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        del self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = s · B A, shape (out, in), in float32."""
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        y = self.base_layer(x)
+        if self.disabled or name is None or self.merged_adapters:
+            return y
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        x = self.lora_dropout[name](x.to(A.dtype))
+        return y + (F.linear(F.linear(x, A), B) * self.scaling[name]).to(y.dtype)
+
+    def merge(self, name: Optional[str] = None) -> None:
+        """W <- W + s·B·A in float32, cast back. Merging an already merged adapter does nothing."""
+        name = name or self.active_adapter
+        if name in self.merged_adapters:
+            return
+        if self.merged_adapters:
+            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged; unmerge it first")
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ValueError("a 4-bit base weight cannot take a reversible merge; use merge_and_unload(), "
+                             "which returns a 16/32-bit layer")
+        W = self.base_layer.weight
+        merged = W.float() + self.delta_weight(name)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+        W.data.copy_(merged.to(W.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W <- W - s·B·A: restores W up to one rounding of its dtype."""
+        for name in self.merged_adapters:
+            W = self.base_layer.weight
+            W.data.copy_((W.float() - self.delta_weight(name)).to(W.dtype))
+        self.merged_adapters = []
+
+    def unloaded(self) -> nn.Module:
+        """The base layer with the active adapter merged in, as a plain nn.Linear.
+
+        For a 4-bit base the result is a new 16/32-bit Linear holding dequantize(W) + ΔW. It is
+        not quantized back: ΔW is far smaller than NF4's step (absmax/8 at best), so rounding the
+        sum to 4 bits would mostly erase the fine-tune, and unmerging could not recover it.
+        """
+        name = self.active_adapter
+        if isinstance(self.base_layer, nn.Linear):
+            if name is not None:
+                self.merge(name)
+            return self.base_layer
+        W = self.base_layer.dequantize().float()
+        if name is not None:
+            W = W + self.delta_weight(name)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+        bias = self.base_layer.bias
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                        dtype=self.base_layer.compute_dtype, device=W.device)
+        out.weight.data.copy_(W)
+        if bias is not None:
+            out.bias.data.copy_(bias)
+        return out.requires_grad_(False)

@@ -1,0 +1,98 @@
+"""The base of every method's config and its `adapter_config.json`, in Hugging Face PEFT's format.
+
+A config is a dataclass; `peft_type` names the method ("LORA", "PREFIX_TUNING", ...). Reading a
+file written by PEFT, a field we do not implement is accepted only while it holds PEFT's default
+value: an adapter that relies on a feature we lack (DoRA, rank_pattern, ...) is refused with the
+field's name, rather than loaded and silently wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+CONFIG_NAME = "adapter_config.json"
+_REGISTRY: dict[str, type["PeftConfig"]] = {}
+
+# PEFT fields we do not model, with the values under which ignoring them changes nothing.
+_HARMLESS_DEFAULTS: dict[str, tuple] = {
+    "alpha_pattern": ({}, None), "rank_pattern": ({}, None), "use_dora": (False, None),
+    "fan_in_fan_out": (False,), "layers_to_transform": (None,), "layers_pattern": (None,),
+    "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
+    "layer_replication": (None,), "exclude_modules": (None,), "use_qalora": (False,),
+    "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
+    "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,), "arrow_config": (None,),
+    "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
+    "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None),
+}
+# Bookkeeping fields with no effect on the numbers.
+_IGNORED = {"peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core", "qalora_group_size"}
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    task_type: str = "CAUSAL_LM"
+    base_model_name_or_path: Optional[str] = None
+    peft_type: ClassVar[str] = ""
+    is_prompt_learning: ClassVar[bool] = False  # prefix/prompt tuning: act on inputs, not on layers
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.peft_type:
+            _REGISTRY[cls.peft_type] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["peft_type"] = self.peft_type
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = CONFIG_NAME) -> "PeftConfig":
+        """Build the config of `d["peft_type"]`, refusing features this library does not implement."""
+        peft_type = d.get("peft_type")
+        if peft_type not in _REGISTRY:
+            raise ValueError(f"{where}: peft_type {peft_type!r} is not supported; expected one of {sorted(_REGISTRY)}")
+        klass = _REGISTRY[peft_type]
+        names = {f.name for f in dataclasses.fields(klass)}
+        kwargs, unsupported = {}, []
+        for key, value in d.items():
+            if key in names:
+                kwargs[key] = value
+            elif key in _HARMLESS_DEFAULTS:
+                if value not in _HARMLESS_DEFAULTS[key]:
+                    unsupported.append(f"{key}={value!r}")
+            elif key not in _IGNORED and key != "peft_type":
+                unsupported.append(f"{key}={value!r}")
+        if unsupported:
+            raise ValueError(f"{where}: fields not supported by minipeft: {', '.join(unsupported)}")
+        return klass(**kwargs)
+
+    def save(self, directory: Union[str, os.PathLike]) -> None:
+        write_atomic(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def load(directory: Union[str, os.PathLike]) -> "PeftConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; an adapter directory needs {CONFIG_NAME}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return PeftConfig.from_dict(d, where=str(path))
+
+
+def write_atomic(path: Path, data: Union[str, bytes]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,278 @@
+"""`get_peft_model` and `PeftModel`: freeze a model, attach named adapters, count, save, load, merge.
+
+A PeftModel holds the base Transformer (wrapped in place) and, per adapter name, its config.
+Layer methods (LoRA, bottleneck adapters) wrap the targeted modules; prompt-learning methods
+(prefix, prompt tuning) keep a module in `prompt_encoder[name]` that runs the base model with
+their virtual tokens. Files follow Hugging Face PEFT: `adapter_config.json` +
+`adapter_model.safetensors`, tensor keys `base_model.model.<module path>.lora_A.weight` (the
+adapter name removed), extra adapters in sub-directories named after them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .checkpoint import check_state_dict
+from .linear4bit import Linear4bit
+from .lora import LoraConfig, LoraLinear
+from .model import Transformer
+from .peft_config import PeftConfig, write_atomic
+from .targets import find_targets, set_submodule
+from .tuner_layer import ModulesToSave, TunerLayer
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# peft_type -> the layer wrapper (layer methods) or the prompt encoder (prompt-learning methods).
+LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLinear}
+PROMPT_ENCODERS: dict[str, type[nn.Module]] = {}
+PathLike = Union[str, os.PathLike]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; a 4-bit weight counts as its unquantized in x out elements
+    (it is stored as packed bytes, which numel() would count at half, or as buffers not at all)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return trainable, total
+
+
+def format_trainable(trainable: int, total: int) -> str:
+    """PEFT's line, character for character."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def full_finetune(model: Transformer) -> Transformer:
+    """Full fine-tuning: no adapter, every parameter trains (the baseline every method is compared to)."""
+    return model.requires_grad_(True)
+
+
+def get_peft_model(model: Transformer, config: PeftConfig, adapter_name: str = "default") -> "PeftModel":
+    """Freeze `model`, attach adapter `adapter_name` described by `config`, and make it active."""
+    return PeftModel(model, config, adapter_name)
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: Transformer, config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model.requires_grad_(False)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.prompt_encoder = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self._disabled = False
+        self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+        self.train(model.training)  # new dropout modules follow the model's mode
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def tuner_layers(self) -> Iterator[tuple[str, TunerLayer]]:
+        return ((n, m) for n, m in self.base_model.named_modules() if isinstance(m, TunerLayer))
+
+    # --- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: PeftConfig) -> None:
+        """Attach a new adapter (not made active: call set_adapter)."""
+        if name in self.peft_config:
+            raise ValueError(f"an adapter named {name!r} already exists")
+        if config.is_prompt_learning:
+            self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model.config)
+        else:
+            layer_cls = LAYER_TUNERS[config.peft_type]
+            for target in find_targets(self.base_model, config.target_modules):
+                self._wrap(target, layer_cls).add_adapter(name, config)
+        for target in getattr(config, "modules_to_save", None) or []:
+            for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
+                self._wrap(full, ModulesToSave).add_adapter(name, config)
+        self.peft_config[name] = config
+        for _, layer in self.tuner_layers():  # new wrappers start inactive; keep the model's choice
+            layer.set_adapter(self.active_adapter)
+        self._set_trainable(self.active_adapter)
+
+    def _wrap(self, target: str, layer_cls: type[TunerLayer]) -> TunerLayer:
+        module = self.base_model.get_submodule(target)
+        if isinstance(module, layer_cls):
+            return module
+        if isinstance(module, TunerLayer):
+            raise ValueError(f"{target} is already wrapped by {type(module).__name__}; "
+                             f"methods of different kinds cannot share a module")
+        wrapper = layer_cls(module)
+        set_submodule(self.base_model, target, wrapper)
+        return wrapper
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        for _, layer in self.tuner_layers():
+            layer.set_adapter(name)
+        self.active_adapter = name
+        self._set_trainable(name)
+
+    def _set_trainable(self, name: str) -> None:
+        """Only the active adapter's parameters train (and biases, if its LoRA config says so),
+        unless it was loaded for inference (`is_trainable=False`)."""
+        train = name not in self._frozen
+        for key, enc in self.prompt_encoder.items():
+            enc.requires_grad_(train and key == name)
+        for _, layer in self.tuner_layers():
+            for attr in layer.adapter_module_names:
+                for key, module in getattr(layer, attr).items():
+                    module.requires_grad_(train and key == name)
+        for p in self._bias_parameters(name).values():
+            p.requires_grad_(train)
+
+    def _bias_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        bias = getattr(self.peft_config.get(name), "bias", "none")
+        params = {n: p for n, p in self.base_model.named_parameters() if n.endswith("bias")}
+        if bias == "all":
+            return {n: p for n, p in params.items() if ".lora_" not in n}
+        if bias == "lora_only":
+            wrapped = {n + ".base_layer.bias" for n, m in self.tuner_layers() if isinstance(m, LoraLinear)}
+            return {n: p for n, p in params.items() if n in wrapped}
+        return {}
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        for path, layer in list(self.tuner_layers()):
+            if name in layer.adapter_names():
+                layer.delete_adapter(name)
+            if not layer.adapter_names():
+                set_submodule(self.base_model, path, layer.base_layer)
+        if name in self.prompt_encoder:
+            del self.prompt_encoder[name]
+        del self.peft_config[name]
+        if self.active_adapter == name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (a merged adapter is unmerged meanwhile)."""
+        merged = [(layer, list(layer.merged_adapters)) for _, layer in self.tuner_layers() if layer.merged_adapters]
+        for layer, _ in merged:
+            layer.unmerge()
+        layers = [layer for _, layer in self.tuner_layers()]
+        for layer in layers:
+            layer.disabled = True
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+            for layer in layers:
+                layer.disabled = False
+            for layer, names in merged:
+                for n in names:
+                    layer.merge(n)
+
+    # --- merging ------------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        """Fold the active LoRA adapter into the base weights (reversible: unmerge_adapter)."""
+        for _, layer in self.tuner_layers():
+            if isinstance(layer, LoraLinear) and layer.active_adapter:
+                layer.merge(layer.active_adapter)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.tuner_layers():
+            layer.unmerge() if layer.merged_adapters else None
+
+    def merge_and_unload(self) -> Transformer:
+        """The base model with the active adapter merged in and every wrapper removed."""
+        if self.active_peft_config.is_prompt_learning:
+            raise ValueError(f"{self.active_peft_config.peft_type} adds virtual tokens; it has no weights to merge")
+        for path, layer in list(self.tuner_layers()):
+            set_submodule(self.base_model, path, layer.unloaded())
+        return self.base_model
+
+    def unload(self) -> Transformer:
+        """The base model back, every wrapper removed, nothing merged."""
+        for path, layer in list(self.tuner_layers()):
+            layer.unmerge() if layer.merged_adapters else None
+            set_submodule(self.base_model, path, layer.base_layer)
+        return self.base_model
+
+    # --- running --------------------------------------------------------------------------------
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab) of the base model with the active adapter."""
+        if self.active_peft_config.is_prompt_learning and not self._disabled:
+            encoder = self.prompt_encoder[self.active_adapter]
+            return encoder(self.base_model, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self.base_model(input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print(format_trainable(*self.get_nb_trainable_parameters()))
+
+    def get_base_model(self) -> Transformer:
+        return self.base_model
+
+    # --- files ----------------------------------------------------------------------------------
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors under PEFT's file keys."""
+        if name in self.prompt_encoder:
+            return self.prompt_encoder[name].adapter_state_dict()
+        out = {}
+        for path, layer in self.tuner_layers():
+            if name in layer.adapter_names():
+                out.update({f"{PREFIX}{path}.{k}": v for k, v in layer.adapter_state_dict(name).items()})
+        out.update({PREFIX + n: p for n, p in self._bias_parameters(name).items()})
+        return out
+
+    def save_pretrained(self, directory: PathLike, selected_adapters: Optional[list[str]] = None) -> None:
+        """The default adapter at `directory`, any other one at `directory/<name>` (PEFT's layout)."""
+        for name in selected_adapters or list(self.peft_config):
+            target = Path(directory) if name == "default" else Path(directory) / name
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+            write_atomic(target / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+            self.peft_config[name].save(target)
+
+    @classmethod
+    def from_pretrained(cls, model: Transformer, directory: PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PeftModel":
+        """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
+        config = PeftConfig.load(directory)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_weights(directory, adapter_name, is_trainable)
+        return peft_model.train(is_trainable)
+
+    def load_adapter(self, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in `directory` under `adapter_name` (not made active)."""
+        self.add_adapter(adapter_name, PeftConfig.load(directory))
+        self._load_weights(directory, adapter_name, is_trainable)
+
+    def _load_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: f.get_tensor(k) for k in f.keys()}
+        expected = self.adapter_state_dict(name)
+        check_state_dict({k: v.shape for k, v in expected.items()}, found, str(path))
+        with torch.no_grad():
+            for key, tensor in found.items():
+                expected[key].copy_(tensor)
+        if not is_trainable:
+            self._frozen.add(name)
+        self._set_trainable(self.active_adapter)

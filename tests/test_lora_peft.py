@@ -1,0 +1,107 @@
+"""LoRA interop with Hugging Face `peft` (test-only): same weights, same logits, files both ways."""
+import json
+
+import pytest
+import torch
+
+from minipeft import load_pretrained
+from minipeft.lora import LoraConfig
+from minipeft.peft_model import PeftModel, get_peft_model
+from conftest import tiny_model, to_hf
+from test_lora import IDS, trained
+
+peft = pytest.importorskip("peft")
+
+CASES = {
+    "outline": dict(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    "all-linear-rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "regex-bias-lm_head": dict(r=2, lora_alpha=4, target_modules=r".*\.(k_proj|up_proj)", bias="lora_only",
+                               modules_to_save=["lm_head"]),
+}
+
+
+def _peft_reference(family):
+    return to_hf(tiny_model(family))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_minipeft_adapter_loads_in_peft(case, family, tmp_path):
+    ours, _ = trained(LoraConfig(**CASES[case]), family=family)
+    ours.save_pretrained(tmp_path)
+    ref = peft.PeftModel.from_pretrained(_peft_reference(family), tmp_path).eval()
+    with torch.no_grad():
+        # float32; both compute x Wᵀ + s (x Aᵀ) Bᵀ in the same order: observed ~1e-7.
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_loads_in_minipeft(case, tmp_path):
+    ref = peft.get_peft_model(_peft_reference("qwen2"), peft.LoraConfig(task_type="CAUSAL_LM", **CASES[case]))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)  # B != 0, so the adapter matters
+    ref.eval().save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    assert ours.get_nb_trainable_parameters()[0] == 0  # loaded for inference by default
+
+
+def test_same_weights_same_logits_and_parameter_counts():
+    cfg = CASES["outline"]
+    ours = get_peft_model(tiny_model("llama-gqa"), LoraConfig(**cfg))
+    ref = peft.get_peft_model(_peft_reference("llama-gqa"), peft.LoraConfig(task_type="CAUSAL_LM", **cfg))
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+                ref_params[name.replace("base_model.", "base_model.model.", 1)].copy_(p)  # PEFT nests once more
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+
+
+def test_file_layout_matches_peft(tmp_path):
+    ours, _ = trained(LoraConfig(**CASES["outline"]))
+    ours.save_pretrained(tmp_path / "ours")
+    ref = peft.get_peft_model(_peft_reference("llama-gqa"), peft.LoraConfig(task_type="CAUSAL_LM",
+                                                                             **CASES["outline"]))
+    ref.save_pretrained(tmp_path / "ref")
+    from safetensors import safe_open
+
+    keys = [sorted(safe_open(str(tmp_path / d / "adapter_model.safetensors"), "pt").keys()) for d in ("ours", "ref")]
+    assert keys[0] == keys[1]
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys[0]
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ref_cfg = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
+    for field in ("peft_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "task_type"):
+        assert cfg[field] == ref_cfg[field], field
+    assert sorted(cfg["target_modules"]) == sorted(ref_cfg["target_modules"])
+
+
+def test_loading_checks_every_key_and_shape(tmp_path):
+    ours, _ = trained(LoraConfig(r=4))
+    ours.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight: expected \(8, 64\), found \(4, 64\)"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="unexpected tensors: .*v_proj.lora_A.weight"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
+
+
+def test_merged_checkpoint_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours, _ = trained(LoraConfig(**CASES["outline"]), family="qwen2")
+    expected = ours(IDS)
+    ours.merge_and_unload().save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(load_pretrained(tmp_path)(IDS), expected, atol=1e-5, rtol=0)
