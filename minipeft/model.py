@@ -197,10 +197,16 @@ class Transformer(nn.Module):
         attention_mask (B, S) marks real tokens (1) and padding (0) over the cached past and the
         current T tokens, S = cache.length + T. Positions count real tokens only: a left-padded
         row starts at position 0 at its first real token, as Hugging Face's generate does.
+        A boolean (B, 1, T, S) attention_mask is used as it is (packed rows, with their
+        position_ids: see minipeft.batching).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
+            return self._run(x, position_ids, attention_mask, cache)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
@@ -211,6 +217,10 @@ class Transformer(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
+        return self._run(x, position_ids, mask, cache)
+
+    def _run(self, x: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
+             cache: Optional[KVCache]) -> torch.Tensor:
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
