@@ -112,6 +112,11 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
 
 def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 * 1024**3) -> None:
     """Write a directory that `load_pretrained` and `transformers.AutoModelForCausalLM` both read."""
+    from .linear4bit import Linear4bit
+
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise ValueError("a 4-bit (NF4) model has no Hugging Face checkpoint form: save the 16/32-bit base it was "
+                         "loaded from, or merge_and_unload() its adapter, which returns 16/32-bit layers")
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

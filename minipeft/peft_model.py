@@ -19,19 +19,21 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .adapter import BottleneckAdapter
 from .checkpoint import check_state_dict
 from .linear4bit import Linear4bit
 from .lora import LoraConfig, LoraLinear
 from .model import Transformer
 from .peft_config import PeftConfig, write_atomic
+from .prompt_learning import PrefixEncoder, PromptEmbedding
 from .targets import find_targets, set_submodule
 from .tuner_layer import ModulesToSave, TunerLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # peft_type -> the layer wrapper (layer methods) or the prompt encoder (prompt-learning methods).
-LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLinear}
-PROMPT_ENCODERS: dict[str, type[nn.Module]] = {}
+LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLinear, "BOTTLENECK_ADAPTER": BottleneckAdapter}
+PROMPT_ENCODERS: dict[str, type[nn.Module]] = {"PREFIX_TUNING": PrefixEncoder, "PROMPT_TUNING": PromptEmbedding}
 PathLike = Union[str, os.PathLike]
 
 
@@ -85,7 +87,7 @@ class PeftModel(nn.Module):
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists")
         if config.is_prompt_learning:
-            self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model.config)
+            self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
         else:
             layer_cls = LAYER_TUNERS[config.peft_type]
             for target in find_targets(self.base_model, config.target_modules):
@@ -254,15 +256,15 @@ class PeftModel(nn.Module):
         """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
         config = PeftConfig.load(directory)
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(directory, adapter_name, is_trainable)
+        peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
         return peft_model.train(is_trainable)
 
     def load_adapter(self, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in `directory` under `adapter_name` (not made active)."""
         self.add_adapter(adapter_name, PeftConfig.load(directory))
-        self._load_weights(directory, adapter_name, is_trainable)
+        self.load_adapter_weights(directory, adapter_name, is_trainable)
 
-    def _load_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
+    def load_adapter_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
@@ -271,8 +273,11 @@ class PeftModel(nn.Module):
         expected = self.adapter_state_dict(name)
         check_state_dict({k: v.shape for k, v in expected.items()}, found, str(path))
         with torch.no_grad():
-            for key, tensor in found.items():
-                expected[key].copy_(tensor)
+            if name in self.prompt_encoder:  # it may hold computed tensors (a folded prefix MLP)
+                self.prompt_encoder[name].load_adapter_state_dict(found)
+            else:
+                for key, tensor in found.items():
+                    expected[key].copy_(tensor)
         if not is_trainable:
             self._frozen.add(name)
         self._set_trainable(self.active_adapter)

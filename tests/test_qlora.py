@@ -1,0 +1,96 @@
+"""QLoRA = LoRA over a frozen NF4 base: composition, counted and merged honestly."""
+import contextlib
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft.linear4bit import Linear4bit, memory_footprint, quantize_model
+from minipeft.lora import LoraConfig, LoraLinear
+from minipeft.peft_model import get_peft_model
+from conftest import tiny_model
+from test_lora import IDS
+
+CFG = dict(r=4, lora_alpha=16, target_modules="all-linear")
+
+
+def dequantized_twin(model4: Transformer) -> Transformer:
+    """The same model with every 4-bit weight replaced by its dequantized float32 values."""
+    twin = tiny_model()
+    for name, m in model4.named_modules():
+        if isinstance(m, Linear4bit):
+            twin.get_submodule(name).weight.data.copy_(m.dequantize().float())
+    return twin
+
+
+def test_qlora_logits_equal_lora_over_dequantized_weights():
+    q = tiny_model()
+    quantize_model(q)
+    twin = dequantized_twin(q)
+    torch.manual_seed(1)
+    qlora = get_peft_model(q, LoraConfig(**CFG, init_lora_weights=False))
+    torch.manual_seed(1)
+    lora = get_peft_model(twin, LoraConfig(**CFG, init_lora_weights=False))
+    assert isinstance(qlora.base_model.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
+    # Same dequantized weights and same adapter: float32 op order is identical (F.linear), ~1e-7.
+    torch.testing.assert_close(qlora(IDS), lora(IDS), atol=1e-5, rtol=0)
+
+
+def test_qlora_trains_only_adapters_and_keeps_4bit_buffers():
+    q = tiny_model()
+    quantize_model(q)
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    qlora = get_peft_model(q, LoraConfig(**CFG)).train()
+    opt = torch.optim.AdamW([p for p in qlora.parameters() if p.requires_grad], lr=1e-2)
+    qlora(IDS).logsumexp(-1).mean().backward()
+    opt.step()
+    trainable = [n for n, p in qlora.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    for n, b in qlora.base_model.named_buffers():
+        assert torch.equal(b, before[n.replace(".base_layer", "")]), n
+
+
+def test_merge_and_unload_returns_16_32_bit_layers_with_same_logits():
+    q = tiny_model()
+    quantize_model(q)
+    qlora = get_peft_model(q, LoraConfig(**CFG, init_lora_weights=False)).eval()
+    expected = qlora(IDS)
+    with pytest.raises(ValueError, match="4-bit base weight cannot take a reversible merge"):
+        qlora.merge_adapter()
+    merged = qlora.merge_and_unload()
+    assert not any(isinstance(m, (Linear4bit, LoraLinear)) for m in merged.modules())
+    assert type(merged.model.layers[1].self_attn.o_proj) is nn.Linear
+    torch.testing.assert_close(merged(IDS), expected, atol=1e-5, rtol=0)
+
+
+def test_parameter_counts_report_unquantized_elements():
+    q, f = tiny_model(), tiny_model()
+    quantize_model(q)
+    cfg = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    assert get_peft_model(q, cfg).get_nb_trainable_parameters() == get_peft_model(f, cfg).get_nb_trainable_parameters()
+
+
+def test_bits_per_parameter_from_stored_buffers():
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                                    num_attention_heads=8))
+    quantize_model(model)
+    # 4 bits + one 8-bit absmax code per 64 + one float32 per 256 absmax: 4 + 8/64 + 32/16384 = 4.127
+    assert memory_footprint(model).bits_per_param == pytest.approx(4.127, abs=1e-3)
+
+
+def test_load_pretrained_nf4_then_lora(tmp_path):
+    base = tiny_model("qwen2")
+    base.save_pretrained(tmp_path)
+    q = load_pretrained(tmp_path, quantization="nf4")
+    with pytest.raises(ValueError, match="4-bit"):
+        q.save_pretrained(tmp_path / "again")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        get_peft_model(q, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).print_trainable_parameters()
+    f_out = io.StringIO()
+    with contextlib.redirect_stdout(f_out):
+        get_peft_model(tiny_model("qwen2"), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+                       ).print_trainable_parameters()
+    assert out.getvalue() == f_out.getvalue()
