@@ -1,0 +1,116 @@
+"""Causal language-modelling metrics: loss (mean NLL), perplexity and next-token accuracy.
+
+Shift convention (as Hugging Face causal LMs): logits (B, T, V) at position t predict
+labels[:, t + 1], so logits[:, :-1] are scored against labels[:, 1:]. Labels equal to
+IGNORE_INDEX (-100: padding, prompt tokens) are excluded. Over the N kept tokens:
+
+    NLL        = -sum_t log softmax(logits_t)[y_{t+1}]      (summed in float32, even for bf16 logits)
+    loss       = NLL / N
+    perplexity = exp(loss)
+    accuracy   = #{argmax_v logits_t = y_{t+1}} / N
+
+tests/test_metrics.py checks these against torch.nn.functional.cross_entropy on the shifted,
+flattened tensors, written out independently.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate, then return (logits (B*(T-1), V), targets (B*(T-1),)) with the HF one-step shift."""
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+                         f"and labels {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
+    vocab = logits.shape[-1]
+    targets = labels[:, 1:].reshape(-1).long()
+    kept = targets[targets != IGNORE_INDEX]
+    if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
+        raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX} (ignored); "
+                         f"got values in [{int(kept.min())}, {int(kept.max())}]")
+    return logits[:, :-1].reshape(-1, vocab), targets
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Shifted next-token cross-entropy, float32, differentiable.
+
+    reduction="mean": NLL / N (the training loss). A batch whose labels are all IGNORE_INDEX
+    returns 0 (and zero gradients) instead of cross_entropy's NaN, so one fully-masked batch
+    cannot poison a training run. reduction="sum": NLL, for callers that normalise themselves
+    (e.g. by the token count of a whole gradient-accumulation step).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"causal_lm_loss: reduction={reduction!r}, expected 'mean' or 'sum'")
+    flat_logits, targets = _shifted(logits, labels)
+    nll = F.cross_entropy(flat_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return nll
+    return nll / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # loss > ~709 nats/token: perplexity is beyond float64
+        return math.inf
+
+
+class StreamingLMMetrics:
+    """Accumulates NLL, token and correct-prediction counts over batches (sufficient statistics).
+
+    Dataset perplexity is exp(total NLL / total tokens), i.e. the exponentiated per-token mean.
+    The mean of per-batch perplexities is a different, biased number: batches hold different
+    numbers of kept tokens (padding, masked prompts), so averaging per-batch values overweights
+    short batches; and exp is convex, so mean_b exp(loss_b) >= exp(mean_b loss_b) (Jensen), which
+    inflates perplexity whenever batches differ. Sums are kept as Python floats (float64) so that
+    rounding does not drift over many batches.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.nll_sum, self.num_tokens, self.num_correct = 0.0, 0, 0
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch: logits (B, T, V) and labels (B, T), shifted as in causal_lm_loss."""
+        flat_logits, targets = _shifted(logits, labels)
+        nll = F.cross_entropy(flat_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        self.nll_sum += nll.item()
+        self.num_tokens += int((targets != IGNORE_INDEX).sum())
+        self.num_correct += int((flat_logits.argmax(-1) == targets).sum())  # an argmax is never -100
+
+    def compute(self) -> dict[str, float]:
+        """{"loss", "perplexity", "token_accuracy", "num_tokens"} over everything added so far."""
+        if self.num_tokens == 0:
+            raise ValueError("StreamingLMMetrics.compute: no labelled tokens were accumulated "
+                             f"(all labels were {IGNORE_INDEX}, or update() was never called)")
+        loss = self.nll_sum / self.num_tokens
+        return {"loss": loss, "perplexity": _safe_exp(loss),
+                "token_accuracy": self.num_correct / self.num_tokens, "num_tokens": self.num_tokens}
+
+
+def _one_batch(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    metrics = StreamingLMMetrics()
+    metrics.update(logits, labels)
+    return metrics.compute()
+
+
+def perplexity(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """exp(mean shifted NLL) of one batch; for a dataset, use StreamingLMMetrics."""
+    return _one_batch(logits, labels)["perplexity"]
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of kept positions where argmax(logits[:, t]) == labels[:, t + 1]."""
+    return _one_batch(logits, labels)["token_accuracy"]
