@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 COMMANDS = [
     "minipeft.generate_cli",
+    "minipeft.tokenizer",
+    "minipeft.eval_cli",
 ]
 
 

@@ -1,0 +1,356 @@
+"""SentencePiece tokenizer: encode/decode, Hugging Face tokenizer directories, and training.
+
+LLaMA-family checkpoints ship `tokenizer.model`, a SentencePiece model (Kudo & Richardson, 2018):
+text -> pieces ("▁Hello", "<0x0A>", ...) -> ids. `Tokenizer` wraps the model file as is (read
+with sentencepiece's own parser, never unpickled) and adds what training and serving need:
+bos/eos/pad ids read from the checkpoint's config files, padded batches, and a directory that
+`transformers.LlamaTokenizer` loads to the same ids (tests/test_tokenizer.py checks parity).
+
+Id layout of `train_tokenizer` (LLaMA's, plus a pad token and the chat tokens):
+    0 <unk>   1 <s> (bos)   2 </s> (eos)   3 <pad>   4.. special tokens (<|im_start|>, <|im_end|>)
+    then the 256 byte pieces <0x00>..<0xFF> (byte_fallback: any UTF-8 text encodes, no <unk>)
+    then the learned pieces.
+Special tokens are SentencePiece `user_defined_symbols`: wherever they occur in text they encode
+as their single id.
+
+The leading space. SentencePiece encodes a text as if a space preceded it (the "dummy prefix"):
+encode("Hi") is ["▁Hi"], so encode("a") + encode("b") decodes to "a b", not "ab". That is right
+for a text that starts a document or follows a space, and wrong for a text that continues
+another one, e.g. right after a special token. `encode(text, add_dummy_prefix=False)` encodes a
+continuation: the same pieces a whole-string encode gives for text that follows a special token.
+The chat templates choose per segment (minipeft/templates.py); that choice is what makes their
+ids equal the tokenization of the whole rendered string.
+
+Known difference from transformers (not a bug here): for a text that starts with whitespace, or
+with a special token, SentencePiece still adds the dummy "▁" and `transformers`' Metaspace
+pre-tokenizer does not.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import sentencepiece as spm
+import torch
+
+from .batching import pad_rows
+
+PathLike = Union[str, os.PathLike]
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # name tokens: "eos_token": "</s>"
+CONFIG_FILES = TOKEN_FILES + ("generation_config.json", "config.json")  # give ids: "eos_token_id": 2
+
+# A serialized ModelProto may repeat a field: the parser merges the copies, later values winning.
+# Appending `normalizer_spec { add_dummy_prefix: false }` (field 3, length 2; inner field 3 = 0)
+# therefore yields the same model minus the dummy prefix, without a protobuf dependency.
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+
+
+def _own_id(i: int) -> Optional[int]:
+    return i if i >= 0 else None  # sentencepiece says -1 for "the model has no such token"
+
+
+class Tokenizer:
+    """A SentencePiece model plus its bos/eos/pad ids and the names of its special tokens.
+
+    bos_id / eos_id / pad_id default to the model's own (None when it has none); pad_id falls
+    back to unk (0 in LLaMA), as Alpaca and QLoRA do. Never eos: a collator that masks pad ids
+    out of the labels would then also mask every eos, and the model would never learn to stop.
+    """
+
+    def __init__(self, model_proto: bytes, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
+                 pad_id: Optional[int] = None, special_tokens: Sequence[str] = (), source: str = "<bytes>"):
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{source}: not a SentencePiece model ({e})") from None
+        self._sp_continuation = spm.SentencePieceProcessor(model_proto=model_proto + _NO_DUMMY_PREFIX)
+        self._proto = model_proto
+        self.bos_id = _own_id(self._sp.bos_id()) if bos_id is None else self._check_id(bos_id, "bos_id")
+        self.eos_id = _own_id(self._sp.eos_id()) if eos_id is None else self._check_id(eos_id, "eos_id")
+        pad = _own_id(self._sp.pad_id()) if pad_id is None else self._check_id(pad_id, "pad_id")
+        self.pad_id = self._sp.unk_id() if pad is None else pad
+        self.special_tokens = tuple(special_tokens)
+        self._control_ids = frozenset(i for i in range(self.vocab_size)
+                                      if self._sp.is_control(i) or self._sp.is_unknown(i))
+        self._special_ids = self._control_ids | {self.token_to_id(t) for t in self.special_tokens}
+
+    @classmethod
+    def from_file(cls, model_file: PathLike) -> "Tokenizer":
+        """A tokenizer.model file alone: the ids are the model's own."""
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; expected a SentencePiece tokenizer.model")
+        return cls(path.read_bytes(), source=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    def _check_id(self, i: int, name: str) -> int:
+        if not 0 <= int(i) < self.vocab_size:
+            raise ValueError(f"{name}={i} is outside the vocabulary [0, {self.vocab_size})")
+        return int(i)
+
+    def token_to_id(self, piece: str) -> int:
+        """The id of a piece; KeyError if the vocabulary lacks it (sentencepiece itself says unk)."""
+        i = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(i) != piece:
+            raise KeyError(f"{piece!r} is not in the vocabulary")
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        return self._sp.id_to_piece(self._check_id(i, "id"))
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False, add_dummy_prefix: bool = True) -> list[int]:
+        """text -> ids, optionally framed by bos/eos.
+
+        add_dummy_prefix=False encodes `text` as the continuation of preceding text (no "▁" is
+        prepended); True keeps the model's own setting (LLaMA: prepend "▁").
+        """
+        sp = self._sp if add_dummy_prefix else self._sp_continuation
+        ids = sp.encode(text)
+        if bos:
+            ids.insert(0, self._require(self.bos_id, "bos"))
+        if eos:
+            ids.append(self._require(self.eos_id, "eos"))
+        return ids
+
+    @staticmethod
+    def _require(i: Optional[int], name: str) -> int:
+        if i is None:
+            raise ValueError(f"this tokenizer has no {name} token")
+        return i
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """ids -> text. Special ids are control/unk pieces and `special_tokens`.
+
+        skip_special_tokens=False writes control pieces as their text ("<s>"); the text between
+        them decodes as SentencePiece decodes a whole sequence (its leading "▁" dropped).
+        """
+        ids = [self._check_id(i, "id") for i in ids]
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in self._special_ids])
+        out, run = [], []
+        for i in ids:
+            if i in self._control_ids:  # sentencepiece would decode these to nothing
+                out += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._sp.decode(run)
+
+    def batch_encode(self, texts: Sequence[str], padding_side: str = "left", max_length: Optional[int] = None,
+                     bos: bool = False, eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (input_ids (B, T), attention_mask (B, T)), both int64, T = longest row.
+
+        Rows are cut to their first max_length ids, then padded with pad_id on `padding_side`
+        ("left" for generation: every row's last prompt token lands in the last column).
+        Training batches come from minipeft.batching.collate instead (labels, -100 padding).
+        """
+        if not texts:
+            raise ValueError("batch_encode needs at least one text")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        rows = [self.encode(t, bos=bos, eos=eos)[:max_length] for t in texts]
+        return pad_rows(rows, self.pad_id, padding_side), pad_rows([[1] * len(r) for r in rows], 0, padding_side)
+
+    def _piece(self, i: Optional[int]) -> Optional[str]:
+        return None if i is None else self._sp.id_to_piece(i)
+
+    def save_pretrained(self, path: PathLike) -> None:
+        """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json into `path`.
+
+        Each file is replaced atomically; other files in `path` (config.json, weights) stay.
+        `add_bos_token` is LLaMA's convention for transformers: its encode() prepends bos.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        names = {"bos_token": self._piece(self.bos_id), "eos_token": self._piece(self.eos_id),
+                 "unk_token": self._piece(self._sp.unk_id()), "pad_token": self._piece(self.pad_id)}
+        special = list(self.special_tokens)
+        config = {"tokenizer_class": "LlamaTokenizer", **names, "additional_special_tokens": special,
+                  "add_bos_token": self.bos_id is not None, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False}
+        _write_atomic(path / "tokenizer.model", self._proto)
+        _write_atomic(path / "tokenizer_config.json", _json_bytes(config))
+        _write_atomic(path / "special_tokens_map.json", _json_bytes({**names, "additional_special_tokens": special}))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# --- loading from a checkpoint directory ---------------------------------------------------
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _token_text(value: Any) -> Optional[str]:
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _lookup(tok: Tokenizer, piece: str, where: str) -> int:
+    try:
+        return tok.token_to_id(piece)
+    except KeyError:
+        raise ValueError(f"{where}: {piece!r} is not in tokenizer.model's vocabulary "
+                         "(tokens added outside the SentencePiece model are not supported)") from None
+
+
+def _configured_id(tok: Tokenizer, cfg: dict[str, Any], where: Path, name: str) -> Optional[int]:
+    """The id one config file sets for bos/eos/pad, or None. Tokenizer files name the token
+    ("</s>", checked against the vocabulary); the model configs give its id (a list of eos ids,
+    as generation_config.json may hold, contributes its first)."""
+    if where.name in TOKEN_FILES:
+        text = _token_text(cfg.get(f"{name}_token"))
+        return None if text is None else _lookup(tok, text, f"{where}: {name}_token")
+    value = cfg.get(f"{name}_token_id")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else tok._check_id(value, f"{where}: {name}_token_id")
+
+
+def _resolve_ids(tok: Tokenizer, configs: dict[str, dict[str, Any]], folder: Path) -> dict[str, int]:
+    """bos/eos/pad ids: per id, the first file in CONFIG_FILES order that sets it (non-null) wins."""
+    found: dict[str, int] = {}
+    for name in ("bos", "eos", "pad"):
+        for file, cfg in configs.items():
+            i = _configured_id(tok, cfg, folder / file, name)
+            if i is not None:
+                found[name] = i
+                break
+    return found
+
+
+def _special_tokens(configs: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """(where, tokens): the first list of extra special tokens the tokenizer files give."""
+    for file in TOKEN_FILES:
+        for key in ("additional_special_tokens", "extra_special_tokens"):  # transformers 4.x, 5.x
+            value = (configs.get(file) or {}).get(key)
+            if isinstance(value, list):
+                return f"{file}: {key}", [_token_text(v) for v in value]
+    return "", []
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """A Hugging Face model directory (reads tokenizer.model + the config files) or a .model file.
+
+    Ids precedence (first that sets one wins, per id): tokenizer_config.json, special_tokens_map.json,
+    generation_config.json, config.json, then the SentencePiece model itself. A bare .model file
+    uses only its own ids.
+    """
+    path = Path(path)
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    model_file = path / "tokenizer.model"
+    if not model_file.is_file():
+        hint = (" (found tokenizer.json: only SentencePiece tokenizers, as LLaMA and Mistral ship, are supported)"
+                if (path / "tokenizer.json").is_file() else "")
+        raise FileNotFoundError(f"{model_file}: missing; a SentencePiece model directory needs tokenizer.model{hint}")
+    configs = {f: c for f in CONFIG_FILES if (c := _read_json(path / f)) is not None}
+    base = Tokenizer.from_file(model_file)
+    where, special = _special_tokens(configs)
+    for piece in special:
+        _lookup(base, piece, str(path / where))
+    ids = _resolve_ids(base, configs, path)
+    return Tokenizer(base._proto, **{f"{k}_id": v for k, v in ids.items()}, special_tokens=special,
+                     source=str(model_file))
+
+
+# --- training ------------------------------------------------------------------------------
+def _lines(files: Sequence[PathLike]) -> Iterator[str]:
+    """Non-empty lines of UTF-8 text files, without their line ending."""
+    for file in files:
+        with open(file, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{file}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if line.strip():
+                    yield line
+
+
+def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_size: int, model_type: str = "bpe",
+                    special_tokens: Sequence[str] = CHAT_TOKENS, character_coverage: float = 0.9995,
+                    byte_fallback: bool = True) -> Tokenizer:
+    """Train a SentencePiece model on text files (one sentence or paragraph a line), save to out_dir.
+
+    Options are LLaMA's (identity normalization, no whitespace collapsing, split digits, byte
+    fallback) with the id layout in the module docstring. character_coverage is the share of
+    characters that get their own piece (0.9995 is SentencePiece's advice for CJK-rich text);
+    the rest fall back to bytes. Deterministic: one training thread and text fed from memory, so
+    the same files and options give a byte-identical tokenizer.model (no paths are recorded).
+    Lines longer than 4192 bytes are skipped by SentencePiece.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    for f in text_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: missing; train_tokenizer reads UTF-8 text files")
+    reserved = {"<unk>", "<s>", "</s>", "<pad>"}
+    if len(set(special_tokens)) != len(special_tokens) or reserved & set(special_tokens):
+        raise ValueError(f"special_tokens must be distinct and not in {sorted(reserved)}, got {list(special_tokens)}")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(text_files), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=character_coverage, byte_fallback=byte_fallback, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens), num_threads=1,
+            minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} vocabulary from "
+                         f"{[str(f) for f in text_files]}: {e}") from None
+    tok = Tokenizer(model.getvalue(), special_tokens=special_tokens)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+# --- command line --------------------------------------------------------------------------
+def _train_command(args: argparse.Namespace) -> int:
+    tok = train_tokenizer(args.input, args.output, args.vocab_size, model_type=args.model_type,
+                          special_tokens=args.special_tokens, character_coverage=args.character_coverage)
+    print(f"wrote {args.output}: {tok.vocab_size} pieces ({args.model_type}), bos={tok.bos_id} eos={tok.eos_id} "
+          f"pad={tok.pad_id}, special tokens {list(tok.special_tokens)}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    commands = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = commands.add_parser("train", help="train tokenizer.model from text files into a tokenizer directory")
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one text a line")
+    t.add_argument("--output", required=True, metavar="DIR", help="directory for tokenizer.model + configs")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--special-tokens", nargs="*", default=list(CHAT_TOKENS), metavar="TOKEN",
+                   help="tokens that always encode as one id (default: the ChatML tokens)")
+    t.set_defaults(func=_train_command)

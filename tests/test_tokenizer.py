@@ -1,0 +1,265 @@
+"""minipeft.tokenizer against raw sentencepiece and transformers' LlamaTokenizer.
+
+Every tokenizer here is trained in the test on a generated corpus (a few hundred pieces, ms).
+Token ids are integers: every comparison is exact.
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from minipeft.tokenizer import Tokenizer, load_tokenizer, register, train_tokenizer
+
+WORDS = ("the quick brown fox jumps over a lazy dog hello world what is why how answer question user "
+         "assistant system you are helpful please tell me about "
+         "你好 世界 中文 测试 模型 微调 数据").split()
+VOCAB = 384  # 4 control + 2 chat tokens + 256 bytes + ~60 characters + learned pieces
+
+
+def write_corpus(path: Path, seed: int = 0, lines: int = 400) -> Path:
+    """Sentences of WORDS plus the template scaffolding ([INST], User:, ...), one a line."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "shi", "van", "or", "el", "qua", "zo", "ing"]
+    made_up = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(150)]
+    extra = ["[INST]", "[/INST]", "<<SYS>>", "User:", "Assistant:", "###", "1234", "3.14,", "!?"] + made_up
+    text = "\n".join(" ".join(rng.choice(WORDS + extra) for _ in range(rng.randint(3, 14))) for _ in range(lines))
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def train_tiny(directory: Path, **kwargs) -> Tokenizer:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(directory.parent / f"{directory.name}.txt")
+    return train_tokenizer([corpus], directory, kwargs.pop("vocab_size", VOCAB), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tiny(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir) -> Tokenizer:
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def sp(tok_dir) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def hf(tok_dir):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")  # transformers needs it to convert tokenizer.model
+    return transformers.LlamaTokenizer.from_pretrained(str(tok_dir))
+
+
+TEXTS = [
+    "hello world",
+    "The quick brown fox, 3.14 and 1234!",
+    "你好，世界。微调模型的数据",
+    "emoji 🙂👍🏽 and é ñ ß",  # not in the corpus: byte fallback
+    "line one\nline two\ttabbed",
+    "a<|im_end|>b <|im_start|>user\nhi",
+    "trailing spaces  ",
+]
+
+
+def test_id_layout(tok):
+    assert (tok.token_to_id("<unk>"), tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert [tok.id_to_token(i) for i in range(6)] == ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    assert tok.vocab_size == VOCAB and tok.special_tokens == ("<|im_start|>", "<|im_end|>")
+    assert tok.id_to_token(6) == "<0x00>"  # byte pieces follow
+
+
+@pytest.mark.parametrize("text", TEXTS + [" leading space", ""])
+def test_round_trip_and_no_unknowns(tok, sp, text):
+    ids = tok.encode(text)
+    assert ids == sp.encode(text)  # the wrapper adds nothing by default
+    assert 0 not in ids  # byte fallback: every character is representable
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.encode(text, bos=True, eos=True) == [1] + ids + [2]
+
+
+def test_special_tokens_are_single_ids_and_skippable(tok):
+    ids = tok.encode("a<|im_end|>b<|im_start|>")
+    assert ids.count(5) == 1 and ids[-1] == 4
+    assert tok.decode(ids) == "ab"
+    framed = tok.encode("hello", bos=True, eos=True) + [tok.pad_id]
+    assert tok.decode(framed) == "hello"
+    assert tok.decode(framed, skip_special_tokens=False) == "<s>hello</s><pad>"
+
+
+@pytest.mark.parametrize("text", TEXTS + [" leading space"])
+def test_continuation_encoding_is_what_follows_a_special_token(tok, sp, text):
+    # Reference: sentencepiece encoding a whole string; the text after <|im_end|> gets no "▁".
+    whole = sp.encode("<|im_end|>" + text)
+    assert tok.encode(text, add_dummy_prefix=False) == whole[whole.index(5) + 1:]
+
+
+def test_dummy_prefix_is_a_space(tok):
+    assert tok.encode("hello world") == tok.encode(" hello world", add_dummy_prefix=False)
+    assert tok.decode(tok.encode("a") + tok.encode("b")) == "a b"
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if not t[0].isspace()])
+def test_transformers_llama_tokenizer_parity(tok, hf, text):
+    # transformers differs only for text starting with whitespace (its Metaspace adds no "▁" there).
+    assert hf.encode(text) == tok.encode(text, bos=True)  # add_bos_token=true in tokenizer_config.json
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    ids = tok.encode(text, bos=True, eos=True)
+    assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+def test_transformers_reads_the_special_tokens(tok, hf):
+    hf_ids = (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    assert hf_ids == (0, tok.bos_id, tok.eos_id, tok.pad_id)
+    assert {"<|im_start|>", "<|im_end|>"} <= set(hf.all_special_tokens)
+    assert len(hf) == tok.vocab_size
+
+
+def test_batch_encode_pads_both_sides(tok):
+    texts = ["hello world", "a", "你好 世界"]
+    rows = [tok.encode(t, bos=True) for t in texts]
+    for side in ("left", "right"):
+        ids, mask = tok.batch_encode(texts, padding_side=side, bos=True)
+        T = max(map(len, rows))
+        assert ids.shape == mask.shape == (3, T) and ids.dtype == mask.dtype == torch.long
+        for b, row in enumerate(rows):
+            k = T - len(row)
+            fill = lambda r, value: [value] * k + r if side == "left" else r + [value] * k
+            assert ids[b].tolist() == fill(row, tok.pad_id)
+            assert mask[b].tolist() == fill([1] * len(row), 0)
+    ids, mask = tok.batch_encode(texts, padding_side="right", max_length=3, bos=True)
+    assert ids.tolist() == [r[:3] + [tok.pad_id] * (3 - len(r[:3])) for r in rows]
+    with pytest.raises(ValueError, match="padding_side"):
+        tok.batch_encode(texts, padding_side="middle")
+
+
+def test_token_lookup_errors(tok):
+    with pytest.raises(KeyError, match="not in the vocabulary"):
+        tok.token_to_id("<|endoftext|>")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.id_to_token(VOCAB)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([1, -1])
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_training_is_deterministic(tmp_path, model_type):
+    a = train_tiny(tmp_path / "a", model_type=model_type)
+    b = train_tiny(tmp_path / "elsewhere" / "b", model_type=model_type)  # paths are not recorded
+    model_bytes = lambda d: (d / "tokenizer.model").read_bytes()
+    assert model_bytes(tmp_path / "a") == model_bytes(tmp_path / "elsewhere" / "b")
+    corpus = write_corpus(tmp_path / "other.txt", seed=1)
+    other = train_tokenizer([corpus], tmp_path / "c", VOCAB, model_type=model_type)
+    assert [other.id_to_token(i) for i in range(VOCAB)] != [a.id_to_token(i) for i in range(VOCAB)]
+    assert a.encode(TEXTS[1]) == b.encode(TEXTS[1])
+
+
+def test_train_errors(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        train_tokenizer([tmp_path / "nope.txt"], tmp_path / "t", VOCAB)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbad \xff byte\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: not valid UTF-8"):
+        train_tokenizer([bad], tmp_path / "t", VOCAB)
+    with pytest.raises(ValueError, match="could not train a 100000-piece"):
+        train_tokenizer([corpus], tmp_path / "t", 100_000)
+    with pytest.raises(ValueError, match="special_tokens"):
+        train_tokenizer([corpus], tmp_path / "t", VOCAB, special_tokens=("<s>",))
+    with pytest.raises(ValueError, match="model_type"):
+        train_tokenizer([corpus], tmp_path / "t", VOCAB, model_type="wordpiece")
+
+
+def _model_dir(tmp_path: Path, tok_dir: Path, **configs) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes((tok_dir / "tokenizer.model").read_bytes())
+    for name, cfg in configs.items():
+        (d / f"{name}.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_load_precedence(tmp_path, tok_dir):
+    d = _model_dir(tmp_path, tok_dir,
+                   tokenizer_config={"eos_token": {"content": "<|im_end|>", "special": True}, "pad_token": None},
+                   special_tokens_map={"pad_token": "<unk>", "eos_token": "</s>"},
+                   generation_config={"eos_token_id": [2, 5], "bos_token_id": 4, "pad_token_id": 2},
+                   config={"bos_token_id": 1, "pad_token_id": 1})
+    t = load_tokenizer(d)
+    # eos: tokenizer_config; pad: its null falls through to special_tokens_map; bos: generation_config.
+    assert (t.bos_id, t.eos_id, t.pad_id) == (4, 5, 0)
+    (d / "tokenizer_config.json").unlink()
+    (d / "special_tokens_map.json").unlink()
+    t = load_tokenizer(d)
+    assert (t.bos_id, t.eos_id, t.pad_id) == (4, 2, 2)  # first of an eos list
+
+
+def test_load_defaults_to_the_model_ids_and_pads_with_unk(tmp_path, tok_dir, sp):
+    t = load_tokenizer(tok_dir / "tokenizer.model")
+    assert (t.bos_id, t.eos_id, t.pad_id) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
+    no_pad = tmp_path / "nopad"
+    corpus = write_corpus(tmp_path / "c.txt")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(no_pad), vocab_size=VOCAB, byte_fallback=True,
+                                   pad_id=-1, minloglevel=2)  # LLaMA's layout: no pad token
+    t = load_tokenizer(f"{no_pad}.model")
+    assert t.pad_id == t.token_to_id("<unk>") == 0 and t.eos_id == 2
+
+
+def test_load_errors_name_the_file(tmp_path, tok_dir):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.model: missing.*tokenizer.json"):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "tokenizer.json").write_text("{}")
+        load_tokenizer(tmp_path / "m")
+    d = _model_dir(tmp_path, tok_dir, config={"eos_token_id": 9999})
+    with pytest.raises(ValueError, match=r"config.json: eos_token_id=9999 is outside"):
+        load_tokenizer(d)
+    (d / "config.json").write_text('{"eos_token_id": 2,\n oops}')
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON at line 2"):
+        load_tokenizer(d)
+    (d / "config.json").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token: '<\|eot_id\|>' is not in"):
+        load_tokenizer(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"additional_special_tokens": ["<|im_end|>", "<tool>"]}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: additional_special_tokens: '<tool>' is not in"):
+        load_tokenizer(d)
+    (d / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        load_tokenizer(d)
+
+
+def test_save_pretrained_round_trip_keeps_other_files(tmp_path, tok):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    tok.save_pretrained(d)
+    tok.save_pretrained(d)  # overwriting is fine
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "special_tokens_map.json", "tokenizer.model",
+                                                    "tokenizer_config.json"]  # no temp files left
+    again = load_tokenizer(d)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.special_tokens) == (1, 2, 3, tok.special_tokens)
+    assert again.encode(TEXTS[2]) == tok.encode(TEXTS[2])
+
+
+def test_cli_train(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    corpus = write_corpus(tmp_path / "c.txt")
+    args = parser.parse_args(["tokenizer", "train", "--input", str(corpus), "--output", str(tmp_path / "out"),
+                              "--vocab-size", str(VOCAB)])
+    assert args.func(args) == 0
+    assert f"{VOCAB} pieces" in capsys.readouterr().out
+    direct = train_tokenizer([corpus], tmp_path / "direct", VOCAB)
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == \
+        (tmp_path / "direct" / "tokenizer.model").read_bytes()
+    assert load_tokenizer(tmp_path / "out").special_tokens == direct.special_tokens
