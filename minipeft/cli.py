@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 COMMANDS = [
     "minipeft.generate_cli",
     "minipeft.tokenizer",
+    "minipeft.data.cli",
     "minipeft.eval_cli",
 ]
 

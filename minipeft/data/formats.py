@@ -1,0 +1,209 @@
+"""The record formats a JSONL line may use, and their one normalized form.
+
+Four spellings are read (the outline's section 3.1 and the two common exports):
+
+    instruction    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+    conversations  {"conversations": [{"role", "content"}, ...]}
+    messages       {"messages": [{"role", "content"}, ...]}                      (OpenAI, Bailian)
+    sharegpt       {"conversations": [{"from": human|gpt|system, "value"}, ...]}
+
+Each becomes `messages: list[{"role", "content"}]`: an optional system turn, then user and
+assistant turns alternating, starting with user and ending with assistant (the reply the loss is
+computed on). That is what the chat templates render. Join rules, stated once:
+- the user turn of an instruction record is `instruction + "\\n\\n" + input` (just `instruction`
+  when input is absent, null or whitespace), the Alpaca convention;
+- history pairs come before it, in order; a system field becomes the first turn;
+- an empty or whitespace system prompt means "no system prompt" in every format; an empty user
+  or assistant turn is an error (an empty reply teaches the model to say nothing).
+Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .jsonl import json_type
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+INSTRUCTION_JOIN = "\n\n"
+FORMATS = {
+    "instruction": '{"instruction", "output", optional "input", "system", "history"}',
+    "conversations": '{"conversations": [{"role", "content"}, ...]}',
+    "messages": '{"messages": [{"role", "content"}, ...]} (OpenAI / Bailian)',
+    "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]} (ShareGPT)',
+}
+_KNOWN_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages")
+Issue = tuple[Optional[str], str]  # (field, message) found in one record
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One valid training example: where it came from and what it says."""
+    source: str  # the file it was read from
+    line: int  # 1-based line number in that file
+    messages: list[Message]  # normalized: [system], user, assistant, ..., assistant
+    raw: dict[str, Any]  # the record exactly as parsed
+    format: str  # a key of FORMATS
+
+    @property
+    def text(self) -> str:
+        """Every turn, one "role: content" per line."""
+        return _as_text(self.messages)
+
+    @property
+    def prompt(self) -> str:
+        """Every turn before the final reply, as in `text`: what the model sees."""
+        return _as_text(self.messages[:-1])
+
+    @property
+    def response(self) -> str:
+        """The final assistant reply: what the model learns to write."""
+        return self.messages[-1]["content"]
+
+
+def _as_text(messages: list[Message]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def detect_format(record: dict[str, Any]) -> tuple[Optional[str], Optional[Issue]]:
+    """The format of one record (a key of FORMATS), or why it has none."""
+    found = [k for k in ("instruction", "conversations", "messages") if k in record]
+    if len(found) > 1:
+        return None, (None, f"has both {' and '.join(map(repr, found))}; an example uses exactly one format")
+    if not found:
+        keys = ", ".join(map(repr, record)) or "none"
+        expected = "; ".join(FORMATS.values())
+        return None, (None, f"unknown format (keys: {keys}){_typo_hint(record)}; expected one of: {expected}")
+    turns = record[found[0]]
+    if found[0] == "conversations" and isinstance(turns, list) and turns and isinstance(turns[0], dict) \
+            and ("from" in turns[0] or "value" in turns[0]):
+        return "sharegpt", None
+    return found[0], None
+
+
+def normalize(record: dict[str, Any], fmt: str) -> tuple[list[Message], list[Issue]]:
+    """The record as normalized messages, or the issues that prevent it (then messages is [])."""
+    if fmt == "instruction":
+        return _from_instruction(record)
+    if fmt == "sharegpt":
+        return _from_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+    return _from_turns(record[fmt], fmt, "role", "content", {r: r for r in ROLES})
+
+
+def _from_instruction(record: dict[str, Any]) -> tuple[list[Message], list[Issue]]:
+    issues: list[Issue] = []
+    instruction = _string(record, "instruction", issues, required=True)
+    output = _string(record, "output", issues, required=True)
+    extra = _string(record, "input", issues, required=False)
+    system = _string(record, "system", issues, required=False)
+    history = _history(record.get("history"), issues)
+    if issues:
+        return [], issues
+    user = instruction + INSTRUCTION_JOIN + extra if extra.strip() else instruction
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    return head + history + [{"role": "user", "content": user}, {"role": "assistant", "content": output}], []
+
+
+def _string(record: dict[str, Any], name: str, issues: list[Issue], required: bool) -> str:
+    value = record.get(name)
+    if value is None:
+        if required:
+            said = "null" if name in record else "missing"
+            issues.append((name, f"{said}; expected a non-empty string{_typo_hint(record, name)}"))
+        return ""
+    if not isinstance(value, str):
+        hint = f" (write it as a string: {json.dumps(str(value))})" if json_type(value) in ("number", "boolean") else ""
+        issues.append((name, f"expected a string, got {json_type(value)}{hint}"))
+        return ""
+    if required and not value.strip():
+        issues.append((name, "empty; expected a non-empty string"))
+    return value
+
+
+def _history(history: Any, issues: list[Issue]) -> list[Message]:
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        issues.append(("history", f"expected an array of [user, assistant] pairs, got {json_type(history)}"))
+        return []
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            got = f"array of {len(pair)}" if isinstance(pair, list) else json_type(pair)
+            issues.append((f"history[{i}]", f"expected a [user, assistant] pair of strings, got {got}"))
+            continue
+        for j, role in enumerate(("user", "assistant")):
+            if not pair[j].strip():
+                issues.append((f"history[{i}][{j}]", f"empty {role} turn; expected a non-empty string"))
+            messages.append({"role": role, "content": pair[j]})
+    return messages
+
+
+def _from_turns(turns: Any, key: str, role_key: str, content_key: str,
+                role_names: dict[str, str]) -> tuple[list[Message], list[Issue]]:
+    """Read [{role_key, content_key}, ...], mapping the file's role names through `role_names`."""
+    if not isinstance(turns, list):
+        return [], [(key, f"expected an array of turns, got {json_type(turns)}")]
+    if not turns:
+        return [], [(key, "empty array; expected at least a user turn and an assistant turn")]
+    messages, issues = [], []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            issues.append((where, f"expected an object {{{role_key!r}, {content_key!r}}}, got {json_type(turn)}"))
+            continue
+        role, content = turn.get(role_key), turn.get(content_key)
+        known = isinstance(role, str) and role in role_names
+        if not known:
+            said = "missing" if role is None else f"{role!r} is not a known role"
+            issues.append((f"{where}.{role_key}", f"{said}; expected one of {', '.join(map(repr, role_names))}"))
+        if not isinstance(content, str):
+            hint = "; join the text parts into one string" if isinstance(content, list) else ""
+            got = "missing" if content_key not in turn else f"got {json_type(content)}"
+            issues.append((f"{where}.{content_key}", f"expected a string, {got}{hint}"))
+        if known and isinstance(content, str):
+            messages.append({"role": role_names[role], "content": content})
+    issues = issues or _order_issues(messages, turns, key, role_key, content_key, role_names)
+    if issues:
+        return [], issues
+    return [m for m in messages if m["role"] != "system" or m["content"].strip()], []
+
+
+def _order_issues(messages: list[Message], turns: list[dict[str, Any]], key: str, role_key: str,
+                  content_key: str, role_names: dict[str, str]) -> list[Issue]:
+    """System first (optional), then user/assistant alternating from user, ending with assistant.
+    Fields are named as in the file (`turns`), whose indices match `messages` one to one."""
+    spelled = {ours: theirs for theirs, ours in role_names.items()}
+    issues: list[Issue] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "system" and not m["content"].strip():
+            issues.append((f"{key}[{i}].{content_key}", f"empty {m['role']} turn; expected a non-empty string"))
+    expected, previous = "user", None
+    for i, m in enumerate(messages):
+        said = repr(turns[i][role_key])
+        if m["role"] == "system" and i > 0:
+            return issues + [(f"{key}[{i}].{role_key}", f"{said} is only allowed as the first turn")]
+        if m["role"] != "system" and m["role"] != expected:
+            why = f"comes after {previous}" if previous else "starts the conversation"
+            return issues + [(f"{key}[{i}].{role_key}", f"{said} {why}; expected {spelled[expected]!r}: user and "
+                              "assistant turns alternate, starting with user (merge the two or add the missing one)")]
+        if m["role"] != "system":
+            expected, previous = ("assistant" if m["role"] == "user" else "user"), said
+    if messages[-1]["role"] != "assistant":
+        issues.append((key, f"ends with {turns[-1][role_key]!r}; the last turn must be the assistant's reply "
+                       "(what the model learns)"))
+    return issues
+
+
+def _typo_hint(record: dict[str, Any], name: Optional[str] = None) -> str:
+    """" (found 'ouput': a typo?)" when an unknown key is close to `name` (or to any known key)."""
+    unknown = [k for k in record if k not in _KNOWN_KEYS]
+    for target in [name] if name else _KNOWN_KEYS:
+        close = difflib.get_close_matches(target, unknown, n=1, cutoff=0.75)
+        if close:
+            return f" (found {close[0]!r}: a typo for {target!r}?)"
+    return ""

@@ -1,0 +1,154 @@
+"""JSONL at the byte level: split a file into lines that remember where they came from, decode
+and parse each one strictly, and write files atomically.
+
+A line is the bytes between two b"\\n" (a trailing "\\r" is JSON whitespace, so Windows files
+parse). Strict means: UTF-8 only (the first bad byte is reported by its offset in the file), no
+byte-order mark, no blank lines, one JSON object per line, no NaN/Infinity (not JSON, though
+Python's json accepts them) and no key given twice (json.loads would silently keep the last).
+Nothing here drops a line: every line comes back with the problems found on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from .problems import Problem, UsageError
+
+BOM = b"\xef\xbb\xbf"
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class RawLine:
+    number: int  # 1-based line number
+    offset: int  # byte offset of the line's first byte in the file
+    data: bytes  # the line as stored, without its "\n"
+
+    @property
+    def body(self) -> bytes:
+        """The line without a leading BOM: what a clean copy of the file holds."""
+        return self.data[len(BOM):] if self.data.startswith(BOM) else self.data
+
+    @property
+    def text(self) -> str:
+        """The line as text for messages and rejects files; undecodable bytes become lone surrogates
+        (errors="surrogateescape"), so `text.encode("utf-8", "surrogateescape")` gives the bytes back."""
+        return self.data.decode("utf-8", "surrogateescape")
+
+
+def read_lines(path: PathLike) -> list[RawLine]:
+    """All lines of `path`. A final "\\n" ends the last line rather than starting an empty one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
+    pieces = data.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    lines, offset = [], 0
+    for number, piece in enumerate(pieces, start=1):
+        lines.append(RawLine(number, offset, piece))
+        offset += len(piece) + 1
+    return lines
+
+
+def parse_line(path: str, line: RawLine) -> tuple[Optional[dict[str, Any]], list[Problem]]:
+    """The JSON object on `line` (None if there is none) and the problems found on the way."""
+    problems = []
+    if line.data.startswith(BOM):
+        problems.append(Problem(path, line.number, None, f"UTF-8 byte-order mark (BOM) at byte offset {line.offset}; "
+                                "save the file as UTF-8 without BOM (the clean copy drops it)", keep=True,
+                                kind="encoding"))
+    try:
+        text = line.body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = line.body[e.start]
+        at = line.offset + (len(line.data) - len(line.body)) + e.start
+        problems.append(Problem(path, line.number, None, f"not UTF-8: byte 0x{bad:02x} at byte offset {at}; "
+                                "re-encode the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`)", kind="encoding"))
+        return None, problems
+    if not text.strip():
+        problems.append(Problem(path, line.number, None, "blank line; JSONL needs one JSON object on every line",
+                                kind="blank"))
+        return None, problems
+    record, problem = _loads(path, line.number, text)
+    return record, problems + ([problem] if problem else [])
+
+
+def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]], Optional[Problem]]:
+    repeated: list[str] = []
+
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(pairs)
+
+    def not_json(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON; write null or a string")
+
+    try:
+        record = json.loads(text, object_pairs_hook=no_repeats, parse_constant=not_json)
+    except json.JSONDecodeError as e:
+        message = f"invalid JSON: {e.msg}{_json_hint(text, e)}"
+        return None, Problem(path, number, None, message, column=e.colno, kind="json")
+    except ValueError as e:
+        return None, Problem(path, number, None, f"invalid JSON: {e}", kind="json")
+    if not isinstance(record, dict):
+        return None, Problem(path, number, None, f"expected a JSON object {{...}}, got {json_type(record)}",
+                             kind="json")
+    if repeated:
+        keys = ", ".join(repr(k) for k in dict.fromkeys(repeated))
+        return None, Problem(path, number, None, f"key {keys} given twice in one object; keep one", kind="json")
+    return record, None
+
+
+def _json_hint(text: str, e: json.JSONDecodeError) -> str:
+    """The usual cause of each JSON error, in words a person who wrote the file understands."""
+    before = text[:e.pos].rstrip()
+    if e.pos >= len(text.rstrip()):
+        return " (the line ends before the JSON does: pretty-printed JSON? JSONL needs each example on one line)"
+    if text[e.pos] == "'":
+        return " (JSON strings and keys need double quotes, not single quotes)"
+    if e.msg.startswith("Expecting property name") and before.endswith(","):
+        return " (a trailing comma before '}' is not allowed in JSON)"
+    if e.msg == "Extra data":
+        return " (two JSON values on one line? put each example on its own line)"
+    return ""
+
+
+def json_type(value: Any) -> str:
+    """JSON's name for the type of a parsed value, for messages about wrong types."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def write_atomic(path: PathLike, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` to `path` via a temporary file in the same directory and os.replace, so a
+    reader never sees half a file and a crash leaves the old file (or none) in place."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def dumps_line(record: Any) -> bytes:
+    """One JSONL line. Readable UTF-8 when possible; text holding undecodable bytes (lone
+    surrogates) is written with \\u escapes instead, which json.loads reads back losslessly."""
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record).encode("ascii") + b"\n"

@@ -1,0 +1,32 @@
+"""Training curves as PNG: loss (train and eval on one plot) and learning rate against the step."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """rows: metrics.jsonl records ({"step", "loss", "lr"} and {"step", "eval_loss"}) -> PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax_loss.set_ylabel("loss (mean NLL per token)")
+    ax_loss.legend()
+    ax_loss.set_title(title)
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,124 @@
+"""A fine-tuning job's settings, named as in the outline's table and the cloud platform's API.
+
+The outline's core parameters (section 4.1) with its usual values: learning_rate 1e-5..5e-5
+(full fine-tuning; LoRA tolerates ~10x more), epochs 3-5, batch_size 4-32, warmup_ratio 0.1,
+weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key or an
+out-of-range value is an error that names the key, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
+ALIASES = {"epochs": "n_epochs", "r": "lora_rank", "training_file": "train_file", "validation_file": "test_file"}
+
+
+@dataclass
+class TrainConfig:
+    # --- data and model ---
+    train_file: str = ""  # JSONL, instruction or conversation format
+    test_file: Optional[str] = None  # held-out JSONL; None: split test_ratio off train_file
+    test_ratio: float = 0.1  # the outline's 10-20% test split, used when test_file is None
+    model: str = ""  # base model directory (Hugging Face layout); "" = the shipped base model
+    output_dir: str = "runs/job"
+    template: str = "plain"  # chat template: plain | chatml | llama2
+    label_mode: str = "assistant"  # which turns are supervised: assistant | last | all
+    max_length: int = 512  # tokens per example; longer ones are dropped (and counted)
+    # --- method ---
+    method: str = "lora"  # lora | qlora | adapter | prefix | prompt | full
+    lora_rank: int = 8
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    target_modules: Optional[Union[list[str], str]] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bottleneck_size: int = 64  # adapter
+    adapter_placement: str = "houlsby"  # adapter: houlsby | pfeiffer
+    num_virtual_tokens: int = 20  # prefix / prompt tuning
+    # --- optimization ---
+    learning_rate: float = 2e-4
+    n_epochs: int = 3
+    batch_size: int = 8  # examples per micro-batch (per process)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0
+    weight_decay: float = 0.01  # AdamW decoupled decay, on matrices only
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
+    seed: int = 42
+    bf16: bool = False  # base weights in bfloat16 (adapters stay float32)
+    gradient_checkpointing: bool = False
+    # --- logging, evaluation, checkpoints ---
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0: evaluate at the end of each epoch only
+    save_strategy: str = "epoch"  # epoch | steps
+    save_steps: int = 100
+    save_total_limit: int = 2  # keep only the newest checkpoints
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", self.method in METHODS, f"one of {METHODS}"),
+            ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULERS, f"one of {SCHEDULERS}"),
+            ("save_strategy", self.save_strategy in ("epoch", "steps"), "'epoch' or 'steps'"),
+            ("label_mode", self.label_mode in ("assistant", "last", "all"), "'assistant', 'last' or 'all'"),
+            ("adapter_placement", self.adapter_placement in ("houlsby", "pfeiffer"), "'houlsby' or 'pfeiffer'"),
+            ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
+            ("n_epochs", self.n_epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("weight_decay", 0 <= self.weight_decay < 1, "in [0, 1)"),
+            ("test_ratio", 0 < self.test_ratio < 1, "in (0, 1)"),
+            ("max_length", self.max_length >= 2, ">= 2"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("lora_rank", self.lora_rank >= 1, ">= 1"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("logging_steps", self.logging_steps >= 1, ">= 1"),
+            ("eval_steps", self.eval_steps >= 0, ">= 0"),
+            ("save_steps", self.save_steps >= 1, ">= 1"),
+            ("save_total_limit", self.save_total_limit >= 1, ">= 1"),
+            ("num_virtual_tokens", self.num_virtual_tokens >= 1, ">= 1"),
+            ("bottleneck_size", self.bottleneck_size >= 1, ">= 1"),
+        ]
+        bad = [f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok]
+        if bad:
+            raise ValueError("invalid training config: " + "; ".join(bad))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            name = ALIASES.get(key, key)
+            if name not in names:
+                raise ValueError(f"{where}: unknown key {key!r}; known keys: {sorted(names | set(ALIASES))}")
+            if name in kwargs:
+                raise ValueError(f"{where}: {key!r} given twice (it is an alias of {name!r})")
+            kwargs[name] = value
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TrainConfig":
+        """Read a JSON or YAML job file."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # optional: only YAML job files need it
+
+            d = yaml.safe_load(text)
+        else:
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
+        return cls.from_dict(d, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,100 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+    checkpoint-<step>/
+        adapter/ (PEFT format) or model/ (full fine-tuning, Hugging Face format)
+        optimizer.safetensors    AdamW moments and step counts, "<param index>.<name>"
+        optimizer.json           its param_groups (learning rates, betas, weight decay)
+        rng.safetensors          torch's CPU (and CUDA) generator states: dropout resumes identically
+        trainer_state.json       global step, epoch, and the progress the warnings look back on
+
+The learning-rate schedule is a pure function of the step and the data order a pure function of
+(seed, epoch), so the step is all the position they need. A checkpoint is written into a hidden
+temporary directory renamed into place when complete: a run killed mid-save leaves the previous
+checkpoint intact. Only safetensors and JSON are read back, never pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import read_state_dict
+from .peft_model import PeftModel
+
+PREFIX = "checkpoint-"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for i, state in sd["state"].items() for k, v in state.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{PREFIX}{step}."))
+    try:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(tmp / "adapter")
+        else:
+            model.save_pretrained(tmp / "model")
+        tensors, groups = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        final = output_dir / f"{PREFIX}{step}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (hidden temporary ones are unfinished and ignored)."""
+    found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer, RNG from `path`; return the trainer state saved with them."""
+    if isinstance(model, PeftModel):
+        model.load_adapter_weights(path / "adapter", model.active_adapter, is_trainable=True)
+    else:
+        with torch.no_grad():
+            for name, tensor in read_state_dict(path / "model").items():
+                model.get_parameter(name).copy_(tensor)
+    flat = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

@@ -1,0 +1,229 @@
+"""The training loop: AdamW over the trainable parameters, gradient accumulation normalized by
+supervised tokens, warm-up + schedule, clipping, evaluation, atomic resumable checkpoints, DDP.
+
+One optimizer step consumes a global batch of G = batch_size x gradient_accumulation_steps x
+world_size examples, taken in a (seed, epoch)-determined order. Its loss is
+
+    L = sum over the G examples' supervised tokens of -log p(token)  /  N_tokens(G)
+
+so every micro-batch contributes (its NLL sum) / N_tokens(G) and the gradient is the same
+whatever the split into micro-batches or processes. Averaging per-micro-batch means instead
+would weight a token by 1/len(its micro-batch): the gradient-accumulation bug that unsloth
+found in transformers (tests/test_trainer.py checks bs=2 x accum=4 == bs=8 on ragged data).
+With torchrun, every rank takes its slice of each micro-batch; gradients are summed across
+ranks (gloo on CPU, NCCL on GPU) and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .batching import collate
+from .diagnostics import overfitting, unstable_loss
+from .metrics import StreamingLMMetrics, causal_lm_loss
+from .schedule import lr_factor
+from .train_config import TrainConfig
+from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops; the last good checkpoint is kept."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: decaying norm gains and biases pulls them towards 0, which nothing
+    in their role asks for (the convention of GPT-2, nanoGPT and transformers' Trainer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def supervised_tokens(examples: Sequence[Rendered]) -> int:
+    """Tokens the loss sees: labels after the one-step shift that are not -100."""
+    return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in examples)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    eval: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Fine-tunes `model` (a PeftModel, or a Transformer for full fine-tuning) on rendered examples."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module, train_data: Sequence[Rendered],
+                 eval_data: Sequence[Rendered] = (), pad_id: int = 0):
+        self.cfg, self.model, self.pad_id = config, model, pad_id
+        self.train_data, self.eval_data = list(train_data), list(eval_data)
+        if not self.train_data:
+            raise ValueError("no training examples")
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.out = Path(config.output_dir)
+        self.device = next(model.parameters()).device
+        self.global_batch = config.batch_size * config.gradient_accumulation_steps * self.world
+        self.steps_per_epoch = math.ceil(len(self.train_data) / self.global_batch)
+        self.total_steps = self.steps_per_epoch * config.n_epochs
+        self.warmup = math.ceil(config.warmup_ratio * self.total_steps)
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step, self.history, self.warnings = 0, [], []
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return torch.randperm(len(self.train_data), generator=g).tolist()
+
+    def _micro_batches(self, batch: list[int]) -> list[list[int]]:
+        """This rank's slice of each micro-batch of the global batch."""
+        bs, size = self.cfg.batch_size, self.cfg.batch_size * self.world
+        micro = [batch[i:i + size] for i in range(0, len(batch), size)]
+        return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
+
+    def _forward_nll(self, examples: Sequence[Rendered]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = logits[:, -batch["labels"].shape[1]:]  # prompt tuning prepends virtual positions
+        return logits, causal_lm_loss(logits, batch["labels"], reduction="sum")
+
+    def train_step(self, batch: list[int]) -> tuple[float, float, int]:
+        """One optimizer step on the global batch `batch` -> (loss, grad norm, tokens)."""
+        n_tokens = supervised_tokens([self.train_data[i] for i in batch])
+        lr = self.cfg.learning_rate * lr_factor(self.cfg.lr_scheduler_type, self.step, self.total_steps, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        nll_sum = torch.zeros((), device=self.device)
+        for micro in self._micro_batches(batch):
+            if micro:
+                _, nll = self._forward_nll([self.train_data[i] for i in micro])
+                (nll / max(n_tokens, 1)).backward()
+                nll_sum += nll.detach()
+        dist.all_reduce_sum([p.grad for p in self.params if p.grad is not None] + [nll_sum])
+        loss = nll_sum.item() / max(n_tokens, 1)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message(loss))
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss, grad_norm, n_tokens
+
+    def _diverged_message(self, loss: float) -> str:
+        last = latest_checkpoint(self.out)
+        return (f"loss became {loss} at step {self.step + 1}: training stopped. The learning rate "
+                f"({self.cfg.learning_rate}) may be too large. Last good checkpoint: {last or 'none'}")
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity, token accuracy on the eval split (token-weighted over all of it)."""
+        was_training = self.model.training
+        self.model.eval()
+        acc = StreamingLMMetrics()
+        for i in range(0, len(self.eval_data), self.cfg.batch_size):
+            chunk = self.eval_data[i:i + self.cfg.batch_size]
+            logits, _ = self._forward_nll(chunk)
+            acc.update(logits, collate(chunk, self.pad_id)["labels"].to(self.device))
+        self.model.train(was_training)
+        m = acc.compute()
+        return {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_token_accuracy": m["token_accuracy"]}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        if resume:
+            self._resume()
+        self.model.train()
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0)
+        t0, tokens, losses, evals = time.perf_counter(), 0, [], []
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train", unit="step")
+        loss = float("nan")
+        for epoch in range(self.step // self.steps_per_epoch, self.cfg.n_epochs):
+            order = self._order(epoch)
+            for s in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                loss, grad_norm, n = self.train_step(order[s * self.global_batch:(s + 1) * self.global_batch])
+                tokens += n
+                losses.append(loss)
+                rate = tokens / (time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                tok_s=f"{rate:.0f}")
+                if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
+                                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                                   "tokens_per_s": rate})
+                    if epoch == 0:
+                        self._warn(unstable_loss([r["loss"] for r in metrics.rows if "loss" in r]))
+                end_of_epoch = s == self.steps_per_epoch - 1
+                if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
+                                       or (end_of_epoch and not self.cfg.eval_steps)):
+                    result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
+                    metrics.write(result)
+                    evals.append((sum(losses[-self.steps_per_epoch:]) / len(losses[-self.steps_per_epoch:]),
+                                  result["eval_loss"]))
+                    self._warn(overfitting(evals))
+                if (self.cfg.save_strategy == "steps" and self.step % self.cfg.save_steps == 0) or \
+                        (self.cfg.save_strategy == "epoch" and end_of_epoch):
+                    self._save()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        final_eval = self.evaluate() if self.eval_data else {}
+        return TrainResult(self.step, loss, final_eval, self.warnings, tokens / max(seconds, 1e-9), seconds)
+
+    def _warn(self, message: Optional[str]) -> None:
+        if message and message not in self.warnings:
+            self.warnings.append(message)
+            if self.rank == 0:
+                warnings.warn(message, stacklevel=2)
+
+    def _save(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out, self.step, self.model, self.optimizer, {"step": self.step,
+                            "warnings": self.warnings, "config": self.cfg.to_dict()}, self.cfg.save_total_limit)
+        dist.barrier()
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.warnings = state["step"], state["warnings"]
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step or evaluation, flushed as written. On resume,
+    records past the checkpoint's step are dropped: that work is redone and logged again."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.rows: list[dict[str, Any]] = []
+        if path.exists() and resume_step:
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")

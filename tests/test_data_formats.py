@@ -1,0 +1,116 @@
+"""Data formats (minipeft/data/formats.py, loader.py): every spelling normalizes to the same
+messages, the instruction join rule, mixed-format files, and load_jsonl's errors.
+
+The reference for "normalized correctly" is the conversation written out by hand once, and the
+chat template (minipeft/templates.py) that consumes it: what it renders must not depend on the
+spelling the file used.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minipeft.data import DataError, load_jsonl, read_file
+from minipeft.data.formats import INSTRUCTION_JOIN
+from minipeft.templates import get_template
+
+SYSTEM, Q1, A1 = "Be brief.", "你好", "你好！有什么可以帮助你的？"
+Q2, A2 = "Translate: 今天天气很好", "The weather is nice today"
+EXPECTED = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1},
+            {"role": "assistant", "content": A1}, {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]
+
+SPELLINGS = {
+    "instruction": {"system": SYSTEM, "history": [[Q1, A1]], "instruction": Q2, "output": A2},
+    "conversations": {"conversations": EXPECTED},
+    "messages": {"messages": EXPECTED},
+    "sharegpt": {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                    "value": m["content"]} for m in EXPECTED]},
+}
+
+
+def write(tmp_path, records, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+class CharTokenizer:
+    """One id per character: enough for a template to render, independent of minipeft.tokenizer."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [3 + ord(c) % 997 for c in text] + [2] * eos
+
+
+@pytest.mark.parametrize("fmt", sorted(SPELLINGS))
+def test_every_spelling_normalizes_to_the_same_messages(tmp_path, fmt):
+    path = write(tmp_path, [SPELLINGS[fmt]] * 2)
+    examples = load_jsonl(path)
+    assert [e.line for e in examples] == [1, 2]
+    e = examples[0]
+    assert (e.format, e.source, e.raw) == (fmt, str(path), SPELLINGS[fmt])
+    assert e.messages == EXPECTED
+    assert e.response == A2 and e.prompt.splitlines()[0] == f"system: {SYSTEM}"
+    # What the chat template renders is then the same for every spelling.
+    reference = get_template("plain").render(EXPECTED, CharTokenizer())
+    assert get_template("plain").render(e.messages, CharTokenizer()) == reference
+
+
+def test_the_outline_examples_parse(tmp_path):
+    record = {"instruction": "将以下文本翻译成英文", "input": "今天天气很好", "output": "The weather is nice today"}
+    (e,) = load_jsonl(write(tmp_path, [record]))
+    assert e.messages == [{"role": "user", "content": record["instruction"] + INSTRUCTION_JOIN + record["input"]},
+                          {"role": "assistant", "content": "The weather is nice today"}]
+    assert INSTRUCTION_JOIN == "\n\n"  # the documented Alpaca rule
+
+
+@pytest.mark.parametrize("extra", [{}, {"input": ""}, {"input": "  \n"}, {"input": None}, {"system": ""},
+                                   {"system": None}, {"history": None}, {"history": []}, {"id": 7}])
+def test_absent_empty_or_null_optional_fields_add_nothing(tmp_path, extra):
+    (e,) = load_jsonl(write(tmp_path, [{"instruction": "Say hi", "output": "hi", **extra}]))
+    assert e.messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+
+
+def test_an_empty_system_turn_means_no_system_prompt_in_every_format(tmp_path):
+    turns = [{"role": "system", "content": " "}, {"role": "user", "content": "q"},
+             {"role": "assistant", "content": "a"}]
+    (e,) = load_jsonl(write(tmp_path, [{"messages": turns}]))
+    assert e.messages == turns[1:]
+
+
+def test_windows_line_endings_parse_and_keep_their_line_numbers(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\r\n{"instruction": "c", "output": "d"}\r\n')
+    assert [(e.line, e.response) for e in load_jsonl(path)] == [(1, "b"), (2, "d")]
+
+
+def test_a_file_mixing_formats_names_the_lines_of_each(tmp_path):
+    rows = [SPELLINGS["instruction"], SPELLINGS["instruction"], SPELLINGS["messages"], SPELLINGS["instruction"],
+            SPELLINGS["sharegpt"], SPELLINGS["instruction"]]
+    result = read_file(write(tmp_path, rows))
+    assert result.format == "instruction"
+    assert sorted(result.rejected) == [3, 5]
+    assert "format 'messages', but this file is 'instruction'" in result.rejected[3][0].message
+    assert "format 'sharegpt'" in result.rejected[5][0].message
+    (whole,) = [p for p in result.problems if p.line is None]
+    assert "instruction on lines 1-2, 4, 6; messages on lines 3; sharegpt on lines 5" in whole.message
+    assert [e.line for e in result.examples] == [1, 2, 4, 6]
+
+
+def test_load_jsonl_raises_a_data_error_listing_every_problem(tmp_path):
+    path = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a"},
+                            {"instruction": "", "output": "b"}])
+    with pytest.raises(DataError) as info:
+        load_jsonl(path)
+    text = str(info.value)
+    assert f"{path}:2: output: missing" in text and f"{path}:3: instruction: empty" in text
+    assert [(p.line, p.field) for p in info.value.problems] == [(2, "output"), (3, "instruction")]
+
+
+def test_load_jsonl_is_strict_about_a_bom_that_the_check_would_only_strip(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(DataError, match="byte-order mark"):
+        load_jsonl(path)
+    assert [e.response for e in read_file(path).examples] == ["b"]  # the check keeps the line

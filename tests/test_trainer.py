@@ -1,0 +1,207 @@
+"""The trainer: token-normalized accumulation, exact resume after SIGKILL, DDP, diagnostics."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minipeft.lora import LoraConfig
+from minipeft.diagnostics import overfitting, unstable_loss
+from minipeft.peft_model import full_finetune, get_peft_model
+from minipeft.train_config import TrainConfig
+from minipeft.trainer import Trainer, TrainingDiverged, param_groups
+from minipeft.train_state import list_checkpoints
+from conftest import tiny_model
+
+HERE = Path(__file__).parent
+
+
+def ragged_data(n=40, seed=0, vocab=131):
+    """Examples of different lengths and prompt/reply splits: what makes accumulation bugs show."""
+    rng = random.Random(seed)
+    data = []
+    for _ in range(n):
+        length = rng.randint(3, 14)
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        cut = rng.randint(1, length - 1)
+        data.append((ids, [-100] * cut + ids[cut:]))
+    return data
+
+
+def lora_trainer(tmp_path, data=None, **overrides):
+    cfg = TrainConfig(**{"output_dir": str(tmp_path), "batch_size": 4, "n_epochs": 2, "logging_steps": 1,
+                         "learning_rate": 1e-2, "lora_dropout": 0.1, **overrides})
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_dropout=cfg.lora_dropout))
+    return Trainer(cfg, model, data or ragged_data(), ragged_data(8, seed=1))
+
+
+def grads_after_one_step(tmp_path, batch_size, accum):
+    t = lora_trainer(tmp_path, batch_size=batch_size, gradient_accumulation_steps=accum, lora_dropout=0.0,
+                     max_grad_norm=0.0)
+    captured = {}
+    t.optimizer.step = lambda: captured.update({id(p): p.grad.clone() for p in t.params})
+    loss, _, tokens = t.train_step(list(range(8)))
+    return loss, tokens, [captured[id(p)] for p in t.params]
+
+
+def test_accumulation_is_normalized_by_supervised_tokens(tmp_path):
+    """bs=2 x accum=4 gives the loss and gradients of bs=8 on variable-length data."""
+    loss8, tok8, g8 = grads_after_one_step(tmp_path / "a", 8, 1)
+    loss2, tok2, g2 = grads_after_one_step(tmp_path / "b", 2, 4)
+    assert tok8 == tok2
+    assert loss8 == pytest.approx(loss2, rel=1e-6)
+    for a, b in zip(g8, g2):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)  # float32 sums in another order
+
+
+def test_weight_decay_only_on_matrices():
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=2, bias="all"))
+    decayed, plain = param_groups(model, 0.01)
+    assert all(p.dim() == 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.01
+    assert plain["params"] and all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+
+
+def test_checkpoints_rotate_and_hold_everything(tmp_path):
+    t = lora_trainer(tmp_path, save_strategy="steps", save_steps=3, save_total_limit=2)
+    result = t.train()
+    kept = list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["checkpoint-15", "checkpoint-18"]
+    assert {p.name for p in kept[-1].iterdir()} == {"adapter", "optimizer.safetensors", "optimizer.json",
+                                                    "rng.safetensors", "trainer_state.json"}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    assert sum("eval_loss" in r for r in rows) == 2  # one evaluation per epoch
+    assert result.steps == 20 and result.eval["eval_loss"] > 0
+
+
+SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_trainer import lora_trainer
+import minipeft.trainer as tr
+slow = float(sys.argv[2])
+step = tr.Trainer.train_step
+def slow_step(self, batch):
+    time.sleep(slow)
+    return step(self, batch)
+tr.Trainer.train_step = slow_step
+t = lora_trainer(sys.argv[1], save_strategy="steps", save_steps=1, save_total_limit=2)
+t.train(resume=len(sys.argv) > 3)
+t.model.save_pretrained(sys.argv[1] + "/final")
+"""
+
+
+def run_script(tmp_path, out, slow, resume=False, wait=True):
+    script = tmp_path / "train_job.py"
+    script.write_text(SCRIPT.format(tests=str(HERE)))
+    cmd = [sys.executable, str(script), str(out), str(slow)] + (["resume"] if resume else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if wait:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    return proc
+
+
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
+    run_script(tmp_path, tmp_path / "clean", 0.0)
+    kill_after = random.Random(os.getpid()).randint(3, 15)  # a random step, recorded on failure
+    proc = run_script(tmp_path, tmp_path / "killed", 0.15, wait=False)
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / f"checkpoint-{kill_after}").exists():
+        assert time.time() < deadline and proc.poll() is None, "training ended before the kill"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_script(tmp_path, tmp_path / "killed", 0.0, resume=True)
+    clean = load_file(tmp_path / "clean" / "final" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "final" / "adapter_model.safetensors")
+    assert clean.keys() == resumed.keys()
+    for k in clean:
+        assert torch.equal(clean[k], resumed[k]), (k, kill_after)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    t = lora_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    real = t._forward_nll
+    calls = {"n": 0}
+
+    def poisoned(examples):
+        calls["n"] += 1
+        logits, nll = real(examples)
+        return logits, nll * float("nan") if calls["n"] > 5 else nll
+
+    t._forward_nll = poisoned
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6.*checkpoint-4"):
+        t.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_too_large_learning_rate_warns(tmp_path):
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=2, n_epochs=1, logging_steps=1, learning_rate=0.3,
+                      warmup_ratio=0.0, max_grad_norm=0.0)
+    torch.manual_seed(0)
+    t = Trainer(cfg, full_finetune(tiny_model()), ragged_data())
+    with pytest.warns(UserWarning, match="learning rate may be too large"):
+        t.train()
+    sound = lora_trainer(tmp_path / "sound", n_epochs=1)
+    assert not sound.train().warnings
+
+
+def test_diagnostics_read_the_curves():
+    assert unstable_loss([4.0, 4.1, 3.9, 3.8, 3.7, 3.5, 3.4, 3.3]) is None
+    assert "rising" in unstable_loss([4.0, 4.1, 3.9, 5.0, 6.0, 7.0, 6.5, 7.5])
+    swings = [4.0, 4.0, 4.0] + [2.0, 4.0] * 5
+    assert "oscillates" in unstable_loss(swings)
+    assert overfitting([(2.0, 2.1), (1.5, 2.0), (1.0, 2.2)]) is None  # eval fell, then rose once
+    assert "over-fitting" in overfitting([(2.0, 2.0), (1.5, 2.1), (1.0, 2.3)])
+    assert overfitting([(2.0, 2.0), (2.1, 2.1), (2.2, 2.3)]) is None  # both rise: not over-fitting
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'learning_rat'"):
+        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ValueError, match=r"warmup_ratio=1.5 \(expected in \[0, 1\)\)"):
+        TrainConfig.from_dict({"warmup_ratio": 1.5})
+    cfg = TrainConfig.from_dict({"epochs": 5, "r": 16})
+    assert (cfg.n_epochs, cfg.lora_rank) == (5, 16)
+    (tmp_path / "job.json").write_text('{"batch_size": 4,}')
+    with pytest.raises(ValueError, match="job.json: invalid JSON at line 1"):
+        TrainConfig.load(tmp_path / "job.json")
+
+
+DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from minipeft import distributed
+distributed.init()
+from test_trainer import lora_trainer
+t = lora_trainer(sys.argv[1], batch_size=int(sys.argv[2]), lora_dropout=0.0, n_epochs=1)
+t.train()
+if distributed.rank() == 0:
+    t.model.save_pretrained(sys.argv[1] + "/final")
+"""
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_job.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(HERE)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "ddp"), "2"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "4"], check=True, env=env,
+                   capture_output=True, timeout=300)
+    ddp = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
+    single = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    for k in single:
+        # Same global batch (2 ranks x 2 = 4); gradients summed in another order: float32 noise,
+        # amplified a little by 10 AdamW steps.
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4)
