@@ -12,6 +12,7 @@ COMMANDS = [
     "minipeft.generate_cli",
     "minipeft.tokenizer",
     "minipeft.data.cli",
+    "minipeft.train_cli",
     "minipeft.eval_cli",
 ]
 

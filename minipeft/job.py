@@ -1,0 +1,135 @@
+"""A fine-tuning job, dataset to adapter: the outline's workflow as one function.
+
+    load base model + tokenizer -> read and render the JSONL data (template + loss masks)
+    -> hold out the test split (10-20%) -> attach the method -> Trainer -> save the job directory
+
+The job directory holds `job_config.json`, `adapter/` (PEFT format, with chat_template.json; a
+full fine-tune writes `model/`), `metrics.jsonl`, `loss_curve.png`, and the checkpoints.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import load_pretrained
+from .data import load_jsonl, split_examples
+from .model import Transformer
+from .peft_config import write_atomic
+from .peft_model import PeftModel, count_parameters, full_finetune, get_peft_model
+from .plots import plot_curves
+from .templates import ChatTemplate, TooLongError, get_template, save_template
+from .tokenizer import Tokenizer, load_tokenizer
+from .train_config import TrainConfig
+from .trainer import Trainer, TrainResult
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "minillama-10m"  # minipeft's own pretrained base model (its README: the card)
+
+
+def default_model_dir(name: str = "") -> Path:
+    return Path(name) if name else DEFAULT_MODEL
+
+
+def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
+    """The model with cfg.method attached (the base is frozen except for full fine-tuning)."""
+    if cfg.method == "full":
+        return full_finetune(model)
+    if cfg.method in ("lora", "qlora"):
+        from .lora import LoraConfig
+
+        method = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=cfg.target_modules)
+    elif cfg.method == "adapter":
+        from .adapter import AdapterConfig
+
+        method = AdapterConfig(bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement)
+    elif cfg.method == "prefix":
+        from .prompt_learning import PrefixTuningConfig
+
+        method = PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+    else:
+        from .prompt_learning import PromptTuningConfig
+
+        method = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+    method.base_model_name_or_path = str(default_model_dir(cfg.model))
+    return get_peft_model(model, method)
+
+
+def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, cfg: TrainConfig,
+               what: str) -> list[tuple[list[int], list[int]]]:
+    """Render examples to (input_ids, labels); longer than max_length -> dropped, and counted."""
+    rendered, dropped = [], []
+    for ex in examples:
+        try:
+            rendered.append(tuple(template.render(ex.messages, tok, cfg.label_mode, cfg.max_length)))
+        except TooLongError:
+            dropped.append(ex.line)
+    if dropped:
+        print(f"{what}: dropped {len(dropped)} example(s) longer than max_length={cfg.max_length} "
+              f"tokens (lines {dropped[:10]}{'...' if len(dropped) > 10 else ''})")
+    if not rendered:
+        raise ValueError(f"{what}: no example fits max_length={cfg.max_length}")
+    return rendered
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    result: TrainResult
+    trainable: int
+    total: int
+
+
+def load_base(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
+    path = default_model_dir(cfg.model)
+    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None,
+                            quantization="nf4" if cfg.method == "qlora" else None)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, load_tokenizer(path)
+
+
+def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
+    """Run the whole job; everything it writes lands in cfg.output_dir."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ValueError(f"{out} is not empty: pass --resume to continue that job, or choose another output_dir")
+    base, tok = load_base(cfg)
+    template = get_template(cfg.template)
+    train = load_jsonl(cfg.train_file)
+    if cfg.test_file:
+        test = load_jsonl(cfg.test_file)
+    else:
+        train, test = split_examples(train, cfg.test_ratio, seed=cfg.seed)
+    model = attach_method(base, cfg)
+    trainer = Trainer(cfg, model, render_all(train, tok, template, cfg, cfg.train_file),
+                      render_all(test, tok, template, cfg, cfg.test_file or "test split"), pad_id=tok.pad_id)
+    write_atomic(out / "job_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    result = trainer.train(resume=resume)
+    save_trained(model, tok, template, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plot_curves(rows, out / "loss_curve.png", title=f"{cfg.method} on {Path(cfg.train_file).name}")
+    return JobResult(out, result, *count_parameters(model))
+
+
+def save_trained(model: nn.Module, tok: Tokenizer, template: ChatTemplate, out: Path) -> Path:
+    """adapter/ (PEFT format) or model/ (full fine-tune), each with the chat template and tokenizer."""
+    target = out / ("adapter" if isinstance(model, PeftModel) else "model")
+    model.save_pretrained(target)
+    save_template(target, template)
+    tok.save_pretrained(target)
+    return target
+
+
+def load_trained(model_dir: Optional[str], adapter: Optional[str]) -> tuple[nn.Module, Tokenizer]:
+    """Base model (default: the shipped one) with an optional adapter, for inference."""
+    base_dir = default_model_dir(model_dir or "")
+    model = load_pretrained(base_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), load_tokenizer(base_dir)

@@ -1,0 +1,80 @@
+"""`minipeft train` (a job file -> a job directory) and `minipeft merge` (base + adapter -> one
+checked Hugging Face checkpoint). Merging is where fine-tuning tools most often go wrong, so the
+merge is proven before it is written: the merged model must reproduce base + adapter's logits on a
+probe batch, else nothing is written unless --force."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .job import load_trained, run_job
+from .peft_model import format_trainable
+from .train_config import TrainConfig
+
+PROBE = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+         '{"name": "Ada", "age": 36}', "Fine-tuning changes a model's behaviour."]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    distributed.init()
+    cfg = TrainConfig.load(args.config)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    job = run_job(cfg, resume=args.resume)
+    if distributed.rank() == 0:
+        r = job.result
+        print(format_trainable(job.trainable, job.total))
+        print(f"steps {r.steps} | train loss {r.train_loss:.4f} | " +
+              " | ".join(f"{k} {v:.4f}" for k, v in r.eval.items()) + f" | {r.tokens_per_second:.0f} tok/s")
+        for w in r.warnings:
+            print(f"warning: {w}")
+        print(f"job directory: {job.output_dir}")
+    return 0
+
+
+def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool) -> dict[str, float]:
+    """Merge, compare on PROBE, then write (or refuse). Returns the comparison."""
+    peft_model, tok = load_trained(base_dir, adapter_dir)
+    ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
+    with torch.no_grad():
+        expected = peft_model(ids, attention_mask=mask)
+        merged = peft_model.merge_and_unload()
+        got = merged(ids, attention_mask=mask)
+    real = mask.bool()
+    diff = float((got - expected)[real].abs().max())
+    agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
+    report = {"max_abs_logit_diff": diff, "greedy_token_agreement": agree}
+    print(f"merge check on {int(real.sum())} probe tokens: max |logit diff| {diff:.2e}, "
+          f"greedy-token agreement {agree:.2%}")
+    if (diff > max_diff or agree < 1.0) and not force:
+        raise ValueError(f"merged model differs from base + adapter (max |logit diff| {diff:.2e} > {max_diff:.0e} "
+                         f"or agreement {agree:.2%} < 100%); nothing written (use --force to write anyway)")
+    merged.save_pretrained(output)
+    tok.save_pretrained(output)
+    print(f"merged checkpoint written to {output}")
+    return report
+
+
+def _merge(args: argparse.Namespace) -> int:
+    merge_checked(args.base, args.adapter, args.output, args.max_diff, args.force)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="fine-tune a model from a job file (JSON or YAML)")
+    t.add_argument("--config", required=True, type=Path, help="job file with TrainConfig's keys")
+    t.add_argument("--output-dir", help="overrides output_dir of the job file")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.set_defaults(func=_train)
+    m = sub.add_parser("merge", help="merge an adapter into its base model, checked, as a Hugging Face checkpoint")
+    m.add_argument("--base", default="", help="base model directory (default: the shipped model)")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--output", required=True)
+    m.add_argument("--max-diff", type=float, default=1e-3,
+                   help="largest |logit| difference accepted (float32 merges land ~1e-6)")
+    m.add_argument("--force", action="store_true", help="write even if the check fails")
+    m.set_defaults(func=_merge)

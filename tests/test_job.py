@@ -1,0 +1,101 @@
+"""The job flow end to end on a tiny model and tokenizer built here: JSONL -> adapter -> merge."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft.job import load_trained, run_job
+from minipeft.lora import LoraLinear
+from minipeft.peft_model import PeftModel
+from minipeft.train_cli import merge_checked
+from minipeft.train_config import TrainConfig
+from test_tokenizer import train_tiny
+
+WORDS = "apple river stone cloud light tiger paper green music window".split()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base") / "model"
+    tok = train_tiny(d)
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id,
+                            eos_token_id=tok.eos_id, tie_word_embeddings=True)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"Repeat the word {a} then {b}.", "output": f"{a} {b}"}
+            for a in WORDS for b in WORDS if a != b][:60]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def job_config(base_dir, data_file, out, **kw):
+    return TrainConfig(**{"model": str(base_dir), "train_file": str(data_file), "output_dir": str(out),
+                          "n_epochs": 1, "batch_size": 8, "logging_steps": 1, "learning_rate": 5e-3,
+                          "max_length": 64, **kw})
+
+
+def test_lora_job_writes_a_complete_job_directory(base_dir, data_file, tmp_path):
+    job = run_job(job_config(base_dir, data_file, tmp_path / "job"))
+    out = job.output_dir
+    for name in ("job_config.json", "metrics.jsonl", "loss_curve.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/chat_template.json", "adapter/tokenizer.model"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert job.result.steps == 7  # ceil(54 / 8): 60 examples less the 10% test split, batch 8
+    assert 0 < job.trainable < job.total
+    with pytest.raises(ValueError, match="not empty"):
+        run_job(job_config(base_dir, data_file, out))
+
+
+@pytest.mark.parametrize("method", ["qlora", "adapter", "prefix", "prompt", "full"])
+def test_every_method_runs_as_a_job(method, base_dir, data_file, tmp_path):
+    job = run_job(job_config(base_dir, data_file, tmp_path / method, method=method, num_virtual_tokens=4,
+                             bottleneck_size=8, target_modules="all-linear"))
+    assert (job.output_dir / ("model" if method == "full" else "adapter")).is_dir()
+    assert job.result.eval["eval_loss"] > 0
+
+
+def test_merge_is_checked_before_it_is_written(base_dir, data_file, tmp_path, monkeypatch):
+    job = run_job(job_config(base_dir, data_file, tmp_path / "job", lora_rank=4))
+    adapter = job.output_dir / "adapter"
+    report = merge_checked(str(base_dir), str(adapter), str(tmp_path / "merged"), max_diff=1e-3, force=False)
+    assert report["max_abs_logit_diff"] < 1e-4 and report["greedy_token_agreement"] == 1.0
+    peft_model, tok = load_trained(str(base_dir), str(adapter))
+    ids = torch.tensor([tok.encode("Repeat the word apple then river.", bos=True)])
+    torch.testing.assert_close(load_pretrained(tmp_path / "merged")(ids), peft_model(ids), atol=1e-4, rtol=0)
+
+    real_unloaded = LoraLinear.unloaded
+
+    def broken(self):  # a merge bug: the update lands transposed-scaled wrong
+        layer = real_unloaded(self)
+        layer.weight.data.mul_(1.5)
+        return layer
+
+    monkeypatch.setattr(LoraLinear, "unloaded", broken)
+    with pytest.raises(ValueError, match="nothing written"):
+        merge_checked(str(base_dir), str(adapter), str(tmp_path / "bad"), max_diff=1e-3, force=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_train_command(base_dir, data_file, tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model": str(base_dir), "train_file": str(data_file), "epochs": 1,
+                               "batch_size": 8, "max_length": 64, "output_dir": str(tmp_path / "out")}))
+    done = subprocess.run([sys.executable, "-m", "minipeft", "train", "--config", str(job)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trainable params:" in done.stdout and "eval_loss" in done.stdout
+    assert isinstance(PeftModel.from_pretrained(load_pretrained(base_dir), tmp_path / "out" / "adapter"), PeftModel)
+    job.write_text(json.dumps({"model": str(base_dir), "train_file": str(data_file), "lerning_rate": 1}))
+    bad = subprocess.run([sys.executable, "-m", "minipeft", "train", "--config", str(job)], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown key 'lerning_rate'" in bad.stderr and "Traceback" not in bad.stderr
