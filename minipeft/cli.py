@@ -13,6 +13,7 @@ COMMANDS = [
     "minipeft.tokenizer",
     "minipeft.data.cli",
     "minipeft.train_cli",
+    "minipeft.param_count",
     "minipeft.eval_cli",
 ]
 

@@ -137,6 +137,16 @@ class NF4Tensor:
         return total
 
 
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes quantize_nf4 stores for `numel` weights, without quantizing (for meta-device models):
+    ceil(n/2) codes + per block a float32 absmax, or with double quant a uint8 code, plus a
+    float32 per 256 blocks and the float32 offset."""
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return -(-numel // 2) + 4 * blocks
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+
 def bits_per_parameter(q: NF4Tensor) -> float:
     """Stored bits per quantized weight: 8 * q.nbytes / n.
 

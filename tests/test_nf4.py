@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minipeft.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Tensor, bits_per_parameter, dequantize_absmax,
+from minipeft.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Tensor, bits_per_parameter, dequantize_absmax, nf4_nbytes,
                           dequantize_nf4, quantize_nf4)
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -174,3 +174,10 @@ def test_inconsistent_nf4tensor_is_refused():
         NF4Tensor(q.data, q.absmax, None, q.offset, q.shape, 64, torch.float32)
     with pytest.raises(ValueError, match="dtype must be float32"):
         dequantize_nf4(q, torch.int8)
+
+
+@pytest.mark.parametrize("numel", [1, 63, 64, 65, 64 * 256, 64 * 256 + 1, 100_003])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_nbytes_predicts_stored_bytes(numel, double_quant):
+    q = quantize_nf4(torch.randn(numel), double_quant=double_quant)
+    assert nf4_nbytes(numel, double_quant=double_quant) == q.nbytes

@@ -1,0 +1,101 @@
+"""How many parameters each method trains, on real model sizes, without allocating them.
+
+Every count is taken from a model built on the meta device (shapes only, no memory) with the
+method attached exactly as `get_peft_model` attaches it, so the numbers are what training would
+see. QLoRA trains what LoRA trains and counts its 4-bit weights at their unquantized element
+count (tests/test_qlora.py checks the equality on a real quantized model), so its row is LoRA's.
+`frozen_weight_bytes` gives the memory of the frozen base in bf16, NF4 and NF4 + double quant.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig
+from .model import Transformer
+from .nf4 import nf4_nbytes
+from .peft_model import count_parameters, format_trainable, full_finetune, get_peft_model
+
+# (label, method, options): the rows of benchmarks/param_count.py
+METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("full", "full", {}),
+    ("LoRA r=8 q,v", "lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    ("LoRA r=16 q,v", "lora", {"r": 16, "target_modules": ["q_proj", "v_proj"]}),
+    ("LoRA r=8 all-linear", "lora", {"r": 8, "target_modules": "all-linear"}),
+    ("QLoRA r=8 q,v", "qlora", {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    ("Houlsby adapter m=64", "adapter", {"bottleneck_size": 64, "placement": "houlsby"}),
+    ("Houlsby adapter m=384", "adapter", {"bottleneck_size": 384, "placement": "houlsby"}),  # ~3% of 7B
+    ("Pfeiffer adapter m=64", "adapter", {"bottleneck_size": 64, "placement": "pfeiffer"}),
+    ("prefix tuning 20", "prefix", {"num_virtual_tokens": 20}),
+    ("prompt tuning 20", "prompt", {"num_virtual_tokens": 20}),
+]
+
+
+def method_config(method: str, **options: Any):
+    """The PEFT config of `method` ("lora", "qlora", "adapter", "prefix", "prompt") with `options`."""
+    if method in ("lora", "qlora"):
+        from .lora import LoraConfig
+
+        return LoraConfig(lora_alpha=32, **options)
+    if method == "adapter":
+        from .adapter import AdapterConfig
+
+        return AdapterConfig(**options)
+    if method == "prefix":
+        from .prompt_learning import PrefixTuningConfig
+
+        return PrefixTuningConfig(**options)
+    if method == "prompt":
+        from .prompt_learning import PromptTuningConfig
+
+        return PromptTuningConfig(**options)
+    raise ValueError(f"unknown method {method!r}; expected full, lora, qlora, adapter, prefix or prompt")
+
+
+def count_method(preset: str, method: str, **options: Any) -> tuple[int, int]:
+    """(trainable, all) parameters of `preset` with `method` attached, built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(preset))
+        if method == "full":
+            return count_parameters(full_finetune(model))
+        return count_parameters(get_peft_model(model, method_config(method, **options)))
+
+
+def frozen_weight_bytes(preset: str) -> dict[str, int]:
+    """Bytes of the frozen base: all bf16; or every Linear but lm_head in NF4 (+ double quant)."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(preset))
+    linears = [m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    total = sum(p.numel() for p in model.parameters())
+    rest = 2 * (total - sum(linears))  # embeddings, norms, biases, lm_head stay bf16
+    return {"bf16": 2 * total,
+            "nf4": rest + sum(nf4_nbytes(n, double_quant=False) for n in linears),
+            "nf4+dq": rest + sum(nf4_nbytes(n, double_quant=True) for n in linears)}
+
+
+def _count_params(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {}
+    if args.method in ("lora", "qlora"):
+        targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+        options = {"r": args.r, "target_modules": targets}
+    elif args.method == "adapter":
+        options = {"bottleneck_size": args.bottleneck_size, "placement": args.placement}
+    elif args.method in ("prefix", "prompt"):
+        options = {"num_virtual_tokens": args.num_virtual_tokens}
+    print(format_trainable(*count_method(args.preset, args.method, **options)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, name: Optional[str] = "count-params") -> None:
+    p = sub.add_parser(name, help="trainable / all parameters of a preset with a method, PEFT's line")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "adapter", "prefix", "prompt"])
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated names, or all-linear")
+    p.add_argument("--bottleneck-size", type=int, default=64)
+    p.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.set_defaults(func=_count_params)
