@@ -1,0 +1,130 @@
+"""Training throughput and peak memory of one step: minipeft vs transformers + peft, and
+minipeft's methods side by side, on the same random model and batch.
+
+    python benchmarks/train_throughput.py [--quick] [--device cpu|cuda]
+
+One question: how fast does a fine-tuning step run here, and at what memory? Each provider runs
+in its own fresh process (so peak RSS / CUDA peak memory is its own), builds the same config
+with the same seed, warms up, then times `steps` full steps (forward, backward, AdamW) and
+reports p20/p50/p80 seconds, tokens/s and the ratio to transformers + peft LoRA.
+Results: benchmarks/results/train_throughput.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).parent / "results"
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft full", "minipeft qlora", "minipeft adapter",
+             "minipeft prefix"]
+
+
+def build(provider: str, device: str):
+    """(model, callable returning logits) for the provider, seeded identically."""
+    torch.manual_seed(0)
+    if provider.startswith("hf"):
+        import peft
+        import transformers
+
+        from minipeft import ModelConfig
+
+        hf_cfg = transformers.AutoConfig.for_model(**ModelConfig(**CONFIG).to_hf_config())
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        return model.to(device), lambda ids: model(input_ids=ids).logits
+    from minipeft import ModelConfig, Transformer
+    from minipeft.linear4bit import quantize_model
+    from minipeft.param_count import method_config
+    from minipeft.peft_model import full_finetune, get_peft_model
+
+    model = Transformer(ModelConfig(**CONFIG)).to(device)
+    method = provider.split()[1]
+    if method == "qlora":
+        quantize_model(model)
+    options = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "adapter": {"bottleneck_size": 64},
+               "prefix": {"num_virtual_tokens": 20}}
+    options["qlora"] = options["lora"]
+    model = full_finetune(model) if method == "full" else get_peft_model(model, method_config(method, **options[method]))
+    return model, lambda ids: model(ids)
+
+
+def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dict:
+    """Runs in a fresh process: time `steps` training steps after 2 warm-up steps."""
+    from minipeft.metrics import causal_lm_loss
+
+    torch.set_num_threads(torch.get_num_threads())
+    model, forward = build(provider, device)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    times = []
+    for i in range(steps + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        causal_lm_loss(forward(ids), ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=10)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"provider": provider, "p20_s": q[1], "p50_s": statistics.median(times), "p80_s": q[7],
+            "tokens_per_s": batch * seq / statistics.median(times), "peak_bytes": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one provider, print its JSON row
+    args = ap.parse_args()
+    batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, 10)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.device, batch, seq, steps)))
+        return
+    rows = []
+    for provider in PROVIDERS:
+        cmd = [sys.executable, __file__, "--one", provider, "--device", args.device] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{provider:18s} {rows[-1]['tokens_per_s']:8.0f} tok/s  peak {rows[-1]['peak_bytes'] / 2**20:7.0f} MiB")
+    ref = rows[0]
+    for r in rows:
+        r["speed_vs_hf_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["memory_vs_hf_peft"] = r["peak_bytes"] / ref["peak_bytes"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}" \
+        f", {torch.get_num_threads()} threads"
+    meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,
+            "batch": batch, "seq": seq, "steps": steps, "config": CONFIG}
+    lines = [f"# One training step, {args.device} ({machine}); torch {torch.__version__}, commit {commit}", "",
+             f"batch {batch} x {seq} tokens, model {CONFIG}", "",
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['memory_vs_hf_peft']:.2f}x |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    OUT.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (OUT / f"train_throughput{suffix}.md").write_text(text)
+    (OUT / f"train_throughput{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
