@@ -14,12 +14,14 @@ COMMANDS = [
     "minipeft.data.cli",
     "minipeft.train_cli",
     "minipeft.param_count",
+    "minipeft.demo",
     "minipeft.eval_cli",
+    "minipeft.datasets",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minipeft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minipeft", description="parameter-efficient fine-tuning, from scratch")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
