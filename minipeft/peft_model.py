@@ -255,13 +255,16 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False) -> "PeftModel":
         """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
         config = PeftConfig.load(directory)
+        config.inference_mode = not is_trainable  # as PEFT: prompt tuning skips an init the file replaces
         peft_model = cls(model, config, adapter_name)
         peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
         return peft_model.train(is_trainable)
 
     def load_adapter(self, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in `directory` under `adapter_name` (not made active)."""
-        self.add_adapter(adapter_name, PeftConfig.load(directory))
+        config = PeftConfig.load(directory)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
         self.load_adapter_weights(directory, adapter_name, is_trainable)
 
     def load_adapter_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
