@@ -179,6 +179,8 @@ class PeftModel(nn.Module):
     # --- merging ------------------------------------------------------------------------------
     def merge_adapter(self) -> None:
         """Fold the active LoRA adapter into the base weights (reversible: unmerge_adapter)."""
+        if not isinstance(self.active_peft_config, LoraConfig):
+            raise ValueError(f"{self.active_peft_config.peft_type} has no weight update to merge; only LoRA merges")
         for _, layer in self.tuner_layers():
             if isinstance(layer, LoraLinear) and layer.active_adapter:
                 layer.merge(layer.active_adapter)
