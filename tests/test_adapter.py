@@ -146,6 +146,8 @@ def test_merge_is_refused_and_unload_gives_the_base_model():
         peft_model.base_model.model.layers[0].mlp.down_proj.merge()
     with pytest.raises(ValueError, match="cannot be merged"):
         peft_model.merge_and_unload()
+    with pytest.raises(ValueError, match="BOTTLENECK_ADAPTER has no weight update to merge"):
+        peft_model.merge_adapter()
     base = peft_model.unload()
     assert not any(isinstance(m, BottleneckAdapter) for m in base.modules())
     torch.testing.assert_close(base(IDS), tiny_model()(IDS), atol=0, rtol=0)
