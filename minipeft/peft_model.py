@@ -270,6 +270,7 @@ class PeftModel(nn.Module):
         self.load_adapter_weights(directory, adapter_name, is_trainable)
 
     def load_adapter_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
+        """Copy `directory`'s tensors into adapter `name`, after checking every key and shape."""
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
@@ -283,6 +284,8 @@ class PeftModel(nn.Module):
             else:
                 for key, tensor in found.items():
                     expected[key].copy_(tensor)
-        if not is_trainable:
+        if is_trainable:
+            self._frozen.discard(name)
+        else:
             self._frozen.add(name)
         self._set_trainable(self.active_adapter)
