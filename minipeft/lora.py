@@ -20,9 +20,9 @@ import math
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .functional import lora_linear, nf4_lora_linear
 from .peft_config import PeftConfig
 from .tuner_layer import TunerLayer
 
@@ -60,12 +60,13 @@ class LoraConfig(PeftConfig):
 class LoraLinear(TunerLayer):
     """A Linear (or 4-bit Linear) base layer with named LoRA adapters."""
 
-    adapter_module_names = ("lora_A", "lora_B", "lora_dropout")
+    adapter_module_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}  # rate p per adapter (the mask: minipeft.functional)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         # Adapter weights are float32 whatever the base dtype: tiny updates to B A would round away
@@ -74,7 +75,7 @@ class LoraLinear(TunerLayer):
         kw = dict(bias=False, dtype=torch.float32, device=device)
         self.lora_A[name] = nn.Linear(self.in_features, config.r, **kw)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, **kw)
-        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = config.lora_dropout
         self.scaling[name] = config.scaling
         self.reset_lora_parameters(name, config.init_lora_weights)
 
@@ -93,20 +94,23 @@ class LoraLinear(TunerLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        del self.scaling[name]
+        del self.scaling[name], self.lora_dropout[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW = s · B A, shape (out, in), in float32."""
         return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        y = self.base_layer(x)
+        """Fused on CUDA by the Triton kernels, else their PyTorch twin (minipeft.functional)."""
+        name, base = self.active_adapter, self.base_layer
         if self.disabled or name is None or self.merged_adapters:
-            return y
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        x = self.lora_dropout[name](x.to(A.dtype))
-        return y + (F.linear(F.linear(x, A), B) * self.scaling[name]).to(y.dtype)
+            return base(x)
+        lora = (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name],
+                self.training)
+        if isinstance(base, nn.Linear):
+            return lora_linear(x, base.weight, base.bias, *lora)
+        bias = None if base.bias is None else base.bias.to(base.compute_dtype)  # QLoRA: compute in compute_dtype
+        return nf4_lora_linear(x.to(base.compute_dtype), base.quantized_weight, bias, *lora).to(x.dtype)
 
     def merge(self, name: Optional[str] = None) -> None:
         """W <- W + s·B·A in float32, cast back. Merging an already merged adapter does nothing."""

@@ -188,3 +188,17 @@ def test_bad_configs():
         LoraConfig(r=0)
     with pytest.raises(ValueError, match="bias"):
         LoraConfig(bias="some")
+
+
+def test_dropout_is_active_in_training_only():
+    peft_model, _ = trained(LoraConfig(r=4, lora_dropout=0.5))
+    eval_out = peft_model.eval()(IDS)
+    peft_model.train()
+    torch.manual_seed(0)
+    a = peft_model(IDS)
+    torch.manual_seed(0)
+    b = peft_model(IDS)
+    assert torch.equal(a, b)  # the mask comes from torch's RNG: seeded, it repeats
+    assert (a - eval_out).abs().max() > 1e-4
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(peft_model(IDS), tiny_model().train()(IDS), atol=0, rtol=0)

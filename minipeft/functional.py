@@ -1,0 +1,197 @@
+"""The LoRA and QLoRA linear maps in plain PyTorch (the specification) and the switch to the Triton kernels.
+
+    lora_linear(x, W, b, A, B, s)  = x W^T + b + s * (D(x) A^T) B^T
+    nf4_lora_linear(x, Wq, ...)    = the same with W = dequantize_nf4(Wq, x.dtype) (QLoRA)
+    dequantize_nf4(Wq, dtype)      = minipeft.nf4.dequantize_nf4, or its bit-exact kernel
+    x (..., K) any leading dims,  W (N, K),  b (N,),  A = lora_A (r, K),  B = lora_B (N, r),
+    s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)),  D = dropout on the LoRA branch's input only
+    (PEFT: lora_B(lora_A(dropout(x))) * scaling). The LoRA branch runs in lora_A's dtype and is cast back
+    to the output's dtype, as PEFT does when it keeps float32 adapters under a 16-bit base.
+
+Dropout: the mask is drawn here, by torch (bernoulli_, so torch.manual_seed reproduces it), and handed to
+either path as a bool tensor of x's shape; the kernel does not generate it. Why: (1) the eager twin and
+the kernel then see the same mask by construction, so they are comparable at any dropout rate; (2) an
+in-kernel counter-based RNG would recompute the mask of each X tile in every column tile of the GEMM,
+integer work on the CUDA cores of the same order as the tensor-core work it rides on; (3) the mask costs
+1 byte per element of x, read by the kernel next to the X tile it already loads, and kept for the
+backward, where PEFT keeps its dropout mask and dropped input too. Kept values are scaled by 1 / (1 - p)
+(inverted dropout, as nn.Dropout).
+
+Which path runs (one switch): `use_kernels(mode)`, as a call or a context manager, else the environment
+variable MINIPEFT_KERNELS, else "auto":
+    auto   - Triton when the tensors are on CUDA, triton imports and the operands are supported (x and W
+             in one float dtype, adapters in it or float32, r <= 128); otherwise the twin.
+    triton - always the kernels; unsupported operands raise. CPU tensors run on Triton's interpreter,
+             which needs TRITON_INTERPRET=1: exported, or minipeft.kernels.triton_interpreter() around
+             the first import of the kernels and the calls.
+    torch  - always the twin.
+Tested in tests/test_kernels_lora.py and tests/test_kernels_nf4.py (twin vs kernels vs float64 autograd).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import nf4
+from .nf4 import NF4Tensor
+
+MODES = ("auto", "triton", "torch")
+ENV_VAR = "MINIPEFT_KERNELS"
+_override: Optional[str] = None
+
+
+def _check_mode(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{where}: expected one of {'|'.join(MODES)}, got {mode!r}")
+    return mode
+
+
+class use_kernels:
+    """Force the kernel path: use_kernels("triton" | "torch" | "auto").
+
+    A plain call sets the mode for the process; `with use_kernels(mode):` restores the previous one on exit.
+    It takes precedence over the MINIPEFT_KERNELS environment variable.
+    """
+
+    def __init__(self, mode: str):
+        global _override
+        self._previous = _override
+        _override = _check_mode(mode, "use_kernels")
+
+    def __enter__(self) -> "use_kernels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _override
+        _override = self._previous
+
+
+def kernel_mode() -> str:
+    """The mode in force: use_kernels' override, else $MINIPEFT_KERNELS, else "auto"."""
+    if _override is not None:
+        return _override
+    return _check_mode(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+
+
+def _kernels(name: str) -> ModuleType:
+    """minipeft.kernels.<name>, imported on first use: triton is only imported when a kernel may run."""
+    return importlib.import_module(f"minipeft.kernels.{name}")
+
+
+@functools.lru_cache(maxsize=None)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_problem(is_cuda: bool) -> Optional[str]:
+    """Why no kernel can run on this device, or None."""
+    if not _have_triton():
+        return "triton is not installed"
+    if not is_cuda and not _kernels("common").INTERPRET:
+        return ("the tensors are on the CPU, where kernels run only on Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before minipeft.kernels is first imported (minipeft.kernels.triton_interpreter)")
+    return None
+
+
+def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                  lora_B: torch.Tensor) -> Optional[str]:
+    """Why the LoRA kernel cannot take these operands, or None when it can."""
+    problem = _triton_problem(x.is_cuda)
+    if problem is not None:
+        return problem
+    supported = _kernels("common").SUPPORTED_DTYPES
+    if x.dtype not in supported or weight_dtype != x.dtype:
+        return f"x and the weight must share one of {supported}, got {x.dtype} and {weight_dtype}"
+    if bias is not None and bias.dtype != x.dtype:
+        return f"the bias must have x's dtype {x.dtype}, got {bias.dtype}"
+    if lora_A.dtype not in (x.dtype, torch.float32) or lora_B.dtype != lora_A.dtype:
+        return f"lora_A and lora_B must share x's dtype or float32, got {lora_A.dtype} and {lora_B.dtype}"
+    max_rank = _kernels("lora").MAX_RANK
+    if not 1 <= lora_A.shape[0] <= max_rank:
+        return f"rank {lora_A.shape[0]} is above the kernels' limit {max_rank}"
+    return None
+
+
+def _use_triton(is_cuda: bool, problem) -> bool:
+    """The dispatch rule of the module docstring; `problem()` says why the kernel cannot run, or None."""
+    mode = kernel_mode()
+    if mode == "torch" or (mode == "auto" and not is_cuda):
+        return False
+    reason = problem()
+    if reason is not None and mode == "triton":
+        raise ValueError(f"{ENV_VAR}/use_kernels is 'triton' but the kernels cannot run: {reason}")
+    return reason is None
+
+
+def dropout_mask(x: torch.Tensor, p: float, training: bool) -> tuple[Optional[torch.Tensor], float]:
+    """(mask, keep_scale) for inverted dropout of rate p on x: a bool mask of x's shape (True = kept,
+    probability 1 - p) and 1 / (1 - p); (None, 1.0) when nothing is dropped (p == 0 or eval)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return None, 1.0
+    # uint8 0/1 draws viewed as bool: no copy, and bernoulli_ supports uint8 on every device.
+    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p).view(torch.bool)
+    return mask, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+
+
+def apply_dropout_mask(x: torch.Tensor, mask: Optional[torch.Tensor], keep_scale: float) -> torch.Tensor:
+    """D(x) = where(mask, x * keep_scale, 0); x itself when mask is None."""
+    return x if mask is None else torch.where(mask, x * keep_scale, 0.0)
+
+
+def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scaling: float, dropout_mask: Optional[torch.Tensor] = None,
+                      keep_scale: float = 1.0) -> torch.Tensor:
+    """The eager twin (the spec): F.linear(x, W, b) + (s * (D(x) A^T) B^T in lora_A's dtype), cast to x W^T's."""
+    y = F.linear(x, weight, bias)
+    x_lora = apply_dropout_mask(x.to(lora_A.dtype), dropout_mask, keep_scale)
+    return y + (F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(y.dtype)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """y = x W^T + b + s (D(x) A^T) B^T (module docstring), by the fused kernel or the eager twin.
+
+    x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r) -> (..., N).
+    dropout: rate p of D, applied only when training.
+    """
+    mask, keep_scale = dropout_mask(x, dropout, training)
+    if _use_triton(x.is_cuda, lambda: _lora_problem(x, weight.dtype, bias, lora_A, lora_B)):
+        return _kernels("lora").lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+    return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """minipeft.nf4.dequantize_nf4 (the spec), or the Triton kernel, equal to it bit for bit."""
+    if _use_triton(q.data.is_cuda, lambda: _triton_problem(q.data.is_cuda)):
+        return _kernels("nf4").dequantize_nf4(q, dtype)
+    return nf4.dequantize_nf4(q, dtype)
+
+
+def nf4_lora_linear_torch(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scaling: float, dropout_mask: Optional[torch.Tensor] = None,
+                          keep_scale: float = 1.0) -> torch.Tensor:
+    """The eager QLoRA twin: lora_linear_torch with W = minipeft.nf4.dequantize_nf4(weight, x.dtype)."""
+    return lora_linear_torch(x, nf4.dequantize_nf4(weight, x.dtype), bias, lora_A, lora_B, scaling, dropout_mask,
+                             keep_scale)
+
+
+def nf4_lora_linear(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """The QLoRA linear: lora_linear with the frozen W = dequantize_nf4(weight) in x's dtype (x is in the
+    compute dtype; Linear4bit casts it). weight: a 2-D NF4Tensor (N, K); the kernel path never stores W."""
+    if len(weight.shape) != 2:
+        raise ValueError(f"nf4_lora_linear: expected a 2-D NF4 weight (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    mask, keep_scale = dropout_mask(x, dropout, training)
+    if _use_triton(x.is_cuda, lambda: _lora_problem(x, x.dtype, bias, lora_A, lora_B)):
+        return _kernels("lora").nf4_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+    return nf4_lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
