@@ -77,6 +77,16 @@ def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, 
     return rendered
 
 
+def continue_from(model: nn.Module, adapter_dir: str) -> None:
+    """Start from a saved adapter's weights, trainable: a continued fine-tune, not a fresh one.
+    Tensor names and shapes are checked against the attached method (a rank or method mismatch
+    names the file); lora_alpha and dropout are not in the weights, so the caller compares those."""
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"init_adapter={adapter_dir!r} continues a PEFT method; to continue a full "
+                         "fine-tune, pass its model directory as model")
+    model.load_adapter_weights(adapter_dir, model.active_adapter, is_trainable=True)
+
+
 @dataclass
 class JobResult:
     output_dir: Path
@@ -107,6 +117,8 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     else:
         train, test = split_examples(train, cfg.test_ratio, seed=cfg.seed)
     model = attach_method(base, cfg)
+    if cfg.init_adapter:
+        continue_from(model, cfg.init_adapter)
     trainer = Trainer(cfg, model, render_all(train, tok, template, cfg, cfg.train_file),
                       render_all(test, tok, template, cfg, cfg.test_file or "test split"), pad_id=tok.pad_id)
     write_atomic(out / "job_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -38,6 +38,7 @@ class TrainConfig:
     bottleneck_size: int = 64  # adapter
     adapter_placement: str = "houlsby"  # adapter: houlsby | pfeiffer
     num_virtual_tokens: int = 20  # prefix / prompt tuning
+    init_adapter: Optional[str] = None  # continue from this saved adapter (same method and shapes)
     # --- optimization ---
     learning_rate: float = 2e-4
     n_epochs: int = 3

@@ -1,0 +1,131 @@
+"""The platform's HTTP application: the management API (routes.py) and the OpenAI-compatible one
+(openai_api.py) behind one guard, with every error answered as JSON (errors.py).
+
+The guard runs before routing: with an API key set, a request without "Authorization: Bearer
+KEY" gets 401; a body larger than the limit (uploads: max_upload_bytes plus the multipart
+envelope; everything else: max_body_bytes) gets 413 before it is read, and a chunked body, whose
+size is unknown in advance, gets 411. Validation errors become 400 with each bad field named
+("hyper_parameters.n_epochs: Input should be a valid integer (got 'three')"); malformed JSON says
+where it broke. The scheduler starts and stops with the application (lifespan).
+"""
+from __future__ import annotations
+
+import hmac
+import traceback
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import ApiError, error_body
+from .openai_api import openai_router
+from .routes import management_router
+from .state import Platform, Settings
+
+MULTIPART_ENVELOPE = 64 * 1024
+UPLOAD_PATH = "/api/v1/files"
+
+
+class Guard:
+    """ASGI middleware: API key and body-size checks, answered before the application runs."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app, self.settings = app, settings
+
+    def _problem(self, scope: dict[str, Any]) -> Optional[tuple[int, str, dict[str, str]]]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.settings.api_key
+        if key is not None:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
+                                                                      key.encode()):
+                return 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", \
+                    {"WWW-Authenticate": "Bearer"}
+        limit = self.settings.max_body_bytes
+        if scope["path"] == UPLOAD_PATH:
+            limit = self.settings.max_upload_bytes + MULTIPART_ENVELOPE
+        length = headers.get("content-length")
+        if length is None:
+            if "transfer-encoding" in headers:
+                return 411, "send the request body with a Content-Length header (chunked bodies are refused)", {}
+            return None
+        if not length.isdigit():
+            return 400, f"Content-Length {length!r} is not a number of bytes", {}
+        if int(length) > limit:
+            return 413, f"request body of {length} bytes is over this endpoint's limit of {limit} bytes", {}
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        problem = self._problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        status, message, headers = problem
+        await JSONResponse(error_body(status, message), status_code=status, headers=headers)(scope, receive, send)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f" (got {text})" if len(text) <= 60 and not isinstance(value, (dict, list)) else ""
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]]:
+    """Pydantic's errors as one sentence naming each field, and the first field (OpenAI's `param`)."""
+    parts, params = [], []
+    for e in errors:
+        if e["type"] == "json_invalid":
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e['msg'])}", None
+        where = ".".join(str(x) for x in e["loc"] if x not in ("body", "query", "path"))
+        if e["type"] == "missing":
+            parts.append(f"{where or 'request body'}: required")
+        else:
+            parts.append(f"{where or 'request body'}: {e['msg']}{_shown(e.get('input'))}")
+        params.append(where or None)
+    return "; ".join(parts), params[0] if params else None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e.status, e.message, e.param, e.detail), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        message, param = validation_message(list(e.errors()))
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception):  # a bug, not the request's fault: say so, stay up
+        traceback.print_exc()
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    platform = Platform(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        platform.scheduler.start()
+        yield
+        platform.scheduler.stop()
+        platform.store.close()
+
+    app = FastAPI(title="minipeft platform", lifespan=lifespan)
+    app.state.platform = platform
+    app.include_router(management_router(platform))
+    app.include_router(openai_router(platform))
+    _add_error_handlers(app)
+    app.add_middleware(Guard, settings=settings)
+    return app

@@ -1,0 +1,171 @@
+"""`minipeft platform` (the server) and `minipeft job ...` (its client), the cloud console's flow:
+
+    minipeft platform [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--api-key KEY]
+                      [--base-model NAME=DIR ...] [--max-upload-mb N] [--max-tokens N] [--threads N]
+    minipeft job create --model NAME --training-file FILE|ID [...] [--validation-file FILE|ID]
+                        [--training-type efficient_sft] [--hp n_epochs=3 --hp learning_rate=2e-4 ...]
+    minipeft job list [--status S] | status ID | logs ID [--offset N] [--lines N] | cancel ID
+    minipeft job deploy MODEL|JOB_ID [--name NAME]
+
+The client commands take --server (default $MINIPEFT_SERVER, else http://127.0.0.1:8000) and
+--api-key (default $MINIPEFT_API_KEY). A --training-file that names an existing path is
+uploaded first; otherwise it is taken as the id of an uploaded file. --hp values are JSON when
+they parse as JSON (3, 2e-4, true), strings otherwise (cosine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..job import DEFAULT_MODEL
+from .client import Client
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def default_bases() -> dict[str, Path]:
+    """The shipped base models: every folder of models/ that holds a config.json."""
+    root = DEFAULT_MODEL.parent
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()} if root.is_dir() else {}
+
+
+def _base_model(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not (Path(folder) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR with DIR/config.json, got {text!r}")
+    return name, Path(folder).resolve()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .state import MIB, Settings
+
+    bases = {**default_bases(), **dict(args.base_model or [])}
+    if not bases:
+        raise ValueError("no base model: pass --base-model NAME=DIR (models/ holds none)")
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can "
+              "upload data, train and call models", file=sys.stderr)
+    settings = Settings(Path(args.data_dir).resolve(), bases, args.api_key, args.max_upload_mb * MIB,
+                        max_tokens=args.max_tokens, threads=args.threads)
+    print(f"minipeft platform: base models {sorted(bases)}; data in {settings.data_dir}", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _file_id(client: Client, given: str) -> str:
+    if Path(given).is_file():
+        uploaded = client.upload(Path(given))
+        print(f"uploaded {given} as {uploaded['id']} ({uploaded['lines']} lines, {uploaded['format']} format)")
+        return uploaded["id"]
+    if given.startswith("file-"):
+        return given
+    raise ValueError(f"{given}: no such file (and not a file id, which starts with 'file-')")
+
+
+def _hyper_parameters(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hp {pair!r}: expected KEY=VALUE, e.g. n_epochs=3")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _job(args: argparse.Namespace) -> int:
+    client = Client(args.server, args.api_key)
+    jobs = "/api/v1/fine-tunes"
+    if args.action == "create":
+        body = {"model": args.model, "training_type": args.training_type,
+                "training_file_ids": [_file_id(client, f) for f in args.training_file],
+                "validation_file_ids": [_file_id(client, f) for f in args.validation_file or []],
+                "hyper_parameters": _hyper_parameters(args.hp or [])}
+        _print(client.request("POST", jobs, body))
+    elif args.action == "list":
+        for job in client.request("GET", jobs, query={"status": args.status})["data"]:
+            print(f"{job['id']}  {job['status']:<10} {job['training_type']:<14} {job['model']}  "
+                  f"{job['fine_tuned_model'] or ''}")
+    elif args.action == "status":
+        _print(client.request("GET", f"{jobs}/{args.id}"))
+    elif args.action == "logs":
+        page = client.request("GET", f"{jobs}/{args.id}/logs", query={"offset": args.offset, "line": args.lines})
+        print("\n".join(page["logs"]))
+    elif args.action == "cancel":
+        print(client.request("POST", f"{jobs}/{args.id}/cancel")["status"])
+    else:
+        body = {"model": _model_of(client, args.model), "name": args.name}
+        _print(client.request("POST", "/api/v1/deployments", body))
+    return 0
+
+
+def _model_of(client: Client, given: str) -> str:
+    """A fine-tuned model's name; a job id (ft-...) stands for the model that job produced."""
+    if not given.startswith("ft-"):
+        return given
+    model = client.request("GET", f"/api/v1/fine-tunes/{given}")["fine_tuned_model"]
+    if model is None:
+        raise ValueError(f"job {given} has no fine-tuned model yet (see `minipeft job status {given}`)")
+    return model
+
+
+def _register_job(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("job", help="create, watch, cancel and deploy fine-tune jobs on a `minipeft platform`")
+    p.add_argument("--server", default=os.environ.get("MINIPEFT_SERVER", "http://127.0.0.1:8000"))
+    p.add_argument("--api-key", default=os.environ.get("MINIPEFT_API_KEY"))
+    actions = p.add_subparsers(dest="action", required=True)
+    c = actions.add_parser("create", help="upload data (if paths) and create a fine-tune job")
+    c.add_argument("--model", required=True, help="base model name or fine-tuned model to continue")
+    c.add_argument("--training-file", action="append", required=True, metavar="FILE|ID")
+    c.add_argument("--validation-file", action="append", metavar="FILE|ID")
+    c.add_argument("--training-type", default="efficient_sft",
+                   choices=["sft", "efficient_sft", "qlora", "adapter", "prefix", "prompt"])
+    c.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyper-parameter (repeatable)")
+    actions.add_parser("list", help="list jobs").add_argument("--status")
+    actions.add_parser("status", help="a job's status, metrics and evaluation").add_argument("id")
+    logs = actions.add_parser("logs", help="a job's log lines")
+    logs.add_argument("id")
+    logs.add_argument("--offset", type=int, default=0)
+    logs.add_argument("--lines", type=int, default=1000)
+    actions.add_parser("cancel", help="cancel a job").add_argument("id")
+    d = actions.add_parser("deploy", help="deploy a fine-tuned model (or a job's) for /v1/chat/completions")
+    d.add_argument("model", help="fine-tuned model name, or a job id")
+    d.add_argument("--name", help="the name to call it by (default: the model's name)")
+    p.set_defaults(func=_job)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("platform", help="run the local fine-tuning platform (HTTP API + OpenAI-compatible serving)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default="platform_data", help="files, jobs, models and the SQLite state")
+    p.add_argument("--api-key", default=os.environ.get("MINIPEFT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: $MINIPEFT_API_KEY)")
+    p.add_argument("--base-model", action="append", type=_base_model, metavar="NAME=DIR",
+                   help="serve and fine-tune this model as NAME (repeatable; models/* are added)")
+    p.add_argument("--max-upload-mb", type=_positive, default=100)
+    p.add_argument("--max-tokens", type=_positive, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=_positive, help="CPU threads for serving and for the training worker each "
+                   "(default: torch's; on a shared CPU, 1 avoids thread oversubscription)")
+    p.set_defaults(func=_serve)
+    _register_job(sub)

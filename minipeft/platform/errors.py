@@ -1,0 +1,33 @@
+"""What the platform answers when a request is wrong: an HTTP status and a message that says what
+was wrong and what was expected, in OpenAI's error shape so the `openai` client shows it as is:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 409: "conflict_error", 411: "invalid_request_error",
+         413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
+         503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """A request the platform refuses: raised anywhere below a route, answered by app.py."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, detail: Any = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.detail = status, message, param, detail
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, detail: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"message": message, "type": TYPES.get(status, "invalid_request_error"),
+                            "param": param, "code": None}
+    if detail is not None:
+        body["detail"] = detail
+    return {"error": body}
+
+
+def not_found(kind: str, key: str, hint: str = "") -> ApiError:
+    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""))

@@ -1,0 +1,175 @@
+"""Serving: a pool of loaded models, adapters switched per request, token-by-token generation.
+
+A callable name (a base model or a deployment) resolves to a `Target`: the weights it runs on and
+its adapter, if any. Targets that share weights, quantization and adapter kind share one loaded
+model: a PeftModel holding every deployment's adapter under the deployment's name. Base-model
+requests use a plain copy of the base.
+
+Generation is the loop of minipeft.generation.generate for one sequence (KV cache, sample_next),
+written as a generator so replies can stream:
+
+    step t:   with the model's lock:  set_adapter(name); logits = model(step_ids, mask, cache)[:, -1]
+              next = sample_next(logits, temperature, top_p)       (argmax when temperature == 0)
+              stop if next is one of the template's stop ids, else yield it
+
+Each request owns its KV cache and the lock is held for one forward only, so concurrent requests
+for different adapters interleave step by step, each always running with its own adapter. Greedy
+replies equal generate()'s token for token (tests/test_platform.py).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from ..checkpoint import load_pretrained
+from ..generation import sample_next
+from ..model import KVCache, Transformer
+from ..peft_config import PeftConfig
+from ..peft_model import PeftModel
+from ..templates import TEMPLATE_FILE, ChatTemplate, get_template, load_template
+from ..tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # what requests call it
+    weights_dir: Path
+    adapter_dir: Optional[Path] = None
+    quantized: bool = False  # a QLoRA adapter runs on the NF4 base it was trained with
+
+    def key(self) -> tuple:
+        kind = PeftConfig.load(self.adapter_dir).peft_type if self.adapter_dir else None
+        return (str(self.weights_dir), self.quantized, kind)
+
+
+@dataclass
+class Loaded:
+    """One model in memory and the adapters (deployment name -> chat template) it holds."""
+    model: Union[Transformer, PeftModel]
+    tokenizer: Tokenizer
+    templates: dict[Optional[str], ChatTemplate]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def logits(self, adapter: Optional[str], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Next-token logits (1, vocab) with `adapter` active; raises ValueError if it was removed."""
+        with self.lock, torch.no_grad():
+            if adapter is not None and self.model.active_adapter != adapter:
+                self.model.set_adapter(adapter)
+            return self.model(ids, attention_mask=mask, cache=cache)[:, -1, :]
+
+
+def _template_of(folder: Path) -> ChatTemplate:
+    return load_template(folder) if (folder / TEMPLATE_FILE).is_file() else get_template("plain")
+
+
+class ModelPool:
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, Loaded] = {}
+        self._where: dict[str, tuple] = {}  # target name -> key of the model holding it
+        self._lock = threading.Lock()
+
+    def get(self, target: Target) -> tuple[Loaded, Optional[str], ChatTemplate]:
+        """The loaded model serving `target` (loaded now if needed), its adapter name and template."""
+        adapter = target.name if target.adapter_dir else None
+        with self._lock:
+            key = self._where.get(target.name) or target.key()
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                loaded = self._loaded[key] = self._load_base(target)
+            if adapter is not None and adapter not in loaded.templates:
+                try:
+                    with loaded.lock:
+                        self._add_adapter(loaded, target)
+                except Exception:  # the model may be left half-wrapped: load it afresh next time
+                    del self._loaded[key]
+                    raise
+            self._where[target.name] = key
+            return loaded, adapter, loaded.templates[adapter]
+
+    @staticmethod
+    def _load_base(target: Target) -> Loaded:
+        model = load_pretrained(target.weights_dir, quantization="nf4" if target.quantized else None).eval()
+        return Loaded(model, load_tokenizer(target.weights_dir), {None: _template_of(target.weights_dir)})
+
+    @staticmethod
+    def _add_adapter(loaded: Loaded, target: Target) -> None:
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(target.adapter_dir, target.name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, target.adapter_dir, adapter_name=target.name)
+        loaded.model.eval()
+        loaded.templates[target.name] = _template_of(target.adapter_dir)
+
+    def remove(self, name: str) -> None:
+        """Drop a deployment's adapter (the model goes when nothing uses it any more)."""
+        with self._lock:
+            key = self._where.pop(name, None)
+            loaded = self._loaded.get(key)
+            if loaded is None or name not in loaded.templates:
+                return
+            with loaded.lock:
+                del loaded.templates[name]
+                if any(a is not None for a in loaded.templates):
+                    loaded.model.delete_adapter(name)
+                else:  # requests still running keep their reference until they end
+                    del self._loaded[key]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+
+def stream_tokens(loaded: Loaded, adapter: Optional[str], prompt: Sequence[int], sampling: Sampling,
+                  stop_ids: Sequence[int]) -> Iterator[int]:
+    """Reply token ids, one at a time; ends at a stop id (not yielded) or after max_tokens."""
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator().manual_seed(sampling.seed)
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    mask = torch.ones_like(ids)
+    cache = KVCache(loaded.model.config.num_hidden_layers)
+    step = ids
+    for _ in range(sampling.max_tokens):
+        logits = loaded.logits(adapter, step, mask, cache)
+        nxt = sample_next(logits, sampling.temperature, None, sampling.top_p, generator)
+        token = int(nxt)
+        if token in stop_ids:
+            return
+        yield token
+        step = nxt[:, None]
+        mask = torch.cat((mask, torch.ones_like(step)), dim=1)
+
+
+class TextStream:
+    """Token ids in, text deltas out: decode everything so far and emit what is new, holding back
+    a trailing U+FFFD (a character whose UTF-8 bytes are split across byte-fallback tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self) -> str:
+        """The rest (call once, at the end): the deltas then add up to decode(all ids)."""
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return delta

@@ -1,0 +1,167 @@
+"""The management API under /api/v1, after the Bailian platform's fine-tuning API:
+
+    files         POST /files (multipart: file, purpose=fine-tune)   GET /files   GET|DELETE /files/{id}
+    fine-tunes    POST /fine-tunes   GET /fine-tunes[?status=]   GET|DELETE /fine-tunes/{id}
+                  POST /fine-tunes/{id}/cancel   GET /fine-tunes/{id}/logs?offset=&line=
+                  GET /fine-tunes/{id}/checkpoints   POST /fine-tunes/{id}/checkpoints/{name}/publish
+    models        GET /models   GET /models/{name}          (base models and fine-tuned models)
+    deployments   POST /deployments {"model", "name"?}   GET /deployments   GET|DELETE /deployments/{name}
+
+Lists answer {"object": "list", "data": [...]}. Handlers are plain functions: FastAPI runs them
+in its thread pool, so a slow one (a model loading for a deployment) blocks no other request.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+
+from . import jobs
+from .errors import ApiError, not_found
+from .files import delete_file, save_upload
+from .models import publish
+from .state import Platform
+
+
+class DeploymentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str = Field(min_length=1, max_length=300)
+    name: Optional[str] = None
+
+
+def listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": rows}
+
+
+def _register_files(router: APIRouter, platform: Platform) -> None:
+    @router.post("/files")
+    async def upload_file(request: Request):
+        form = await request.form(max_files=1, max_fields=4)
+        try:
+            upload, purpose = form.get("file"), form.get("purpose", "fine-tune")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "multipart field 'file' is required: the JSONL file to upload", param="file")
+            if purpose != "fine-tune":
+                raise ApiError(400, f"purpose {purpose!r}: only 'fine-tune' is supported", param="purpose")
+            limit = platform.settings.max_upload_bytes
+            return await run_in_threadpool(save_upload, platform.store, platform.data_dir, upload.filename or "",
+                                           upload.file, limit)
+        finally:
+            await form.close()
+
+    @router.get("/files")
+    def list_files():
+        return listing(platform.store.rows("files"))
+
+    @router.get("/files/{file_id}")
+    def get_file(file_id: str):
+        return _found(platform.store.get("files", file_id), not_found("file", file_id))
+
+    @router.delete("/files/{file_id}")
+    def remove_file(file_id: str):
+        delete_file(platform.store, platform.data_dir, file_id)
+        return {"id": file_id, "deleted": True}
+
+
+def _found(row: Optional[dict[str, Any]], error: ApiError) -> dict[str, Any]:
+    if row is None:
+        raise error
+    return row
+
+
+def _cancel(platform: Platform, job_id: str) -> dict[str, Any]:
+    """Waiting jobs are canceled at once; a running one becomes CANCELING until its worker ends."""
+    store = platform.store
+    job = jobs.get_job(store, job_id)
+    if store.update("jobs", job_id, {"status": "CANCELED", "finished_at": int(time.time())},
+                    when_status=("PENDING", "QUEUING")) or \
+            store.update("jobs", job_id, {"status": "CANCELING"}, when_status=("RUNNING",)):
+        return jobs.job_view(store.get("jobs", job_id))
+    current = jobs.get_job(store, job_id)["status"]
+    if current in ("CANCELING", "CANCELED"):
+        return jobs.job_view(store.get("jobs", job_id))
+    raise ApiError(409, f"job {job['id']} is {current}; only PENDING, QUEUING or RUNNING jobs can be canceled")
+
+
+def _register_jobs(router: APIRouter, platform: Platform) -> None:
+    store, data_dir = platform.store, platform.data_dir
+
+    @router.post("/fine-tunes")
+    def create(req: jobs.FineTuneRequest):
+        return jobs.job_view(jobs.create_job(store, platform.bases, data_dir, req))
+
+    @router.get("/fine-tunes")
+    def list_jobs(status: Optional[str] = Query(None, pattern="^(" + "|".join(jobs.ACTIVE + jobs.FINISHED) + ")$")):
+        rows = store.rows("jobs", status=status) if status else store.rows("jobs")
+        return listing([jobs.job_view(j) for j in rows])
+
+    @router.get("/fine-tunes/{job_id}")
+    def get(job_id: str):
+        return jobs.job_view(jobs.get_job(store, job_id), detail=True)
+
+    @router.post("/fine-tunes/{job_id}/cancel")
+    def cancel(job_id: str):
+        return _cancel(platform, job_id)
+
+    @router.delete("/fine-tunes/{job_id}")
+    def delete(job_id: str):
+        jobs.delete_job(store, data_dir, jobs.get_job(store, job_id))
+        return {"id": job_id, "deleted": True}
+
+    @router.get("/fine-tunes/{job_id}/logs")
+    def logs(job_id: str, offset: int = Query(0, ge=0), line: int = Query(1000, ge=1, le=10000)):
+        return jobs.read_logs(data_dir, jobs.get_job(store, job_id), offset, line)
+
+    @router.get("/fine-tunes/{job_id}/checkpoints")
+    def checkpoints(job_id: str):
+        return listing(jobs.checkpoints(store, jobs.get_job(store, job_id)))
+
+    @router.post("/fine-tunes/{job_id}/checkpoints/{checkpoint}/publish")
+    def publish_checkpoint(job_id: str, checkpoint: str):
+        return publish(store, data_dir, jobs.get_job(store, job_id), checkpoint)
+
+
+def _register_models(router: APIRouter, platform: Platform) -> None:
+    store = platform.store
+
+    def base_card(name: str) -> dict[str, Any]:
+        return {"name": name, "base_model": name, "method": None, "job_id": None, "checkpoint": None,
+                "created_at": 0}
+
+    @router.get("/models")
+    def list_models():
+        return listing([base_card(n) for n in platform.bases] + store.rows("models"))
+
+    @router.get("/models/{name}")
+    def get_model(name: str):
+        if name in platform.bases:
+            return base_card(name)
+        return _found(store.get("models", name), not_found("model", name))
+
+    @router.post("/deployments")
+    def deploy(req: DeploymentRequest):
+        return platform.deploy(req.model, req.name)
+
+    @router.get("/deployments")
+    def list_deployments():
+        return listing(store.rows("deployments"))
+
+    @router.get("/deployments/{name}")
+    def get_deployment(name: str):
+        return _found(store.get("deployments", name), not_found("deployment", name))
+
+    @router.delete("/deployments/{name}")
+    def undeploy(name: str):
+        platform.undeploy(name)
+        return {"name": name, "deleted": True}
+
+
+def management_router(platform: Platform) -> APIRouter:
+    router = APIRouter(prefix="/api/v1")
+    for register in (_register_files, _register_jobs, _register_models):
+        register(router, platform)
+    return router

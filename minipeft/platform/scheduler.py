@@ -1,0 +1,159 @@
+"""The job queue: one thread in the server that trains one job at a time, each in its own process.
+
+Every POLL seconds: PENDING jobs get their data copied into their directory and become QUEUING;
+when no worker runs, the oldest QUEUING job becomes RUNNING and `python -m
+minipeft.platform.worker JOB_DIR` starts, its stdout and stderr appended to the job's logs.txt.
+A separate process keeps the API responsive (training holds the GIL and the cores) and lets a
+cancel end the work at once (SIGTERM; checkpoints are written atomically, so none is torn).
+
+Restarts: the job table is the queue, so PENDING and QUEUING jobs simply wait again; a job that
+was RUNNING is re-queued and its worker resumes from the newest checkpoint (run_job with
+resume=True, the trainer's exact resume); a CANCELING one is CANCELED. The scheduler alone moves
+jobs from QUEUING on; request threads only cancel, with conditional updates (store.update).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from ..train_state import latest_checkpoint
+from .jobs import job_dir, prepare_job
+from .models import publish
+from .store import Store
+
+POLL = 0.2
+TERMINATE_GRACE = 5.0
+
+
+def note(data_dir: Path, job: dict[str, Any], text: str) -> None:
+    """Append a platform line to the job's log, where the worker's own output goes too."""
+    path = job_dir(data_dir, job) / "logs.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"[platform {time.strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
+
+
+class Scheduler:
+    def __init__(self, store: Store, data_dir: Path, threads: Optional[int] = None):
+        self.store, self.data_dir, self.threads = store, data_dir, threads
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._proc: Optional[subprocess.Popen] = None
+        self._job_id: Optional[str] = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="minipeft-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the queue; a running job goes back to QUEUING, to resume at the next start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._proc is not None:
+            job = self.store.get("jobs", self._job_id)
+            self._end_worker()
+            self._requeue(job, "the server stopped")
+
+    def _recover(self) -> None:
+        for job in self.store.rows("jobs", status="RUNNING"):
+            self._requeue(job, "the server stopped while this job ran")
+        for job in self.store.rows("jobs", status="CANCELING"):
+            self.store.update("jobs", job["id"], {"status": "CANCELED", "finished_at": int(time.time())})
+
+    def _requeue(self, job: dict[str, Any], why: str) -> None:
+        last = latest_checkpoint(Path(job["config"]["output_dir"]))
+        where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
+        if self.store.update("jobs", job["id"], {"status": "QUEUING", "resumes": job["resumes"] + 1},
+                             when_status=("RUNNING",)):
+            note(self.data_dir, job, f"{why}; re-queued, it will resume {where}")
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(POLL):
+            try:
+                self._tick()
+            except Exception:  # a bug here must not stop the queue: log it and go on
+                traceback.print_exc()
+
+    def _tick(self) -> None:
+        for job in self.store.rows("jobs", status="PENDING"):
+            self._prepare(job)
+        if self._proc is None:
+            queued = self.store.rows("jobs", status="QUEUING")
+            if queued:
+                self._launch(queued[0])
+            return
+        job = self.store.get("jobs", self._job_id)
+        if job["status"] == "CANCELING":
+            self._end_worker()
+            self.store.update("jobs", job["id"], {"status": "CANCELED", "finished_at": int(time.time())})
+            note(self.data_dir, job, "canceled")
+        elif self._proc.poll() is not None:
+            returncode, self._proc, self._job_id = self._proc.returncode, None, None
+            self._finish(job, returncode)
+
+    def _prepare(self, job: dict[str, Any]) -> None:
+        try:
+            prepare_job(self.store, self.data_dir, job)
+        except (ValueError, OSError) as e:
+            self._fail(job, f"preparing the job's data failed: {e}", when=("PENDING",))
+            return
+        if self.store.update("jobs", job["id"], {"status": "QUEUING"}, when_status=("PENDING",)):
+            note(self.data_dir, job, f"queued ({job['training_type']} of {job['model']})")
+
+    def _launch(self, job: dict[str, Any]) -> None:
+        started = job["started_at"] or int(time.time())
+        if not self.store.update("jobs", job["id"], {"status": "RUNNING", "started_at": started},
+                                 when_status=("QUEUING",)):
+            return  # canceled in between
+        folder = job_dir(self.data_dir, job)
+        note(self.data_dir, job, "starting the training worker")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.threads:  # read by torch when the worker starts
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        with open(folder / "logs.txt", "ab") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "minipeft.platform.worker", str(folder)],
+                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=env, start_new_session=True)
+        self._job_id = job["id"]
+
+    def _end_worker(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(TERMINATE_GRACE)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = self._job_id = None
+
+    def _finish(self, job: dict[str, Any], returncode: int) -> None:
+        try:
+            result = json.loads((job_dir(self.data_dir, job) / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none: the worker was killed (by the OS, say) before its end
+            result = {}
+        if returncode != 0 or "error" in result or not result:
+            self._fail(job, result.get("error") or f"the training worker exited with status {returncode}")
+            return
+        try:
+            model = publish(self.store, self.data_dir, job)
+        except Exception as e:  # a full disk, say: the job failed, the server goes on
+            self._fail(job, f"publishing the fine-tuned model failed: {e}")
+            return
+        self.store.update("jobs", job["id"], {"status": "SUCCEEDED", "fine_tuned_model": model["name"],
+                                              "finished_at": int(time.time())}, when_status=("RUNNING",))
+        note(self.data_dir, job, f"succeeded: fine-tuned model {model['name']}")
+
+    def _fail(self, job: dict[str, Any], error: str, when: tuple[str, ...] = ("RUNNING",)) -> None:
+        if self.store.update("jobs", job["id"], {"status": "FAILED", "error": error,
+                                                 "finished_at": int(time.time())}, when_status=when):
+            note(self.data_dir, job, f"failed: {error}")

@@ -1,0 +1,88 @@
+"""The serving loop (minipeft.platform.inference) against minipeft.generation.generate, in process:
+for every adapter kind a deployment can hold, the streamed token ids equal generate()'s, greedy and
+seeded sampling alike, also when requests for different adapters interleave step by step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft.adapter import AdapterConfig
+from minipeft.generation import generate
+from minipeft.lora import LoraConfig
+from minipeft.peft_model import PeftModel, get_peft_model
+from minipeft.platform.inference import ModelPool, Sampling, Target, stream_tokens
+from minipeft.prompt_learning import PrefixTuningConfig, PromptTuningConfig
+from minipeft.templates import get_template, save_template
+from test_tokenizer import train_tiny
+
+METHODS = {"lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+           "adapter": lambda: AdapterConfig(bottleneck_size=8),
+           "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=3),
+           "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3)}
+PROMPT = [1, 17, 42, 99, 7]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "base"
+    tok = train_tiny(folder)
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id,
+                            eos_token_id=tok.eos_id)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory):
+    """Each method's adapter with random weights (a fresh LoRA's B = 0 would change nothing)."""
+    out = {}
+    for i, (name, make) in enumerate(METHODS.items()):
+        torch.manual_seed(i)
+        model = get_peft_model(load_pretrained(base), make())
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+        out[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out[name])
+        save_template(out[name], get_template("plain"))
+    return out
+
+
+def expected(base, adapter_dir, sampling, stops):
+    model = PeftModel.from_pretrained(load_pretrained(base), adapter_dir).eval()
+    generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+    out = generate(model, torch.tensor([PROMPT]), sampling.max_tokens, temperature=sampling.temperature,
+                   top_p=sampling.top_p, eos_token_id=stops or None, generator=generator)[0, len(PROMPT):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in stops), None)
+    return out if cut is None else out[:cut]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(12), Sampling(12, temperature=0.9, top_p=0.8, seed=3)],
+                         ids=["greedy", "seeded-sampling"])
+def test_streamed_tokens_equal_generate_for_every_adapter_kind(base, adapters, sampling):
+    pool = ModelPool()
+    served = {name: pool.get(Target(name, base, folder)) for name, folder in adapters.items()}
+    stops = [served["lora"][0].tokenizer.eos_id]
+    streams = {name: stream_tokens(loaded, adapter, PROMPT, sampling, stops)
+               for name, (loaded, adapter, _) in served.items()}
+    got = {name: [] for name in streams}
+    for _ in range(sampling.max_tokens):  # round-robin: the requests interleave step by step
+        for name, stream in streams.items():
+            token = next(stream, None)
+            if token is not None:
+                got[name].append(token)
+    for name, folder in adapters.items():
+        assert got[name] == expected(base, folder, sampling, stops), name
+    if sampling.temperature == 0:  # the comparison above means something only if the adapters differ
+        assert len({tuple(tokens) for tokens in got.values()}) == len(got), "each adapter answers differently"
+
+
+def test_deployments_of_one_kind_share_the_loaded_base(base, adapters):
+    pool = ModelPool()
+    a, b = pool.get(Target("a", base, adapters["lora"])), pool.get(Target("b", base, adapters["lora"]))
+    assert a[0] is b[0] and pool.get(Target("c", base, adapters["prefix"]))[0] is not a[0]
+    pool.remove("a")
+    assert "a" not in b[0].model.peft_config and list(stream_tokens(b[0], "b", PROMPT, Sampling(2), []))
