@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .files import read_json
 from .model import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -28,13 +29,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def read_config(path: PathLike) -> ModelConfig:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file}: missing; a Hugging Face model directory needs config.json")
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    hf = read_json(Path(path) / "config.json", "a Hugging Face model directory needs config.json")
     return ModelConfig.from_hf_config(hf)
 
 

@@ -21,7 +21,7 @@ from .checkpoint import load_pretrained
 from .data import load_jsonl
 from .evaluate import evaluate, write_report
 from .job import REPO, DEFAULT_MODEL, run_job
-from .peft_config import write_atomic
+from .files import write_atomic
 from .peft_model import PeftModel
 from .templates import get_template
 from .tokenizer import load_tokenizer

@@ -51,7 +51,7 @@ from .batching import collate, pad_rows
 from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
-from .peft_config import write_atomic
+from .files import write_atomic
 from .templates import ChatTemplate, Rendered
 from .tokenizer import Tokenizer
 

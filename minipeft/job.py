@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import load_pretrained
 from .data import load_jsonl, split_examples
 from .model import Transformer
-from .peft_config import write_atomic
+from .files import write_atomic
 from .peft_model import PeftModel, count_parameters, full_finetune, get_peft_model
 from .plots import plot_curves
 from .templates import ChatTemplate, TooLongError, get_template, save_template

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
+
+from .files import read_json, write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 _REGISTRY: dict[str, type["PeftConfig"]] = {}
@@ -76,23 +77,4 @@ class PeftConfig:
     @staticmethod
     def load(directory: Union[str, os.PathLike]) -> "PeftConfig":
         path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; an adapter directory needs {CONFIG_NAME}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        return PeftConfig.from_dict(d, where=str(path))
-
-
-def write_atomic(path: Path, data: Union[str, bytes]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        return PeftConfig.from_dict(read_json(path, f"an adapter directory needs {CONFIG_NAME}"), where=str(path))

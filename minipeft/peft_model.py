@@ -24,7 +24,8 @@ from .checkpoint import check_state_dict
 from .linear4bit import Linear4bit
 from .lora import LoraConfig, LoraLinear
 from .model import Transformer
-from .peft_config import PeftConfig, write_atomic
+from .files import write_atomic
+from .peft_config import PeftConfig
 from .prompt_learning import PrefixEncoder, PromptEmbedding
 from .targets import find_targets, set_submodule
 from .tuner_layer import ModulesToSave, TunerLayer

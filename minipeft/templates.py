@@ -42,14 +42,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 from .batching import IGNORE_INDEX
-from .tokenizer import Tokenizer, _json_bytes, _write_atomic
+from .files import json_bytes, read_json, write_atomic
+from .tokenizer import Tokenizer
 
 MODES = ("assistant", "last", "all")
 TRUNCATIONS = ("drop", "right")
@@ -257,17 +257,14 @@ def save_template(directory: Union[str, os.PathLike], template: ChatTemplate) ->
     """Write directory/chat_template.json (atomically)."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / TEMPLATE_FILE, _json_bytes(template.to_dict()))
+    write_atomic(path / TEMPLATE_FILE, json_bytes(template.to_dict()))
 
 
 def load_template(directory: Union[str, os.PathLike]) -> ChatTemplate:
     """Read directory/chat_template.json; errors name the file."""
     file = Path(directory) / TEMPLATE_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing; save_template writes it beside the adapter")
+    d = read_json(file, "save_template writes it beside the adapter")
     try:
-        return from_dict(json.loads(file.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return from_dict(d)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None

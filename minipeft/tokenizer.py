@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -39,6 +38,7 @@ import sentencepiece as spm
 import torch
 
 from .batching import pad_rows
+from .files import json_bytes, write_atomic
 
 PathLike = Union[str, os.PathLike]
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -177,24 +177,9 @@ class Tokenizer:
         config = {"tokenizer_class": "LlamaTokenizer", **names, "additional_special_tokens": special,
                   "add_bos_token": self.bos_id is not None, "add_eos_token": False,
                   "clean_up_tokenization_spaces": False}
-        _write_atomic(path / "tokenizer.model", self._proto)
-        _write_atomic(path / "tokenizer_config.json", _json_bytes(config))
-        _write_atomic(path / "special_tokens_map.json", _json_bytes({**names, "additional_special_tokens": special}))
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        write_atomic(path / "tokenizer.model", self._proto)
+        write_atomic(path / "tokenizer_config.json", json_bytes(config))
+        write_atomic(path / "special_tokens_map.json", json_bytes({**names, "additional_special_tokens": special}))
 
 
 # --- loading from a checkpoint directory ---------------------------------------------------

@@ -8,10 +8,11 @@ out-of-range value is an error that names the key, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from .files import read_json
 
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -107,16 +108,12 @@ class TrainConfig:
     def load(cls, path: Union[str, Path]) -> "TrainConfig":
         """Read a JSON or YAML job file."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml  # optional: only YAML job files need it
 
-            d = yaml.safe_load(text)
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
         else:
-            try:
-                d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            d = read_json(path, "the job file")
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
         return cls.from_dict(d, where=str(path))

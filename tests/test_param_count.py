@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from minipeft.param_count import count_method, frozen_weight_bytes
 from minipeft.peft_model import format_trainable

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from .. import files
 from .problems import Problem, UsageError
 
 BOM = b"\xef\xbb\xbf"
@@ -127,22 +127,11 @@ def json_type(value: Any) -> str:
 
 
 def write_atomic(path: PathLike, chunks: Iterable[bytes]) -> None:
-    """Write `chunks` to `path` via a temporary file in the same directory and os.replace, so a
-    reader never sees half a file and a crash leaves the old file (or none) in place."""
-    path = Path(path)
+    """minipeft.files.write_atomic, with an unwritable place reported as a usage error (one line, no traceback)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        files.write_atomic(path, chunks)
     except OSError as e:
         raise UsageError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def dumps_line(record: Any) -> bytes:

@@ -31,7 +31,7 @@ from ..checkpoint import load_pretrained
 from ..data import load_jsonl, split_examples
 from ..evaluate import evaluate, write_report
 from ..job import load_base, run_job
-from ..peft_config import write_atomic
+from ..files import write_atomic
 from ..peft_model import PeftModel
 from ..templates import load_template
 from ..tokenizer import load_tokenizer

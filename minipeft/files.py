@@ -1,0 +1,53 @@
+"""The two file rules every writer and reader here follows.
+
+- Writes are atomic: data goes to a temporary file beside the target, then `os.replace` renames it
+  into place, so a reader or a crash never sees half a file; the old file stays until then.
+- JSON reads fail with the file, line and column, and a missing file says what it was needed for.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+PathLike = Union[str, os.PathLike]
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_atomic(path: PathLike, data: Union[str, bytes, Iterable[bytes]]) -> None:
+    """Write `data` (text as UTF-8, bytes, or byte chunks streamed) to `path` atomically.
+
+    The file gets the permissions a plain open() would give (0666 less the umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
+            for chunk in chunks:
+                f.write(chunk)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Indented UTF-8 JSON with a final newline: the format of every JSON file written here."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_json(path: PathLike, needed_for: str) -> Any:
+    """Parse a JSON file; errors name the file (and line and column), and what needed it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {needed_for}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
