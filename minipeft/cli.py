@@ -17,6 +17,7 @@ COMMANDS = [
     "minipeft.demo",
     "minipeft.eval_cli",
     "minipeft.datasets",
+    "minipeft.platform.cli",
 ]
 
 
