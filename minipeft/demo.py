@@ -32,7 +32,7 @@ TASKS_FILE = REPO / "datasets" / "tasks.json"
 # capacity to learn a strict output format in a few hundred steps; all seven projections at
 # r=8 are still ~1% of the model (the outline's ~0.1% is for 7B models, where d=4096).
 DEMO_JOB = dict(template="plain", method="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.1,
-                target_modules="all-linear", learning_rate=2e-3, n_epochs=2, batch_size=16, warmup_ratio=0.1,
+                target_modules="all-linear", learning_rate=2e-3, n_epochs=6, batch_size=16, warmup_ratio=0.1,
                 weight_decay=0.01, lr_scheduler_type="cosine", max_length=128, logging_steps=5,
                 save_strategy="epoch", save_total_limit=1, seed=0)
 

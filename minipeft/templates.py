@@ -40,6 +40,7 @@ use in chat_template.json beside an adapter.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 import os
@@ -104,17 +105,18 @@ def _bos_eos(tok: Tokenizer, template: str) -> tuple[int, int]:
     return tok.bos_id, tok.eos_id
 
 
-class ChatTemplate:
+class ChatTemplate(abc.ABC):
     """A conversation format. Subclasses are dataclasses: their fields are what to_dict saves."""
 
     name: ClassVar[str]
 
+    @abc.abstractmethod
     def segments(self, system: Optional[str], turns: list[Turn], tok: Tokenizer) -> list[Segment]:
-        raise NotImplementedError
+        """The conversation as (ids, is_reply) segments, concatenated by render."""
 
+    @abc.abstractmethod
     def stop_token_ids(self, tok: Tokenizer) -> list[int]:
         """Ids that end a reply, for generation: the end-of-turn token, then eos if different."""
-        raise NotImplementedError
 
     def render(self, messages: Sequence[Message], tokenizer: Tokenizer, mode: str = "assistant",
                max_length: Optional[int] = None, truncation: str = "drop") -> Rendered:

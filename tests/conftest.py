@@ -1,10 +1,14 @@
 """Shared fixtures: tiny configs and the bridge to `transformers` (a test-only reference)."""
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 import torch
 
 from minipeft import ModelConfig, Transformer
+from minipeft.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 # One tiny config per family the decoder claims: multi-head LLaMA, grouped-query LLaMA,
 # Mistral (with a sliding window shorter than the test sequences, so the window matters),
@@ -50,3 +54,50 @@ def to_hf(model: Transformer):
 @pytest.fixture(params=sorted(TINY))
 def family(request) -> str:
     return request.param
+
+
+# --- a tiny sentencepiece tokenizer and a tiny model directory, for tests that need real text ---
+WORDS = ("the quick brown fox jumps over a lazy dog hello world what is why how answer question user "
+         "assistant system you are helpful please tell me about "
+         "你好 世界 中文 测试 模型 微调 数据").split()
+VOCAB = 384  # 4 control + 2 chat tokens + 256 bytes + ~60 characters + learned pieces
+
+
+def write_corpus(path: Path, seed: int = 0, lines: int = 400) -> Path:
+    """Sentences of WORDS plus the template scaffolding ([INST], User:, ...), one a line."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ren", "tu", "shi", "van", "or", "el", "qua", "zo", "ing"]
+    made_up = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(150)]
+    extra = ["[INST]", "[/INST]", "<<SYS>>", "User:", "Assistant:", "###", "1234", "3.14,", "!?"] + made_up
+    text = "\n".join(" ".join(rng.choice(WORDS + extra) for _ in range(rng.randint(3, 14))) for _ in range(lines))
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def train_tiny(directory: Path, **kwargs) -> Tokenizer:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(directory.parent / f"{directory.name}.txt")
+    return train_tokenizer([corpus], directory, kwargs.pop("vocab_size", VOCAB), **kwargs)
+
+
+def save_tiny_base(folder: Path, **overrides) -> Path:
+    """A Hugging Face directory with a tiny tokenizer and a tiny random LLaMA of matching vocabulary."""
+    tok = train_tiny(folder)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+               tie_word_embeddings=True)
+    Transformer(ModelConfig(**{**cfg, **overrides})).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tiny(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir) -> Tokenizer:
+    return load_tokenizer(tok_dir)

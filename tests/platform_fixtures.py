@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
-from minipeft import ModelConfig, Transformer
 from minipeft.job import DEFAULT_MODEL
 from platform_server import Server
-from test_tokenizer import train_tiny
+from conftest import save_tiny_base
 
 WORDS = "apple river stone cloud light tiger paper green music window".split()
 # A few optimizer steps with a learning rate high enough that the adapter changes greedy replies.
@@ -29,21 +27,12 @@ def _once(name: str, make: Callable[[], Any]) -> Any:
     return _CACHE[name]
 
 
-def _tiny_base(folder: Path) -> Path:
-    tok = train_tiny(folder)
-    torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id, tie_word_embeddings=True)).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
     """The shipped base model when it exists, else a tiny random one."""
     if (DEFAULT_MODEL / "config.json").is_file():
         return DEFAULT_MODEL
-    return _once("base", lambda: _tiny_base(tmp_path_factory.mktemp("base") / "model"))
+    return _once("base", lambda: save_tiny_base(tmp_path_factory.mktemp("base") / "model"))
 
 
 @pytest.fixture(scope="session")

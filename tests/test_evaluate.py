@@ -30,8 +30,7 @@ from minipeft.lora import LoraConfig
 from minipeft.metrics import corpus_bleu, exact_match_accuracy, rouge
 from minipeft.peft_model import PeftModel, get_peft_model
 from minipeft.templates import ChatML, get_template, save_template
-from minipeft.tokenizer import Tokenizer, load_tokenizer
-from test_tokenizer import train_tiny
+from minipeft.tokenizer import Tokenizer
 
 # Replies of different lengths (so batches are left-padded), one system turn and one two-turn
 # conversation (the prompt then holds a whole earlier exchange).
@@ -62,18 +61,6 @@ def write_jsonl(path: Path, replies=None, conversations=CONVERSATIONS) -> Path:
 def one_turn(replies):
     return [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": r}]
             for i, r in enumerate(replies)]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("eval") / "tokenizer"
-    train_tiny(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:

@@ -6,26 +6,20 @@ import sys
 import pytest
 import torch
 
-from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft import load_pretrained
 from minipeft.job import load_trained, run_job
 from minipeft.lora import LoraLinear
 from minipeft.peft_model import PeftModel
 from minipeft.train_cli import merge_checked
 from minipeft.train_config import TrainConfig
-from test_tokenizer import train_tiny
+from conftest import save_tiny_base
 
 WORDS = "apple river stone cloud light tiger paper green music window".split()
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base") / "model"
-    tok = train_tiny(d)
-    torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id, tie_word_embeddings=True)).save_pretrained(d)
-    return d
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft import load_pretrained
 from minipeft.adapter import AdapterConfig
 from minipeft.generation import generate
 from minipeft.lora import LoraConfig
@@ -14,7 +14,7 @@ from minipeft.peft_model import PeftModel, get_peft_model
 from minipeft.platform.inference import ModelPool, Sampling, Target, stream_tokens
 from minipeft.prompt_learning import PrefixTuningConfig, PromptTuningConfig
 from minipeft.templates import get_template, save_template
-from test_tokenizer import train_tiny
+from conftest import save_tiny_base
 
 METHODS = {"lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
            "adapter": lambda: AdapterConfig(bottleneck_size=8),
@@ -25,13 +25,8 @@ PROMPT = [1, 17, 42, 99, 7]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve") / "base"
-    tok = train_tiny(folder)
-    torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id)).save_pretrained(folder)
-    return folder
+    return save_tiny_base(tmp_path_factory.mktemp("serve") / "base", hidden_size=48, intermediate_size=96,
+                          tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

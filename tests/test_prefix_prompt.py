@@ -246,7 +246,7 @@ def test_bf16_model_keeps_float32_prompt_parameters():
 
 
 def test_prompt_tuning_inits_match_peft(tmp_path):
-    from test_tokenizer import train_tiny
+    from conftest import train_tiny
 
     tok_dir = tmp_path / "tok"
     train_tiny(tok_dir)  # 384 pieces: the model needs as many embeddings

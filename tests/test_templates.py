@@ -9,8 +9,7 @@ import sentencepiece as spm
 
 from minipeft.templates import (IGNORE_INDEX, TEMPLATES, ChatML, TooLongError, from_dict, get_template,
                                 load_template, save_template)
-from minipeft.tokenizer import load_tokenizer
-from test_tokenizer import train_tiny
+from conftest import train_tiny
 
 # Qwen2-Instruct's tokenizer_config.json chat_template (Qwen2.5 differs only in its default system).
 QWEN2_JINJA = (
@@ -35,18 +34,6 @@ CONVERSATIONS = {
     ],
     "empty system": [{"role": "system", "content": ""}] + ONE_TURN,
 }
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tpl") / "tokenizer"
-    train_tiny(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 @pytest.fixture(scope="module")

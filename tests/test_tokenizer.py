@@ -5,49 +5,14 @@ Token ids are integers: every comparison is exact.
 """
 import argparse
 import json
-import random
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
 
-from minipeft.tokenizer import Tokenizer, load_tokenizer, register, train_tokenizer
-
-WORDS = ("the quick brown fox jumps over a lazy dog hello world what is why how answer question user "
-         "assistant system you are helpful please tell me about "
-         "你好 世界 中文 测试 模型 微调 数据").split()
-VOCAB = 384  # 4 control + 2 chat tokens + 256 bytes + ~60 characters + learned pieces
-
-
-def write_corpus(path: Path, seed: int = 0, lines: int = 400) -> Path:
-    """Sentences of WORDS plus the template scaffolding ([INST], User:, ...), one a line."""
-    rng = random.Random(seed)
-    syllables = ["ka", "lo", "mi", "ren", "tu", "shi", "van", "or", "el", "qua", "zo", "ing"]
-    made_up = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(150)]
-    extra = ["[INST]", "[/INST]", "<<SYS>>", "User:", "Assistant:", "###", "1234", "3.14,", "!?"] + made_up
-    text = "\n".join(" ".join(rng.choice(WORDS + extra) for _ in range(rng.randint(3, 14))) for _ in range(lines))
-    path.write_text(text + "\n", encoding="utf-8")
-    return path
-
-
-def train_tiny(directory: Path, **kwargs) -> Tokenizer:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    corpus = write_corpus(directory.parent / f"{directory.name}.txt")
-    return train_tokenizer([corpus], directory, kwargs.pop("vocab_size", VOCAB), **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_tiny(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir) -> Tokenizer:
-    return load_tokenizer(tok_dir)
-
+from minipeft.tokenizer import load_tokenizer, register, train_tokenizer
+from conftest import VOCAB, train_tiny, write_corpus
 
 @pytest.fixture(scope="module")
 def sp(tok_dir) -> spm.SentencePieceProcessor:
