@@ -16,6 +16,7 @@ COMMANDS = [
     "minipeft.param_count",
     "minipeft.demo",
     "minipeft.eval_cli",
+    "minipeft.pretrain",
     "minipeft.datasets",
     "minipeft.platform.cli",
 ]

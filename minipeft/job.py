@@ -107,8 +107,8 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     """Run the whole job; everything it writes lands in cfg.output_dir."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ValueError(f"{out} is not empty: pass --resume to continue that job, or choose another output_dir")
+    if (out / "job_config.json").exists() and not resume:
+        raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
     base, tok = load_base(cfg)
     template = get_template(cfg.template)
     train = load_jsonl(cfg.train_file)

@@ -46,7 +46,7 @@ def test_lora_job_writes_a_complete_job_directory(base_dir, data_file, tmp_path)
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert job.result.steps == 7  # ceil(54 / 8): 60 examples less the 10% test split, batch 8
     assert 0 < job.trainable < job.total
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="already holds a job"):
         run_job(job_config(base_dir, data_file, out))
 
 

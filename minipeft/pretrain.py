@@ -1,0 +1,444 @@
+"""Pretraining a small base model from scratch: HTML pages -> text -> tokens -> windows -> Trainer.
+
+1. Corpus. `html_to_text` keeps what a reader of a page reads: paragraphs, headings, list items,
+   table cells and code blocks (<pre>, whitespace kept verbatim); it drops <head>, scripts,
+   styles, navigation (<nav>, role="navigation"/"search"/...), forms, permalink anchors and
+   Sphinx table-of-contents trees, and, when the page marks its main content (<main> or
+   role="main"), everything outside it. Blocks are joined by a blank line. `build_corpus` reads
+   every *.html under a directory in sorted path order, so the same pages give the same corpus.
+   A corpus file is UTF-8 text, documents separated by a line holding only a form feed (\\f, the
+   ASCII page break); it is also a valid tokenizer training file (blank lines are skipped).
+2. Split. Whole documents are held out (a seeded draw until `eval_fraction` of the characters),
+   so held-out windows come from pages the model never trained on. The tokenizer trains on the
+   training documents only.
+3. Windows. Each document encodes as <s> ids </s>; the documents' ids are concatenated into one
+   stream, cut into non-overlapping windows of `context_length` tokens (the tail shorter than a
+   window is dropped). A window may span a document boundary, as in GPT-2's packing: </s> <s>
+   tells the model that a new text begins. Labels equal input_ids; the Trainer shifts them, so
+   a window of L tokens trains L - 1 next-token predictions.
+4. Training. `minipeft.trainer.Trainer` with method "full" (every weight trains), AdamW, cosine
+   schedule. The Trainer counts epochs over its example list; pretraining counts optimizer steps,
+   so the list given to it holds exactly steps x batch_size windows: consecutive seeded
+   permutations of all training windows (one permutation is one epoch), run as one "epoch".
+   `--max-minutes` times a few steps first and picks the step count that fits. Windows are never
+   padded, so the model runs without an attention mask (`Unpadded`: SDPA's causal kernel).
+
+Tests: tests/test_pretrain.py (extraction, windows, split, a tiny run, the shipped model's parity
+with transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from fnmatch import fnmatch
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .files import json_bytes, write_atomic
+from .model import Transformer
+from .peft_model import full_finetune
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .train_config import TrainConfig
+from .trainer import Trainer
+
+PathLike = Union[str, os.PathLike]
+DOC_SEPARATOR = "\n\f\n"
+# Sphinx's generated pages: the general index, module index and search page are lists of names.
+DEFAULT_EXCLUDE = ("genindex*.html", "py-modindex.html", "search.html")
+
+SKIP_TAGS = frozenset({"head", "script", "style", "noscript", "template", "nav", "header", "footer", "aside",
+                       "form", "button", "select", "textarea", "svg", "iframe"})
+SKIP_ROLES = frozenset({"navigation", "search", "banner", "contentinfo"})
+SKIP_CLASSES = frozenset({"headerlink", "toctree-wrapper"})  # the "¶" permalinks; Sphinx's link lists
+BLOCK_TAGS = frozenset({"address", "article", "blockquote", "br", "caption", "dd", "div", "dl", "dt", "figcaption",
+                        "figure", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li", "main", "ol", "p", "pre",
+                        "section", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "ul"})
+VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+                       "track", "wbr"})
+
+
+# --- 1. corpus --------------------------------------------------------------------------------
+class _TextExtractor(HTMLParser):
+    """Collects text blocks as (block, inside the main region). Browsers forgive unclosed tags
+    (<p>, <li>), so an end tag closes the nearest open element of its name and everything above."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[tuple[str, bool, bool]] = []  # (tag, skipped, main)
+        self.skip = self.main = self.pre = 0  # how many open elements are skipped / main / <pre>
+        self.parts: list[str] = []
+        self.blocks: list[tuple[str, bool]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, Optional[str]]]) -> None:
+        a = dict(attrs)
+        if tag in BLOCK_TAGS:
+            self._flush()
+        if tag in VOID_TAGS:
+            return
+        skipped = (tag in SKIP_TAGS or a.get("role") in SKIP_ROLES
+                   or bool(SKIP_CLASSES & set((a.get("class") or "").split())))
+        main = tag == "main" or a.get("role") == "main"
+        self.stack.append((tag, skipped, main))
+        self.skip, self.main, self.pre = self.skip + skipped, self.main + main, self.pre + (tag == "pre")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in (t for t, _, _ in self.stack):
+            return
+        while self.stack:
+            open_tag, skipped, main = self.stack.pop()
+            if open_tag in BLOCK_TAGS:
+                self._flush()
+            self.skip, self.main, self.pre = self.skip - skipped, self.main - main, self.pre - (open_tag == "pre")
+            if open_tag == tag:
+                return
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data)
+
+    def _flush(self) -> None:
+        text = "".join(self.parts)
+        self.parts = []
+        if self.pre:  # code: keep every line's indentation, drop blank lines at either end
+            text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")).strip("\n")
+        else:
+            text = " ".join(text.split())
+        if text.strip():
+            self.blocks.append((text, self.main > 0))
+
+
+def html_to_text(html: str) -> str:
+    """The readable text of one HTML page: its blocks (see the module docstring), joined by "\\n\\n"."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    parser._flush()
+    blocks = parser.blocks
+    if any(in_main for _, in_main in blocks):
+        blocks = [b for b in blocks if b[1]]
+    return "\n\n".join(text for text, _ in blocks).replace("\f", "")
+
+
+def build_corpus(html_dir: PathLike, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """One document per *.html file under html_dir (recursively, sorted by relative path), pages
+    whose file name matches an `exclude` glob and pages without text left out."""
+    root = Path(html_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory; expected a folder of HTML pages")
+    files = sorted(p for p in root.rglob("*.html")
+                   if p.is_file() and not any(fnmatch(p.name, pattern) for pattern in exclude))
+    docs = []
+    for f in files:
+        try:
+            text = html_to_text(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if text:
+            docs.append(text)
+    if not docs:
+        raise ValueError(f"{root}: no *.html page with text (excluding {list(exclude)})")
+    return docs
+
+
+def write_corpus(docs: Sequence[str], path: PathLike) -> None:
+    """Write documents to a corpus file (atomically)."""
+    write_atomic(Path(path), (DOC_SEPARATOR.join(docs) + "\n").encode("utf-8"))
+
+
+def read_corpus(path: PathLike) -> list[str]:
+    """Documents of a corpus file; a file without form feeds is one document."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected a UTF-8 corpus file (documents separated by \\f lines)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    docs = [d.strip("\n") for d in text.replace("\r\n", "\n").split("\f")]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"{path}: the corpus holds no text")
+    return docs
+
+
+# --- 2, 3. split and windows ------------------------------------------------------------------
+def split_documents(docs: Sequence[str], eval_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out): documents drawn in a seeded order into held-out until they hold at least
+    eval_fraction of all characters; both keep the corpus order. eval_fraction 0: no held-out."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    target, held, chars = eval_fraction * sum(map(len, docs)), set(), 0
+    for i in order:
+        if chars >= target:
+            break
+        held.add(i)
+        chars += len(docs[i])
+    if len(held) == len(docs):
+        raise ValueError(f"eval_fraction={eval_fraction} holds out all {len(docs)} documents; "
+                         "lower it or give more documents")
+    return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
+
+
+def token_stream(docs: Sequence[str], tok: Tokenizer) -> list[int]:
+    """<s> doc_0 </s> <s> doc_1 </s> ... as one list of ids."""
+    return [i for doc in docs for i in tok.encode(doc, bos=True, eos=True)]
+
+
+def make_windows(stream: Sequence[int], length: int) -> list[list[int]]:
+    """Non-overlapping windows stream[k L : (k + 1) L]; the tail shorter than L is dropped."""
+    if length < 2:
+        raise ValueError(f"context_length must be >= 2 (one input and one target), got {length}")
+    return [list(stream[i:i + length]) for i in range(0, len(stream) - length + 1, length)]
+
+
+def schedule_windows(windows: Sequence[list[int]], n: int, seed: int = 0) -> list[list[int]]:
+    """n windows: consecutive seeded permutations of `windows` (a permutation is one epoch)."""
+    g, out = random.Random(seed), []
+    while len(out) < n:
+        epoch = list(windows)
+        g.shuffle(epoch)
+        out += epoch[:n - len(out)]
+    return out
+
+
+def spread(windows: Sequence[list[int]], k: int) -> list[list[int]]:
+    """At most k windows evenly spaced over the list (a held-out sample that covers every document)."""
+    if k <= 0 or len(windows) <= k:
+        return list(windows)
+    return [windows[i * len(windows) // k] for i in range(k)]
+
+
+# --- 4. training ------------------------------------------------------------------------------
+@dataclass
+class PretrainConfig:
+    # --- model (LLaMA architecture, tied embeddings) ---
+    vocab_size: int = 4096  # SentencePiece BPE pieces, chat tokens and 256 bytes included
+    hidden_size: int = 256
+    intermediate_size: int = 0  # 0: 2.75 x hidden_size (LLaMA's 8/3 x, rounded to a multiple of 32)
+    num_hidden_layers: int = 5
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4  # grouped-query attention: 2 query heads share one k/v head
+    max_position_embeddings: int = 512  # what the model advertises; it trains on context_length
+    # --- data ---
+    context_length: int = 256  # tokens per training window
+    eval_fraction: float = 0.02  # share of the corpus's characters held out (whole documents)
+    eval_windows: int = 32  # held-out windows scored at each evaluation (evenly spread)
+    # --- optimization ---
+    steps: int = 1000  # optimizer steps of batch_size windows
+    batch_size: int = 4  # 1,024 tokens a step: early in training, more steps beat bigger batches
+    learning_rate: float = 2e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    evaluations: int = 10  # held-out evaluations during training (plus one at the end)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.intermediate_size:
+            self.intermediate_size = 32 * math.ceil(2.75 * self.hidden_size / 32)
+
+    def model_config(self, tok: Tokenizer) -> ModelConfig:
+        return ModelConfig(vocab_size=tok.vocab_size, hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size,
+                           num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                           num_key_value_heads=self.num_key_value_heads, tie_word_embeddings=True,
+                           max_position_embeddings=self.max_position_embeddings, bos_token_id=tok.bos_id,
+                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+    def train_config(self, output_dir: PathLike) -> TrainConfig:
+        return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,
+                           warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                           lr_scheduler_type="cosine", max_grad_norm=1.0, seed=self.seed,
+                           logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
+                           # the result is saved once, in Hugging Face format: no resumable checkpoints
+                           save_strategy="steps", save_steps=self.steps + 1, output_dir=str(output_dir))
+
+
+class Unpadded(nn.Module):
+    """`model` fed without an attention mask. The Trainer passes collate's mask, which for
+    full-length windows is all ones: the logits are the same without it, but a mask turns off
+    SDPA's causal kernel (about 1.4x slower steps on CPU)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("Unpadded got a padded batch; pretraining windows are all full length")
+        return self.model(input_ids)
+
+
+def get_tokenizer(train_docs: Sequence[str], output: Path, vocab_size: int,
+                  tokenizer_dir: Optional[PathLike] = None) -> Tokenizer:
+    """The tokenizer in tokenizer_dir (copied into output), else one trained on train_docs."""
+    if tokenizer_dir is not None:
+        tok = load_tokenizer(tokenizer_dir)
+        tok.save_pretrained(output)
+        return tok
+    with tempfile.TemporaryDirectory() as d:
+        text = Path(d) / "train.txt"
+        write_corpus(train_docs, text)
+        return train_tokenizer([text], output, vocab_size)
+
+
+def seconds_per_step(model: Transformer, cfg: PretrainConfig, windows: Sequence[list[int]], pad_id: int,
+                     n: int = 3) -> float:
+    """Mean wall time of n optimizer steps on a copy of `model`, after one warm-up step."""
+    probe = Unpadded(copy.deepcopy(model))
+    data = [(w, w) for w in schedule_windows(windows, (n + 1) * cfg.batch_size, cfg.seed)]
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(replace(cfg, steps=n + 1).train_config(d), probe, data, (), pad_id)
+        batches = [list(range(k * cfg.batch_size, (k + 1) * cfg.batch_size)) for k in range(n + 1)]
+        trainer.train_step(batches[0])
+        t0 = time.perf_counter()
+        for b in batches[1:]:
+            trainer.train_step(b)
+    return (time.perf_counter() - t0) / n
+
+
+def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -> int:
+    """Steps that fit `minutes` with the evaluations; a forward pass over an eval batch is taken
+    as 1/3 of a training step (forward + backward ~ 3 forwards)."""
+    eval_seconds = (cfg.evaluations + 1) * math.ceil(cfg.eval_windows / cfg.batch_size) * step_seconds / 3
+    steps = int((60 * minutes - eval_seconds) / step_seconds)
+    if steps < 1:
+        raise ValueError(f"--max-minutes {minutes}: one step takes {step_seconds:.1f}s; no step fits")
+    return steps
+
+
+class Data(NamedTuple):
+    tok: Tokenizer
+    windows: list[list[int]]  # training windows
+    held_out: list[list[int]]  # the evaluation sample of held-out windows
+    train_documents: int
+    eval_documents: int
+
+
+def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
+            tokenizer_dir: Optional[PathLike] = None) -> Data:
+    """Split, tokenize (training a tokenizer into output unless one is given) and window `docs`."""
+    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
+    tok = get_tokenizer(train_docs, output, cfg.vocab_size, tokenizer_dir)
+    windows = make_windows(token_stream(train_docs, tok), cfg.context_length)
+    held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
+    if len(windows) < cfg.batch_size:
+        raise ValueError(f"the training documents make {len(windows)} windows of {cfg.context_length} tokens, "
+                         f"fewer than one batch ({cfg.batch_size}): give more text or shorten --context-length")
+    return Data(tok, windows, held_out, len(train_docs), len(eval_docs))
+
+
+def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs: Optional[float] = None,
+             max_minutes: Optional[float] = None, tokenizer_dir: Optional[PathLike] = None,
+             log=print) -> dict[str, Any]:
+    """Train a tokenizer (unless given) and a LLaMA model from scratch on `docs`; write a Hugging
+    Face directory (config.json, model.safetensors, tokenizer files, generation_config.json,
+    metrics.jsonl, pretrain_results.json) to `output`; return the results dict.
+
+    Training length: cfg.steps, or `epochs` passes over the training windows, or as many steps
+    as fit `max_minutes` (measured on a few steps first).
+    """
+    if epochs is not None and max_minutes is not None:
+        raise ValueError("give epochs or max_minutes, not both")
+    t_start, output = time.perf_counter(), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    data = prepare(docs, output, cfg, tokenizer_dir)
+    log(f"corpus: {data.train_documents} training documents -> {len(data.windows)} windows of "
+        f"{cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
+    torch.manual_seed(cfg.seed)
+    model = full_finetune(Transformer(cfg.model_config(data.tok)))
+    if epochs is not None:
+        cfg = replace(cfg, steps=max(1, math.ceil(epochs * len(data.windows) / cfg.batch_size)))
+    if max_minutes is not None:
+        step_s = seconds_per_step(model, cfg, data.windows, data.tok.pad_id)
+        cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
+        log(f"{step_s:.2f}s per step: {cfg.steps} steps fit {max_minutes} minutes")
+    train = [(w, w) for w in schedule_windows(data.windows, cfg.steps * cfg.batch_size, cfg.seed)]
+    result = Trainer(cfg.train_config(output), Unpadded(model), train, [(w, w) for w in data.held_out],
+                     data.tok.pad_id).train()
+    model.eval().save_pretrained(output)
+    write_atomic(output / "generation_config.json", json_bytes(
+        {"bos_token_id": data.tok.bos_id, "eos_token_id": data.tok.eos_id, "pad_token_id": data.tok.pad_id}))
+    results = {
+        "parameters": sum(p.numel() for p in model.parameters()), "steps": result.steps,
+        "tokens_seen": result.steps * cfg.batch_size * cfg.context_length,
+        "epochs": result.steps * cfg.batch_size / len(data.windows), "train_windows": len(data.windows),
+        "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
+        "train_documents": data.train_documents, "eval_documents": data.eval_documents,
+        "final_train_loss": result.train_loss, **result.eval, "train_seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
+        "config": asdict(cfg), "machine": machine(),
+    }
+    write_atomic(output / "pretrain_results.json", json_bytes(results))
+    return results
+
+
+def machine() -> dict[str, Any]:
+    """What the timings were measured on."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+# --- command line -----------------------------------------------------------------------------
+def _command(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)
+    if args.save_corpus:
+        write_corpus(docs, args.save_corpus)
+    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k) is not None}
+    results = pretrain(docs, args.output, PretrainConfig(**fields), epochs=args.epochs,
+                       max_minutes=args.max_minutes, tokenizer_dir=args.tokenizer)
+    results["wall_seconds"] = time.perf_counter() - t0  # the whole command: corpus extraction included
+    if sys.argv[1:2] == ["pretrain"]:  # run from a shell (not cli.main(argv) in a test): record how
+        results["command"] = shlex.join(["minipeft", *sys.argv[1:]])
+    write_atomic(Path(args.output) / "pretrain_results.json", json_bytes(results))
+    held_out = (f"held-out loss {results['eval_loss']:.4f} (perplexity {results['eval_perplexity']:.2f})"
+                if "eval_loss" in results else "no held-out split")
+    print(f"wrote {args.output}: {results['parameters']:,} parameters, {results['steps']} steps, "
+          f"{results['tokens_seen']:,} tokens seen, {held_out}, {results['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a small LLaMA model (and its tokenizer) from HTML pages or text")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--html-dir", metavar="DIR", help="folder of HTML pages (e.g. /usr/share/doc/python3.11/html)")
+    src.add_argument("--corpus", metavar="FILE", help="UTF-8 corpus file, documents separated by form-feed lines")
+    p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to write")
+    p.add_argument("--save-corpus", metavar="FILE", help="also write the extracted corpus here")
+    p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
+    d = PretrainConfig()
+    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
+            "evaluations", "seed")
+    for name in ints + ("eval_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
+        kind = int if name in ints else float
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
+                       help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"
+                       else f"default {getattr(d, name)}")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
+    length.add_argument("--epochs", type=float, metavar="E", help="passes over the training windows")
+    length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
+                        "that wait for each other at every op were 3-5x slower than one thread there")
+    p.set_defaults(func=_command)
