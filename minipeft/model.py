@@ -207,6 +207,8 @@ class Transformer(nn.Module):
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
             return self._run(x, position_ids, attention_mask, cache)
+        if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: SDPA's causal kernel, ~1.4x faster than a mask tensor
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)

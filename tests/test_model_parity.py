@@ -82,3 +82,18 @@ def test_gradient_checkpointing_gives_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=0)
+
+
+def test_all_ones_mask_takes_the_causal_kernel_with_equal_logits(family):
+    """An unpadded batch drops its mask (SDPA's causal kernel); the explicit 4-D mask gives the same."""
+    from minipeft.model import attention_mask_4d
+
+    model = tiny_model(family)
+    ids, _ = padded_batch()
+    ones = torch.ones_like(ids)
+    explicit = attention_mask_4d(ones, ids.shape[1], model.config.sliding_window)
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        # the same terms summed in another order: float32 rounding only
+        torch.testing.assert_close(model(ids, attention_mask=ones), model(ids, attention_mask=explicit,
+                                   position_ids=pos), atol=1e-5, rtol=0)

@@ -14,7 +14,7 @@ from minipeft import ModelConfig, Transformer, load_pretrained
 from minipeft import pretrain as pretrain_module
 from minipeft.cli import main
 from minipeft.metrics import causal_lm_loss
-from minipeft.pretrain import (PretrainConfig, Unpadded, build_corpus, html_to_text, make_windows, pretrain,
+from minipeft.pretrain import (PretrainConfig, build_corpus, html_to_text, make_windows, pretrain,
                                read_corpus, schedule_windows, split_documents, spread, steps_for_budget,
                                token_stream, write_corpus)
 from minipeft.tokenizer import load_tokenizer, train_tokenizer
@@ -182,20 +182,6 @@ def test_steps_for_budget_leaves_time_for_evaluation():
     assert steps_for_budget(cfg, 2.0, 10) == int((600 - 11 * 4 * 2 / 3) / 2)
     with pytest.raises(ValueError, match="no step fits"):
         steps_for_budget(cfg, 100.0, 1)
-
-
-def test_unpadded_equals_the_masked_forward():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)).eval()
-    ids = torch.randint(0, 97, (3, 11))
-    ones = torch.ones_like(ids)
-    # the causal kernel and the explicit mask sum the same terms in another order: float32 rounding only
-    torch.testing.assert_close(Unpadded(model)(ids, attention_mask=ones), model(ids, attention_mask=ones),
-                               atol=1e-5, rtol=0)
-    ones[0, 0] = 0
-    with pytest.raises(ValueError, match="padded batch"):
-        Unpadded(model)(ids, attention_mask=ones)
 
 
 # --- a tiny run end to end -------------------------------------------------------------------------
