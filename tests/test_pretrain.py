@@ -14,9 +14,9 @@ from minipeft import ModelConfig, Transformer, load_pretrained
 from minipeft import pretrain as pretrain_module
 from minipeft.cli import main
 from minipeft.metrics import causal_lm_loss
-from minipeft.pretrain import (PretrainConfig, build_corpus, html_to_text, make_windows, pretrain,
-                               read_corpus, schedule_windows, split_documents, spread, steps_for_budget,
-                               token_stream, write_corpus)
+from minipeft.corpus import build_corpus, html_to_text, read_corpus, write_corpus
+from minipeft.pretrain import (PretrainConfig, make_windows, pretrain, schedule_windows, split_documents, spread,
+                               steps_for_budget, token_stream)
 from minipeft.tokenizer import load_tokenizer, train_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "minillama-10m"
