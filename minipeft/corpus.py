@@ -1,13 +1,13 @@
 """A pretraining corpus from HTML pages (the Python documentation, for the shipped model).
 
 `html_to_text` keeps what a reader of a page reads: paragraphs, headings, list items,
-   table cells and code blocks (<pre>, whitespace kept verbatim); it drops <head>, scripts,
-   styles, navigation (<nav>, role="navigation"/"search"/...), forms, permalink anchors and
-   Sphinx table-of-contents trees, and, when the page marks its main content (<main> or
-   role="main"), everything outside it. Blocks are joined by a blank line. `build_corpus` reads
-   every *.html under a directory in sorted path order, so the same pages give the same corpus.
-   A corpus file is UTF-8 text, documents separated by a line holding only a form feed (\\f, the
-   ASCII page break); it is also a valid tokenizer training file (blank lines are skipped).
+table cells and code blocks (<pre>, whitespace kept verbatim); it drops <head>, scripts,
+styles, navigation (<nav>, role="navigation"/"search"/...), forms, permalink anchors and
+Sphinx table-of-contents trees, and, when the page marks its main content (<main> or
+role="main"), everything outside it. Blocks are joined by a blank line. `build_corpus` reads
+every *.html under a directory in sorted path order, so the same pages give the same corpus.
+A corpus file is UTF-8 text, documents separated by a line holding only a form feed (\\f, the
+ASCII page break); it is also a valid tokenizer training file (blank lines are skipped).
 
 Tested in tests/test_pretrain.py (extraction, corpus files).
 """
