@@ -188,7 +188,7 @@ class PeftModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.tuner_layers():
-            layer.unmerge() if layer.merged_adapters else None
+            layer.unmerge()
 
     def merge_and_unload(self) -> Transformer:
         """The base model with the active adapter merged in and every wrapper removed."""
@@ -201,7 +201,7 @@ class PeftModel(nn.Module):
     def unload(self) -> Transformer:
         """The base model back, every wrapper removed, nothing merged."""
         for path, layer in list(self.tuner_layers()):
-            layer.unmerge() if layer.merged_adapters else None
+            layer.unmerge()
             set_submodule(self.base_model, path, layer.base_layer)
         return self.base_model
 

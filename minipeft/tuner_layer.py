@@ -72,7 +72,7 @@ class TunerLayer(nn.Module):
                          "its adapter is not a linear function of the input")
 
     def unmerge(self) -> None:
-        self.merge()
+        """Undo merges; a layer that cannot merge has nothing merged, so nothing to undo."""
 
     def unloaded(self) -> nn.Module:
         """The plain module that replaces this wrapper when adapters are removed (merged or not)."""
