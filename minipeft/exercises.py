@@ -100,14 +100,15 @@ def copy_exercises(docs: Sequence[str], fraction: float, seed: int = 0) -> list[
 def induction_accuracy(model: Transformer, length: int = 40, batch: int = 16, low: int = 300,
                        seed: int = 0) -> float:
     """Greedy accuracy on the second copy of `batch` random sequences of `length` ids drawn from
-    [low, vocab_size) (above the special and byte pieces), each shown twice after <s>:
+    [low, vocab_size) (above the special and byte pieces; low is capped at vocab_size / 2 for tiny
+    vocabularies), each shown twice after <s>:
 
         <s> x_1 .. x_L x_1 .. x_L   scored: predictions of x_2 .. x_L in the second copy
 
     (x_1's second occurrence follows x_L, which appeared once: not predictable by copying)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    x = torch.randint(low, cfg.vocab_size, (batch, length), generator=g)
+    x = torch.randint(min(low, cfg.vocab_size // 2), cfg.vocab_size, (batch, length), generator=g)
     bos = torch.full((batch, 1), cfg.bos_token_id if cfg.bos_token_id is not None else 1)
     ids = torch.cat([bos, x, x], dim=1)
     was_training = model.training

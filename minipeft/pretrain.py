@@ -3,7 +3,9 @@
 1. Corpus: minipeft.corpus (HTML pages -> one text file of documents).
 2. Split. Whole documents are held out (a seeded draw until `eval_fraction` of the characters),
    so held-out windows come from pages the model never trained on. The tokenizer trains on the
-   training documents only.
+   training documents only. A seeded `copy_fraction` of the training passages also become copy
+   exercises (minipeft.exercises: a passage, then some of its phrases quoted or listed), extra
+   training documents that teach in-context copying; held-out documents get none.
 3. Windows. Each document encodes as <s> ids </s>; the documents' ids are concatenated into one
    stream, cut into non-overlapping windows of `context_length` tokens (the tail shorter than a
    window is dropped). A window may span a document boundary, as in GPT-2's packing: </s> <s>
@@ -17,7 +19,7 @@
    padded, so the model's forward drops the all-ones mask and runs SDPA's causal kernel.
 
 Tests: tests/test_pretrain.py (extraction, windows, split, a tiny run, the shipped model's parity
-with transformers).
+with transformers and its copying).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 
 from .config import ModelConfig
 from .corpus import build_corpus, read_corpus, write_corpus
+from .exercises import copy_exercises, induction_accuracy
 from .files import json_bytes, write_atomic
 from .model import Transformer
 from .peft_model import full_finetune
@@ -111,6 +114,7 @@ class PretrainConfig:
     context_length: int = 256  # tokens per training window
     eval_fraction: float = 0.02  # share of the corpus's characters held out (whole documents)
     eval_windows: int = 32  # held-out windows scored at each evaluation (evenly spread)
+    copy_fraction: float = 0.25  # share of training passages that also become copy exercises (exercises.py)
     # --- optimization ---
     steps: int = 1000  # optimizer steps of batch_size windows
     batch_size: int = 4  # 1,024 tokens a step: early in training, more steps beat bigger batches
@@ -138,7 +142,7 @@ class PretrainConfig:
                            lr_scheduler_type="cosine", max_grad_norm=1.0, seed=self.seed,
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
-                           save_strategy="steps", save_steps=self.steps + 1, output_dir=str(output_dir))
+                           save_strategy="no", output_dir=str(output_dir))
 
 
 def get_tokenizer(train_docs: Sequence[str], output: Path, vocab_size: int,
@@ -185,6 +189,7 @@ class Data(NamedTuple):
     held_out: list[list[int]]  # the evaluation sample of held-out windows
     train_documents: int
     eval_documents: int
+    exercises: int  # copy exercises among the training documents
 
 
 def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
@@ -192,12 +197,13 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
     """Split, tokenize (training a tokenizer into output unless one is given) and window `docs`."""
     train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
     tok = get_tokenizer(train_docs, output, cfg.vocab_size, tokenizer_dir)
-    windows = make_windows(token_stream(train_docs, tok), cfg.context_length)
+    exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed)
+    windows = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
     held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
     if len(windows) < cfg.batch_size:
         raise ValueError(f"the training documents make {len(windows)} windows of {cfg.context_length} tokens, "
                          f"fewer than one batch ({cfg.batch_size}): give more text or shorten --context-length")
-    return Data(tok, windows, held_out, len(train_docs), len(eval_docs))
+    return Data(tok, windows, held_out, len(train_docs), len(eval_docs), len(exercises))
 
 
 def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs: Optional[float] = None,
@@ -215,8 +221,8 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     t_start, output = time.perf_counter(), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     data = prepare(docs, output, cfg, tokenizer_dir)
-    log(f"corpus: {data.train_documents} training documents -> {len(data.windows)} windows of "
-        f"{cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
+    log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
+        f"{len(data.windows)} windows of {cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
     torch.manual_seed(cfg.seed)
     model = full_finetune(Transformer(cfg.model_config(data.tok)))
     if epochs is not None:
@@ -237,7 +243,8 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "epochs": result.steps * cfg.batch_size / len(data.windows), "train_windows": len(data.windows),
         "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
         "train_documents": data.train_documents, "eval_documents": data.eval_documents,
-        "final_train_loss": result.train_loss, **result.eval, "train_seconds": result.seconds,
+        "copy_exercises": data.exercises, "final_train_loss": result.train_loss, **result.eval,
+        "induction_accuracy": induction_accuracy(model), "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(),
     }
@@ -286,7 +293,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
             "evaluations", "seed")
-    for name in ints + ("eval_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
+    for name in ints + ("eval_fraction", "copy_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
         kind = int if name in ints else float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
                        help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"

@@ -43,6 +43,7 @@ class TrainConfig:
     # --- optimization ---
     learning_rate: float = 2e-4
     n_epochs: int = 3
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides n_epochs; the schedule spans them)
     batch_size: int = 8  # examples per micro-batch (per process)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0
@@ -55,19 +56,25 @@ class TrainConfig:
     # --- logging, evaluation, checkpoints ---
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate at the end of each epoch only
-    save_strategy: str = "epoch"  # epoch | steps
+    eval_batch_size: int = 0  # examples per evaluation forward; 0: batch_size
+    save_strategy: str = "epoch"  # epoch | steps | no (no checkpoints: the caller saves the result)
     save_steps: int = 100
     save_total_limit: int = 2  # keep only the newest checkpoints
+    report_to: str = "auto"  # auto: TensorBoard event files too when tensorboard is installed | tensorboard | none
+    disable_tqdm: bool = False  # no progress bar (logs, services)
 
     def __post_init__(self) -> None:
         checks = [
             ("method", self.method in METHODS, f"one of {METHODS}"),
             ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULERS, f"one of {SCHEDULERS}"),
-            ("save_strategy", self.save_strategy in ("epoch", "steps"), "'epoch' or 'steps'"),
+            ("save_strategy", self.save_strategy in ("epoch", "steps", "no"), "'epoch', 'steps' or 'no'"),
+            ("report_to", self.report_to in ("auto", "tensorboard", "none"), "'auto', 'tensorboard' or 'none'"),
             ("label_mode", self.label_mode in ("assistant", "last", "all"), "'assistant', 'last' or 'all'"),
             ("adapter_placement", self.adapter_placement in ("houlsby", "pfeiffer"), "'houlsby' or 'pfeiffer'"),
             ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),
             ("n_epochs", self.n_epochs >= 1, ">= 1"),
+            ("max_steps", self.max_steps >= 0, ">= 0"),
+            ("eval_batch_size", self.eval_batch_size >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),

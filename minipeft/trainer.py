@@ -15,6 +15,7 @@ ranks (gloo on CPU, NCCL on GPU) and only rank 0 writes files.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -81,7 +82,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.global_batch = config.batch_size * config.gradient_accumulation_steps * self.world
         self.steps_per_epoch = math.ceil(len(self.train_data) / self.global_batch)
-        self.total_steps = self.steps_per_epoch * config.n_epochs
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.n_epochs
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.warmup = math.ceil(config.warmup_ratio * self.total_steps)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                            betas=(0.9, 0.999), eps=1e-8)
@@ -106,7 +108,7 @@ class Trainer:
         return logits, causal_lm_loss(logits, batch["labels"], reduction="sum")
 
     def train_step(self, batch: list[int]) -> tuple[float, float, int]:
-        """One optimizer step on the global batch `batch` -> (loss, grad norm, tokens)."""
+        """One optimizer step on the global batch `batch` -> (loss, grad norm, supervised tokens)."""
         n_tokens = supervised_tokens([self.train_data[i] for i in batch])
         lr = self.cfg.learning_rate * lr_factor(self.cfg.lr_scheduler_type, self.step, self.total_steps, self.warmup)
         for group in self.optimizer.param_groups:
@@ -139,9 +141,9 @@ class Trainer:
         """Loss, perplexity, token accuracy on the eval split (token-weighted over all of it)."""
         was_training = self.model.training
         self.model.eval()
-        acc = StreamingLMMetrics()
-        for i in range(0, len(self.eval_data), self.cfg.batch_size):
-            chunk = self.eval_data[i:i + self.cfg.batch_size]
+        acc, size = StreamingLMMetrics(), self.cfg.eval_batch_size or self.cfg.batch_size
+        for i in range(0, len(self.eval_data), size):
+            chunk = self.eval_data[i:i + size]
             logits, _ = self._forward_nll(chunk)
             acc.update(logits, collate(chunk, self.pad_id)["labels"].to(self.device))
         self.model.train(was_training)
@@ -153,15 +155,19 @@ class Trainer:
         if resume:
             self._resume()
         self.model.train()
-        metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0)
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0,
+                             tensorboard=tensorboard_dir(self.cfg) if self.rank == 0 else None)
         t0, tokens, losses, evals = time.perf_counter(), 0, [], []
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.cfg.disable_tqdm,
+                   desc="train", unit="step")
         loss = float("nan")
-        for epoch in range(self.step // self.steps_per_epoch, self.cfg.n_epochs):
+        for epoch in range(self.step // self.steps_per_epoch, self.epochs):
             order = self._order(epoch)
-            for s in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                loss, grad_norm, n = self.train_step(order[s * self.global_batch:(s + 1) * self.global_batch])
-                tokens += n
+            last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+            for s in range(self.step - epoch * self.steps_per_epoch, last):
+                batch = order[s * self.global_batch:(s + 1) * self.global_batch]
+                loss, grad_norm, _ = self.train_step(batch)
+                tokens += sum(len(self.train_data[i][0]) for i in batch)  # every token the model reads
                 losses.append(loss)
                 rate = tokens / (time.perf_counter() - t0)
                 bar.update(1)
@@ -173,7 +179,7 @@ class Trainer:
                                    "tokens_per_s": rate})
                     if epoch == 0:
                         self._warn(unstable_loss([r["loss"] for r in metrics.rows if "loss" in r]))
-                end_of_epoch = s == self.steps_per_epoch - 1
+                end_of_epoch = s == last - 1
                 if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
                                        or (end_of_epoch and not self.cfg.eval_steps)):
                     result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
@@ -185,6 +191,7 @@ class Trainer:
                         (self.cfg.save_strategy == "epoch" and end_of_epoch):
                     self._save()
         bar.close()
+        metrics.close()
         seconds = time.perf_counter() - t0
         final_eval = self.evaluate() if self.eval_data else {}
         return TrainResult(self.step, loss, final_eval, self.warnings, tokens / max(seconds, 1e-9), seconds)
@@ -209,11 +216,25 @@ class Trainer:
         self.step, self.warnings = state["step"], state["warnings"]
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step or evaluation, flushed as written. On resume,
-    records past the checkpoint's step are dropped: that work is redone and logged again."""
+def tensorboard_dir(cfg: TrainConfig) -> Optional[Path]:
+    """Where TensorBoard event files go (output_dir/tensorboard), or None: report_to "none", or
+    "auto" without the tensorboard package. "tensorboard" without it is an error, not a silent skip."""
+    if cfg.report_to == "none":
+        return None
+    if importlib.util.find_spec("tensorboard") is None:
+        if cfg.report_to == "tensorboard":
+            raise ValueError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
+        return None
+    return Path(cfg.output_dir) / "tensorboard"
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool = True):
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step or evaluation, flushed as written; with a
+    tensorboard directory, each number also becomes a scalar there (tag "train/loss",
+    "eval/eval_loss", ..., at its step). On resume, records past the checkpoint's step are dropped:
+    that work is redone and logged again (TensorBoard shows the newest value at a step)."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool = True, tensorboard: Optional[Path] = None):
         self.path, self.enabled = path, enabled
         self.rows: list[dict[str, Any]] = []
         if path.exists() and resume_step:
@@ -221,9 +242,24 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.writer = None
+        if enabled and tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step or None)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            group = "eval" if any(k.startswith("eval_") for k in row) else "train"
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

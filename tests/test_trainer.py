@@ -205,3 +205,70 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         # Same global batch (2 ranks x 2 = 4); gradients summed in another order: float32 noise,
         # amplified a little by 10 AdamW steps.
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4)
+
+
+def logged(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_max_steps_overrides_epochs_and_the_schedule_spans_them(tmp_path):
+    """40 examples / batch 4 = 10 steps an epoch: max_steps=25 runs 2.5 epochs, evaluating at each
+    epoch's end and at the last step, and the linear schedule reaches 0 at step 25, not 30."""
+    t = lora_trainer(tmp_path, max_steps=25, n_epochs=1, warmup_ratio=0.0, save_strategy="no")
+    result = t.train()
+    rows = logged(tmp_path)
+    assert result.steps == 25 and [r["step"] for r in rows if "loss" in r] == list(range(1, 26))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20, 25]
+    assert rows[-2]["lr"] == pytest.approx(1e-2 * (1 - 24 / 25))  # the lr used by step 25 (0-based 24)
+    assert not list_checkpoints(tmp_path)  # save_strategy="no"
+
+
+def test_eval_batch_size_does_not_change_the_metrics(tmp_path):
+    """Evaluation is token-weighted over the whole split, so its batch size only changes speed."""
+    sizes = []
+    results = []
+    for size in (1, 3, 8):
+        t = lora_trainer(tmp_path / str(size), eval_batch_size=size)
+        real = t._forward_nll
+        t._forward_nll = lambda ex, real=real: sizes.append(len(ex)) or real(ex)
+        results.append(t.evaluate())
+    assert sizes == [1] * 8 + [3, 3, 2] + [8]
+    for r in results[1:]:
+        for k in r:
+            assert r[k] == pytest.approx(results[0][k], rel=1e-5)
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    """With tensorboard installed (report_to "auto"), every number of metrics.jsonl is a scalar in
+    output_dir/tensorboard, read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lora_trainer(tmp_path, n_epochs=1, disable_tqdm=True).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = logged(tmp_path)
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("eval/eval_loss", "eval_loss")):
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # stored as float32
+    none = tmp_path / "none"
+    lora_trainer(none, n_epochs=1, report_to="none").train()
+    assert not (none / "tensorboard").exists()
+
+
+def test_report_to_tensorboard_without_the_package_is_an_error(tmp_path, monkeypatch):
+    import minipeft.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        lora_trainer(tmp_path, report_to="tensorboard").train()
+    lora_trainer(tmp_path / "auto", n_epochs=1).train()  # "auto" without it: metrics.jsonl only
+    assert not (tmp_path / "auto" / "tensorboard").exists()
+
+
+def test_disable_tqdm_silences_the_bar(tmp_path, capfd):
+    lora_trainer(tmp_path, n_epochs=1, disable_tqdm=True).train()
+    assert "train" not in capfd.readouterr().err
+    lora_trainer(tmp_path / "bar", n_epochs=1).train()
+    assert "train: 100%" in capfd.readouterr().err
