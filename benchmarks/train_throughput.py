@@ -6,7 +6,11 @@ minipeft's methods side by side, on the same random model and batch.
 One question: how fast does a fine-tuning step run here, and at what memory? Each provider runs
 in its own fresh process (so peak RSS / CUDA peak memory is its own), builds the same config
 with the same seed, warms up, then times `steps` full steps (forward, backward, AdamW) and
-reports p20/p50/p80 seconds, tokens/s and the ratio to transformers + peft LoRA.
+reports p20/p50/p80 seconds, tokens/s and the ratio to transformers + peft LoRA (over --rounds
+runs of every provider in alternating order, the median run), and (with
+torch.profiler over 2 more steps) where the time goes: the share of matrix multiplies (aten::mm,
+addmm, bmm) and how many there are. Equal multiply counts with a large multiply share mean the
+tools do the same arithmetic and differ only in the rest (norms, RoPE, loss, copies).
 Results: benchmarks/results/train_throughput.{json,md}.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 OUT = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft full", "minipeft qlora", "minipeft adapter",
              "minipeft prefix"]
 
@@ -68,8 +73,7 @@ def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dic
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
-    times = []
-    for i in range(steps + 2):
+    def step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -78,31 +82,45 @@ def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dic
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    times = [step() for _ in range(steps + 2)][2:]
     q = statistics.quantiles(times, n=10)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    with torch.profiler.profile() as prof:
+        for _ in range(2):
+            step()
+    ops = prof.key_averages()
+    matmuls = [e for e in ops if e.key in MATMULS]
+    self_time = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     return {"provider": provider, "p20_s": q[1], "p50_s": statistics.median(times), "p80_s": q[7],
-            "tokens_per_s": batch * seq / statistics.median(times), "peak_bytes": peak}
+            "tokens_per_s": batch * seq / statistics.median(times), "peak_bytes": peak,
+            "matmul_share": sum(map(self_time, matmuls)) / max(sum(map(self_time, ops)), 1),
+            "matmuls_per_step": sum(e.count for e in matmuls) // 2}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every provider; the median round is reported")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one provider, print its JSON row
     args = ap.parse_args()
     batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, 10)
     if args.one:
         print(json.dumps(run_one(args.one, args.device, batch, seq, steps)))
         return
-    rows = []
-    for provider in PROVIDERS:
-        cmd = [sys.executable, __file__, "--one", provider, "--device", args.device] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{provider:18s} {rows[-1]['tokens_per_s']:8.0f} tok/s  peak {rows[-1]['peak_bytes'] / 2**20:7.0f} MiB")
+    runs: dict[str, list[dict]] = {p: [] for p in PROVIDERS}
+    for r in range(args.rounds):  # alternate the order, so a machine that drifts favours no one
+        for provider in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
+            cmd = [sys.executable, __file__, "--one", provider, "--device", args.device] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[provider].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            row = runs[provider][-1]
+            print(f"round {r + 1} {provider:18s} {row['tokens_per_s']:8.0f} tok/s  peak {row['peak_bytes'] / 2**20:7.0f} MiB")
+    # per provider, the round with the median step time (its own peak memory and profile)
+    rows = [sorted(runs[p], key=lambda row: row["p50_s"])[(args.rounds - 1) // 2] for p in PROVIDERS]
     ref = rows[0]
     for r in rows:
         r["speed_vs_hf_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -111,13 +129,16 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}" \
         f", {torch.get_num_threads()} threads"
     meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,
-            "batch": batch, "seq": seq, "steps": steps, "config": CONFIG}
+            "batch": batch, "seq": seq, "steps": steps, "rounds": args.rounds, "config": CONFIG}
     lines = [f"# One training step, {args.device} ({machine}); torch {torch.__version__}, commit {commit}", "",
-             f"batch {batch} x {seq} tokens, model {CONFIG}", "",
-             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"batch {batch} x {seq} tokens, model {CONFIG}; each provider in a fresh process, {args.rounds} rounds "
+             "in alternating order, the round with the median step time shown", "",
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft "
+             "| matmuls / step | matmul share of time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['memory_vs_hf_peft']:.2f}x |" for r in rows]
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['memory_vs_hf_peft']:.2f}x | "
+              f"{r['matmuls_per_step']} | {100 * r['matmul_share']:.0f}% |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
