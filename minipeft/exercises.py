@@ -16,8 +16,10 @@ An exercise is a document built from a passage of the training text itself (no o
     <recall: some of the passage's phrases (1-3 words, outer punctuation stripped), in one of
      RECALL_FORMATS: a JSON list of strings, a "- " list, a "; "-separated line>
 
-or, as one format of four, the passage repeated verbatim. The first token of a recalled phrase is
-a guess (which phrase comes next is random); every later token is predictable by copying.
+or, one format of five each, the passage repeated verbatim, or up to 40 of its words shuffled and
+written twice (`shuffled_twice`: there only copying predicts the second line). The first token of a
+recalled phrase is a guess (which phrase comes next is random); every later token is predictable
+by copying.
 `copy_exercises` turns a seeded share of the training passages into exercises that join the
 training documents; held-out documents never get exercises, so held-out perplexity stays a
 measure of plain text.
@@ -81,19 +83,35 @@ RECALL_FORMATS: dict[str, Callable[[list[str]], str]] = {
 }
 
 
+def shuffled_twice(passage: str, rng: random.Random) -> str:
+    """Up to 40 of the passage's words in random order, then the same words again on the next
+    line: bigram statistics cannot predict the second line, only copying the first can."""
+    words = passage.split()
+    rng.shuffle(words)
+    line = " ".join(words[:40])
+    return line + "\n" + line
+
+
 def exercise(passage: str, rng: random.Random) -> str:
     """One copy exercise from a passage: the passage, a blank line, then its recall."""
-    form = rng.choice([*RECALL_FORMATS, "repeat"])
-    recall = passage if form == "repeat" else RECALL_FORMATS[form](phrases(passage, rng.randint(3, 8), rng))
+    form = rng.choice([*RECALL_FORMATS, "repeat", "shuffled"])
+    if form == "repeat":
+        recall = passage
+    elif form == "shuffled":
+        recall = shuffled_twice(passage, rng)
+    else:
+        recall = RECALL_FORMATS[form](phrases(passage, rng.randint(3, 8), rng))
     return passage + "\n\n" + recall
 
 
-def copy_exercises(docs: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
-    """Exercises from a seeded `fraction` of all passages of `docs` (in corpus order)."""
+def copy_exercises(docs: Sequence[str], fraction: float, seed: int = 0,
+                   max_chars: int = PASSAGE_CHARS) -> list[str]:
+    """Exercises from a seeded `fraction` of all passages (of at most max_chars characters) of
+    `docs`, in corpus order."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"copy_fraction must be in [0, 1], got {fraction}")
     rng = random.Random(seed)
-    return [exercise(p, rng) for doc in docs for p in passages(doc) if rng.random() < fraction]
+    return [exercise(p, rng) for doc in docs for p in passages(doc, max_chars) if rng.random() < fraction]
 
 
 @torch.no_grad()

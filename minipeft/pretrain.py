@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .corpus import build_corpus, read_corpus, write_corpus
 from .exercises import copy_exercises, induction_accuracy
@@ -100,6 +101,10 @@ def spread(windows: Sequence[list[int]], k: int) -> list[list[int]]:
 
 
 # --- 4. training ------------------------------------------------------------------------------
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings")
+
+
 @dataclass
 class PretrainConfig:
     # --- model (LLaMA architecture, tied embeddings) ---
@@ -114,7 +119,7 @@ class PretrainConfig:
     context_length: int = 256  # tokens per training window
     eval_fraction: float = 0.02  # share of the corpus's characters held out (whole documents)
     eval_windows: int = 32  # held-out windows scored at each evaluation (evenly spread)
-    copy_fraction: float = 0.25  # share of training passages that also become copy exercises (exercises.py)
+    copy_fraction: float = 0.0  # share of training passages that also become copy exercises (exercises.py)
     # --- optimization ---
     steps: int = 1000  # optimizer steps of batch_size windows
     batch_size: int = 4  # 1,024 tokens a step: early in training, more steps beat bigger batches
@@ -197,7 +202,7 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
     """Split, tokenize (training a tokenizer into output unless one is given) and window `docs`."""
     train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
     tok = get_tokenizer(train_docs, output, cfg.vocab_size, tokenizer_dir)
-    exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed)
+    exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed, max_chars=3 * cfg.context_length // 2)
     windows = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
     held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
     if len(windows) < cfg.batch_size:
@@ -208,23 +213,28 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
 
 def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs: Optional[float] = None,
              max_minutes: Optional[float] = None, tokenizer_dir: Optional[PathLike] = None,
-             log=print) -> dict[str, Any]:
+             init: Optional[PathLike] = None, log=print) -> dict[str, Any]:
     """Train a tokenizer (unless given) and a LLaMA model from scratch on `docs`; write a Hugging
     Face directory (config.json, model.safetensors, tokenizer files, generation_config.json,
     metrics.jsonl, pretrain_results.json) to `output`; return the results dict.
 
     Training length: cfg.steps, or `epochs` passes over the training windows, or as many steps
-    as fit `max_minutes` (measured on a few steps first).
+    as fit `max_minutes` (measured on a few steps first). `init`: continue pretraining the model
+    in that directory (its weights, architecture and tokenizer) instead of starting from scratch.
     """
     if epochs is not None and max_minutes is not None:
         raise ValueError("give epochs or max_minutes, not both")
     t_start, output = time.perf_counter(), Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    if init is not None:
+        start = load_pretrained(init)
+        cfg = replace(cfg, **{k: getattr(start.config, k) for k in ARCHITECTURE})
+        tokenizer_dir = init
     data = prepare(docs, output, cfg, tokenizer_dir)
     log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
         f"{len(data.windows)} windows of {cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
     torch.manual_seed(cfg.seed)
-    model = full_finetune(Transformer(cfg.model_config(data.tok)))
+    model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)))
     if epochs is not None:
         cfg = replace(cfg, steps=max(1, math.ceil(epochs * len(data.windows) / cfg.batch_size)))
     if max_minutes is not None:
@@ -232,8 +242,9 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
         log(f"{step_s:.2f}s per step: {cfg.steps} steps fit {max_minutes} minutes")
     train = [(w, w) for w in schedule_windows(data.windows, cfg.steps * cfg.batch_size, cfg.seed)]
-    result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out],
-                     data.tok.pad_id).train()
+    # the induction probe at every evaluation: metrics.jsonl shows when in-context copying appears
+    result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out], data.tok.pad_id,
+                     compute_metrics=lambda m: {"induction_accuracy": induction_accuracy(m)}).train()
     model.eval().save_pretrained(output)
     write_atomic(output / "generation_config.json", json_bytes(
         {"bos_token_id": data.tok.bos_id, "eos_token_id": data.tok.eos_id, "pad_token_id": data.tok.pad_id}))
@@ -244,7 +255,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
         "train_documents": data.train_documents, "eval_documents": data.eval_documents,
         "copy_exercises": data.exercises, "final_train_loss": result.train_loss, **result.eval,
-        "induction_accuracy": induction_accuracy(model), "train_seconds": result.seconds,
+        "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(),
     }
@@ -269,7 +280,7 @@ def _command(args: argparse.Namespace) -> int:
         write_corpus(docs, args.save_corpus)
     fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k) is not None}
     results = pretrain(docs, args.output, PretrainConfig(**fields), epochs=args.epochs,
-                       max_minutes=args.max_minutes, tokenizer_dir=args.tokenizer)
+                       max_minutes=args.max_minutes, tokenizer_dir=args.tokenizer, init=args.init)
     results["wall_seconds"] = time.perf_counter() - t0  # the whole command: corpus extraction included
     if sys.argv[1:2] == ["pretrain"]:  # run from a shell (not cli.main(argv) in a test): record how
         results["command"] = shlex.join(["minipeft", *sys.argv[1:]])
@@ -289,6 +300,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to write")
     p.add_argument("--save-corpus", metavar="FILE", help="also write the extracted corpus here")
     p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
+    p.add_argument("--init", metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
     d = PretrainConfig()
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,8 +72,11 @@ class Trainer:
     """Fine-tunes `model` (a PeftModel, or a Transformer for full fine-tuning) on rendered examples."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, train_data: Sequence[Rendered],
-                 eval_data: Sequence[Rendered] = (), pad_id: int = 0):
-        self.cfg, self.model, self.pad_id = config, model, pad_id
+                 eval_data: Sequence[Rendered] = (), pad_id: int = 0,
+                 compute_metrics: Optional[Callable[[nn.Module], dict[str, float]]] = None):
+        """compute_metrics(model): extra numbers for every evaluation (model in eval mode, no grad),
+        logged beside eval_loss in metrics.jsonl and TensorBoard."""
+        self.cfg, self.model, self.pad_id, self.compute_metrics = config, model, pad_id, compute_metrics
         self.train_data, self.eval_data = list(train_data), list(eval_data)
         if not self.train_data:
             raise ValueError("no training examples")
@@ -146,9 +149,11 @@ class Trainer:
             chunk = self.eval_data[i:i + size]
             logits, _ = self._forward_nll(chunk)
             acc.update(logits, collate(chunk, self.pad_id)["labels"].to(self.device))
+        extra = self.compute_metrics(self.model) if self.compute_metrics else {}
         self.model.train(was_training)
         m = acc.compute()
-        return {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_token_accuracy": m["token_accuracy"]}
+        return {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_token_accuracy": m["token_accuracy"],
+                **extra}
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:

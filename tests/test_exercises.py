@@ -44,8 +44,12 @@ def test_every_recall_format_appears_and_parses():
         text = exercise(passage, rng)
         assert text.startswith(passage + "\n\n")
         recall = text[len(passage) + 2:]
+        first, _, second = recall.partition("\n")
         if recall == passage:
             seen.add("repeat")
+        elif first == second:
+            assert set(first.split()) <= set(passage.split())  # the passage's words, shuffled, twice
+            seen.add("shuffled")
         elif recall.startswith("["):
             assert all(p in passage for p in json.loads(recall))
             seen.add("json")
@@ -55,7 +59,7 @@ def test_every_recall_format_appears_and_parses():
         else:
             assert recall.endswith(".") and all(p in passage for p in recall[:-1].split("; "))
             seen.add("line")
-    assert seen == {*RECALL_FORMATS, "repeat"}
+    assert seen == {*RECALL_FORMATS, "repeat", "shuffled"}
 
 
 def test_copy_exercises_share_and_determinism():

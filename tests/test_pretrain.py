@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from minipeft import pretrain as pretrain_module
 from minipeft.cli import main
 from minipeft.metrics import causal_lm_loss
 from minipeft.corpus import build_corpus, html_to_text, read_corpus, write_corpus
+from minipeft.exercises import copy_exercises, induction_accuracy
 from minipeft.pretrain import (PretrainConfig, make_windows, pretrain, schedule_windows, split_documents, spread,
                                steps_for_budget, token_stream)
 from minipeft.tokenizer import load_tokenizer, train_tokenizer
@@ -248,6 +250,32 @@ def test_max_minutes_picks_the_steps_that_fit(tiny_run, tmp_path, monkeypatch):
         pretrain(["text"], tmp_path / "n", cfg, epochs=1, max_minutes=1)
 
 
+def test_init_continues_the_given_model(tiny_run, tmp_path):
+    """--init: the weights, architecture and tokenizer of an existing model are the starting point
+    (a near-zero learning rate leaves them in place; the architecture flags given are overridden)."""
+    d, out = tiny_run
+    cont = tmp_path / "cont"
+    assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(cont), "--init", str(out),
+                 "--steps", "2", *TINY_ARGS, "--hidden-size", "64", "--learning-rate", "1e-9"]) == 0
+    start, after = load_pretrained(out), load_pretrained(cont)
+    assert after.config == start.config
+    assert (cont / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert json.loads((cont / "pretrain_results.json").read_text())["config"]["hidden_size"] == 32
+
+
+def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp_path):
+    d, out = tiny_run
+    docs = read_corpus(d / "corpus.txt")
+    cfg = PretrainConfig(context_length=32, eval_fraction=0.25, batch_size=4, copy_fraction=0.5)
+    plain = pretrain_module.prepare(docs, tmp_path / "a", replace(cfg, copy_fraction=0.0), tokenizer_dir=out)
+    mixed = pretrain_module.prepare(docs, tmp_path / "b", cfg, tokenizer_dir=out)
+    train_docs, _ = split_documents(docs, 0.25, seed=0)
+    assert plain.exercises == 0 and mixed.exercises == len(copy_exercises(train_docs, 0.5, 0, max_chars=48)) > 0
+    assert len(mixed.windows) > len(plain.windows) and mixed.held_out == plain.held_out  # held-out untouched
+
+
 def test_seconds_per_step_trains_a_copy(tok):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -286,6 +314,7 @@ def test_shipped_model_is_small_and_described_by_its_card():
     assert card["tokens seen"] == f"{results['tokens_seen']:,}"
     assert card["held-out perplexity"] == f"{results['eval_perplexity']:.2f}"
     assert card["context length"] == str(results["config"]["context_length"])
+    assert card["induction accuracy"] == f"{induction_accuracy(model):.2f}"
 
 
 def test_shipped_model_matches_transformers_and_is_trained():

@@ -272,3 +272,13 @@ def test_disable_tqdm_silences_the_bar(tmp_path, capfd):
     assert "train" not in capfd.readouterr().err
     lora_trainer(tmp_path / "bar", n_epochs=1).train()
     assert "train: 100%" in capfd.readouterr().err
+
+
+def test_compute_metrics_joins_every_evaluation(tmp_path):
+    t = lora_trainer(tmp_path, n_epochs=2, disable_tqdm=True)
+    seen = []
+    t.compute_metrics = lambda model: seen.append(model.training) or {"probe": float(len(seen))}
+    result = t.train()
+    evals = [r for r in logged(tmp_path) if "eval_loss" in r]
+    assert [r["probe"] for r in evals] == [1.0, 2.0] and result.eval["probe"] == 3.0  # + the final evaluation
+    assert seen == [False, False, False] and t.model.training  # run in eval mode, training mode restored
