@@ -161,7 +161,7 @@ class Trainer:
             self._resume()
         self.model.train()
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0,
-                             tensorboard=tensorboard_dir(self.cfg) if self.rank == 0 else None)
+                             tensorboard=tensorboard_dir(self.cfg))
         t0, tokens, losses, evals = time.perf_counter(), 0, [], []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.cfg.disable_tqdm,
                    desc="train", unit="step")
