@@ -7,7 +7,12 @@ One question: how fast does a fine-tuning step run here, and at what memory? Eac
 in its own fresh process (so peak RSS / CUDA peak memory is its own), builds the same config
 with the same seed, warms up, then times `steps` full steps (forward, backward, AdamW) and
 reports p20/p50/p80 seconds, tokens/s and the ratio to transformers + peft LoRA (over --rounds
-runs of every provider in alternating order, the median run), and (with
+runs of every provider in alternating order, the median run). The batch is a fine-tuning
+batch: the first half of every row is the prompt (labels -100), the second half the scored
+reply (the bundled tasks score 6-35% of their tokens); the LoRA pair also runs on a batch whose
+every token is scored (pretraining-style). Each tool computes its loss its own way: transformers
+with `labels=` (logits at every position), minipeft as its Trainer does (`metrics.head_loss`:
+logits only at scored positions). Tokens/s counts every token of the batch. And (with
 torch.profiler over 2 more steps) where the time goes: the share of matrix multiplies (aten::mm,
 addmm, bmm) and how many there are. Equal multiply counts with a large multiply share mean the
 tools do the same arithmetic and differ only in the rest (norms, RoPE, loss, copies).
@@ -32,11 +37,12 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidd
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft full", "minipeft qlora", "minipeft adapter",
-             "minipeft prefix"]
+             "minipeft prefix", "hf+peft lora, all scored", "minipeft lora, all scored"]
+PROMPT_FRACTION = 0.5  # of each row, masked from the loss (except in the "all scored" rows)
 
 
 def build(provider: str, device: str):
-    """(model, callable returning logits) for the provider, seeded identically."""
+    """(model, loss(ids, labels)) for the provider, seeded identically."""
     torch.manual_seed(0)
     if provider.startswith("hf"):
         import peft
@@ -47,9 +53,10 @@ def build(provider: str, device: str):
         hf_cfg = transformers.AutoConfig.for_model(**ModelConfig(**CONFIG).to_hf_config())
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-        return model.to(device), lambda ids: model(input_ids=ids).logits
+        return model.to(device), lambda ids, labels: model(input_ids=ids, labels=labels).loss
     from minipeft import ModelConfig, Transformer
     from minipeft.linear4bit import quantize_model
+    from minipeft.metrics import head_loss
     from minipeft.param_count import method_config
     from minipeft.peft_model import full_finetune, get_peft_model
 
@@ -61,23 +68,24 @@ def build(provider: str, device: str):
                "prefix": {"num_virtual_tokens": 20}}
     options["qlora"] = options["lora"]
     model = full_finetune(model) if method == "full" else get_peft_model(model, method_config(method, **options[method]))
-    return model, lambda ids: model(ids)
+    return model, lambda ids, labels: head_loss(model(ids, return_hidden=True), labels, model.get_output_embeddings())
 
 
 def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dict:
     """Runs in a fresh process: time `steps` training steps after 2 warm-up steps."""
-    from minipeft.metrics import causal_lm_loss
-
     torch.set_num_threads(torch.get_num_threads())
-    model, forward = build(provider, device)
+    model, loss = build(provider.split(",")[0], device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    labels = ids.clone()
+    if not provider.endswith("all scored"):
+        labels[:, :int(PROMPT_FRACTION * seq)] = -100
     def step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        causal_lm_loss(forward(ids), ids).backward()
+        loss(ids, labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -118,21 +126,25 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[provider].append(json.loads(out.stdout.strip().splitlines()[-1]))
             row = runs[provider][-1]
-            print(f"round {r + 1} {provider:18s} {row['tokens_per_s']:8.0f} tok/s  peak {row['peak_bytes'] / 2**20:7.0f} MiB")
+            print(f"round {r + 1} {provider:26s} {row['tokens_per_s']:8.0f} tok/s  peak {row['peak_bytes'] / 2**20:7.0f} MiB")
     # per provider, the round with the median step time (its own peak memory and profile)
     rows = [sorted(runs[p], key=lambda row: row["p50_s"])[(args.rounds - 1) // 2] for p in PROVIDERS]
-    ref = rows[0]
-    for r in rows:
+    by_name = {r["provider"]: r for r in rows}
+    for r in rows:  # against transformers + peft on the same batch
+        ref = by_name["hf+peft lora, all scored" if r["provider"].endswith("all scored") else "hf+peft lora"]
         r["speed_vs_hf_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["memory_vs_hf_peft"] = r["peak_bytes"] / ref["peak_bytes"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}" \
         f", {torch.get_num_threads()} threads"
     meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,
-            "batch": batch, "seq": seq, "steps": steps, "rounds": args.rounds, "config": CONFIG}
+            "batch": batch, "seq": seq, "prompt_fraction": PROMPT_FRACTION, "steps": steps, "rounds": args.rounds,
+            "config": CONFIG}
     lines = [f"# One training step, {args.device} ({machine}); torch {torch.__version__}, commit {commit}", "",
-             f"batch {batch} x {seq} tokens, model {CONFIG}; each provider in a fresh process, {args.rounds} rounds "
-             "in alternating order, the round with the median step time shown", "",
+             f"batch {batch} x {seq} tokens, the first {PROMPT_FRACTION:.0%} of each row prompt (not scored) except in "
+             f"the \"all scored\" rows; model {CONFIG}; each provider in a fresh process, {args.rounds} rounds "
+             "in alternating order, the round with the median step time shown; ratios against hf+peft lora on "
+             "the same batch", "",
              "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft "
              "| matmuls / step | matmul share of time |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

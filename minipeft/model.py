@@ -191,8 +191,11 @@ class Transformer(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """input_ids (B, T), or inputs_embeds (B, T, d) -> logits (B, T, vocab).
+        """input_ids (B, T), or inputs_embeds (B, T, d) -> logits (B, T, vocab), or with
+        return_hidden the final normed hidden states (B, T, d) that lm_head maps to logits (the
+        training loss applies lm_head only where a token is supervised: metrics.head_loss).
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over the cached past and the
         current T tokens, S = cache.length + T. Positions count real tokens only: a left-padded
@@ -206,7 +209,7 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.dim() == 4:
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
-            return self._run(x, position_ids, attention_mask, cache)
+            return self._run(x, position_ids, attention_mask, cache, return_hidden)
         if attention_mask is not None and past == 0 and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: SDPA's causal kernel, ~1.4x faster than a mask tensor
         if position_ids is None:
@@ -219,17 +222,22 @@ class Transformer(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
-        return self._run(x, position_ids, mask, cache)
+        return self._run(x, position_ids, mask, cache, return_hidden)
 
     def _run(self, x: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
-             cache: Optional[KVCache]) -> torch.Tensor:
+             cache: Optional[KVCache], return_hidden: bool = False) -> torch.Tensor:
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def get_output_embeddings(self) -> nn.Module:
+        """lm_head (Hugging Face's name): maps return_hidden's states to logits."""
+        return self.lm_head
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:

@@ -233,6 +233,9 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> Transformer:
         return self.base_model
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base_model.get_output_embeddings()
+
     # --- files ----------------------------------------------------------------------------------
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s tensors under PEFT's file keys."""

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .batching import collate
 from .diagnostics import overfitting, unstable_loss
-from .metrics import StreamingLMMetrics, causal_lm_loss
+from .metrics import StreamingLMMetrics, head_loss
 from .schedule import lr_factor
 from .train_config import TrainConfig
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -104,11 +104,16 @@ class Trainer:
         micro = [batch[i:i + size] for i in range(0, len(batch), size)]
         return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
 
-    def _forward_nll(self, examples: Sequence[Rendered]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, examples: Sequence[Rendered], return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, T, V), or with return_hidden the final hidden states (B, T, d); labels (B, T))."""
         batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
-        logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = logits[:, -batch["labels"].shape[1]:]  # prompt tuning prepends virtual positions
-        return logits, causal_lm_loss(logits, batch["labels"], reduction="sum")
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=return_hidden)
+        return out, batch["labels"]
+
+    def _nll(self, examples: Sequence[Rendered]) -> torch.Tensor:
+        """Summed NLL of the supervised tokens; logits only where a token is scored (head_loss)."""
+        hidden, labels = self._forward(examples, return_hidden=True)
+        return head_loss(hidden, labels, self.model.get_output_embeddings(), reduction="sum")
 
     def train_step(self, batch: list[int]) -> tuple[float, float, int]:
         """One optimizer step on the global batch `batch` -> (loss, grad norm, supervised tokens)."""
@@ -119,7 +124,7 @@ class Trainer:
         nll_sum = torch.zeros((), device=self.device)
         for micro in self._micro_batches(batch):
             if micro:
-                _, nll = self._forward_nll([self.train_data[i] for i in micro])
+                nll = self._nll([self.train_data[i] for i in micro])
                 (nll / max(n_tokens, 1)).backward()
                 nll_sum += nll.detach()
         dist.all_reduce_sum([p.grad for p in self.params if p.grad is not None] + [nll_sum])
@@ -147,8 +152,7 @@ class Trainer:
         acc, size = StreamingLMMetrics(), self.cfg.eval_batch_size or self.cfg.batch_size
         for i in range(0, len(self.eval_data), size):
             chunk = self.eval_data[i:i + size]
-            logits, _ = self._forward_nll(chunk)
-            acc.update(logits, collate(chunk, self.pad_id)["labels"].to(self.device))
+            acc.update(*self._forward(chunk, return_hidden=False))
         extra = self.compute_metrics(self.model) if self.compute_metrics else {}
         self.model.train(was_training)
         m = acc.compute()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.metrics import (IGNORE_INDEX, StreamingLMMetrics, bleu_tokenize, causal_lm_loss, corpus_bleu,
+from minipeft.metrics import (IGNORE_INDEX, StreamingLMMetrics, bleu_tokenize, causal_lm_loss, corpus_bleu, head_loss,
                               exact_match, exact_match_accuracy, normalize_answer, perplexity, rouge, rouge_pair,
                               rouge_tokenize, token_accuracy)
 
@@ -343,6 +343,53 @@ def test_lm_metrics_reject_bad_input():
         causal_lm_loss(logits, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="reduction='none'"):
         causal_lm_loss(logits, torch.zeros(2, 5, dtype=torch.long), reduction="none")
+
+
+@pytest.mark.parametrize("b,t,d,v,mask_frac,dtype", [(1, 2, 4, 5, 0.0, torch.float32), (3, 9, 8, 31, 0.6, torch.float32),
+                                                   (2, 17, 16, 131, 0.95, torch.float32),
+                                                   (2, 13, 16, 97, 0.5, torch.bfloat16)])
+def test_head_loss_equals_causal_lm_loss_on_all_logits_value_and_gradients(b, t, d, v, mask_frac, dtype):
+    """head_loss(h, y, head) skips unscored positions; the loss and every gradient (hidden states,
+    head weight) must equal causal_lm_loss(head(h), y)'s, which computes logits everywhere."""
+    g = torch.Generator().manual_seed(b * t + v)
+    hidden = torch.randn(b, t, d, generator=g).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[torch.rand(b, t, generator=g) < mask_frac] = IGNORE_INDEX
+    labels[0, -1] = 1  # at least one scored token
+    head = torch.nn.Linear(d, v, bias=False).to(dtype)
+    results = []
+    for loss_fn in (lambda h: causal_lm_loss(head(h), labels, reduction="sum"),
+                    lambda h: head_loss(h, labels, head, reduction="sum")):
+        h = hidden.clone().requires_grad_()
+        head.zero_grad()
+        loss = loss_fn(h)
+        loss.backward()
+        results.append((loss.detach(), h.grad.float(), head.weight.grad.float()))
+    (ref, ref_dh, ref_dw), (got, dh, dw) = results
+    # float32: the same products summed in another order (1e-5); bf16: the logits are the same bf16
+    # products for the kept rows, the gradients are accumulated in bf16 matmuls (2e-2 relative).
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=tol)
+    torch.testing.assert_close(dh, ref_dh, rtol=tol, atol=tol * ref_dh.abs().max().item())
+    torch.testing.assert_close(dw, ref_dw, rtol=tol, atol=tol * ref_dw.abs().max().item())
+    assert dh[:, -1].abs().sum() == 0  # the last position predicts nothing: no gradient reaches it
+    mean = head_loss(hidden, labels, head)
+    assert mean.item() == pytest.approx(causal_lm_loss(head(hidden), labels).item(), rel=tol)
+
+
+def test_head_loss_fully_masked_and_bad_input():
+    head = torch.nn.Linear(4, 7, bias=False)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    loss = head_loss(hidden, labels, head)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(hidden.grad == 0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
+        head_loss(hidden, torch.full((2, 5), 7), head)
+    with pytest.raises(ValueError, match=r"hidden \(2, 5, 4\) and labels \(2, 4\)"):
+        head_loss(hidden, torch.zeros(2, 4, dtype=torch.long), head)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        head_loss(hidden, labels, head, reduction="none")
 
 
 # ---------------------------------------------------------------------------------- exact match

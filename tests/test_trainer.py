@@ -129,15 +129,15 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     t = lora_trainer(tmp_path, save_strategy="steps", save_steps=2)
-    real = t._forward_nll
+    real = t._nll
     calls = {"n": 0}
 
     def poisoned(examples):
         calls["n"] += 1
-        logits, nll = real(examples)
-        return logits, nll * float("nan") if calls["n"] > 5 else nll
+        nll = real(examples)
+        return nll * float("nan") if calls["n"] > 5 else nll
 
-    t._forward_nll = poisoned
+    t._nll = poisoned
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6.*checkpoint-4"):
         t.train()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
@@ -229,8 +229,8 @@ def test_eval_batch_size_does_not_change_the_metrics(tmp_path):
     results = []
     for size in (1, 3, 8):
         t = lora_trainer(tmp_path / str(size), eval_batch_size=size)
-        real = t._forward_nll
-        t._forward_nll = lambda ex, real=real: sizes.append(len(ex)) or real(ex)
+        real = t._forward
+        t._forward = lambda ex, return_hidden, real=real: sizes.append(len(ex)) or real(ex, return_hidden)
         results.append(t.evaluate())
     assert sizes == [1] * 8 + [3, 3, 2] + [8]
     for r in results[1:]:

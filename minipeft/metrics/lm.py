@@ -19,23 +19,34 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
 
-def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate, then return (logits (B*(T-1), V), targets (B*(T-1),)) with the HF one-step shift."""
-    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+def _targets(labels: torch.Tensor, scores: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate labels (B, T) against `scores` (B, T, V or d), return the shifted targets (B, T-1)."""
+    if scores.dim() != 3 or labels.dim() != 2 or scores.shape[:2] != labels.shape:
+        raise ValueError(f"expected {what} and labels (B, T); got {what.split()[0]} {tuple(scores.shape)} "
                          f"and labels {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
-    vocab = logits.shape[-1]
-    targets = labels[:, 1:].reshape(-1).long()
-    kept = targets[targets != IGNORE_INDEX]
+    return labels[:, 1:].long()
+
+
+def _check_range(kept: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The scored targets, after checking that each is a token id below vocab."""
     if kept.numel() and (kept.min() < 0 or kept.max() >= vocab):
         raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX} (ignored); "
                          f"got values in [{int(kept.min())}, {int(kept.max())}]")
+    return kept
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate, then return (logits (B*(T-1), V), targets (B*(T-1),)) with the HF one-step shift."""
+    vocab = logits.shape[-1]
+    targets = _targets(labels, logits, "logits (B, T, V)").reshape(-1)
+    _check_range(targets[targets != IGNORE_INDEX], vocab)
     return logits[:, :-1].reshape(-1, vocab), targets
 
 
@@ -55,6 +66,25 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     if reduction == "sum":
         return nll
     return nll / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def head_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+              reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """causal_lm_loss(lm_head(hidden), labels), computing logits only where they are scored.
+
+    hidden (B, T, d): the model's final normed hidden states. Of the B(T-1) positions, only the
+    N whose next token is supervised go through lm_head: (N, d) -> (N, V). In fine-tuning the
+    prompt and the padding are not supervised, so the vocabulary projection (d x V per token: a
+    fifth of a small model's multiplies) and the log-softmax over V skip them; nor are the
+    (B, T, V) float32 logits and their gradient ever held. Same value and gradients (test_metrics).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"head_loss: reduction={reduction!r}, expected 'mean' or 'sum'")
+    targets = _targets(labels, hidden, "hidden (B, T, d)")
+    keep = targets != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][keep])  # (N, V)
+    nll = F.cross_entropy(logits.float(), _check_range(targets[keep], logits.shape[-1]), reduction="sum")
+    return nll if reduction == "sum" else nll / keep.sum().clamp_min(1)
 
 
 def _safe_exp(x: float) -> float:
