@@ -24,6 +24,11 @@ by copying.
 training documents; held-out documents never get exercises, so held-out perplexity stays a
 measure of plain text.
 
+A *drill* (`repeat_drill`) is a training window of random token ids in which every piece is
+written two or three times: nothing but copying predicts a repeat, so the loss on drills pushes
+hardest towards induction heads. A fresh 2-layer model trained on drills alone formed them after
+~1,000 steps of 16 x 96 tokens; the copy exercises above, diluted in text, never did.
+
 `induction_accuracy` is the standard probe: a random token sequence shown twice; the share of
 tokens of the second copy that the model predicts greedily (a model without induction: ~0).
 
@@ -112,6 +117,19 @@ def copy_exercises(docs: Sequence[str], fraction: float, seed: int = 0,
         raise ValueError(f"copy_fraction must be in [0, 1], got {fraction}")
     rng = random.Random(seed)
     return [exercise(p, rng) for doc in docs for p in passages(doc, max_chars) if rng.random() < fraction]
+
+
+def repeat_drill(rng: random.Random, vocab_size: int, length: int, low: int = 300,
+                 piece: tuple[int, int] = (4, 30)) -> list[int]:
+    """`length` ids: <s> (id 1), then pieces of piece[0]..piece[1] ids drawn uniformly from
+    [low, vocab_size) (above the special and byte pieces; low is capped at vocab_size / 2, as in
+    the probe below), each written 2 or 3 times in a row, until the window is full (the last
+    piece is cut)."""
+    low, ids = min(low, vocab_size // 2), [1]
+    while len(ids) < length:
+        seg = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*piece))]
+        ids += seg * rng.randint(2, 3)
+    return ids[:length]
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@
 3. Windows. Each document encodes as <s> ids </s>; the documents' ids are concatenated into one
    stream, cut into non-overlapping windows of `context_length` tokens (the tail shorter than a
    window is dropped). A window may span a document boundary, as in GPT-2's packing: </s> <s>
-   tells the model that a new text begins. Labels equal input_ids; the Trainer shifts them, so
+   tells the model that a new text begins. `drill_fraction` of the training windows are then
+   repeat drills (exercises.repeat_drill: random ids, each piece written 2-3 times), drawn fresh
+   from the seed: the strongest push towards in-context copying. Labels equal input_ids; the Trainer shifts them, so
    a window of L tokens trains L - 1 next-token predictions.
 4. Training. `minipeft.trainer.Trainer` with method "full" (every weight trains), AdamW, cosine
    schedule. The Trainer counts epochs over its example list; pretraining counts optimizer steps,
@@ -42,7 +44,7 @@ import torch
 from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .corpus import build_corpus, read_corpus, write_corpus
-from .exercises import copy_exercises, induction_accuracy
+from .exercises import copy_exercises, induction_accuracy, repeat_drill
 from .files import json_bytes, write_atomic
 from .model import Transformer
 from .peft_model import full_finetune
@@ -120,6 +122,7 @@ class PretrainConfig:
     eval_fraction: float = 0.02  # share of the corpus's characters held out (whole documents)
     eval_windows: int = 32  # held-out windows scored at each evaluation (evenly spread)
     copy_fraction: float = 0.0  # share of training passages that also become copy exercises (exercises.py)
+    drill_fraction: float = 0.0  # share of training windows that are repeat drills (exercises.py)
     # --- optimization ---
     steps: int = 1000  # optimizer steps of batch_size windows
     batch_size: int = 4  # 1,024 tokens a step: early in training, more steps beat bigger batches
@@ -188,6 +191,16 @@ def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -
     return steps
 
 
+def drills(text_windows: int, cfg: PretrainConfig, vocab_size: int) -> list[list[int]]:
+    """Repeat drills to join `text_windows` text windows, so that they are cfg.drill_fraction of
+    all training windows; seeded by cfg.seed."""
+    if not 0 <= cfg.drill_fraction < 1:
+        raise ValueError(f"drill_fraction must be in [0, 1), got {cfg.drill_fraction}")
+    rng = random.Random(cfg.seed)
+    n = round(cfg.drill_fraction / (1 - cfg.drill_fraction) * text_windows)
+    return [repeat_drill(rng, vocab_size, cfg.context_length) for _ in range(n)]
+
+
 class Data(NamedTuple):
     tok: Tokenizer
     windows: list[list[int]]  # training windows
@@ -195,6 +208,7 @@ class Data(NamedTuple):
     train_documents: int
     eval_documents: int
     exercises: int  # copy exercises among the training documents
+    drills: int  # repeat drills among the training windows
 
 
 def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
@@ -203,12 +217,14 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
     train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
     tok = get_tokenizer(train_docs, output, cfg.vocab_size, tokenizer_dir)
     exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed, max_chars=3 * cfg.context_length // 2)
-    windows = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
+    text = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
+    drill = drills(len(text), cfg, tok.vocab_size)
+    windows = text + drill
     held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
     if len(windows) < cfg.batch_size:
         raise ValueError(f"the training documents make {len(windows)} windows of {cfg.context_length} tokens, "
                          f"fewer than one batch ({cfg.batch_size}): give more text or shorten --context-length")
-    return Data(tok, windows, held_out, len(train_docs), len(eval_docs), len(exercises))
+    return Data(tok, windows, held_out, len(train_docs), len(eval_docs), len(exercises), len(drill))
 
 
 def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs: Optional[float] = None,
@@ -232,7 +248,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         tokenizer_dir = init
     data = prepare(docs, output, cfg, tokenizer_dir)
     log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
-        f"{len(data.windows)} windows of {cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
+        f"{len(data.windows)} windows of {cfg.context_length} tokens ({data.drills} repeat drills); {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
     torch.manual_seed(cfg.seed)
     model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)))
     if epochs is not None:
@@ -254,7 +270,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "epochs": result.steps * cfg.batch_size / len(data.windows), "train_windows": len(data.windows),
         "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
         "train_documents": data.train_documents, "eval_documents": data.eval_documents,
-        "copy_exercises": data.exercises, "final_train_loss": result.train_loss, **result.eval,
+        "copy_exercises": data.exercises, "repeat_drills": data.drills, "final_train_loss": result.train_loss, **result.eval,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(),
@@ -305,7 +321,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
             "evaluations", "seed")
-    for name in ints + ("eval_fraction", "copy_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
+    for name in ints + ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
         kind = int if name in ints else float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
                        help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minipeft.exercises import (PASSAGE_CHARS, RECALL_FORMATS, copy_exercises, exercise, induction_accuracy,
-                                passages, phrases)
+                                passages, phrases, repeat_drill)
 from conftest import tiny_model
 
 DOC = "\n\n".join(f"Paragraph {i} says that the value of x{i} is {i * 7}, (not {i})." for i in range(40))
@@ -83,6 +83,25 @@ class Oracle(nn.Module):
     def forward(self, ids):
         target = torch.roll(ids, -self.shift, dims=1)
         return torch.nn.functional.one_hot(target, self.config.vocab_size).float()
+
+
+@pytest.mark.parametrize("length", [2, 17, 96])
+def test_repeat_drill_is_pieces_written_two_or_three_times(length):
+    rng = random.Random(length)
+    ids = repeat_drill(rng, vocab_size=1000, length=length, low=300)
+    assert len(ids) == length and ids[0] == 1 and all(300 <= i < 1000 for i in ids[1:])
+    # parse it back greedily: every piece of 4-30 ids is followed by 1 or 2 copies of itself (the last may be cut)
+    rest, pieces = ids[1:], 0
+    while rest:
+        n = next((n for n in range(4, 31) if rest[n:2 * n] == rest[:n]), None)
+        if n is None:  # only the cut tail may fail to parse: shorter than a piece written twice
+            assert len(rest) < 2 * 30
+            break
+        copies = 3 if rest[2 * n:3 * n] == rest[:n] else 2
+        rest, pieces = rest[copies * n:], pieces + 1
+    assert length < 60 or pieces >= 1
+    assert repeat_drill(random.Random(length), 1000, length, 300) == ids  # seeded
+    assert min(repeat_drill(rng, 100, 50)[1:]) >= 50  # a tiny vocabulary: low capped at vocab_size / 2
 
 
 def test_induction_accuracy_scores_exactly_the_copyable_tokens():

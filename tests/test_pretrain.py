@@ -276,6 +276,20 @@ def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp
     assert len(mixed.windows) > len(plain.windows) and mixed.held_out == plain.held_out  # held-out untouched
 
 
+def test_drill_fraction_adds_drill_windows(tiny_run, tmp_path):
+    d, out = tiny_run
+    docs = read_corpus(d / "corpus.txt")
+    cfg = PretrainConfig(context_length=32, eval_fraction=0.25, batch_size=4)
+    plain = pretrain_module.prepare(docs, tmp_path / "a", cfg, tokenizer_dir=out)
+    mixed = pretrain_module.prepare(docs, tmp_path / "b", replace(cfg, drill_fraction=0.25), tokenizer_dir=out)
+    assert plain.drills == 0 and mixed.drills == round(len(plain.windows) / 3) > 0  # 1/4 of all = 1/3 of text
+    assert mixed.windows[:len(plain.windows)] == plain.windows and mixed.held_out == plain.held_out
+    drill = mixed.windows[-1]
+    assert len(drill) == 32 and drill[0] == plain.tok.bos_id and min(drill[1:]) >= min(300, plain.tok.vocab_size // 2)
+    with pytest.raises(ValueError, match="drill_fraction must be in"):
+        pretrain_module.prepare(docs, tmp_path / "c", replace(cfg, drill_fraction=1.0), tokenizer_dir=out)
+
+
 def test_seconds_per_step_trains_a_copy(tok):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
