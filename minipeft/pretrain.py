@@ -9,14 +9,15 @@
 3. Windows. Each document encodes as <s> ids </s>; the documents' ids are concatenated into one
    stream, cut into non-overlapping windows of `context_length` tokens (the tail shorter than a
    window is dropped). A window may span a document boundary, as in GPT-2's packing: </s> <s>
-   tells the model that a new text begins. `drill_fraction` of the training windows are then
-   repeat drills (exercises.repeat_drill: random ids, each piece written 2-3 times), drawn fresh
-   from the seed: the strongest push towards in-context copying. Labels equal input_ids; the Trainer shifts them, so
+   tells the model that a new text begins. Labels equal input_ids; the Trainer shifts them, so
    a window of L tokens trains L - 1 next-token predictions.
 4. Training. `minipeft.trainer.Trainer` with method "full" (every weight trains), AdamW, cosine
    schedule. The Trainer counts epochs over its example list; pretraining counts optimizer steps,
    so the list given to it holds exactly steps x batch_size windows: consecutive seeded
    permutations of all training windows (one permutation is one epoch), run as one "epoch".
+   A `drill_fraction` of that list are instead repeat drills (exercises.repeat_drill: random
+   ids, each piece written 2-3 times), each drawn fresh, shuffled in: the strongest push towards
+   in-context copying (1.0: drills only, a first phase before text; see the model card).
    `--max-minutes` times a few steps first and picks the step count that fits. Windows are never
    padded, so the model's forward drops the all-ones mask and runs SDPA's causal kernel.
 
@@ -191,14 +192,19 @@ def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -
     return steps
 
 
-def drills(text_windows: int, cfg: PretrainConfig, vocab_size: int) -> list[list[int]]:
-    """Repeat drills to join `text_windows` text windows, so that they are cfg.drill_fraction of
-    all training windows; seeded by cfg.seed."""
-    if not 0 <= cfg.drill_fraction < 1:
-        raise ValueError(f"drill_fraction must be in [0, 1), got {cfg.drill_fraction}")
-    rng = random.Random(cfg.seed)
-    n = round(cfg.drill_fraction / (1 - cfg.drill_fraction) * text_windows)
-    return [repeat_drill(rng, vocab_size, cfg.context_length) for _ in range(n)]
+def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig, vocab_size: int) -> list[list[int]]:
+    """The steps x batch_size windows the run trains on: cfg.drill_fraction of them fresh repeat
+    drills, the rest text windows scheduled epoch by epoch (schedule_windows); seeded shuffle."""
+    if not 0 <= cfg.drill_fraction <= 1:
+        raise ValueError(f"drill_fraction must be in [0, 1], got {cfg.drill_fraction}")
+    n = cfg.steps * cfg.batch_size
+    n_drills = round(cfg.drill_fraction * n)
+    out = schedule_windows(windows, n - n_drills, cfg.seed)
+    if n_drills:
+        rng = random.Random(cfg.seed)
+        out += [repeat_drill(rng, vocab_size, cfg.context_length) for _ in range(n_drills)]
+        rng.shuffle(out)
+    return out
 
 
 class Data(NamedTuple):
@@ -208,7 +214,6 @@ class Data(NamedTuple):
     train_documents: int
     eval_documents: int
     exercises: int  # copy exercises among the training documents
-    drills: int  # repeat drills among the training windows
 
 
 def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
@@ -217,14 +222,12 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
     train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
     tok = get_tokenizer(train_docs, output, cfg.vocab_size, tokenizer_dir)
     exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed, max_chars=3 * cfg.context_length // 2)
-    text = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
-    drill = drills(len(text), cfg, tok.vocab_size)
-    windows = text + drill
+    windows = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
     held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
     if len(windows) < cfg.batch_size:
         raise ValueError(f"the training documents make {len(windows)} windows of {cfg.context_length} tokens, "
                          f"fewer than one batch ({cfg.batch_size}): give more text or shorten --context-length")
-    return Data(tok, windows, held_out, len(train_docs), len(eval_docs), len(exercises), len(drill))
+    return Data(tok, windows, held_out, len(train_docs), len(eval_docs), len(exercises))
 
 
 def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs: Optional[float] = None,
@@ -248,7 +251,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         tokenizer_dir = init
     data = prepare(docs, output, cfg, tokenizer_dir)
     log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
-        f"{len(data.windows)} windows of {cfg.context_length} tokens ({data.drills} repeat drills); {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
+        f"{len(data.windows)} windows of {cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
     torch.manual_seed(cfg.seed)
     model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)))
     if epochs is not None:
@@ -257,7 +260,8 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         step_s = seconds_per_step(model, cfg, data.windows, data.tok.pad_id)
         cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
         log(f"{step_s:.2f}s per step: {cfg.steps} steps fit {max_minutes} minutes")
-    train = [(w, w) for w in schedule_windows(data.windows, cfg.steps * cfg.batch_size, cfg.seed)]
+    train = [(w, w) for w in training_windows(data.windows, cfg, data.tok.vocab_size)]
+    drills = round(cfg.drill_fraction * len(train))
     # the induction probe at every evaluation: metrics.jsonl shows when in-context copying appears
     result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out], data.tok.pad_id,
                      compute_metrics=lambda m: {"induction_accuracy": induction_accuracy(m)}).train()
@@ -267,10 +271,10 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     results = {
         "parameters": sum(p.numel() for p in model.parameters()), "steps": result.steps,
         "tokens_seen": result.steps * cfg.batch_size * cfg.context_length,
-        "epochs": result.steps * cfg.batch_size / len(data.windows), "train_windows": len(data.windows),
+        "epochs": (result.steps * cfg.batch_size - drills) / len(data.windows), "train_windows": len(data.windows),
         "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
         "train_documents": data.train_documents, "eval_documents": data.eval_documents,
-        "copy_exercises": data.exercises, "repeat_drills": data.drills, "final_train_loss": result.train_loss, **result.eval,
+        "copy_exercises": data.exercises, "repeat_drills": drills, "final_train_loss": result.train_loss, **result.eval,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(),

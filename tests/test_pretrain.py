@@ -276,18 +276,19 @@ def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp
     assert len(mixed.windows) > len(plain.windows) and mixed.held_out == plain.held_out  # held-out untouched
 
 
-def test_drill_fraction_adds_drill_windows(tiny_run, tmp_path):
-    d, out = tiny_run
-    docs = read_corpus(d / "corpus.txt")
-    cfg = PretrainConfig(context_length=32, eval_fraction=0.25, batch_size=4)
-    plain = pretrain_module.prepare(docs, tmp_path / "a", cfg, tokenizer_dir=out)
-    mixed = pretrain_module.prepare(docs, tmp_path / "b", replace(cfg, drill_fraction=0.25), tokenizer_dir=out)
-    assert plain.drills == 0 and mixed.drills == round(len(plain.windows) / 3) > 0  # 1/4 of all = 1/3 of text
-    assert mixed.windows[:len(plain.windows)] == plain.windows and mixed.held_out == plain.held_out
-    drill = mixed.windows[-1]
-    assert len(drill) == 32 and drill[0] == plain.tok.bos_id and min(drill[1:]) >= min(300, plain.tok.vocab_size // 2)
-    with pytest.raises(ValueError, match="drill_fraction must be in"):
-        pretrain_module.prepare(docs, tmp_path / "c", replace(cfg, drill_fraction=1.0), tokenizer_dir=out)
+def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
+    windows = make_windows(list(range(300, 1000)), 32)  # 21 text windows
+    cfg = PretrainConfig(context_length=32, batch_size=4, steps=10)
+    # no drills: exactly the epoch-by-epoch schedule (the shipped model's command is unchanged)
+    assert pretrain_module.training_windows(windows, cfg, 1000) == schedule_windows(windows, 40, 0)
+    mixed = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=0.25), 1000)
+    drills = [w for w in mixed if w not in windows]
+    assert len(mixed) == 40 and len(drills) == 10 and mixed[:10] != schedule_windows(windows, 10, 0)
+    assert all(len(w) == 32 and w[0] == 1 and min(w[1:]) >= 300 for w in drills)
+    only = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.0), 1000)
+    assert not any(w in windows for w in only)
+    with pytest.raises(ValueError, match=r"drill_fraction must be in \[0, 1\]"):
+        pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000)
 
 
 def test_seconds_per_step_trains_a_copy(tok):
