@@ -128,6 +128,7 @@ class PretrainConfig:
     steps: int = 1000  # optimizer steps of batch_size windows
     batch_size: int = 4  # 1,024 tokens a step: early in training, more steps beat bigger batches
     learning_rate: float = 2e-3
+    lr_scheduler_type: str = "cosine"  # constant_with_warmup keeps the rate up (drill phases: see the model card)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.1
     evaluations: int = 10  # held-out evaluations during training (plus one at the end)
@@ -148,7 +149,7 @@ class PretrainConfig:
     def train_config(self, output_dir: PathLike) -> TrainConfig:
         return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
-                           lr_scheduler_type="cosine", max_grad_norm=1.0, seed=self.seed,
+                           lr_scheduler_type=self.lr_scheduler_type, max_grad_norm=1.0, seed=self.seed,
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
                            save_strategy="no", output_dir=str(output_dir))
@@ -330,6 +331,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
                        help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"
                        else f"default {getattr(d, name)}")
+    p.add_argument("--lr-scheduler-type", dest="lr_scheduler_type", metavar="NAME",
+                   help=f"default {d.lr_scheduler_type} (any of the trainer's: linear, constant_with_warmup, ...)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
     length.add_argument("--epochs", type=float, metavar="E", help="passes over the training windows")

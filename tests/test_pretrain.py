@@ -291,6 +291,23 @@ def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
         pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000)
 
 
+def test_drill_phase_with_a_constant_rate(tiny_run, tmp_path):
+    """A drills-only phase (--drill-fraction 1) with --lr-scheduler-type constant_with_warmup: the
+    rate stays at its peak after the warm-up, and the results record both settings."""
+    d, out = tiny_run
+    run = tmp_path / "drill"
+    assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(run), "--init", str(out),
+                 "--steps", "8", *TINY_ARGS, "--drill-fraction", "1", "--lr-scheduler-type", "constant_with_warmup",
+                 "--warmup-ratio", "0.25"]) == 0
+    results = json.loads((run / "pretrain_results.json").read_text())
+    assert results["repeat_drills"] == 8 * 4 and results["epochs"] == 0
+    assert results["config"]["lr_scheduler_type"] == "constant_with_warmup"
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert lrs[:2] == [0.0, 0.005] and lrs[2:] == [0.01] * 6
+    assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(tmp_path / "bad"), "--init", str(out),
+                 "--steps", "1", *TINY_ARGS, "--lr-scheduler-type", "flat"]) == 2
+
+
 def test_seconds_per_step_trains_a_copy(tok):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
