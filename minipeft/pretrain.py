@@ -131,6 +131,7 @@ class PretrainConfig:
     lr_scheduler_type: str = "cosine"  # constant_with_warmup keeps the rate up (drill phases: see the model card)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.1
+    adam_beta2: float = 0.999
     evaluations: int = 10  # held-out evaluations during training (plus one at the end)
     seed: int = 0
 
@@ -148,7 +149,7 @@ class PretrainConfig:
 
     def train_config(self, output_dir: PathLike) -> TrainConfig:
         return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,
-                           warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                           warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay, adam_beta2=self.adam_beta2,
                            lr_scheduler_type=self.lr_scheduler_type, max_grad_norm=1.0, seed=self.seed,
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
@@ -326,7 +327,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
             "evaluations", "seed")
-    for name in ints + ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay"):
+    for name in ints + ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay",
+                       "adam_beta2"):
         kind = int if name in ints else float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
                        help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"

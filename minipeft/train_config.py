@@ -48,6 +48,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up from 0
     weight_decay: float = 0.01  # AdamW decoupled decay, on matrices only
+    adam_beta1: float = 0.9  # AdamW's moment decays (Hugging Face's names and defaults)
+    adam_beta2: float = 0.999  # 0.95 is common in pretraining: the second moment forgets faster
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
     seed: int = 42
@@ -78,6 +80,8 @@ class TrainConfig:
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
             ("weight_decay", 0 <= self.weight_decay < 1, "in [0, 1)"),
             ("test_ratio", 0 < self.test_ratio < 1, "in (0, 1)"),
             ("max_length", self.max_length >= 2, ">= 2"),

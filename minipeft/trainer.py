@@ -90,7 +90,7 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.warmup = math.ceil(config.warmup_ratio * self.total_steps)
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
-                                           betas=(0.9, 0.999), eps=1e-8)
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step, self.history, self.warnings = 0, [], []
 

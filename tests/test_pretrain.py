@@ -292,16 +292,16 @@ def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
 
 
 def test_drill_phase_with_a_constant_rate(tiny_run, tmp_path):
-    """A drills-only phase (--drill-fraction 1) with --lr-scheduler-type constant_with_warmup: the
-    rate stays at its peak after the warm-up, and the results record both settings."""
+    """A drills-only phase (--drill-fraction 1) with --lr-scheduler-type constant_with_warmup and
+    --adam-beta2: the rate stays at its peak after the warm-up, and the results record the settings."""
     d, out = tiny_run
     run = tmp_path / "drill"
     assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(run), "--init", str(out),
                  "--steps", "8", *TINY_ARGS, "--drill-fraction", "1", "--lr-scheduler-type", "constant_with_warmup",
-                 "--warmup-ratio", "0.25"]) == 0
+                 "--warmup-ratio", "0.25", "--adam-beta2", "0.95"]) == 0
     results = json.loads((run / "pretrain_results.json").read_text())
     assert results["repeat_drills"] == 8 * 4 and results["epochs"] == 0
-    assert results["config"]["lr_scheduler_type"] == "constant_with_warmup"
+    assert results["config"]["lr_scheduler_type"] == "constant_with_warmup" and results["config"]["adam_beta2"] == 0.95
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
     assert lrs[:2] == [0.0, 0.005] and lrs[2:] == [0.01] * 6
     assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(tmp_path / "bad"), "--init", str(out),

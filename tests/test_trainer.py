@@ -164,11 +164,19 @@ def test_diagnostics_read_the_curves():
     assert overfitting([(2.0, 2.0), (2.1, 2.1), (2.2, 2.3)]) is None  # both rise: not over-fitting
 
 
+def test_adam_betas_reach_the_optimizer(tmp_path):
+    assert lora_trainer(tmp_path / "a").optimizer.defaults["betas"] == (0.9, 0.999)  # Hugging Face's defaults
+    t = lora_trainer(tmp_path / "b", adam_beta1=0.8, adam_beta2=0.95)
+    assert all(g["betas"] == (0.8, 0.95) for g in t.optimizer.param_groups)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown key 'learning_rat'"):
         TrainConfig.from_dict({"learning_rat": 1e-4})
     with pytest.raises(ValueError, match=r"warmup_ratio=1.5 \(expected in \[0, 1\)\)"):
         TrainConfig.from_dict({"warmup_ratio": 1.5})
+    with pytest.raises(ValueError, match=r"adam_beta2=1.0 \(expected in \[0, 1\)\)"):
+        TrainConfig.from_dict({"adam_beta2": 1.0})
     cfg = TrainConfig.from_dict({"epochs": 5, "r": 16})
     assert (cfg.n_epochs, cfg.lora_rank) == (5, 16)
     (tmp_path / "job.json").write_text('{"batch_size": 4,}')
