@@ -194,9 +194,11 @@ def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -
     return steps
 
 
-def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig, vocab_size: int) -> list[list[int]]:
-    """The steps x batch_size windows the run trains on: cfg.drill_fraction of them fresh repeat
-    drills, the rest text windows scheduled epoch by epoch (schedule_windows); seeded shuffle."""
+def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig,
+                     vocab_size: int) -> tuple[list[list[int]], int]:
+    """(the steps x batch_size windows the run trains on, how many are drills): cfg.drill_fraction
+    of them fresh repeat drills, the rest text windows scheduled epoch by epoch (schedule_windows);
+    seeded shuffle."""
     if not 0 <= cfg.drill_fraction <= 1:
         raise ValueError(f"drill_fraction must be in [0, 1], got {cfg.drill_fraction}")
     n = cfg.steps * cfg.batch_size
@@ -206,7 +208,7 @@ def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig, vocab_si
         rng = random.Random(cfg.seed)
         out += [repeat_drill(rng, vocab_size, cfg.context_length) for _ in range(n_drills)]
         rng.shuffle(out)
-    return out
+    return out, n_drills
 
 
 class Data(NamedTuple):
@@ -262,8 +264,8 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         step_s = seconds_per_step(model, cfg, data.windows, data.tok.pad_id)
         cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
         log(f"{step_s:.2f}s per step: {cfg.steps} steps fit {max_minutes} minutes")
-    train = [(w, w) for w in training_windows(data.windows, cfg, data.tok.vocab_size)]
-    drills = round(cfg.drill_fraction * len(train))
+    windows, drills = training_windows(data.windows, cfg, data.tok.vocab_size)
+    train = [(w, w) for w in windows]
     # the induction probe at every evaluation: metrics.jsonl shows when in-context copying appears
     result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out], data.tok.pad_id,
                      compute_metrics=lambda m: {"induction_accuracy": induction_accuracy(m)}).train()
@@ -327,8 +329,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
             "evaluations", "seed")
-    for name in ints + ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay",
-                       "adam_beta2"):
+    floats = ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay",
+              "adam_beta2")
+    for name in ints + floats:
         kind = int if name in ints else float
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
                        help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"

@@ -11,8 +11,9 @@ whatever the split into micro-batches or processes. Averaging per-micro-batch me
 would weight a token by 1/len(its micro-batch): the gradient-accumulation bug that unsloth
 found in transformers (tests/test_trainer.py checks bs=2 x accum=4 == bs=8 on ragged data).
 Logits are computed only at the supervised positions (metrics.head_loss): the prompt's
-positions skip the vocabulary projection. With torchrun, every rank takes its slice of each micro-batch; gradients are summed across
-ranks (gloo on CPU, NCCL on GPU) and only rank 0 writes files.
+positions skip the vocabulary projection. With torchrun, every rank takes its slice of each
+micro-batch; gradients are summed across ranks (gloo on CPU, NCCL on GPU) and only rank 0
+writes files.
 """
 from __future__ import annotations
 

@@ -345,9 +345,9 @@ def test_lm_metrics_reject_bad_input():
         causal_lm_loss(logits, torch.zeros(2, 5, dtype=torch.long), reduction="none")
 
 
-@pytest.mark.parametrize("b,t,d,v,mask_frac,dtype", [(1, 2, 4, 5, 0.0, torch.float32), (3, 9, 8, 31, 0.6, torch.float32),
-                                                   (2, 17, 16, 131, 0.95, torch.float32),
-                                                   (2, 13, 16, 97, 0.5, torch.bfloat16)])
+@pytest.mark.parametrize("b,t,d,v,mask_frac,dtype", [
+    (1, 2, 4, 5, 0.0, torch.float32), (3, 9, 8, 31, 0.6, torch.float32), (2, 17, 16, 131, 0.95, torch.float32),
+    (2, 13, 16, 97, 0.5, torch.bfloat16)])
 def test_head_loss_equals_causal_lm_loss_on_all_logits_value_and_gradients(b, t, d, v, mask_frac, dtype):
     """head_loss(h, y, head) skips unscored positions; the loss and every gradient (hidden states,
     head weight) must equal causal_lm_loss(head(h), y)'s, which computes logits everywhere."""

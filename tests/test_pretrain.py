@@ -280,12 +280,12 @@ def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
     windows = make_windows(list(range(300, 1000)), 32)  # 21 text windows
     cfg = PretrainConfig(context_length=32, batch_size=4, steps=10)
     # no drills: exactly the epoch-by-epoch schedule (the shipped model's command is unchanged)
-    assert pretrain_module.training_windows(windows, cfg, 1000) == schedule_windows(windows, 40, 0)
-    mixed = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=0.25), 1000)
+    assert pretrain_module.training_windows(windows, cfg, 1000) == (schedule_windows(windows, 40, 0), 0)
+    mixed, n_drills = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=0.25), 1000)
     drills = [w for w in mixed if w not in windows]
-    assert len(mixed) == 40 and len(drills) == 10 and mixed[:10] != schedule_windows(windows, 10, 0)
+    assert len(mixed) == 40 and len(drills) == n_drills == 10 and mixed[:10] != schedule_windows(windows, 10, 0)
     assert all(len(w) == 32 and w[0] == 1 and min(w[1:]) >= 300 for w in drills)
-    only = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.0), 1000)
+    only, _ = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.0), 1000)
     assert not any(w in windows for w in only)
     with pytest.raises(ValueError, match=r"drill_fraction must be in \[0, 1\]"):
         pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000)
