@@ -46,7 +46,7 @@ from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .corpus import build_corpus, read_corpus, write_corpus
 from .exercises import copy_exercises, induction_accuracy, repeat_drill
-from .files import json_bytes, write_atomic
+from .files import json_bytes, read_json, write_atomic
 from .model import Transformer
 from .peft_model import full_finetune
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -282,9 +282,25 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(),
+        "init": None if init is None else {"model": str(init), "results": read_results(init)},
     }
     write_atomic(output / "pretrain_results.json", json_bytes(results))
     return results
+
+
+def read_results(model_dir: PathLike) -> Optional[dict[str, Any]]:
+    """The pretrain_results.json of a model directory, or None if it has none (a model not made here)."""
+    path = Path(model_dir) / "pretrain_results.json"
+    return read_json(path, "the results of the model continued") if path.is_file() else None
+
+
+def phases(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs that made a model, first to last: a run that continued a model (`--init`) records
+    that model's results under results["init"]["results"], which may record their own."""
+    chain = [results]
+    while (chain[-1].get("init") or {}).get("results"):
+        chain.append(chain[-1]["init"]["results"])
+    return chain[::-1]
 
 
 def machine() -> dict[str, Any]:

@@ -262,7 +262,12 @@ def test_init_continues_the_given_model(tiny_run, tmp_path):
     assert (cont / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
     for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
-    assert json.loads((cont / "pretrain_results.json").read_text())["config"]["hidden_size"] == 32
+    results, parent = (json.loads((m / "pretrain_results.json").read_text()) for m in (cont, out))
+    assert results["config"]["hidden_size"] == 32
+    # the lineage: the continued model's results are recorded, and phases() lists both runs in order
+    assert results["init"] == {"model": str(out), "results": parent} and parent["init"] is None
+    assert pretrain_module.phases(results) == [parent, results]
+    assert [r["steps"] for r in pretrain_module.phases(results)] == [30, 2]
 
 
 def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp_path):
