@@ -31,8 +31,10 @@ TASKS_FILE = REPO / "datasets" / "tasks.json"
 # The shipped model has 5 layers of d=256: adapting q and v alone leaves too little capacity to
 # learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of
 # this model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller).
+# Batch 8 rather than 16: twice the updates for the same tokens and time. On json_extract, 12
+# epochs at batch 16 reached 84% exact match, at batch 8 98%.
 DEMO_JOB = dict(template="plain", method="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.1,
-                target_modules="all-linear", learning_rate=2e-3, n_epochs=12, batch_size=16, warmup_ratio=0.1,
+                target_modules="all-linear", learning_rate=2e-3, n_epochs=12, batch_size=8, warmup_ratio=0.1,
                 weight_decay=0.01, lr_scheduler_type="cosine", max_length=128, logging_steps=5,
                 save_strategy="epoch", save_total_limit=1, seed=0)
 
@@ -55,7 +57,7 @@ def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples:
     return result.metrics
 
 
-def run_demo(task: str = "sentiment", output_dir: str = "runs/demo", samples: int = 20) -> dict[str, Any]:
+def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples: int = 20) -> dict[str, Any]:
     cfg, spec = demo_config(task, output_dir)
     out = Path(output_dir)
     if out.exists():
@@ -94,7 +96,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the main job: LoRA fine-tune of the shipped model on a bundled task")
-    d.add_argument("--task", default="sentiment", help="a task of datasets/tasks.json")
+    d.add_argument("--task", default="json_extract", help="a task of datasets/tasks.json")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--samples", type=int, default=20, help="examples in samples.md for the human spot check")
     d.set_defaults(func=_demo)

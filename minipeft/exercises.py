@@ -123,11 +123,14 @@ def copy_exercises(docs: Sequence[str], fraction: float, seed: int = 0,
 
 def repeat_drill(rng: random.Random, vocab_size: int, length: int, low: int = 300,
                  piece: tuple[int, int] = (4, 30)) -> list[int]:
-    """`length` ids: <s> (id 1), then pieces of piece[0]..piece[1] ids drawn uniformly from
-    [low, vocab_size) (above the special and byte pieces; low is capped at vocab_size / 2, as in
-    the probe below), each written 2 or 3 times in a row, until the window is full (the last
-    piece is cut)."""
-    low, ids = min(low, vocab_size // 2), [1]
+    """`length` ids: pieces of piece[0]..piece[1] ids drawn uniformly from [low, vocab_size)
+    (above the special and byte pieces; low is capped at vocab_size / 2, as in the probe below),
+    each written 2 or 3 times in a row, until the window is full (the last piece is cut).
+
+    No <s>: a drill is not a document. A model whose drills began with <s>, like its texts,
+    learned that what follows <s> may be noise, and read every prompt (all start with <s>) as a
+    drill until something repeated: ~8 nats, a uniform guess, on each of its first 10 tokens."""
+    low, ids = min(low, vocab_size // 2), []
     while len(ids) < length:
         seg = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*piece))]
         ids += seg * rng.randint(2, 3)
