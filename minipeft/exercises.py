@@ -129,7 +129,8 @@ def repeat_drill(rng: random.Random, vocab_size: int, length: int, low: int = 30
 
     No <s>: a drill is not a document. A model whose drills began with <s>, like its texts,
     learned that what follows <s> may be noise, and read every prompt (all start with <s>) as a
-    drill until something repeated: ~8 nats, a uniform guess, on each of its first 10 tokens."""
+    drill until something repeated: ~8 nats, a uniform guess, on each of its first 10 tokens.
+    (A drills-only run opens them with <s>: pretrain.training_windows.)"""
     low, ids = min(low, vocab_size // 2), []
     while len(ids) < length:
         seg = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*piece))]

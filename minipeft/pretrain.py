@@ -194,11 +194,16 @@ def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -
     return steps
 
 
-def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig,
-                     vocab_size: int) -> tuple[list[list[int]], int]:
+def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig, vocab_size: int,
+                     bos_id: int) -> tuple[list[list[int]], int]:
     """(the steps x batch_size windows the run trains on, how many are drills): cfg.drill_fraction
     of them fresh repeat drills, the rest text windows scheduled epoch by epoch (schedule_windows);
-    seeded shuffle."""
+    seeded shuffle.
+
+    A drill opens with <s> only in a drills-only run (fraction 1), where <s> tells nothing and gives
+    attention a fixed first token to rest on: this architecture formed induction heads from ~1,350
+    steps with it, none in 1,800 without. Mixed with text, a drill must not look like a document: a
+    model whose mixed drills opened with <s> read every prompt as a drill until something repeated."""
     if not 0 <= cfg.drill_fraction <= 1:
         raise ValueError(f"drill_fraction must be in [0, 1], got {cfg.drill_fraction}")
     n = cfg.steps * cfg.batch_size
@@ -206,7 +211,8 @@ def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig,
     out = schedule_windows(windows, n - n_drills, cfg.seed)
     if n_drills:
         rng = random.Random(cfg.seed)
-        out += [repeat_drill(rng, vocab_size, cfg.context_length) for _ in range(n_drills)]
+        start = [bos_id] if cfg.drill_fraction == 1 else []
+        out += [start + repeat_drill(rng, vocab_size, cfg.context_length - len(start)) for _ in range(n_drills)]
         rng.shuffle(out)
     return out, n_drills
 
@@ -264,7 +270,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         step_s = seconds_per_step(model, cfg, data.windows, data.tok.pad_id)
         cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
         log(f"{step_s:.2f}s per step: {cfg.steps} steps fit {max_minutes} minutes")
-    windows, drills = training_windows(data.windows, cfg, data.tok.vocab_size)
+    windows, drills = training_windows(data.windows, cfg, data.tok.vocab_size, data.tok.bos_id)
     train = [(w, w) for w in windows]
     # the induction probe at every evaluation: metrics.jsonl shows when in-context copying appears
     result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out], data.tok.pad_id,
