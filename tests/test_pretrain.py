@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from minipeft.pretrain import (PretrainConfig, make_windows, pretrain, schedule_
 from minipeft.tokenizer import load_tokenizer, train_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "minillama-10m"
+PATH_FLAGS = ("--corpus", "--html-dir", "--output", "--init")  # where a run read and wrote, not how
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -284,16 +286,18 @@ def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp
 def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
     windows = make_windows(list(range(300, 1000)), 32)  # 21 text windows
     cfg = PretrainConfig(context_length=32, batch_size=4, steps=10)
-    # no drills: exactly the epoch-by-epoch schedule (the shipped model's command is unchanged)
-    assert pretrain_module.training_windows(windows, cfg, 1000) == (schedule_windows(windows, 40, 0), 0)
-    mixed, n_drills = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=0.25), 1000)
+    # no drills: exactly the epoch-by-epoch schedule, as before drills existed
+    assert pretrain_module.training_windows(windows, cfg, 1000, 1) == (schedule_windows(windows, 40, 0), 0)
+    mixed, n_drills = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=0.25), 1000, 1)
     drills = [w for w in mixed if w not in windows]
     assert len(mixed) == 40 and len(drills) == n_drills == 10 and mixed[:10] != schedule_windows(windows, 10, 0)
-    assert all(len(w) == 32 and w[0] == 1 and min(w[1:]) >= 300 for w in drills)
-    only, _ = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.0), 1000)
+    assert all(len(w) == 32 and min(w) >= 300 for w in drills)
+    only, _ = pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.0), 1000, 1)
     assert not any(w in windows for w in only)
+    # <s> opens a drill only in a drills-only run; mixed with text, a drill must not look like a document
+    assert all(w[0] == 1 and min(w[1:]) >= 300 for w in only) and all(w[0] != 1 for w in drills)
     with pytest.raises(ValueError, match=r"drill_fraction must be in \[0, 1\]"):
-        pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000)
+        pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000, 1)
 
 
 def test_drill_phase_with_a_constant_rate(tiny_run, tmp_path):
@@ -347,11 +351,26 @@ def test_shipped_model_is_small_and_described_by_its_card():
         assert card[key] == str(cfg[key]).lower(), key
     model = load_pretrained(SHIPPED)
     assert card["parameters"] == f"{sum(p.numel() for p in model.parameters()):,}" == f"{results['parameters']:,}"
-    assert card["steps"] == f"{results['steps']:,}"
-    assert card["tokens seen"] == f"{results['tokens_seen']:,}"
+    runs = pretrain_module.phases(results)  # the shipped model was pretrained in two runs
+    assert card["steps"] == f"{sum(r['steps'] for r in runs):,}"
+    assert card["tokens seen"] == f"{sum(r['tokens_seen'] for r in runs):,}"
     assert card["held-out perplexity"] == f"{results['eval_perplexity']:.2f}"
     assert card["context length"] == str(results["config"]["context_length"])
     assert card["induction accuracy"] == f"{induction_accuracy(model):.2f}"
+
+
+def test_card_reproduces_each_run():
+    """Every setting each recorded run was given (all but its paths) is in the
+    card's Reproduce commands, in the same order."""
+    card = (SHIPPED / "README.md").read_text()
+    commands = re.search(r"## Reproduce\n\n```bash\n(.*?)```", card, re.S).group(1).replace("\\\n", " ")
+    runs = pretrain_module.phases(json.loads((SHIPPED / "pretrain_results.json").read_text()))
+    written = [line.split() for line in commands.splitlines() if line.startswith("minipeft pretrain")]
+    assert len(written) == len(runs) == 2
+    for run, line in zip(runs, written):
+        args = shlex.split(run["command"])
+        settings = [(a, v) for a, v in zip(args, args[1:]) if a.startswith("--") and a not in PATH_FLAGS]
+        assert settings == [(a, v) for a, v in zip(line, line[1:]) if a.startswith("--") and a not in PATH_FLAGS]
 
 
 def test_shipped_model_matches_transformers_and_is_trained():
