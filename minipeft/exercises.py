@@ -28,8 +28,9 @@ A *drill* (`repeat_drill`) is a training window of random token ids in which eve
 written two or three times: nothing but copying predicts a repeat, so the loss on drills pushes
 hardest towards induction heads. This architecture (5 layers, d=256) formed them from scratch after
 ~1,300 steps of drills alone (16 x 96 tokens) at a constant rate with AdamW beta2 = 0.95, and kept
-them through a text phase with a fifth of drills; the copy exercises above, diluted in text, never did
-(the model card, models/minillama-10m/README.md, has the trials and the commands).
+them through a text phase with a fifth of drills: the shipped base model was made so. The copy
+exercises above, diluted in text, never formed them (the model card, models/minillama-10m/README.md,
+has the trials and the commands).
 
 `induction_accuracy` is the standard probe: a random token sequence shown twice; the share of
 tokens of the second copy that the model predicts greedily (a model without induction: ~0).
