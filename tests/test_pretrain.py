@@ -360,8 +360,8 @@ def test_shipped_model_is_small_and_described_by_its_card():
 
 
 def test_card_reproduces_each_run():
-    """Every setting each recorded run was given (all but its paths) is in the
-    card's Reproduce commands, in the same order."""
+    """Every setting each recorded run was given (all but its paths) is in the card's Reproduce
+    commands, in the same order."""
     card = (SHIPPED / "README.md").read_text()
     commands = re.search(r"## Reproduce\n\n```bash\n(.*?)```", card, re.S).group(1).replace("\\\n", " ")
     runs = pretrain_module.phases(json.loads((SHIPPED / "pretrain_results.json").read_text()))
