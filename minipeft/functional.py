@@ -24,7 +24,9 @@ variable MINIPEFT_KERNELS, else "auto":
     triton - always the kernels; unsupported operands raise. CPU tensors run on Triton's interpreter,
              which needs TRITON_INTERPRET=1: exported, or minipeft.kernels.triton_interpreter() around
              the first import of the kernels and the calls.
-    torch  - always the twin.
+    torch  - always PyTorch.
+On the PyTorch path, a frozen W with adapters of its dtype and nothing dropped runs as one matmul with
+the merged weight W + s B A (minipeft.lora_merged: same map, fewer passes); anything else runs the twin.
 Tested in tests/test_kernels_lora.py and tests/test_kernels_nf4.py (twin vs kernels vs float64 autograd).
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nf4
+from .lora_merged import can_merge, lora_linear_merged
 from .nf4 import NF4Tensor
 
 MODES = ("auto", "triton", "torch")
@@ -156,9 +159,18 @@ def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return y + (F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(y.dtype)
 
 
+def _lora_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
+                       keep_scale: float) -> torch.Tensor:
+    """The PyTorch path: through the merged weight when that is the same map, else the twin."""
+    if can_merge(x, weight, lora_A, lora_B, mask):
+        return lora_linear_merged(x, weight, bias, lora_A, lora_B, scaling)
+    return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                 lora_B: torch.Tensor, scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-    """y = x W^T + b + s (D(x) A^T) B^T (module docstring), by the fused kernel or the eager twin.
+    """y = x W^T + b + s (D(x) A^T) B^T (module docstring), by the fused kernel or PyTorch.
 
     x (..., K), weight (N, K), bias (N,) or None, lora_A (r, K), lora_B (N, r) -> (..., N).
     dropout: rate p of D, applied only when training.
@@ -166,7 +178,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     mask, keep_scale = dropout_mask(x, dropout, training)
     if _use_triton(x.is_cuda, lambda: _lora_problem(x, weight.dtype, bias, lora_A, lora_B)):
         return _kernels("lora").lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
-    return lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -194,4 +206,4 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Ten
     mask, keep_scale = dropout_mask(x, dropout, training)
     if _use_triton(x.is_cuda, lambda: _lora_problem(x, x.dtype, bias, lora_A, lora_B)):
         return _kernels("lora").nf4_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
-    return nf4_lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
+    return _lora_linear_eager(x, nf4.dequantize_nf4(weight, x.dtype), bias, lora_A, lora_B, scaling, mask, keep_scale)
