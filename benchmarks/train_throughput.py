@@ -12,7 +12,7 @@ batch: the first half of every row is the prompt (labels -100), the second half 
 reply (the bundled tasks score 6-35% of their tokens); the LoRA pair also runs on a batch whose
 every token is scored (pretraining-style). Each tool computes its loss its own way: transformers
 with `labels=` (logits at every position), minipeft as its Trainer does (`metrics.head_loss`:
-logits only at scored positions). Tokens/s counts every token of the batch. And (with
+logits only at scored positions; `metrics.scored_suffix`: the last layer from the first of them on). Tokens/s counts every token of the batch. And (with
 torch.profiler over 2 more steps) where the time goes: the share of matrix multiplies (aten::mm,
 addmm, bmm) and how many there are. Equal multiply counts with a large multiply share mean the
 tools do the same arithmetic and differ only in the rest (norms, RoPE, loss, copies).
@@ -56,7 +56,7 @@ def build(provider: str, device: str):
         return model.to(device), lambda ids, labels: model(input_ids=ids, labels=labels).loss
     from minipeft import ModelConfig, Transformer
     from minipeft.linear4bit import quantize_model
-    from minipeft.metrics import head_loss
+    from minipeft.metrics import head_loss, scored_suffix
     from minipeft.param_count import method_config
     from minipeft.peft_model import full_finetune, get_peft_model
 
@@ -68,7 +68,11 @@ def build(provider: str, device: str):
                "prefix": {"num_virtual_tokens": 20}}
     options["qlora"] = options["lora"]
     model = full_finetune(model) if method == "full" else get_peft_model(model, method_config(method, **options[method]))
-    return model, lambda ids, labels: head_loss(model(ids, return_hidden=True), labels, model.get_output_embeddings())
+
+    def loss(ids, labels):
+        n = scored_suffix(labels)
+        return head_loss(model(ids, return_hidden=True, logits_to_keep=n), labels[:, -n:], model.get_output_embeddings())
+    return model, loss
 
 
 def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dict:

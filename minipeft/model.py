@@ -96,17 +96,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, d, bias=cfg.o_proj_bias)
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache], layer: int):
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache], layer: int,
+                keep: int = 0):
+        """Outputs (B, Tq, d) for the last Tq = keep positions of x (B, T, d) (keep = 0: all T), which
+        attend to keys and values of all of them; mask (B, 1, Tq, S) when given."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        xq, cq, sq = x[:, -keep:], cos[:, -keep:], sin[:, -keep:]  # -0: all
+        Tq = xq.shape[1]
+        q = self.q_proj(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cq, sq), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = past + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
 class MLP(nn.Module):
@@ -130,8 +135,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, keep: int = 0):
+        """x (B, T, d) -> (B, Tq, d), the last Tq = keep positions (keep = 0: all T)."""
+        x = x[:, -keep:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,10 +198,17 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """input_ids (B, T), or inputs_embeds (B, T, d) -> logits (B, T, vocab), or with
         return_hidden the final normed hidden states (B, T, d) that lm_head maps to logits (the
         training loss applies lm_head only where a token is supervised: metrics.head_loss).
+
+        logits_to_keep = n > 0 (Hugging Face's name): only the last n positions, (B, n, ...). Their
+        outputs equal the full run's, yet the last layer computes queries, attention, o_proj and
+        the MLP for those n only: no later layer reads the others. In fine-tuning, where the prompt
+        is not scored, that skips much of a layer (metrics.scored_suffix); in generation, all of
+        the prompt's last layer but one position.
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over the cached past and the
         current T tokens, S = cache.length + T. Positions count real tokens only: a left-padded
@@ -206,10 +219,13 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0: all positions), got {logits_to_keep}")
+        keep = 0 if logits_to_keep >= T else logits_to_keep
         if attention_mask is not None and attention_mask.dim() == 4:
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
-            return self._run(x, position_ids, attention_mask, cache, return_hidden)
+            return self._run(x, position_ids, attention_mask, cache, return_hidden, keep)
         if attention_mask is not None and past == 0 and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: SDPA's causal kernel, ~1.4x faster than a mask tensor
         if position_ids is None:
@@ -222,16 +238,23 @@ class Transformer(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
             mask = attention_mask_4d(attention_mask, T, self.config.sliding_window)
-        return self._run(x, position_ids, mask, cache, return_hidden)
+        return self._run(x, position_ids, mask, cache, return_hidden, keep)
 
     def _run(self, x: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
-             cache: Optional[KVCache], return_hidden: bool = False) -> torch.Tensor:
+             cache: Optional[KVCache], return_hidden: bool, keep: int) -> torch.Tensor:
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
+            if i == last and keep:  # the last keep queries: their rows of the mask, causal from their offset
+                if mask is None:
+                    mask = attention_mask_4d(torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device),
+                                             x.shape[1], None)
+                mask = mask[:, :, -keep:]
+            k = keep if i == last else 0
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, None, i, k, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i)
+                x = block(x, cos, sin, mask, cache, i, k)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -171,7 +171,7 @@ class PrefixEncoder(nn.Module):
     def forward(self, model: Transformer, input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab). A cache passed in must be empty or already hold this prefix."""
         if model.gradient_checkpointing and model.training:
             raise ValueError("prefix tuning feeds the prefix through the KV cache, which gradient checkpointing "
@@ -183,7 +183,8 @@ class PrefixEncoder(nn.Module):
             self.fill_cache(cache, x.shape[0], dtype)
         attention_mask, position_ids = _with_virtual_tokens(self.num_virtual_tokens, attention_mask, position_ids)
         return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                     inputs_embeds=inputs_embeds, return_hidden=return_hidden)
+                     inputs_embeds=inputs_embeds,
+                     return_hidden=return_hidden, logits_to_keep=logits_to_keep)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.table()}
@@ -228,22 +229,24 @@ class PromptEmbedding(nn.Module):
     def forward(self, model: Transformer, input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, inputs_embeds: Optional[torch.Tensor] = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab) of the real tokens. A non-empty cache already holds the prompt."""
         P = self.num_virtual_tokens
         attention_mask, position_ids = _with_virtual_tokens(P, attention_mask, position_ids)
         if cache is not None and cache.length > 0:
             return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         inputs_embeds=inputs_embeds, return_hidden=return_hidden)
+                         inputs_embeds=inputs_embeds,
+                         return_hidden=return_hidden, logits_to_keep=logits_to_keep)
         x = model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B = x.shape[0]
         prompt = self.embedding.weight.to(x.dtype).expand(B, -1, -1)
         if position_ids is not None:
             virtual = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(B, P)
             position_ids = torch.cat((virtual, position_ids), dim=1)
-        out = model(inputs_embeds=torch.cat((prompt, x), dim=1), attention_mask=attention_mask,
-                    position_ids=position_ids, cache=cache, return_hidden=return_hidden)
-        return out[:, P:]
+        T = x.shape[1]  # the real tokens: never keep the prompt's positions
+        return model(inputs_embeds=torch.cat((prompt, x), dim=1), attention_mask=attention_mask,
+                     position_ids=position_ids, cache=cache, return_hidden=return_hidden,
+                     logits_to_keep=min(logits_to_keep, T) or T)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.embedding.weight}

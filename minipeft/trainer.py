@@ -10,8 +10,9 @@ so every micro-batch contributes (its NLL sum) / N_tokens(G) and the gradient is
 whatever the split into micro-batches or processes. Averaging per-micro-batch means instead
 would weight a token by 1/len(its micro-batch): the gradient-accumulation bug that unsloth
 found in transformers (tests/test_trainer.py checks bs=2 x accum=4 == bs=8 on ragged data).
-Logits are computed only at the supervised positions (metrics.head_loss): the prompt's
-positions skip the vocabulary projection. With torchrun, every rank takes its slice of each
+Logits are computed only at the supervised positions (metrics.head_loss), and the last layer
+only from the first of them on (metrics.scored_suffix): the prompt's positions skip the vocabulary
+projection and most of a layer. With torchrun, every rank takes its slice of each
 micro-batch; gradients are summed across ranks (gloo on CPU, NCCL on GPU) and only rank 0
 writes files.
 """
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .batching import collate
 from .diagnostics import overfitting, unstable_loss
-from .metrics import StreamingLMMetrics, head_loss
+from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .schedule import lr_factor
 from .train_config import TrainConfig
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -107,13 +108,16 @@ class Trainer:
         return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
 
     def _forward(self, examples: Sequence[Rendered], return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, T, V), or with return_hidden the final hidden states (B, T, d); labels (B, T))."""
+        """(logits (B, n, V), or with return_hidden the final hidden states (B, n, d); labels (B, n)):
+        with return_hidden only the last n = scored_suffix(labels) positions, else all T."""
         batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=return_hidden)
-        return out, batch["labels"]
+        n = scored_suffix(batch["labels"]) if return_hidden else 0
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=return_hidden,
+                         logits_to_keep=n)
+        return out, batch["labels"][:, -n:]
 
     def _nll(self, examples: Sequence[Rendered]) -> torch.Tensor:
-        """Summed NLL of the supervised tokens; logits only where a token is scored (head_loss)."""
+        """Summed NLL of the supervised tokens; the last layer and lm_head only where it is scored."""
         hidden, labels = self._forward(examples, return_hidden=True)
         return head_loss(hidden, labels, self.model.get_output_embeddings(), reduction="sum")
 

@@ -5,11 +5,12 @@ against (sacrebleu, rouge-score, torch cross_entropy) in tests/test_metrics.py.
 """
 from .bleu import BleuScore, bleu_tokenize, corpus_bleu
 from .exact_match import exact_match, exact_match_accuracy, normalize_answer
-from .lm import IGNORE_INDEX, StreamingLMMetrics, causal_lm_loss, head_loss, perplexity, token_accuracy
+from .lm import (IGNORE_INDEX, StreamingLMMetrics, causal_lm_loss, head_loss, perplexity, scored_suffix,
+                 token_accuracy)
 from .rouge import ROUGE_TYPES, RougeScore, rouge, rouge_pair, rouge_tokenize
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss", "head_loss", "perplexity", "token_accuracy", "StreamingLMMetrics",
+    "IGNORE_INDEX", "causal_lm_loss", "head_loss", "scored_suffix", "perplexity", "token_accuracy", "StreamingLMMetrics",
     "normalize_answer", "exact_match", "exact_match_accuracy",
     "BleuScore", "corpus_bleu", "bleu_tokenize",
     "ROUGE_TYPES", "RougeScore", "rouge", "rouge_pair", "rouge_tokenize",
