@@ -68,7 +68,8 @@ def generate(
     cache = KVCache(cfg.num_hidden_layers) if use_cache else None
     ids, step_ids = input_ids, input_ids
     for _ in range(max_new_tokens):
-        logits = model(step_ids if use_cache else ids, attention_mask=mask, cache=cache)[:, -1, :]
+        # logits_to_keep=1: the prompt's last layer and lm_head only where the next token is read
+        logits = model(step_ids if use_cache else ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1, :]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         ids = torch.cat((ids, nxt[:, None]), dim=1)

@@ -57,6 +57,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, -n:], or x itself for n = 0 (all): a slice, even a full one, would cost its backward
+    a zero-filled copy of the gradient."""
+    return x[:, -n:] if n else x
+
+
 class KVCache:
     """Keys and values of the positions seen so far, one (B, n_kv_heads, S, head_dim) pair per layer.
 
@@ -101,7 +107,7 @@ class Attention(nn.Module):
         """Outputs (B, Tq, d) for the last Tq = keep positions of x (B, T, d) (keep = 0: all T), which
         attend to keys and values of all of them; mask (B, 1, Tq, S) when given."""
         B, T, _ = x.shape
-        xq, cq, sq = x[:, -keep:], cos[:, -keep:], sin[:, -keep:]  # -0: all
+        xq, cq, sq = last_positions(x, keep), last_positions(cos, keep), last_positions(sin, keep)
         Tq = xq.shape[1]
         q = self.q_proj(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -137,7 +143,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, layer, keep: int = 0):
         """x (B, T, d) -> (B, Tq, d), the last Tq = keep positions (keep = 0: all T)."""
-        x = x[:, -keep:] + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
+        x = last_positions(x, keep) + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

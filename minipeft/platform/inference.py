@@ -63,7 +63,7 @@ class Loaded:
         with self.lock, torch.no_grad():
             if adapter is not None and self.model.active_adapter != adapter:
                 self.model.set_adapter(adapter)
-            return self.model(ids, attention_mask=mask, cache=cache)[:, -1, :]
+            return self.model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1, :]
 
 
 def _template_of(folder: Path) -> ChatTemplate:
