@@ -4,18 +4,20 @@ minipeft's methods side by side, on the same random model and batch.
     python benchmarks/train_throughput.py [--quick] [--device cpu|cuda]
 
 One question: how fast does a fine-tuning step run here, and at what memory? Each provider runs
-in its own fresh process (so peak RSS / CUDA peak memory is its own), builds the same config
-with the same seed, warms up, then times `steps` full steps (forward, backward, AdamW) and
-reports p20/p50/p80 seconds, tokens/s and the ratio to transformers + peft LoRA (over --rounds
-runs of every provider in alternating order, the median run). The batch is a fine-tuning
-batch: the first half of every row is the prompt (labels -100), the second half the scored
-reply (the bundled tasks score 6-35% of their tokens); the LoRA pair also runs on a batch whose
-every token is scored (pretraining-style). Each tool computes its loss its own way: transformers
-with `labels=` (logits at every position), minipeft as its Trainer does (`metrics.head_loss`:
-logits only at scored positions; `metrics.scored_suffix`: the last layer from the first of them on). Tokens/s counts every token of the batch. And (with
-torch.profiler over 2 more steps) where the time goes: the share of matrix multiplies (aten::mm,
-addmm, bmm) and how many there are. Equal multiply counts with a large multiply share mean the
-tools do the same arithmetic and differ only in the rest (norms, RoPE, loss, copies).
+in its own process (so peak RSS / CUDA peak memory is its own), builds the same config with the
+same seed and warms up; then the providers take full steps (forward, backward, AdamW) in turn,
+one each per sweep, for --steps sweeps (lockstep: a shared machine whose speed drifts, as this
+project's does by +-20% from minute to minute, slows all of them alike). Reported: p20/p50/p80
+seconds, tokens/s (every token of the batch), and the speed against transformers + peft LoRA:
+the median over sweeps of the paired ratio of step times.
+
+The batch is a fine-tuning batch: the first half of every row is the prompt (labels -100), the
+second half the scored reply (the bundled tasks score 6-35% of their tokens); the LoRA pair also
+runs on a batch whose every token is scored (pretraining-style). Each tool computes its loss its
+own way: transformers with `labels=` (logits at every position), minipeft as its Trainer does
+(`metrics.head_loss`: logits only at scored positions; `metrics.scored_suffix`: the last layer
+only from the first of them on). Where the time goes (torch.profiler over 2 more steps): the
+share of matrix multiplies (aten::mm, addmm, bmm) and how many there are per step.
 Results: benchmarks/results/train_throughput.{json,md}.
 """
 from __future__ import annotations
@@ -75,9 +77,9 @@ def build(provider: str, device: str):
     return model, loss
 
 
-def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dict:
-    """Runs in a fresh process: time `steps` training steps after 2 warm-up steps."""
-    torch.set_num_threads(torch.get_num_threads())
+def worker(provider: str, device: str, batch: int, seq: int) -> None:
+    """A fresh process for one provider, driven over stdin: "step" runs one timed training step and
+    prints its seconds; "end" profiles 2 more steps and prints the JSON row (peak memory included)."""
     model, loss = build(provider.split(",")[0], device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -85,6 +87,7 @@ def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dic
     labels = ids.clone()
     if not provider.endswith("all scored"):
         labels[:, :int(PROMPT_FRACTION * seq)] = -100
+
     def step() -> float:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -96,8 +99,13 @@ def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dic
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    times = [step() for _ in range(steps + 2)][2:]
-    q = statistics.quantiles(times, n=10)
+    for _ in range(2):  # warm-up
+        step()
+    print("ready", flush=True)
+    for command in sys.stdin:
+        if command.strip() == "end":
+            break
+        print(step(), flush=True)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     with torch.profiler.profile() as prof:
@@ -106,49 +114,65 @@ def run_one(provider: str, device: str, batch: int, seq: int, steps: int) -> dic
     ops = prof.key_averages()
     matmuls = [e for e in ops if e.key in MATMULS]
     self_time = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
-    return {"provider": provider, "p20_s": q[1], "p50_s": statistics.median(times), "p80_s": q[7],
-            "tokens_per_s": batch * seq / statistics.median(times), "peak_bytes": peak,
-            "matmul_share": sum(map(self_time, matmuls)) / max(sum(map(self_time, ops)), 1),
-            "matmuls_per_step": sum(e.count for e in matmuls) // 2}
+    print(json.dumps({"provider": provider, "peak_bytes": peak,
+                      "matmul_share": sum(map(self_time, matmuls)) / max(sum(map(self_time, ops)), 1),
+                      "matmuls_per_step": sum(e.count for e in matmuls) // 2}), flush=True)
+
+
+def lockstep(device: str, quick: bool, steps: int) -> dict[str, list[float]]:
+    """Start one worker per provider, then time their steps in turn: sweep s runs one step of every
+    provider, in reverse order on odd sweeps. A machine whose speed drifts (a shared host) slows
+    every provider alike, which separate runs one after another cannot promise."""
+    cmd = [sys.executable, __file__, "--device", device] + (["--quick"] if quick else [])
+    procs = {}
+    for p in PROVIDERS:  # built one at a time: each waits idle, holding its memory, until the sweeps
+        procs[p] = subprocess.Popen(cmd + ["--worker", p], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if procs[p].stdout.readline().strip() != "ready":
+            raise RuntimeError(f"worker {p!r} failed to start (its stderr is above)")
+    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    for sweep in range(steps):
+        for p in PROVIDERS if sweep % 2 == 0 else PROVIDERS[::-1]:
+            procs[p].stdin.write("step\n")
+            procs[p].stdin.flush()
+            times[p].append(float(procs[p].stdout.readline()))
+        if sweep % 10 == 9:
+            print(f"sweep {sweep + 1}/{steps}: " + ", ".join(f"{p} {t[-1]:.3f}s" for p, t in times.items()))
+    rows = {}
+    for p, proc in procs.items():
+        out, _ = proc.communicate("end\n")
+        rows[p] = json.loads(out.strip().splitlines()[-1])
+    return times, rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=3, help="runs of every provider; the median round is reported")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one provider, print its JSON row
+    ap.add_argument("--steps", type=int, default=30, help="timed steps of every provider (sweeps)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: serve one provider's steps
     args = ap.parse_args()
-    batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, 10)
-    if args.one:
-        print(json.dumps(run_one(args.one, args.device, batch, seq, steps)))
-        return
-    runs: dict[str, list[dict]] = {p: [] for p in PROVIDERS}
-    for r in range(args.rounds):  # alternate the order, so a machine that drifts favours no one
-        for provider in PROVIDERS if r % 2 == 0 else PROVIDERS[::-1]:
-            cmd = [sys.executable, __file__, "--one", provider, "--device", args.device] + (["--quick"] if args.quick else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            runs[provider].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            row = runs[provider][-1]
-            print(f"round {r + 1} {provider:26s} {row['tokens_per_s']:8.0f} tok/s  peak {row['peak_bytes'] / 2**20:7.0f} MiB")
-    # per provider, the round with the median step time (its own peak memory and profile)
-    rows = [sorted(runs[p], key=lambda row: row["p50_s"])[(args.rounds - 1) // 2] for p in PROVIDERS]
-    by_name = {r["provider"]: r for r in rows}
-    for r in rows:  # against transformers + peft on the same batch
-        ref = by_name["hf+peft lora, all scored" if r["provider"].endswith("all scored") else "hf+peft lora"]
-        r["speed_vs_hf_peft"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        r["memory_vs_hf_peft"] = r["peak_bytes"] / ref["peak_bytes"]
+    batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, args.steps)
+    if args.worker:
+        return worker(args.worker, args.device, batch, seq)
+    times, by_name = lockstep(args.device, args.quick, steps)
+    for p, r in by_name.items():  # against transformers + peft on the same batch, paired by sweep
+        ref = "hf+peft lora, all scored" if p.endswith("all scored") else "hf+peft lora"
+        q = statistics.quantiles(times[p], n=10)
+        r.update(p20_s=q[1], p50_s=statistics.median(times[p]), p80_s=q[7])
+        r["tokens_per_s"] = batch * seq / r["p50_s"]
+        r["speed_vs_hf_peft"] = statistics.median(a / b for a, b in zip(times[ref], times[p]))
+        r["memory_vs_hf_peft"] = r["peak_bytes"] / by_name[ref]["peak_bytes"]
+    rows = list(by_name.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}" \
         f", {torch.get_num_threads()} threads"
     meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,
-            "batch": batch, "seq": seq, "prompt_fraction": PROMPT_FRACTION, "steps": steps, "rounds": args.rounds,
-            "config": CONFIG}
+            "batch": batch, "seq": seq, "prompt_fraction": PROMPT_FRACTION, "steps": steps, "config": CONFIG}
     lines = [f"# One training step, {args.device} ({machine}); torch {torch.__version__}, commit {commit}", "",
              f"batch {batch} x {seq} tokens, the first {PROMPT_FRACTION:.0%} of each row prompt (not scored) except in "
-             f"the \"all scored\" rows; model {CONFIG}; each provider in a fresh process, {args.rounds} rounds "
-             "in alternating order, the round with the median step time shown; ratios against hf+peft lora on "
-             "the same batch", "",
+             f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
+             "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
+             "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's", "",
              "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft "
              "| matmuls / step | matmul share of time |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
