@@ -56,7 +56,7 @@ class TrainConfig:
     bf16: bool = False  # base weights in bfloat16 (adapters stay float32)
     gradient_checkpointing: bool = False
     # --- logging, evaluation, checkpoints ---
-    logging_steps: int = 10
+    logging_steps: int = 10  # metrics.jsonl gets a row every n steps; its loss is their mean
     eval_steps: int = 0  # 0: evaluate at the end of each epoch only
     eval_batch_size: int = 0  # examples per evaluation forward; 0: batch_size
     save_strategy: str = "epoch"  # epoch | steps | no (no checkpoints: the caller saves the result)

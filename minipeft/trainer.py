@@ -175,7 +175,7 @@ class Trainer:
         t0, tokens, losses, evals = time.perf_counter(), 0, [], []
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.cfg.disable_tqdm,
                    desc="train", unit="step")
-        loss = float("nan")
+        loss, logged = float("nan"), self.step
         for epoch in range(self.step // self.steps_per_epoch, self.epochs):
             order = self._order(epoch)
             last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
@@ -189,7 +189,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 tok_s=f"{rate:.0f}")
                 if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
+                    window, logged = losses[-(self.step - logged):], self.step  # mean since the last log, as HF
+                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                   "loss": sum(window) / len(window),
                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                                    "tokens_per_s": rate})
                     if epoch == 0:

@@ -82,6 +82,20 @@ def test_checkpoints_rotate_and_hold_everything(tmp_path):
     assert result.steps == 20 and result.eval["eval_loss"] > 0
 
 
+def test_logged_loss_is_the_mean_since_the_previous_log(tmp_path):
+    """logging_steps=3 logs the mean of each 3 steps' losses (and of the 2 left at the end), as
+    Hugging Face's Trainer does: single noisy steps would trip the oscillation diagnostic."""
+    logged = {}
+    for every in (1, 3):
+        lora_trainer(tmp_path / str(every), n_epochs=1, logging_steps=every, lora_dropout=0.0).train()
+        rows = (tmp_path / str(every) / "metrics.jsonl").read_text().splitlines()
+        logged[every] = {r["step"]: r["loss"] for r in map(json.loads, rows) if "loss" in r}
+    assert list(logged[3]) == [3, 6, 9, 10]
+    for step, start in ((3, 1), (6, 4), (9, 7), (10, 10)):
+        window = [logged[1][s] for s in range(start, step + 1)]
+        assert logged[3][step] == pytest.approx(sum(window) / len(window), rel=1e-6)
+
+
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
