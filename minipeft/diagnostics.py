@@ -17,7 +17,9 @@ def unstable_loss(losses: Sequence[float], window: int = 5) -> Optional[str]:
     Rising: the mean of the last `window` losses exceeds the starting loss (mean of the first 3,
     taken while warm-up keeps updates small) by 10%: a sound learning rate never leaves the loss
     above where it started. Oscillating: within the last 2*window, the loss changes direction
-    at most steps and its swings exceed 25% of its level. Checked on the first epoch only.
+    at most steps, its swings exceed 25% of its level, and it made no progress (the mean of the
+    last window is not below the one before): small batches make a falling loss zigzag too, and
+    that is noise, not a learning rate too large. Checked on the first epoch only.
     """
     if len(losses) < 3 + window:
         return None
@@ -29,7 +31,7 @@ def unstable_loss(losses: Sequence[float], window: int = 5) -> Optional[str]:
     diffs = [b - a for a, b in zip(recent, recent[1:])]
     turns = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0)
     if len(recent) == 2 * window and turns >= 0.7 * (len(diffs) - 1) and \
-            (max(recent) - min(recent)) > 0.25 * mean(recent):
+            (max(recent) - min(recent)) > 0.25 * mean(recent) and mean(recent[window:]) >= mean(recent[:window]):
         return (f"training loss oscillates (between {min(recent):.3f} and {max(recent):.3f}): the learning "
                 "rate may be too large")
     return None

@@ -173,6 +173,9 @@ def test_diagnostics_read_the_curves():
     assert "rising" in unstable_loss([4.0, 4.1, 3.9, 5.0, 6.0, 7.0, 6.5, 7.5])
     swings = [4.0, 4.0, 4.0] + [2.0, 4.0] * 5
     assert "oscillates" in unstable_loss(swings)
+    # the demo's first logged losses (5-step means, batch 4): a zigzag, but falling; not a warning
+    falling = [3.775, 3.826, 3.724, 0.469, 0.413, 0.348, 0.392, 0.383, 0.385, 0.349, 0.255, 0.295, 0.312, 0.24]
+    assert unstable_loss(falling) is None and "oscillates" in unstable_loss(falling[:3] + falling[:-11:-1])
     assert overfitting([(2.0, 2.1), (1.5, 2.0), (1.0, 2.2)]) is None  # eval fell, then rose once
     assert "over-fitting" in overfitting([(2.0, 2.0), (1.5, 2.1), (1.0, 2.3)])
     assert overfitting([(2.0, 2.0), (2.1, 2.1), (2.2, 2.3)]) is None  # both rise: not over-fitting
