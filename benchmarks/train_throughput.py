@@ -17,7 +17,8 @@ runs on a batch whose every token is scored (pretraining-style). Each tool compu
 own way: transformers with `labels=` (logits at every position), minipeft as its Trainer does
 (`metrics.head_loss`: logits only at scored positions; `metrics.scored_suffix`: the last layer
 only from the first of them on). Where the time goes (torch.profiler over 2 more steps): the
-share of matrix multiplies (aten::mm, addmm, bmm) and how many there are per step.
+matrix multiplies (aten::mm, addmm, bmm) per step, their FLOPs, the rate they ran at and their
+share of the time: equal rates and fewer FLOPs mean less arithmetic, not faster arithmetic.
 Results: benchmarks/results/train_throughput.{json,md}.
 """
 from __future__ import annotations
@@ -108,15 +109,18 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
         print(step(), flush=True)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(with_flops=True) as prof:
         for _ in range(2):
             step()
     ops = prof.key_averages()
     matmuls = [e for e in ops if e.key in MATMULS]
     self_time = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    mm_time, flops = sum(map(self_time, matmuls)), sum(e.flops for e in matmuls)  # microseconds, FLOPs
     print(json.dumps({"provider": provider, "peak_bytes": peak,
-                      "matmul_share": sum(map(self_time, matmuls)) / max(sum(map(self_time, ops)), 1),
-                      "matmuls_per_step": sum(e.count for e in matmuls) // 2}), flush=True)
+                      "matmul_share": mm_time / max(sum(map(self_time, ops)), 1),
+                      "matmuls_per_step": sum(e.count for e in matmuls) // 2,
+                      "matmul_gflop_per_step": flops / 2e9, "matmul_gflops": flops / max(mm_time, 1) / 1e3}),
+          flush=True)
 
 
 def lockstep(device: str, quick: bool, steps: int) -> dict[str, list[float]]:
@@ -174,11 +178,12 @@ def main() -> None:
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
              "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's", "",
              "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft "
-             "| matmuls / step | matmul share of time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['memory_vs_hf_peft']:.2f}x | "
-              f"{r['matmuls_per_step']} | {100 * r['matmul_share']:.0f}% |" for r in rows]
+              f"{r['matmuls_per_step']} | {r['matmul_gflop_per_step']:.1f} | {r['matmul_gflops']:.0f} | "
+              f"{100 * r['matmul_share']:.0f}% |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
