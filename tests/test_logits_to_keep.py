@@ -118,3 +118,26 @@ def test_trainer_loss_and_lora_gradients_are_unchanged(checkpointing):
 def test_negative_is_an_error():
     with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
         tiny_model()(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=-1)
+
+
+def matmul_flops(fn) -> int:
+    with torch.profiler.profile(with_flops=True) as prof:
+        fn()
+    return sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_the_skipped_positions_cost_no_multiplies(n):
+    """Forward multiply FLOPs, counted by torch.profiler, equal the count written out: every layer
+    projects all T positions but the last, which projects keys and values for all and queries,
+    o_proj, the MLP and lm_head for the n kept ones only."""
+    model = tiny_model("llama-gqa")
+    c = model.config
+    ids, _ = padded_batch(T=T)
+    B, d, q_out, kv_out = ids.shape[0], c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    rows = B * (n or T)
+    layer = lambda m: 2 * m * (d * q_out + q_out * d + 3 * d * c.intermediate_size)  # q, o, gate, up, down
+    kv = 2 * B * T * 2 * d * kv_out
+    want = (c.num_hidden_layers - 1) * (layer(B * T) + kv) + layer(rows) + kv + 2 * rows * d * c.vocab_size
+    with torch.no_grad():
+        assert matmul_flops(lambda: model(ids, logits_to_keep=n)) == want

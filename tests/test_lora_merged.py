@@ -108,3 +108,15 @@ def test_pytorch_path_merges_exactly_when_it_may(merged_calls, mode):
         MF.lora_linear(x.bfloat16(), weight.bfloat16(), b.bfloat16(), lora_A, lora_B, 2.0)
         MF.lora_linear(x, weight.clone().requires_grad_(True), b, lora_A, lora_B, 2.0)
     assert len(merged_calls) == 2
+
+
+def test_forward_is_one_full_matmul_plus_the_rank_r_product():
+    """torch.profiler's multiply FLOPs: x W'ᵀ (2MKN) and W' = W + s B A (2NrK), where the twin runs
+    x Wᵀ, x Aᵀ and (x Aᵀ) Bᵀ: the same 2MKN plus 2Mr(K + N), and two more passes over (M, N)."""
+    M, K, N, r = 64, 48, 40, 8
+    x, weight, b, lora_A, lora_B = inputs((M,), K, N, r, True, torch.float32)
+    with torch.profiler.profile(with_flops=True) as prof:
+        lora_linear_merged(x, weight, b, lora_A, lora_B, 2.0)
+    ops = {e.key: e for e in prof.key_averages()}
+    assert sum(ops[k].flops for k in ("aten::mm", "aten::addmm") if k in ops) == 2 * M * K * N + 2 * N * r * K
+    assert "aten::mul" not in ops and "aten::add" not in ops  # the scaling and the sum ride inside addmm
