@@ -1,7 +1,7 @@
 """Training throughput and peak memory of one step: minipeft vs transformers + peft, and
 minipeft's methods side by side, on the same random model and batch.
 
-    python benchmarks/train_throughput.py [--quick] [--device cpu|cuda]
+    python benchmarks/train_throughput.py [--quick] [--device cpu|cuda] [--steps N] [--providers NAME ..] [--out DIR]
 
 One question: how fast does a fine-tuning step run here, and at what memory? Each provider runs
 in its own process (so peak RSS / CUDA peak memory is its own), builds the same config with the
@@ -78,6 +78,11 @@ def build(provider: str, device: str):
     return model, loss
 
 
+def reference(provider: str) -> str:
+    """transformers + peft LoRA on the same batch as `provider`."""
+    return "hf+peft lora, all scored" if provider.endswith("all scored") else "hf+peft lora"
+
+
 def worker(provider: str, device: str, batch: int, seq: int) -> None:
     """A fresh process for one provider, driven over stdin: "step" runs one timed training step and
     prints its seconds; "end" profiles 2 more steps and prints the JSON row (peak memory included)."""
@@ -123,19 +128,19 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
           flush=True)
 
 
-def lockstep(device: str, quick: bool, steps: int) -> dict[str, list[float]]:
+def lockstep(device: str, quick: bool, steps: int, providers: list[str]) -> tuple[dict, dict]:
     """Start one worker per provider, then time their steps in turn: sweep s runs one step of every
     provider, in reverse order on odd sweeps. A machine whose speed drifts (a shared host) slows
     every provider alike, which separate runs one after another cannot promise."""
     cmd = [sys.executable, __file__, "--device", device] + (["--quick"] if quick else [])
     procs = {}
-    for p in PROVIDERS:  # built one at a time: each waits idle, holding its memory, until the sweeps
+    for p in providers:  # built one at a time: each waits idle, holding its memory, until the sweeps
         procs[p] = subprocess.Popen(cmd + ["--worker", p], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if procs[p].stdout.readline().strip() != "ready":
             raise RuntimeError(f"worker {p!r} failed to start (its stderr is above)")
-    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    times: dict[str, list[float]] = {p: [] for p in providers}
     for sweep in range(steps):
-        for p in PROVIDERS if sweep % 2 == 0 else PROVIDERS[::-1]:
+        for p in providers if sweep % 2 == 0 else providers[::-1]:
             procs[p].stdin.write("step\n")
             procs[p].stdin.flush()
             times[p].append(float(procs[p].stdout.readline()))
@@ -153,14 +158,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=30, help="timed steps of every provider (sweeps)")
+    ap.add_argument("--providers", nargs="+", default=PROVIDERS, metavar="NAME",
+                    help=f"a subset of {PROVIDERS}, each with its hf+peft reference")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the .md and .json results go")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: serve one provider's steps
     args = ap.parse_args()
     batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, args.steps)
     if args.worker:
         return worker(args.worker, args.device, batch, seq)
-    times, by_name = lockstep(args.device, args.quick, steps)
+    providers = [p for p in PROVIDERS if p in args.providers]
+    wanted = set(args.providers) | {reference(p) for p in providers}
+    if wanted - set(providers):
+        ap.error(f"--providers: unknown or missing {sorted(wanted - set(providers))}; choose from {PROVIDERS}")
+    times, by_name = lockstep(args.device, args.quick, steps, providers)
     for p, r in by_name.items():  # against transformers + peft on the same batch, paired by sweep
-        ref = "hf+peft lora, all scored" if p.endswith("all scored") else "hf+peft lora"
+        ref = reference(p)
         q = statistics.quantiles(times[p], n=10)
         r.update(p20_s=q[1], p50_s=statistics.median(times[p]), p80_s=q[7])
         r["tokens_per_s"] = batch * seq / r["p50_s"]
@@ -186,10 +198,10 @@ def main() -> None:
               f"{100 * r['matmul_share']:.0f}% |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (OUT / f"train_throughput{suffix}.md").write_text(text)
-    (OUT / f"train_throughput{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"train_throughput{suffix}.md").write_text(text)
+    (args.out / f"train_throughput{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
