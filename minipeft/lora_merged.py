@@ -61,8 +61,7 @@ def lora_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y = x (W + s B A)ᵀ + b, (..., K) -> (..., N); requires can_merge(x, weight, lora_A, lora_B, None)."""
     if not can_merge(x, weight, lora_A, lora_B, None):
-        raise ValueError(f"lora_linear_merged needs a frozen weight and x, weight, lora_A, lora_B all float32 or all "
-                         f"float64; got "
-                         f"weight.requires_grad={weight.requires_grad}, dtypes {x.dtype}, {weight.dtype}, "
-                         f"{lora_A.dtype}, {lora_B.dtype}")
+        raise ValueError("lora_linear_merged needs a frozen weight and x, weight, lora_A, lora_B all float32 or all "
+                         f"float64; got weight.requires_grad={weight.requires_grad}, dtypes {x.dtype}, "
+                         f"{weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
     return _LoraLinearMerged.apply(x, weight, bias, lora_A, lora_B, scaling)

@@ -251,12 +251,12 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
-            if i == last and keep:  # the last keep queries: their rows of the mask, causal from their offset
+            k = keep if i == last else 0
+            if k:  # the last k queries: their rows of the mask, causal from their offset
                 if mask is None:
                     mask = attention_mask_4d(torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device),
                                              x.shape[1], None)
-                mask = mask[:, :, -keep:]
-            k = keep if i == last else 0
+                mask = mask[:, :, -k:]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, None, i, k, use_reentrant=False)
             else:

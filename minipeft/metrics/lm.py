@@ -92,7 +92,7 @@ def scored_suffix(labels: torch.Tensor) -> int:
     n = T - t0, t0 the first position whose next token is scored in some row (n = 1 when none is).
 
     Pass it as the model's logits_to_keep, with labels[:, -n:] to head_loss: the same loss and
-    gradients, while the last layer skips the prompt (in the bundled tasks, 65-94% of the tokens).
+    gradients, while the last layer skips the positions before the batch's earliest scored one.
     """
     scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     return labels.shape[1] - int(scored[0]) if len(scored) else 1
