@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .fused import rms_norm, rope
 
 
 class RMSNorm(nn.Module):
@@ -32,29 +33,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # backward derived by hand: minipeft.fused
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim) for angles pos / theta^(2i/head_dim), i < head_dim/2.
+    """cos, sin of shape (B, T, head_dim/2) for angles pos / theta^(2i/head_dim), i < head_dim/2.
 
     Computed in float32 from the positions each call (no buffer: a model built on the meta device
-    needs nothing re-initialized after loading), halves duplicated in the "rotate_half" layout.
+    needs nothing re-initialized after loading). Pair i is (x_i, x_{i+hd/2}), Hugging Face's
+    "rotate_half" layout, whose cos/sin repeat these halves twice.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
     angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by their angle. x: (B, H, T, hd); cos, sin: (B, T, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate pairs (x_i, x_{i+hd/2}) by their angle: (x1 cos - x2 sin, x2 cos + x1 sin).
+    x: (B, H, T, hd); cos, sin: (B, T, hd/2). The backward rotates back (minipeft.fused)."""
+    return rope(x, cos[:, None], sin[:, None])
 
 
 def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fused import cross_entropy_sum
+
 IGNORE_INDEX = -100
 
 
@@ -83,7 +85,7 @@ def head_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
     targets = _targets(labels, hidden, "hidden (B, T, d)")
     keep = targets != IGNORE_INDEX
     logits = lm_head(hidden[:, :-1][keep])  # (N, V)
-    nll = F.cross_entropy(logits.float(), _check_range(targets[keep], logits.shape[-1]), reduction="sum")
+    nll = cross_entropy_sum(logits, _check_range(targets[keep], logits.shape[-1]))  # backward in place
     return nll if reduction == "sum" else nll / keep.sum().clamp_min(1)
 
 

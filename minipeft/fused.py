@@ -1,0 +1,107 @@
+"""The decoder's memory-bound steps with hand-derived backward passes: RMSNorm, RoPE, cross-entropy.
+
+Autograd differentiates each primitive of an eager formula on its own: RMSNorm's pow, mean, rsqrt
+and two products leave five backward nodes, one of them a broadcast product that runs on a slow
+strided path; each node reads and writes a whole activation. Written out by hand, each backward is
+two to four passes. The forward passes compute what Hugging Face's modules compute, in the same
+precision; the eager formulas are the spec (tests/test_fused.py: float64 autograd of them, and
+transformers' modules).
+
+RMSNorm, x (..., n), r = (mean(x²) + ε)^(-1/2) per row, y = w · (x r):
+    ∂L/∂x = r · gw - x · r³ · mean(gw · x),   gw = g · w       (from ∂r/∂x_j = -r³ x_j / n)
+    ∂L/∂w = Σ_rows g · (x r)
+
+RoPE, x (..., T, hd) split into halves (x₁, x₂), angles θ (T, hd/2): a rotation of each pair
+    y = (x₁ cos θ - x₂ sin θ,  x₂ cos θ + x₁ sin θ)
+is orthogonal, so its backward is the inverse rotation, the same map at -θ: ∂L/∂x = rope(g, cos, -sin).
+
+Cross-entropy summed over N rows, logits z (N, V), targets t, log-probabilities ℓ = log_softmax(z):
+    L = -Σ_i ℓ[i, t_i],   ∂L/∂z = softmax(z) - onehot(t)
+from the ℓ kept by the forward (float32) in two passes, exp and the scale by the incoming gradient,
+plus the N target entries; torch's nll_loss + log_softmax backward zero-fill an (N, V) gradient first.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is: 16-bit statistics would lose the small terms."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = _wide(x)  # float32 statistics, as Hugging Face's LlamaRMSNorm, then cast back
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xf = _wide(x)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gw = _wide((g * weight).to(x.dtype))  # the gradient of (x r) in its own dtype, as autograd rounds it
+            dx = torch.addcmul(gw * r, xf, r.pow(3) * (gw * xf).mean(-1, keepdim=True), value=-1).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (g * (xf * r).to(x.dtype)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w · x / sqrt(mean(x²) + ε) over the last dim, statistics in float32 (float64 stays); x (..., n),
+    weight (n,). The output has w · x's dtype, as in Hugging Face's LlamaRMSNorm."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x₁ cos - x₂ sin, x₂ cos + x₁ sin), written into the halves of one output: two passes."""
+    x1, x2 = x.chunk(2, dim=-1)
+    y = torch.empty_like(x)  # x's strides: a transposed (B, H, T, hd) view stays one
+    y1, y2 = y.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin)
+    return y
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, -sin), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+hd/2}) of x (..., T, hd) by its angle; cos, sin (..., T, hd/2)
+    broadcast against x's leading dims. cos and sin do not get gradients."""
+    return _Rope.apply(x, cos, sin)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp = torch.log_softmax(_wide(logits), dim=-1)  # (N, V)
+        ctx.save_for_backward(logp, targets)
+        ctx.logits_dtype = logits.dtype
+        return -logp.gather(1, targets[:, None]).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        logp, targets = ctx.saved_tensors
+        grad = logp.exp()  # softmax; a new tensor, so a retained graph can run backward again
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+        return grad.mul_(g).to(ctx.logits_dtype), None
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-Σ_i log softmax(logits_i)[targets_i], computed in float32 (float64 stays); logits (N, V),
+    targets (N,) int64 ids in [0, V). The gradient has logits' dtype."""
+    return _CrossEntropySum.apply(logits, targets)
