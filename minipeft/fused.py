@@ -45,7 +45,8 @@ class _RMSNorm(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             gw = _wide((g * weight).to(x.dtype))  # the gradient of (x r) in its own dtype, as autograd rounds it
-            dx = torch.addcmul(gw * r, xf, r.pow(3) * (gw * xf).mean(-1, keepdim=True), value=-1).to(x.dtype)
+            m = (gw * xf).mean(-1, keepdim=True)
+            dx = gw.mul_(r).addcmul_(xf, r.pow(3) * m, value=-1).to(x.dtype)  # in place: gw is a new tensor
         if ctx.needs_input_grad[1]:
             dw = (g * (xf * r).to(x.dtype)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
         return dx, dw, None
