@@ -85,7 +85,7 @@ def head_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
     targets = _targets(labels, hidden, "hidden (B, T, d)")
     keep = targets != IGNORE_INDEX
     logits = lm_head(hidden[:, :-1][keep])  # (N, V)
-    nll = cross_entropy_sum(logits, _check_range(targets[keep], logits.shape[-1]))  # backward in place
+    nll = cross_entropy_sum(logits, _check_range(targets[keep], logits.shape[-1]))  # hand-derived backward: minipeft.fused
     return nll if reduction == "sum" else nll / keep.sum().clamp_min(1)
 
 
