@@ -9,7 +9,7 @@ same seed and warms up; then the providers take full steps (forward, backward, A
 one each per sweep, for --steps sweeps (lockstep: a shared machine whose speed drifts, as this
 project's does by +-20% from minute to minute, slows all of them alike). Reported: p20/p50/p80
 seconds, tokens/s (every token of the batch), and the speed against transformers + peft LoRA:
-the median over sweeps of the paired ratio of step times.
+the median over sweeps of the paired ratio of step times, with the p20-p80 of those ratios.
 
 The batch is a fine-tuning batch: the first half of every row is the prompt (labels -100), the
 second half the scored reply (the bundled tasks score 6-35% of their tokens); the LoRA pair also
@@ -153,6 +153,11 @@ def lockstep(device: str, quick: bool, steps: int, providers: list[str]) -> tupl
     return times, rows
 
 
+def p20_p80(xs: list[float]) -> list[float]:
+    q = statistics.quantiles(xs, n=10)
+    return [q[1], q[7]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
@@ -173,10 +178,11 @@ def main() -> None:
     times, by_name = lockstep(args.device, args.quick, steps, providers)
     for p, r in by_name.items():  # against transformers + peft on the same batch, paired by sweep
         ref = reference(p)
-        q = statistics.quantiles(times[p], n=10)
-        r.update(p20_s=q[1], p50_s=statistics.median(times[p]), p80_s=q[7])
+        (p20, p80), ratios = p20_p80(times[p]), [a / b for a, b in zip(times[ref], times[p])]
+        r.update(p20_s=p20, p50_s=statistics.median(times[p]), p80_s=p80)
         r["tokens_per_s"] = batch * seq / r["p50_s"]
-        r["speed_vs_hf_peft"] = statistics.median(a / b for a, b in zip(times[ref], times[p]))
+        r["speed_vs_hf_peft"] = statistics.median(ratios)
+        r["speed_p20_p80"] = p20_p80(ratios)  # their spread: how far one run's median can be trusted
         r["memory_vs_hf_peft"] = r["peak_bytes"] / by_name[ref]["peak_bytes"]
     rows = list(by_name.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -189,11 +195,12 @@ def main() -> None:
              f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
              "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's", "",
-             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | memory vs hf+peft "
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | its p20-p80 | memory vs hf+peft "
              "| matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['memory_vs_hf_peft']:.2f}x | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['speed_p20_p80'][0]:.2f}-{r['speed_p20_p80'][1]:.2f} | "
+              f"{r['memory_vs_hf_peft']:.2f}x | "
               f"{r['matmuls_per_step']} | {r['matmul_gflop_per_step']:.1f} | {r['matmul_gflops']:.0f} | "
               f"{100 * r['matmul_share']:.0f}% |" for r in rows]
     text = "\n".join(lines) + "\n"

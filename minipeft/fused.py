@@ -1,4 +1,4 @@
-"""The decoder's memory-bound steps with hand-derived backward passes: RMSNorm, RoPE, cross-entropy.
+"""The decoder's memory-bound steps with hand-derived backward passes: RMSNorm, RoPE, SwiGLU, cross-entropy.
 
 Autograd differentiates each primitive of an eager formula on its own: RMSNorm's pow, mean, rsqrt
 and two products leave five backward nodes, one of them a broadcast product that runs on a slow
@@ -15,6 +15,12 @@ RoPE, x (..., T, hd) split into halves (x₁, x₂), angles θ (T, hd/2): a rota
     y = (x₁ cos θ - x₂ sin θ,  x₂ cos θ + x₁ sin θ)
 is orthogonal, so its backward is the inverse rotation, the same map at -θ: ∂L/∂x = rope(g, cos, -sin).
 
+SwiGLU's product, gate a and up u (..., I), silu(a) = a σ(a):
+    h = silu(a) · u,   ∂L/∂u = g · silu(a),   ∂L/∂a = silu'(a) · (g · u),   silu' = σ (1 + a (1 - σ))
+Autograd keeps a, silu(a) and u; this keeps a and u and recomputes silu(a) in the backward (one pass),
+so each layer holds one (B, T, I) activation fewer. The same operations in the same order as autograd's:
+equal bit for bit, in every dtype.
+
 Cross-entropy summed over N rows, logits z (N, V), targets t, log-probabilities ℓ = log_softmax(z):
     L = -Σ_i ℓ[i, t_i],   ∂L/∂z = softmax(z) - onehot(t)
 from the ℓ kept by the forward (float32) in two passes, exp and the scale by the incoming gradient,
@@ -23,6 +29,7 @@ plus the N target entries; torch's nll_loss + log_softmax backward zero-fill an 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_i, x_{i+hd/2}) of x (..., T, hd) by its angle; cos, sin (..., T, hd/2)
     broadcast against x's leading dims. cos and sin do not get gradients."""
     return _Rope.apply(x, cos, sin)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)  # in place: silu(a) is not kept
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None  # silu' · (g · u)
+        dup = F.silu(gate).mul_(g) if ctx.needs_input_grad[1] else None
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, holding gate and up but not silu(gate) for the backward; gate and up (..., I)
+    of one shape and dtype."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate and up must have one shape and dtype, got {tuple(gate.shape)} "
+                         f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    return _SwiGLU.apply(gate, up)
 
 
 class _CrossEntropySum(torch.autograd.Function):

@@ -1,13 +1,14 @@
-"""minipeft.fused (RMSNorm, RoPE, cross-entropy with hand-derived backward passes) against float64
-autograd of the eager formulas, torch.autograd.gradcheck, transformers' LlamaRMSNorm and
-apply_rotary_pos_emb, and torch's cross_entropy; odd shapes, strided inputs, bf16."""
+"""minipeft.fused (RMSNorm, RoPE, SwiGLU, cross-entropy with hand-derived backward passes) against
+float64 autograd of the eager formulas, torch.autograd.gradcheck, transformers' LlamaRMSNorm and
+apply_rotary_pos_emb, eager autograd bit for bit (SwiGLU), and torch's cross_entropy; odd shapes,
+strided inputs, bf16."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.fused import cross_entropy_sum, rms_norm, rope
+from minipeft.fused import cross_entropy_sum, rms_norm, rope, swiglu
 from minipeft.model import apply_rope, rope_cos_sin
 
 # Normwise max|got - ref| / max|ref| against float64: float32 differs by rounding and summation order
@@ -138,6 +139,53 @@ def test_rope_gradcheck_bf16_and_transformers():
     for a, b in zip(grads(lambda x: apply_rope(x, cb, sb), [xb], grad_out),
                     grads(lambda x: eager_rope(x, cb[:, None], sb[:, None]), [xb], grad_out)):
         assert a.dtype == torch.bfloat16 and rel_err(a, b) <= TOL[torch.bfloat16]
+
+
+def eager_swiglu(a, u):
+    return F.silu(a) * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7), (2, 33, 129)])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "gate", "up"])
+def test_swiglu_equals_eager_autograd_bitwise(dtype, shape, needs):
+    """Output and gradients equal eager autograd of silu(a) * u exactly (the same operations in the same
+    order), and float64 closed forms (σ written out: an independent spec) within TOL; a transposed gate."""
+    g = torch.Generator().manual_seed(4)
+    a = (torch.randn(*shape[::-1], generator=g) * 4).to(dtype).permute(*range(len(shape) - 1, -1, -1))
+    u = torch.randn(*shape, generator=g).to(dtype)
+    a, u = a.requires_grad_(needs[0]), u.requires_grad_(needs[1])
+    grad_out = torch.randn(*shape, generator=g)
+    got, want = grads(swiglu, [a, u], grad_out), grads(eager_swiglu, [a, u], grad_out)
+    assert len(got) == len(want) == 1 + sum(needs)
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype == dtype and torch.equal(x, y)
+    ad, ud, gd = a.detach().double(), u.detach().double(), grad_out.to(dtype).double()
+    sig = torch.sigmoid(ad)
+    closed = [ad * sig * ud] + [t for t, n in zip([gd * ud * sig * (1 + ad * (1 - sig)), gd * ad * sig], needs) if n]
+    if dtype != torch.bfloat16:  # bf16 rounds each intermediate, as eager does (checked bitwise above)
+        for name, x, y in zip(["h", "d1", "d2"], got, closed):
+            assert rel_err(x, y) <= TOL[dtype], (name, rel_err(x, y))
+
+
+def test_swiglu_gradcheck_memory_retained_graph_and_errors():
+    a = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (a, u))
+    saved = []  # what the backward keeps: a and u, not silu(a) as well
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = swiglu(a, u)
+    eager = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: eager.append(t) or t, lambda t: t):
+        eager_swiglu(a, u)
+    assert len(saved) == 2 and len(eager) == 3
+    first = torch.autograd.grad(h.sum(), (a, u), retain_graph=True)
+    for x, y in zip(torch.autograd.grad(h.sum(), (a, u)), first):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(a, u[:, :1])
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        swiglu(a, u.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
