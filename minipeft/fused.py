@@ -25,6 +25,8 @@ Cross-entropy summed over N rows, logits z (N, V), targets t, log-probabilities 
     L = -Σ_i ℓ[i, t_i],   ∂L/∂z = softmax(z) - onehot(t)
 from the ℓ kept by the forward (float32) in two passes, exp and the scale by the incoming gradient,
 plus the N target entries; torch's nll_loss + log_softmax backward zero-fill an (N, V) gradient first.
+The backward writes the gradient over ℓ's buffer (one (N, V) float32 tensor fewer at its start)
+unless the graph is retained; a 16-bit input's float32 copy takes ℓ in place.
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
-        logp = torch.log_softmax(_wide(logits), dim=-1)  # (N, V)
+        wide = _wide(logits)
+        logp = torch.log_softmax(wide, dim=-1, out=None if wide is logits else wide)  # (N, V); a 16-bit input's copy is ours
         ctx.save_for_backward(logp, targets)
         ctx.logits_dtype = logits.dtype
         return -logp.gather(1, targets[:, None]).sum()
@@ -127,7 +130,8 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         logp, targets = ctx.saved_tensors
-        grad = logp.exp()  # softmax; a new tensor, so a retained graph can run backward again
+        # softmax, in the saved buffer unless a retained graph will run backward again (as AOTAutograd decides)
+        grad = logp.exp() if torch._C._autograd._get_current_graph_task_keep_graph() else logp.exp_()
         grad[torch.arange(len(targets), device=grad.device), targets] -= 1
         return grad.mul_(g).to(ctx.logits_dtype), None
 

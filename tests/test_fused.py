@@ -214,6 +214,11 @@ def test_cross_entropy_sum_gradcheck_empty_batch_and_retained_graph():
     loss = cross_entropy_sum(empty, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and empty.grad.shape == (0, 7)
-    loss = cross_entropy_sum(z, t)
-    first = torch.autograd.grad(loss, z, retain_graph=True)[0]
-    torch.testing.assert_close(torch.autograd.grad(loss, z)[0], first, rtol=0, atol=0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = cross_entropy_sum(z, t)
+    logp = next(x for x in saved if x.shape == z.shape)
+    first = torch.autograd.grad(loss, z, retain_graph=True)[0]  # a new tensor: ℓ is kept for the next
+    last = torch.autograd.grad(loss, z)[0]  # the graph is not kept: the gradient takes ℓ's buffer
+    assert first.data_ptr() != logp.data_ptr() and last.data_ptr() == logp.data_ptr()
+    torch.testing.assert_close(last, first, rtol=0, atol=0)
