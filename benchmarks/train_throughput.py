@@ -195,12 +195,12 @@ def main() -> None:
              f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
              "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's", "",
-             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | its p20-p80 | memory vs hf+peft "
-             "| matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | its p20-p80 "
+             "| memory vs hf+peft | matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | {r['speed_p20_p80'][0]:.2f}-{r['speed_p20_p80'][1]:.2f} | "
-              f"{r['memory_vs_hf_peft']:.2f}x | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | "
+              f"{r['speed_p20_p80'][0]:.2f}-{r['speed_p20_p80'][1]:.2f} | {r['memory_vs_hf_peft']:.2f}x | "
               f"{r['matmuls_per_step']} | {r['matmul_gflop_per_step']:.1f} | {r['matmul_gflops']:.0f} | "
               f"{100 * r['matmul_share']:.0f}% |" for r in rows]
     text = "\n".join(lines) + "\n"

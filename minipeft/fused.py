@@ -122,7 +122,8 @@ class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
         wide = _wide(logits)
-        logp = torch.log_softmax(wide, dim=-1, out=None if wide is logits else wide)  # (N, V); a 16-bit input's copy is ours
+        # (N, V); a 16-bit input's float32 copy is ours to overwrite, a float32 input is the caller's
+        logp = torch.log_softmax(wide, dim=-1, out=None if wide is logits else wide)
         ctx.save_for_backward(logp, targets)
         ctx.logits_dtype = logits.dtype
         return -logp.gather(1, targets[:, None]).sum()
