@@ -153,6 +153,17 @@ def lockstep(device: str, quick: bool, steps: int, providers: list[str]) -> tupl
     return times, rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else its architecture: the ratios differ from one host to another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def p20_p80(xs: list[float]) -> list[float]:
     q = statistics.quantiles(xs, n=10)
     return [q[1], q[7]]
@@ -186,8 +197,8 @@ def main() -> None:
         r["memory_vs_hf_peft"] = r["peak_bytes"] / by_name[ref]["peak_bytes"]
     rows = list(by_name.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}" \
-        f", {torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,
             "batch": batch, "seq": seq, "prompt_fraction": PROMPT_FRACTION, "steps": steps, "config": CONFIG}
     lines = [f"# One training step, {args.device} ({machine}); torch {torch.__version__}, commit {commit}", "",

@@ -13,7 +13,9 @@ ROWS = ["hf+peft lora", "minipeft lora", "hf+peft lora, all scored", "minipeft l
 def test_train_throughput_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH), "--quick", "--device", "cpu", "--providers", *ROWS,
                     "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
-    rows = {r["provider"]: r for r in json.loads((tmp_path / "train_throughput_quick.json").read_text())["rows"]}
+    result = json.loads((tmp_path / "train_throughput_quick.json").read_text())
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert result["meta"]["machine"].endswith(" threads") and not result["meta"]["machine"].startswith(",")
     assert list(rows) == ROWS and (tmp_path / "train_throughput_quick.md").read_text().count("| minipeft lora") == 2
     ours, ref = rows["minipeft lora"], rows["hf+peft lora"]
     assert ours["matmuls_per_step"] == ref["matmuls_per_step"] == 153
