@@ -1,12 +1,16 @@
-"""benchmarks/train_throughput.py runs end to end (--quick, the LoRA rows) and reports what the
-README claims of it that is not a timing: minipeft LoRA multiplies fewer FLOPs a step than
-transformers + peft on a fine-tuning batch, as many when every token is scored, and holds less memory."""
+"""The benchmark scripts run. train_throughput.py end to end (--quick, the LoRA rows), reporting what
+the README claims of it that is not a timing: minipeft LoRA multiplies fewer FLOPs a step than
+transformers + peft on a fine-tuning batch, as many when every token is scored, and holds less memory.
+triton_kernels.py, without a GPU, checks the kernels on Triton's interpreter."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parent.parent / "benchmarks" / "train_throughput.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+BENCH = BENCHMARKS / "train_throughput.py"
 ROWS = ["hf+peft lora", "minipeft lora", "hf+peft lora, all scored", "minipeft lora, all scored"]
 
 
@@ -27,3 +31,18 @@ def test_train_throughput_quick(tmp_path):
     assert ref["speed_vs_hf_peft"] == 1 and ref["speed_p20_p80"] == [1, 1]
     assert all(r["tokens_per_s"] > 0 and r["speed_p20_p80"][0] <= r["speed_vs_hf_peft"] <= r["speed_p20_p80"][1]
                for r in rows.values())
+
+
+def test_script_names_shadow_no_module():
+    """A script's folder comes first on sys.path: benchmarks/kernels.py was imported by transformers
+    and bitsandbytes in place of the `kernels` package they probe for."""
+    for script in BENCHMARKS.glob("*.py"):
+        assert script.stem != "kernels" and importlib.util.find_spec(script.stem) is None, script
+
+
+def test_triton_kernels_without_cuda_checks_the_kernels():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "triton_kernels.py"), "--quick"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "No CUDA GPU" in run.stdout and "correctness pass OK" in run.stdout

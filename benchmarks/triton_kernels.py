@@ -1,6 +1,6 @@
 """Benchmark of minipeft's Triton kernels against eager PyTorch, torch.compile, the bare GEMM and bitsandbytes.
 
-    python benchmarks/kernels.py [--quick] [--out benchmarks/results]
+    python benchmarks/triton_kernels.py [--quick] [--out benchmarks/results]
 
 Problems: LLaMA-7B projections K -> N: 4096->4096 (q/k/v/o_proj), 4096->11008 (gate/up_proj), 11008->4096
 (down_proj); tokens M in {1, 16, 512, 4096}; LoRA rank r in {8, 16, 64}; bfloat16 everywhere; modes
