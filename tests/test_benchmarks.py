@@ -19,7 +19,8 @@ def test_train_throughput_quick(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
     result = json.loads((tmp_path / "train_throughput_quick.json").read_text())
     rows = {r["provider"]: r for r in result["rows"]}
-    assert result["meta"]["machine"].endswith(" threads") and not result["meta"]["machine"].startswith(",")
+    cpu, isa, threads = result["meta"]["machine"].split(", ")  # the host is named: ratios differ between hosts
+    assert cpu and isa and threads.endswith(" threads")
     assert list(rows) == ROWS and (tmp_path / "train_throughput_quick.md").read_text().count("| minipeft lora") == 2
     ours, ref = rows["minipeft lora"], rows["hf+peft lora"]
     assert ours["matmuls_per_step"] == ref["matmuls_per_step"] == 153
@@ -41,7 +42,7 @@ def test_script_names_shadow_no_module():
 
 
 def test_triton_kernels_without_cuda_checks_the_kernels():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the script turns on Triton's interpreter itself
     run = subprocess.run([sys.executable, str(BENCHMARKS / "triton_kernels.py"), "--quick"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
