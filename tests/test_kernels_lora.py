@@ -7,10 +7,12 @@ for this module only (minipeft.kernels.triton_interpreter); with CUDA they run c
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +157,16 @@ def test_leading_dims_and_empty_batch():
     assert rel_err(y, want) <= TOL[F32]
     empty = klora.lora_linear(x3[:, :0], weight, b, lora_A, lora_B, 0.5)
     assert empty.shape == (2, 0, 40)
+
+
+def test_kernels_folder_imports_as_minipeft_kernels_only():
+    """kernels/ must not be importable as a top-level `kernels`: bitsandbytes (on AVX512-BF16 CPUs) and
+    transformers import the PyPI package of that name, and got our folder when the repository root was on
+    sys.path (`python -m pytest` from the root; tests/conftest.py drops it)."""
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    assert Path(importlib.util.find_spec("minipeft.kernels").origin).parent == folder
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or folder not in Path(spec.origin or "").parents, spec
 
 
 def test_kernel_rejects_bad_operands_with_a_clear_error():
