@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,8 @@ from .model import Transformer
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
+# Buffers that older transformers versions saved and now recompute: read and ignored, as transformers does.
+_DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def read_config(path: PathLike) -> ModelConfig:
@@ -86,7 +89,7 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    tensors = read_state_dict(path)
+    tensors = {k: v for k, v in read_state_dict(path).items() if not _DERIVED_BUFFER.fullmatch(k)}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; it is the embedding
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -112,6 +115,9 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
     if any(isinstance(m, Linear4bit) for m in model.modules()):
         raise ValueError("a 4-bit (NF4) model has no Hugging Face checkpoint form: save the 16/32-bit base it was "
                          "loaded from, or merge_and_unload() its adapter, which returns 16/32-bit layers")
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise ValueError("config.tie_word_embeddings is set but lm_head.weight is not the embedding: saving would "
+                         "drop lm_head; set tie_word_embeddings=False (merge_and_unload does when it unties them)")
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -120,7 +126,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     shards = _split_shards(state, max_shard_size)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent if path.parent.exists() else None, prefix=f".{path.name}.tmp"))
+    tmp = staging_dir(path)
     try:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         if len(shards) == 1:
@@ -134,7 +140,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,7 +159,14 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
     return shards
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def staging_dir(path: Path) -> Path:
+    """A new empty directory beside `path` (its parents created) to build `path`'s contents in: being on
+    the same filesystem, replace_dir can then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished `tmp` into `path`. Other files already in `path` (a tokenizer) stay;
     weight files of an earlier save that this one did not rewrite (old shards) are removed last."""
     if not path.exists():

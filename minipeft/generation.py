@@ -14,25 +14,38 @@ import torch
 from .model import KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax).
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """logits (B, V) with the tokens top-k and then top-p sampling exclude set to -inf, as transformers'
+    TopKLogitsWarper and TopPLogitsWarper do.
 
-    top_k keeps the k largest logits; top_p keeps the smallest set of tokens whose probability
-    reaches p (nucleus sampling, Holtzman et al. 2019), always at least one token.
+    top_k keeps the k largest logits (None or 0: disabled, HF's convention); top_p keeps the smallest
+    set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et al. 2019),
+    always at least the most likely one, so top_p=0 is greedy (None or 1: disabled).
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be a positive integer, or 0 or None to disable it, got {top_k}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax); else a draw from
+    softmax(filter_logits(logits / temperature, top_k, top_p))."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 

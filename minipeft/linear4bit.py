@@ -93,6 +93,17 @@ class Linear4bit(nn.Module):
         """W: (out_features, in_features) in compute_dtype."""
         return functional.dequantize_nf4(self.quantized_weight, self.compute_dtype)  # a bit-exact kernel on CUDA
 
+    def to_linear(self, weight: Optional[torch.Tensor] = None) -> nn.Linear:
+        """A frozen nn.Linear in compute_dtype with `weight` (out_features, in_features), default
+        dequantize(), and this layer's bias: what forward computes, or a merged weight."""
+        weight = self.dequantize() if weight is None else weight
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=self.compute_dtype, device=weight.device)
+        out.weight.data.copy_(weight)
+        if self.bias is not None:
+            out.bias.data.copy_(self.bias)
+        return out.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
@@ -129,6 +140,19 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
             replaced[id(linear)] = Linear4bit.from_linear(linear, compute_dtype=compute_dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replaced[id(linear)])
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace, in place, every Linear4bit by its Linear4bit.to_linear() (a shared one by one shared
+    Linear): the inverse of quantize_model up to NF4's rounding. Returns `model`."""
+    replaced: dict[int, nn.Linear] = {}
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, Linear4bit)]
+    for name, layer in targets:
+        if id(layer) not in replaced:
+            replaced[id(layer)] = layer.to_linear()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replaced[id(layer)])
     return model
 
 

@@ -27,6 +27,9 @@ from .peft_config import PeftConfig
 from .tuner_layer import TunerLayer
 
 
+INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
 @dataclasses.dataclass
 class LoraConfig(PeftConfig):
     r: int = 8  # rank of the update B A
@@ -34,7 +37,9 @@ class LoraConfig(PeftConfig):
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     target_modules: Optional[Union[list[str], str]] = None  # names, a regex, or "all-linear"; None: q/v
     use_rslora: bool = False  # s = lora_alpha / sqrt(r) (Kalajdzievski 2023): stable across ranks
-    init_lora_weights: Union[bool, str] = True  # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; False: random B
+    # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; "orthogonal": B A = 0 from orthogonal halves;
+    # "eva": only loadable (its A comes from data); False: random B
+    init_lora_weights: Union[bool, str] = True
     bias: str = "none"  # "none" | "all" | "lora_only": which biases also train
     modules_to_save: Optional[list[str]] = None  # whole modules trained and saved too (e.g. ["lm_head"])
     peft_type = "LORA"
@@ -46,15 +51,29 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in INITS:
+            # PiSSA, OLoRA, LoftQ, CorDA... rewrite the base weights too: their adapter is wrong on the original base.
+            raise ValueError(f"LoraConfig: init_lora_weights must be one of {INITS} (inits that leave the base "
+                             f"weights unchanged), got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _orthogonal_init(in_features: int, r: int, out_features: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "orthogonal" init, draw for draw: Q (r, r) orthogonal, A = (G_A Q_odd)ᵀ / 10 (r, in),
+    B = G_Bᵀ Q_even / 10 (out, r) with Gaussian G_A (in, r/2), G_B (r/2, out). Odd and even rows of Q
+    are orthogonal, so B A = G_Bᵀ Q_even Q_oddᵀ G_Aᵀ / 100 = 0: the layer starts as a no-op, A and B not 0."""
+    if r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank r, got {r}")
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    A = torch.randn(in_features, r // 2).mm(Q[0::2]).T / 10.0
+    B = torch.randn(r // 2, out_features).T.mm(Q[1::2]) / 10.0
+    return A.contiguous().to(device), B.contiguous().to(device)
 
 
 class LoraLinear(TunerLayer):
@@ -82,6 +101,14 @@ class LoraLinear(TunerLayer):
     def reset_lora_parameters(self, name: str, init: Union[bool, str]) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if A.is_meta:
+            return
+        if init == "eva":
+            raise ValueError("init_lora_weights='eva' sets A from the SVD of each layer's inputs over data (PEFT's "
+                             "initialize_lora_eva_weights), which minipeft does not implement; use True or "
+                             "'gaussian' (an adapter trained with 'eva' loads: from_pretrained)")
+        if init == "orthogonal":
+            a, b = _orthogonal_init(A.shape[1], A.shape[0], B.shape[0], A.device)
+            A.data.copy_(a), B.data.copy_(b)
             return
         if init == "gaussian":
             nn.init.normal_(A, std=1 / A.shape[0])
@@ -153,10 +180,4 @@ class LoraLinear(TunerLayer):
             W = W + self.delta_weight(name)
         if not torch.isfinite(W).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-        bias = self.base_layer.bias
-        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                        dtype=self.base_layer.compute_dtype, device=W.device)
-        out.weight.data.copy_(W)
-        if bias is not None:
-            out.bias.data.copy_(bias)
-        return out.requires_grad_(False)
+        return self.base_layer.to_linear(W)

@@ -13,9 +13,9 @@ pass over an (M, N) tensor. Backward, with g = ∂L/∂y (M, N):
     ∂L/∂b = Σ over rows of g
 
 W gets no gradient: this path is only for a frozen W. It also needs no dropout (the LoRA branch would
-see another input than W) and x, W, A, B all float32 or all float64: in a 16-bit W', each entry of a
-small s B A would round to W's coarse step (bfloat16: |W| / 256), where the twin rounds the branch's
-output once. Otherwise functional.lora_linear runs the twin.
+see another input than W) and x, W, A, B all float32 or all float64, with autocast off for x's device:
+in a 16-bit W', each entry of a small s B A would round to W's coarse step (bfloat16: |W| / 256),
+where the twin rounds the branch's output once. Otherwise functional.lora_linear runs the twin.
 Equal to the twin within float rounding, gradients included (tests/test_lora_merged.py).
 """
 from __future__ import annotations
@@ -29,8 +29,10 @@ import torch.nn.functional as F
 def can_merge(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               dropout_mask: Optional[torch.Tensor]) -> bool:
     """Whether lora_linear_merged computes the same map as the twin (module docstring)."""
+    # Under autocast F.linear and addmm would run in the autocast dtype whatever x's: the 16-bit W' again.
     return (dropout_mask is None and not weight.requires_grad and x.dtype in (torch.float32, torch.float64)
-            and x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype)
+            and x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -61,7 +63,8 @@ def lora_linear_merged(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                        lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """y = x (W + s B A)ᵀ + b, (..., K) -> (..., N); requires can_merge(x, weight, lora_A, lora_B, None)."""
     if not can_merge(x, weight, lora_A, lora_B, None):
-        raise ValueError("lora_linear_merged needs a frozen weight and x, weight, lora_A, lora_B all float32 or all "
-                         f"float64; got weight.requires_grad={weight.requires_grad}, dtypes {x.dtype}, "
-                         f"{weight.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+        raise ValueError("lora_linear_merged needs a frozen weight, x, weight, lora_A, lora_B all float32 or all "
+                         f"float64 and no autocast; got weight.requires_grad={weight.requires_grad}, dtypes "
+                         f"{x.dtype}, {weight.dtype}, {lora_A.dtype}, {lora_B.dtype}, autocast "
+                         f"{torch.is_autocast_enabled(x.device.type)}")
     return _LoraLinearMerged.apply(x, weight, bias, lora_A, lora_B, scaling)

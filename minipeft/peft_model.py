@@ -10,6 +10,7 @@ adapter name removed), extra adapters in sub-directories named after them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -21,7 +22,7 @@ from torch import nn
 
 from .adapter import BottleneckAdapter
 from .checkpoint import check_state_dict
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, dequantize_model
 from .lora import LoraConfig, LoraLinear
 from .model import Transformer
 from .files import write_atomic
@@ -60,6 +61,26 @@ def full_finetune(model: Transformer) -> Transformer:
 def get_peft_model(model: Transformer, config: PeftConfig, adapter_name: str = "default") -> "PeftModel":
     """Freeze `model`, attach adapter `adapter_name` described by `config`, and make it active."""
     return PeftModel(model, config, adapter_name)
+
+
+def _default_init(config: PeftConfig) -> PeftConfig:
+    """The config to build an adapter whose weights a file then replaces: a LoRA init does not matter
+    there, and one this library cannot run (init_lora_weights="eva": LoraLinear) must not stop the load."""
+    if isinstance(config, LoraConfig) and config.init_lora_weights is not True:
+        return dataclasses.replace(config, init_lora_weights=True)
+    return config
+
+
+def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each one that shares storage with an earlier one copied: safetensors refuses
+    aliases, and PEFT's files hold some (a modules_to_save bias under two keys)."""
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 class PeftModel(nn.Module):
@@ -134,14 +155,33 @@ class PeftModel(nn.Module):
             p.requires_grad_(train)
 
     def _bias_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The biases adapter `name` trains, by name. As in PEFT, none inside a modules_to_save wrapper:
+        the copy trains whole already, and the frozen original it stands in for stays frozen."""
         bias = getattr(self.peft_config.get(name), "bias", "none")
-        params = {n: p for n, p in self.base_model.named_parameters() if n.endswith("bias")}
+        in_copies = tuple(n + "." for n, m in self.tuner_layers() if isinstance(m, ModulesToSave))
+        params = {n: p for n, p in self.base_model.named_parameters()
+                  if n.endswith("bias") and not n.startswith(in_copies)}
         if bias == "all":
             return {n: p for n, p in params.items() if ".lora_" not in n}
         if bias == "lora_only":
             wrapped = {n + ".base_layer.bias" for n, m in self.tuner_layers() if isinstance(m, LoraLinear)}
             return {n: p for n, p in params.items() if n in wrapped}
         return {}
+
+    def _modules_to_save_biases(self, name: str) -> dict[str, torch.Tensor]:
+        """Under bias="all" PEFT saves every tensor named *bias*, so for each modules_to_save wrapper of
+        adapter `name` also `<path>.original_module.<...>bias` (the frozen original) and
+        `<path>.modules_to_save.<...>bias` (the copy, adapter name removed: the tensor of `<path>.<...>bias`)."""
+        if getattr(self.peft_config[name], "bias", "none") != "all":
+            return {}
+        out = {}
+        for path, layer in self.tuner_layers():
+            if isinstance(layer, ModulesToSave) and name in layer.adapter_names():
+                for part, module in (("original_module", layer.base_layer),
+                                     ("modules_to_save", layer.modules_to_save[name])):
+                    out.update({f"{PREFIX}{path}.{part}.{n}": p for n, p in module.named_parameters()
+                                if n.endswith("bias")})
+        return out
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -191,12 +231,22 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> Transformer:
-        """The base model with the active adapter merged in and every wrapper removed."""
+        """The base model with the active adapter merged in and every wrapper removed: a model to save.
+
+        Every 4-bit layer comes back as a 16/32-bit Linear holding the weight it computed with (the
+        logits do not change), targeted or not: an NF4 model has no checkpoint form, and re-quantizing
+        a merged weight, as PEFT does for bitsandbytes, would round most of ΔW away (LoraLinear.unloaded).
+        A modules_to_save copy of lm_head or embed_tokens unties them: config.tie_word_embeddings
+        is then cleared, as in PEFT, so that the checkpoint keeps both.
+        """
         if self.active_peft_config.is_prompt_learning:
             raise ValueError(f"{self.active_peft_config.peft_type} adds virtual tokens; it has no weights to merge")
         for path, layer in list(self.tuner_layers()):
             set_submodule(self.base_model, path, layer.unloaded())
-        return self.base_model
+        model = dequantize_model(self.base_model)
+        if model.lm_head.weight is not model.model.embed_tokens.weight:
+            model.config.tie_word_embeddings = False
+        return model
 
     def unload(self) -> Transformer:
         """The base model back, every wrapper removed, nothing merged."""
@@ -246,13 +296,14 @@ class PeftModel(nn.Module):
             if name in layer.adapter_names():
                 out.update({f"{PREFIX}{path}.{k}": v for k, v in layer.adapter_state_dict(name).items()})
         out.update({PREFIX + n: p for n, p in self._bias_parameters(name).items()})
+        out.update(self._modules_to_save_biases(name))
         return out
 
     def save_pretrained(self, directory: PathLike, selected_adapters: Optional[list[str]] = None) -> None:
         """The default adapter at `directory`, any other one at `directory/<name>` (PEFT's layout)."""
         for name in selected_adapters or list(self.peft_config):
             target = Path(directory) if name == "default" else Path(directory) / name
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
+            tensors = _unaliased({k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()})
             write_atomic(target / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
             self.peft_config[name].save(target)
 
@@ -262,7 +313,8 @@ class PeftModel(nn.Module):
         """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
         config = PeftConfig.load(directory)
         config.inference_mode = not is_trainable  # as PEFT: prompt tuning skips an init the file replaces
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, _default_init(config), adapter_name)
+        peft_model.peft_config[adapter_name] = config
         peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
         return peft_model.train(is_trainable)
 
@@ -270,7 +322,8 @@ class PeftModel(nn.Module):
         """Add the adapter saved in `directory` under `adapter_name` (not made active)."""
         config = PeftConfig.load(directory)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, _default_init(config))
+        self.peft_config[adapter_name] = config
         self.load_adapter_weights(directory, adapter_name, is_trainable)
 
     def load_adapter_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:

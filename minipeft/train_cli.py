@@ -1,14 +1,16 @@
 """`minipeft train` (a job file -> a job directory) and `minipeft merge` (base + adapter -> one
 checked Hugging Face checkpoint). Merging is where fine-tuning tools most often go wrong, so the
-merge is proven before it is written: the merged model must reproduce base + adapter's logits on a
-probe batch, else nothing is written unless --force."""
+merge is proven before it is moved into place: the checkpoint written, read back, must reproduce
+base + adapter's logits on a probe batch, else nothing is written unless --force."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
 
+from .checkpoint import load_pretrained, replace_dir, staging_dir
 from .job import load_trained, run_job
 from .peft_model import format_trainable
 from .train_config import TrainConfig
@@ -37,26 +39,34 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool) -> dict[str, float]:
-    """Merge, compare on PROBE, then write (or refuse). Returns the comparison."""
+    """Merge, write to a staging directory beside `output`, reload what was written and compare it with
+    base + adapter on PROBE; move it into place only if it agrees (or with force). Returns the comparison."""
     peft_model, tok = load_trained(base_dir, adapter_dir)
     ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
     with torch.no_grad():
         expected = peft_model(ids, attention_mask=mask)
-        merged = peft_model.merge_and_unload()
-        got = merged(ids, attention_mask=mask)
-    real = mask.bool()
-    diff = float((got - expected)[real].abs().max())
-    agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
-    report = {"max_abs_logit_diff": diff, "greedy_token_agreement": agree}
-    print(f"merge check on {int(real.sum())} probe tokens: max |logit diff| {diff:.2e}, "
-          f"greedy-token agreement {agree:.2%}")
-    if (diff > max_diff or agree < 1.0) and not force:
-        raise ValueError(f"merged model differs from base + adapter (max |logit diff| {diff:.2e} > {max_diff:.0e} "
-                         f"or agreement {agree:.2%} < 100%); nothing written (use --force to write anyway)")
-    merged.save_pretrained(output)
-    tok.save_pretrained(output)
+    merged = peft_model.merge_and_unload()
+    output_path = Path(output)
+    staging = staging_dir(output_path)
+    try:
+        merged.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        with torch.no_grad():  # the files, not the model in memory: saving is where a merge can be lost
+            got = load_pretrained(staging, device=expected.device)(ids, attention_mask=mask)
+        real = mask.bool()
+        diff = float((got - expected)[real].abs().max())
+        agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
+        print(f"merge check of the written checkpoint on {int(real.sum())} probe tokens: max |logit diff| "
+              f"{diff:.2e}, greedy-token agreement {agree:.2%}")
+        if (diff > max_diff or agree < 1.0) and not force:
+            raise ValueError(f"merged checkpoint differs from base + adapter (max |logit diff| {diff:.2e} > "
+                             f"{max_diff:.0e} or agreement {agree:.2%} < 100%); nothing written "
+                             f"(use --force to write anyway)")
+        replace_dir(staging, output_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"merged checkpoint written to {output}")
-    return report
+    return {"max_abs_logit_diff": diff, "greedy_token_agreement": agree}
 
 
 def _merge(args: argparse.Namespace) -> int:

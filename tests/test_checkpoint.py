@@ -1,12 +1,18 @@
 """Hugging Face checkpoint directories: both directions with `transformers`, shards, and errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from minipeft import load_pretrained
-from conftest import tiny_model, to_hf
+from minipeft import Transformer, load_pretrained
+from minipeft.job import load_trained
+from minipeft.lora import LoraConfig
+from minipeft.peft_model import get_peft_model
+from minipeft.train_cli import merge_checked
+from conftest import save_tiny_base, tiny_model, to_hf
 
 
 def test_saved_directory_loads_in_transformers(family, tmp_path):
@@ -82,3 +88,83 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         tiny_model().save_pretrained(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_old_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    """Older transformers saved rotary_emb.inv_freq; transformers loads such files, so must we."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(model.config.num_hidden_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    ids = torch.randint(0, 131, (2, 9))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path)(ids), model(ids), atol=0, rtol=0)
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)  # as in the parity tests above
+    tensors["model.layers.0.self_attn.rotary_emb.scale"] = torch.rand(4)  # only inv_freq is known to be derived
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensors: \['model.layers.0.self_attn.rotary_emb.scale'\]"):
+        load_pretrained(tmp_path)
+
+
+def test_save_into_new_parents_stages_beside_the_target(tmp_path, monkeypatch):
+    """The temporary directory must sit beside the target: os.replace cannot cross filesystems (EXDEV)."""
+    import minipeft.checkpoint as ckpt
+
+    renames = []
+    real = ckpt.os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: renames.append((src, dst)) or real(src, dst))
+    target = tmp_path / "a" / "new" / "dir"
+    tiny_model().save_pretrained(target)
+    assert [(Path(s).parent, Path(d)) for s, d in renames] == [(target.parent, target)]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["dir"]
+    assert isinstance(load_pretrained(target), Transformer)
+
+
+def test_tied_config_with_untied_weights_is_refused(tmp_path):
+    model = tiny_model("qwen2")
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="tie_word_embeddings is set but lm_head.weight is not the embedding"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def base_and_adapter(tmp_path):
+    """A tied tiny LLaMA with a tokenizer, and an adapter that trains a copy of lm_head (which unties it)."""
+    base = save_tiny_base(tmp_path / "base")
+    peft_model = get_peft_model(load_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                  modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def test_merge_checks_the_written_checkpoint(base_and_adapter, tmp_path, monkeypatch):
+    base, adapter = base_and_adapter
+    out = tmp_path / "new" / "merged"  # parents that do not exist yet
+    report = merge_checked(str(base), str(adapter), str(out), max_diff=1e-3, force=False)
+    assert report["max_abs_logit_diff"] < 1e-5
+    reference, tok = load_trained(str(base), str(adapter))
+    ids = torch.tensor([tok.encode("the quick brown fox", bos=True)])
+    with torch.no_grad():  # float32 merge: observed ~1e-6
+        torch.testing.assert_close(load_pretrained(out)(ids), reference(ids), atol=1e-4, rtol=0)
+    assert (out / "tokenizer.model").is_file()
+
+    import minipeft.checkpoint as ckpt
+
+    real_save = ckpt.save_file
+
+    def lossy(tensors, *a, **k):  # a saving bug: the model in memory is right, the file is not
+        real_save({k: v * 1.5 if k == "lm_head.weight" else v for k, v in tensors.items()}, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", lossy)
+    with pytest.raises(ValueError, match="nothing written"):
+        merge_checked(str(base), str(adapter), str(tmp_path / "bad"), max_diff=1e-3, force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "base.txt", "new"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minipeft.generation import sample_next
+from minipeft.generation import filter_logits, sample_next
 from conftest import tiny_model, to_hf
 from test_model_parity import padded_batch
 
@@ -71,3 +71,30 @@ def test_sampling_is_reproducible_with_a_generator():
     a = model.generate(ids, 8, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
     b = model.generate(ids, 8, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, None), (1, None), (3, None), (10, None), (50, None), (None, 0.0),
+                                         (None, 0.3), (None, 0.9), (None, 1.0), (0, 0.0), (4, 0.5), (2, 0.99)])
+def test_filter_logits_matches_transformers_warpers(top_k, top_p):
+    """transformers' sampling order: temperature, TopKLogitsWarper (top_k=0: not applied, generate's
+    convention), TopPLogitsWarper (top_p=1: not applied); the surviving logits are the same exactly."""
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)) * 3
+    expected = logits / 0.7
+    if top_k:
+        expected = gen.TopKLogitsWarper(top_k)(None, expected)
+    if top_p is not None and top_p < 1.0:
+        expected = gen.TopPLogitsWarper(top_p)(None, expected)
+    torch.testing.assert_close(filter_logits(logits / 0.7, top_k, top_p), expected, atol=0, rtol=0)
+    drawn = sample_next(logits, 0.7, top_k, top_p, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(expected.gather(-1, drawn[:, None])).all()
+    if top_p == 0.0:  # only the most likely token survives
+        assert torch.equal(drawn, logits.argmax(-1))
+
+
+def test_bad_top_k_and_top_p_are_refused():
+    logits = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="top_k must be a positive integer.*got -1"):
+        sample_next(logits, 1.0, top_k=-1)
+    with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\], got 1.5"):
+        sample_next(logits, 1.0, top_p=1.5)

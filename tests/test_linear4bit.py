@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipeft import ModelConfig, Transformer, load_pretrained
-from minipeft.linear4bit import Linear4bit, memory_footprint, quantize_model
+from minipeft.linear4bit import Linear4bit, dequantize_model, memory_footprint, quantize_model
 from minipeft.nf4 import dequantize_nf4, quantize_nf4
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -162,3 +162,20 @@ def test_load_pretrained_nf4(tmp_path, tie):
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), dequantized_twin(model)(ids), rtol=0, atol=1e-5)
+
+
+def test_dequantize_model_inverts_quantize_model_up_to_nf4_rounding():
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=4))
+    quantize_model(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        expected = model(ids)
+        dequantize_model(model)
+        assert not any(isinstance(m, Linear4bit) for m in model.modules())
+        for name, layer in layers.items():
+            linear = model.get_submodule(name)
+            assert type(linear) is nn.Linear and not linear.weight.requires_grad
+            assert torch.equal(linear.weight, layer.dequantize())
+        torch.testing.assert_close(model(ids), expected, atol=1e-6, rtol=0)  # the same weights, one matmul each

@@ -202,3 +202,13 @@ def test_dropout_is_active_in_training_only():
     assert (a - eval_out).abs().max() > 1e-4
     with peft_model.disable_adapter():
         torch.testing.assert_close(peft_model(IDS), tiny_model().train()(IDS), atol=0, rtol=0)
+
+
+def test_inits_that_cannot_be_run_here_are_refused():
+    for init in ("pissa", "olora", "loftq"):  # they rewrite the base weights as well
+        with pytest.raises(ValueError, match=f"leave the base weights unchanged.*got '{init}'"):
+            LoraConfig(init_lora_weights=init)
+    with pytest.raises(ValueError, match="'eva' sets A from the SVD .* not implement"):
+        get_peft_model(tiny_model(), LoraConfig(init_lora_weights="eva"))
+    with pytest.raises(ValueError, match="'orthogonal' needs an even rank r, got 3"):
+        get_peft_model(tiny_model(), LoraConfig(r=3, init_lora_weights="orthogonal"))

@@ -120,3 +120,18 @@ def test_forward_is_one_full_matmul_plus_the_rank_r_product():
     ops = {e.key: e for e in prof.key_averages()}
     assert sum(ops[k].flops for k in ("aten::mm", "aten::addmm") if k in ops) == 2 * M * K * N + 2 * N * r * K
     assert "aten::mul" not in ops and "aten::add" not in ops  # the scaling and the sum ride inside addmm
+
+
+def test_autocast_takes_the_twin(merged_calls):
+    """Under CPU bfloat16 autocast the merged form would build W' in bfloat16 and lose a small s B A (relative
+    error 2.1 for B ~ 1e-4 against the twin's 0.9): it must not be taken, whatever the tensors' dtypes."""
+    x, weight, b, lora_A, lora_B = inputs((64,), 128, 96, 8, True, torch.float32)
+    lora_B = lora_B * 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_merge(x, weight, lora_A, lora_B, None)
+        y = MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+        twin = MF.lora_linear_torch(x, weight, b, lora_A, lora_B, 2.0)
+        with pytest.raises(ValueError, match="no autocast.*autocast True"):
+            lora_linear_merged(x, weight, b, lora_A, lora_B, 2.0)
+    assert not merged_calls and torch.equal(y, twin)
+    assert can_merge(x, weight, lora_A, lora_B, None)  # autocast off again

@@ -17,6 +17,8 @@ CASES = {
     "all-linear-rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
     "regex-bias-lm_head": dict(r=2, lora_alpha=4, target_modules=r".*\.(k_proj|up_proj)", bias="lora_only",
                                modules_to_save=["lm_head"]),
+    # bias="all" reaches the bias inside a modules_to_save copy (Qwen2's q_proj has one)
+    "bias-all-mts-q_proj": dict(r=2, lora_alpha=4, target_modules=["v_proj"], modules_to_save=["q_proj"], bias="all"),
 }
 
 
@@ -63,6 +65,19 @@ def test_same_weights_same_logits_and_parameter_counts():
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_file_keys_and_trainable_counts_match_peft(case, tmp_path):
+    ours = get_peft_model(tiny_model("qwen2"), LoraConfig(**CASES[case]))
+    ref = peft.get_peft_model(_peft_reference("qwen2"), peft.LoraConfig(task_type="CAUSAL_LM", **CASES[case]))
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    from safetensors import safe_open
+
+    keys = [sorted(safe_open(str(tmp_path / d / "adapter_model.safetensors"), "pt").keys()) for d in ("ours", "ref")]
+    assert keys[0] == keys[1]
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+
+
 def test_file_layout_matches_peft(tmp_path):
     ours, _ = trained(LoraConfig(**CASES["outline"]))
     ours.save_pretrained(tmp_path / "ours")
@@ -105,3 +120,58 @@ def test_merged_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(load_pretrained(tmp_path)(IDS), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_merged_modules_to_save_of_a_tied_model_reload_in_both(saved, tmp_path):
+    """A trained copy of lm_head or embed_tokens unties them; the merged checkpoint must say so (as PEFT's
+    merge_and_unload does) and keep both, or a reload ties them back to one and loses the fine-tune."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(r=2, target_modules=["q_proj"], modules_to_save=[saved])
+    ours, _ = trained(LoraConfig(**cfg), family="qwen2")
+    ref_merged = peft.get_peft_model(_peft_reference("qwen2"), peft.LoraConfig(**cfg)).merge_and_unload()
+    with torch.no_grad():
+        expected = ours(IDS)
+        merged = ours.merge_and_unload()
+        assert merged.config.tie_word_embeddings is ref_merged.config.tie_word_embeddings is False
+        merged.save_pretrained(tmp_path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        # float32, the same weights read back: observed <= 4e-7 (transformers), 0 (minipeft).
+        torch.testing.assert_close(hf(IDS).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_pretrained(tmp_path)(IDS), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_peft_adapter_with_a_base_preserving_init_loads(init, tmp_path):
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(_peft_reference("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                         init_lora_weights=init))
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+    ref.eval().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.pop("eva_config", None)  # PEFT writes it for "eva"; peft_config.py accepts only None so far
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    ours = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path, is_trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] == init
+
+
+def test_orthogonal_init_draws_what_peft_draws():
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="orthogonal")
+    base, ref_base = tiny_model("qwen2"), _peft_reference("qwen2")  # before seeding: building them draws too
+    torch.manual_seed(3)
+    ours = get_peft_model(base, LoraConfig(**cfg))
+    torch.manual_seed(3)
+    ref = dict(peft.get_peft_model(ref_base, peft.LoraConfig(**cfg)).named_parameters())
+    lora = {n: p for n, p in ours.named_parameters() if ".lora_" in n}
+    assert len(lora) == 8
+    for name, p in lora.items():
+        assert torch.equal(p, ref[name.replace("base_model.", "base_model.model.", 1)]), name  # same draws
+        assert p.abs().min() > 0
+    with torch.no_grad():  # B A = 0 up to float32 rounding: the base's logits
+        torch.testing.assert_close(ours(IDS), tiny_model("qwen2")(IDS), atol=1e-5, rtol=0)

@@ -94,3 +94,22 @@ def test_load_pretrained_nf4_then_lora(tmp_path):
         get_peft_model(tiny_model("qwen2"), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
                        ).print_trainable_parameters()
     assert out.getvalue() == f_out.getvalue()
+
+
+def test_merged_qlora_model_is_all_16_32_bit_and_saves(tmp_path):
+    """Untargeted 4-bit layers too come back as Linear holding the weight they computed with, so the merged
+    model saves (PEFT + bitsandbytes instead re-quantize merged layers: an NF4 model, which has no
+    Hugging Face form here, and whose 4-bit rounding would erase most of the update)."""
+    base = tiny_model("qwen2")
+    base.save_pretrained(tmp_path / "base")
+    q = load_pretrained(tmp_path / "base", quantization="nf4")
+    o_proj = q.model.layers[0].self_attn.o_proj
+    qlora = get_peft_model(q, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        expected = qlora(IDS)
+        merged = qlora.merge_and_unload()
+        assert not any(isinstance(m, (Linear4bit, LoraLinear)) for m in merged.modules())
+        assert torch.equal(merged.model.layers[0].self_attn.o_proj.weight, o_proj.dequantize())
+        torch.testing.assert_close(merged(IDS), expected, atol=1e-5, rtol=0)  # float32: ~1e-6 observed
+        merged.save_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(load_pretrained(tmp_path / "merged")(IDS), expected, atol=1e-5, rtol=0)
