@@ -25,12 +25,14 @@ _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
     "layer_replication": (None,), "exclude_modules": (None,), "use_qalora": (False,),
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
-    "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,), "arrow_config": (None,),
+    "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
     "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None),
 }
-# Bookkeeping fields with no effect on the numbers.
-_IGNORED = {"peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core", "qalora_group_size"}
+# Bookkeeping fields with no effect on the numbers (eva_config only parameterizes an initialization, which
+# a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself).
+_IGNORED = {"eva_config", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
+            "qalora_group_size"}
 
 
 @dataclasses.dataclass
@@ -69,7 +71,10 @@ class PeftConfig:
                 unsupported.append(f"{key}={value!r}")
         if unsupported:
             raise ValueError(f"{where}: fields not supported by minipeft: {', '.join(unsupported)}")
-        return klass(**kwargs)
+        try:
+            return klass(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
         write_atomic(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

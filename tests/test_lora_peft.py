@@ -150,15 +150,19 @@ def test_peft_adapter_with_a_base_preserving_init_loads(init, tmp_path):
         for p in ref.parameters():
             if p.requires_grad:
                 p.normal_(std=0.05)
-    ref.eval().save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg.pop("eva_config", None)  # PEFT writes it for "eva"; peft_config.py accepts only None so far
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    ref.eval().save_pretrained(tmp_path)  # with init "eva", PEFT writes an eva_config block too
     ours = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path, is_trainable=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
     ours.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] == init
+
+
+def test_invalid_adapter_config_names_the_file(tmp_path):
+    config = {"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config\.json: LoraConfig: r must be a positive integer, got 0"):
+        PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)
 
 
 def test_orthogonal_init_draws_what_peft_draws():
