@@ -1,12 +1,15 @@
 """The `minipeft` command. Each subcommand lives beside the concept it drives; this file only
 collects them: a module in COMMANDS exposes `register(subparsers)`, which adds its parser and
-sets `func` (args -> exit status)."""
+sets `func` (args -> exit status). What the subcommands share lives here too: `at_least` (an
+argparse type) and USER_ERRORS, the errors that print one line instead of a traceback."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+from .trainer import TrainingDiverged
 
 COMMANDS = [
     "minipeft.generate_cli",
@@ -20,6 +23,18 @@ COMMANDS = [
     "minipeft.datasets",
     "minipeft.platform.cli",
 ]
+# A bad file, field or value; a run that diverged (its message says what to change).
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged)
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low, checked when the arguments are parsed (before any work)."""
+    def integer(text: str) -> int:  # argparse names the function in its errors ("invalid integer value")
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return integer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Errors of input (a bad file, field or value) print one clear line, not a traceback.
+    except USER_ERRORS as e:
         print(f"minipeft {args.command}: error: {e}", file=sys.stderr)
         return 2
 

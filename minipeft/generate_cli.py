@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from .checkpoint import load_pretrained
+from .cli import at_least
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (needs tokenizer.model in the model directory)")
     src.add_argument("--ids", help="comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=at_least(1), default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-k", type=at_least(1))
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_config
 from .config import ModelConfig
 from .corpus import build_corpus, read_corpus, write_corpus
 from .exercises import copy_exercises, induction_accuracy, repeat_drill
@@ -136,8 +136,23 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check the settings before any work (the corpus and the tokenizer can take minutes).
+        The fields are `minipeft pretrain`'s flags, so the errors name them as flags."""
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "max_position_embeddings", "steps", "batch_size", "evaluations")
+        checks = [(name, getattr(self, name) >= 1, ">= 1") for name in positive] + [
+            ("intermediate_size", self.intermediate_size >= 0, ">= 0 (0: the default)"),
+            ("context_length", 2 <= self.context_length <= self.max_position_embeddings,
+             f">= 2 and <= max_position_embeddings ({self.max_position_embeddings}): the model has no "
+             "position past it"),
+        ]
+        bad = [f"--{name.replace('_', '-')} {getattr(self, name)} (expected {want})" for name, ok, want in checks
+               if not ok]
+        if bad:
+            raise ValueError("invalid pretraining settings: " + "; ".join(bad))
         if not self.intermediate_size:
             self.intermediate_size = 32 * math.ceil(2.75 * self.hidden_size / 32)
+        self.train_config(".")  # the optimization settings are TrainConfig's: it checks them
 
     def model_config(self, tok: Tokenizer) -> ModelConfig:
         return ModelConfig(vocab_size=tok.vocab_size, hidden_size=self.hidden_size,
@@ -154,6 +169,13 @@ class PretrainConfig:
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
                            save_strategy="no", output_dir=str(output_dir))
+
+
+def init_architecture(model_dir: PathLike) -> dict[str, Any]:
+    """The ARCHITECTURE fields of the model in model_dir: a run that continues it (--init) keeps them,
+    whatever the architecture flags say."""
+    config = read_config(model_dir)
+    return {k: getattr(config, k) for k in ARCHITECTURE}
 
 
 def get_tokenizer(train_docs: Sequence[str], output: Path, vocab_size: int,
@@ -234,6 +256,9 @@ def prepare(docs: Sequence[str], output: Path, cfg: PretrainConfig,
     exercises = copy_exercises(train_docs, cfg.copy_fraction, cfg.seed, max_chars=3 * cfg.context_length // 2)
     windows = make_windows(token_stream([*train_docs, *exercises], tok), cfg.context_length)
     held_out = spread(make_windows(token_stream(eval_docs, tok), cfg.context_length), cfg.eval_windows)
+    if eval_docs and not held_out:
+        raise ValueError(f"the {len(eval_docs)} held-out documents make no window of {cfg.context_length} tokens: "
+                         "raise --eval-fraction, shorten --context-length, or pass --eval-fraction 0")
     if len(windows) < cfg.batch_size:
         raise ValueError(f"the training documents make {len(windows)} windows of {cfg.context_length} tokens, "
                          f"fewer than one batch ({cfg.batch_size}): give more text or shorten --context-length")
@@ -257,7 +282,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     output.mkdir(parents=True, exist_ok=True)
     if init is not None:
         start = load_pretrained(init)
-        cfg = replace(cfg, **{k: getattr(start.config, k) for k in ARCHITECTURE})
+        cfg = replace(cfg, **init_architecture(init))
         tokenizer_dir = init
     data = prepare(docs, output, cfg, tokenizer_dir)
     log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
@@ -319,13 +344,16 @@ def machine() -> dict[str, Any]:
 # --- command line -----------------------------------------------------------------------------
 def _command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k) is not None}
+    if args.init:  # check the settings against the architecture the run will have
+        fields.update(init_architecture(args.init))
+    cfg = PretrainConfig(**fields)  # bad settings fail here, before the corpus is read
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)
     if args.save_corpus:
         write_corpus(docs, args.save_corpus)
-    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k) is not None}
-    results = pretrain(docs, args.output, PretrainConfig(**fields), epochs=args.epochs,
+    results = pretrain(docs, args.output, cfg, epochs=args.epochs,
                        max_minutes=args.max_minutes, tokenizer_dir=args.tokenizer, init=args.init)
     results["wall_seconds"] = time.perf_counter() - t0  # the whole command: corpus extraction included
     if sys.argv[1:2] == ["pretrain"]:  # run from a shell (not cli.main(argv) in a test): record how

@@ -2,12 +2,15 @@
 
 The outline's core parameters (section 4.1) with its usual values: learning_rate 1e-5..5e-5
 (full fine-tuning; LoRA tolerates ~10x more), epochs 3-5, batch_size 4-32, warmup_ratio 0.1,
-weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key or an
-out-of-range value is an error that names the key, before any work starts.
+weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key, a value of
+the wrong type (each key takes its annotation's type: `true` is no integer, `2.5` no batch size)
+or an out-of-range value is an error that names the key, before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,6 +20,45 @@ from .files import read_json
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
 ALIASES = {"epochs": "n_epochs", "r": "lora_rank", "training_file": "train_file", "validation_file": "test_file"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+          list: "a list of strings", type(None): "null"}
+
+
+def _finite_float(value: Any) -> Optional[float]:
+    """`value` as a finite float if it is a number or text that reads as one, else None.
+
+    Text is accepted because PyYAML reads YAML 1.1, where a float needs a dot: the job file's
+    `learning_rate: 2e-4` arrives as the string "2e-4"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """`value` as the annotation `hint` (bool, int, float, str, list[str], or a Union of them) takes
+    it, numbers as float for a float; TypeError saying what was expected if no arm takes it."""
+    arms = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    for arm in arms:
+        kind = typing.get_origin(arm) or arm
+        if kind is float:
+            number = _finite_float(value)
+            if number is not None:
+                return number
+        elif kind is list:
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+        elif type(value) is kind:  # not isinstance: True is an int to isinstance
+            return value
+    raise TypeError(" or ".join(_KINDS[typing.get_origin(arm) or arm] for arm in arms))
+
+
+def _refuse(bad: list[str]) -> None:
+    if bad:
+        raise ValueError("invalid training config: " + "; ".join(bad))
 
 
 @dataclass
@@ -66,6 +108,14 @@ class TrainConfig:
     disable_tqdm: bool = False  # no progress bar (logs, services)
 
     def __post_init__(self) -> None:
+        hints, bad = typing.get_type_hints(type(self)), []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                setattr(self, f.name, _conform(value, hints[f.name]))
+            except TypeError as e:
+                bad.append(f"{f.name}={value!r} (expected {e})")
+        _refuse(bad)  # the ranges below compare values of the right types only
         checks = [
             ("method", self.method in METHODS, f"one of {METHODS}"),
             ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULERS, f"one of {SCHEDULERS}"),
@@ -87,6 +137,7 @@ class TrainConfig:
             ("max_length", self.max_length >= 2, ">= 2"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
             ("lora_rank", self.lora_rank >= 1, ">= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "> 0: the LoRA update is scaled by lora_alpha / lora_rank"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("logging_steps", self.logging_steps >= 1, ">= 1"),
             ("eval_steps", self.eval_steps >= 0, ">= 0"),
@@ -94,10 +145,13 @@ class TrainConfig:
             ("save_total_limit", self.save_total_limit >= 1, ">= 1"),
             ("num_virtual_tokens", self.num_virtual_tokens >= 1, ">= 1"),
             ("bottleneck_size", self.bottleneck_size >= 1, ">= 1"),
+            # The trainer updates weights in their own dtype, with no float32 master copy: a step below
+            # half of bf16's spacing (2^-8 of the weight) rounds away; at lr 2e-5 norm gains never move.
+            ("bf16", not (self.bf16 and self.method == "full"),
+             "false with method='full': bf16 weights keep no float32 master copy, so small updates round "
+             "away; use bf16=false, or a PEFT method (lora, qlora, ...) with bf16"),
         ]
-        bad = [f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok]
-        if bad:
-            raise ValueError("invalid training config: " + "; ".join(bad))
+        _refuse([f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
@@ -119,10 +173,20 @@ class TrainConfig:
     def load(cls, path: Union[str, Path]) -> "TrainConfig":
         """Read a JSON or YAML job file."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, expected a JSON or YAML file")
         if path.suffix in (".yaml", ".yml"):
-            import yaml  # optional: only YAML job files need it
-
-            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+            try:
+                import yaml  # optional: only YAML job files need it
+            except ImportError:
+                raise ValueError(f"{path}: a YAML job file needs PyYAML (pip install pyyaml); "
+                                 "or write the job file as JSON") from None
+            try:
+                d = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)  # parse errors carry where they happened
+                at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+                raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         else:
             d = read_json(path, "the job file")
         if not isinstance(d, dict):

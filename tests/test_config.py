@@ -1,8 +1,12 @@
-"""Presets and the Hugging Face config round trip."""
+"""Presets and the Hugging Face config round trip; TrainConfig's checks of a job file."""
 import pytest
 import torch
 
 from minipeft import PRESETS, ModelConfig, Transformer
+from minipeft.peft_model import full_finetune
+from minipeft.train_config import TrainConfig
+from minipeft.trainer import Trainer
+from conftest import tiny_model
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -46,3 +50,89 @@ def test_bad_configs_say_what_is_wrong():
         ModelConfig(num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(KeyError, match="available"):
         ModelConfig.from_preset("llama-9")
+
+
+# --- TrainConfig: a job file's types and ranges ---------------------------------------------------
+@pytest.mark.parametrize("settings,message", [
+    ({"bf16": "false"}, "bf16='false' (expected true or false)"),  # a non-empty string would be truthy
+    ({"gradient_checkpointing": "no"}, "gradient_checkpointing='no' (expected true or false)"),
+    ({"batch_size": 2.5}, "batch_size=2.5 (expected an integer)"),
+    ({"n_epochs": 1.5}, "n_epochs=1.5 (expected an integer)"),
+    ({"n_epochs": True}, "n_epochs=True (expected an integer)"),  # bool is an int subclass in Python
+    ({"n_epochs": "three"}, "n_epochs='three' (expected an integer)"),
+    ({"logging_steps": None}, "logging_steps=None (expected an integer)"),
+    ({"learning_rate": "fast"}, "learning_rate='fast' (expected a finite number)"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan (expected a finite number)"),
+    ({"max_grad_norm": "inf"}, "max_grad_norm='inf' (expected a finite number)"),
+    ({"test_file": 3}, "test_file=3 (expected a string or null)"),
+    ({"lora_alpha": -4}, "lora_alpha=-4.0 (expected > 0"),
+    ({"lora_alpha": 0}, "lora_alpha=0.0 (expected > 0"),  # scale 0: the LoRA update is zero, training a no-op
+])
+def test_train_config_checks_every_type_and_names_the_key(settings, message):
+    with pytest.raises(ValueError) as e:
+        TrainConfig.from_dict(settings, where="job.json")
+    assert str(e.value).startswith("job.json: invalid training config: " + message)
+
+
+def test_train_config_reports_every_bad_type_at_once():
+    with pytest.raises(ValueError, match=r"seed='x' \(expected an integer\); bf16=1 \(expected true or false\)"):
+        TrainConfig.from_dict({"bf16": 1, "seed": "x"})
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj', 1\] \(expected .*a list of strings"):
+        TrainConfig.from_dict({"target_modules": ["q_proj", 1]})
+
+
+def test_numbers_are_read_as_their_key_takes_them():
+    cfg = TrainConfig.from_dict({"learning_rate": "2e-4", "lora_alpha": 16, "warmup_ratio": 0, "bf16": True,
+                                 "target_modules": "all-linear", "test_file": None})
+    assert cfg.learning_rate == 2e-4 and type(cfg.learning_rate) is float
+    assert type(cfg.lora_alpha) is float and type(cfg.warmup_ratio) is float and cfg.bf16 is True
+    assert (cfg.target_modules, cfg.test_file) == ("all-linear", None)
+
+
+def test_yaml_job_file_with_an_exponent_float(tmp_path):
+    """PyYAML reads YAML 1.1, where 2e-4 (no dot) is a string: the key takes it as the float it means."""
+    yaml = pytest.importorskip("yaml")
+    text = "learning_rate: 2e-4\nweight_decay: 1e-2\nn_epochs: 2\nbf16: false\n"
+    assert yaml.safe_load(text)["learning_rate"] == "2e-4"
+    (tmp_path / "job.yaml").write_text(text)
+    cfg = TrainConfig.load(tmp_path / "job.yaml")
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.n_epochs, cfg.bf16) == (2e-4, 1e-2, 2, False)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "job.yml").write_text("n_epochs: 2\ntarget_modules: [q_proj, v_proj\nbatch_size: 4\n")
+    with pytest.raises(ValueError, match=r"job.yml: invalid YAML at line 3 column 11: expected ',' or ']'"):
+        TrainConfig.load(tmp_path / "job.yml")
+
+
+def test_a_directory_is_not_a_job_file(tmp_path):
+    for name in ("jobs", "jobs.yaml"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(ValueError, match=f"{name}: is a directory, expected a JSON or YAML file"):
+            TrainConfig.load(tmp_path / name)
+
+
+def test_full_fine_tuning_in_bf16_is_refused_because_its_updates_round_away(tmp_path):
+    """The trainer steps weights in their own dtype, with no float32 master copy. The float32 run is
+    the reference: 3 AdamW steps at lr 2e-5 move every RMSNorm gain; in bf16 (spacing 2^-7 near 1)
+    the same ~2e-5 steps round to nothing. Hence the refusal, which PEFT methods (their trained
+    weights stay float32) do not need."""
+    torch.manual_seed(0)
+    data = [(ids, ids) for ids in torch.randint(0, 131, (12, 10)).tolist()]
+    cfg = TrainConfig(output_dir=str(tmp_path), method="full", batch_size=4, learning_rate=2e-5,
+                      lr_scheduler_type="constant", save_strategy="no", disable_tqdm=True)
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = full_finetune(tiny_model().to(dtype))
+        norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+        trainer = Trainer(cfg, model, data)
+        for step in range(3):
+            trainer.train_step(list(range(4 * step, 4 * step + 4)))
+        params = dict(model.named_parameters())
+        changed = sum(int((params[n] != before).sum()) for n, before in norms.items())
+        moved[dtype] = changed / sum(before.numel() for before in norms.values())
+    assert moved == {torch.float32: 1.0, torch.bfloat16: 0.0}
+    with pytest.raises(ValueError, match=r"bf16=True \(expected false with method='full'.*use bf16=false, or a PEFT"):
+        TrainConfig(method="full", bf16=True)
+    assert TrainConfig(method="lora", bf16=True).bf16

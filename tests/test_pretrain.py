@@ -334,6 +334,39 @@ def test_too_little_text_is_a_clear_error(tmp_path, tok_dir, capsys):
     assert re.search(r"make [0-3] windows of 16 tokens, fewer than one batch \(4\)", capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--evaluations", "0"], "invalid pretraining settings: --evaluations 0 (expected >= 1)"),
+    (["--steps", "0"], "invalid pretraining settings: --steps 0 (expected >= 1)"),
+    (["--context-length", "1024"],
+     "invalid pretraining settings: --context-length 1024 (expected >= 2 and <= max_position_embeddings (512)"),
+    (["--context-length", "600", "--max-position-embeddings", "512"], "--context-length 600 (expected >= 2 and <="),
+    # TrainConfig's check, run before any work too
+    (["--learning-rate", "5"], "invalid training config: learning_rate=5.0 (expected in (0, 1))"),
+])
+def test_bad_settings_fail_before_the_corpus_is_read(tmp_path, capsys, flags, message):
+    """The corpus named does not exist: the settings are checked first, so the error is theirs."""
+    assert main(["pretrain", "--corpus", str(tmp_path / "none.txt"), "--output", str(tmp_path / "m"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minipeft pretrain: error: ") and message in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_context_length_is_checked_against_the_model_continued(tiny_run, tmp_path, capsys):
+    """--init keeps the model's max_position_embeddings (512), whatever the flag says."""
+    d, out = tiny_run
+    assert main(["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(tmp_path / "m"), "--init", str(out),
+                 "--steps", "1", *TINY_ARGS, "--context-length", "1024", "--max-position-embeddings", "2048"]) == 2
+    assert "--context-length 1024 (expected >= 2 and <= max_position_embeddings (512)" in capsys.readouterr().err
+
+
+def test_held_out_documents_too_short_for_a_window_are_an_error(tmp_path, tok_dir, capsys):
+    """Without this check the run trained, evaluated nothing and ended with "no held-out split"."""
+    write_corpus(["The lazy dog."] * 40, tmp_path / "c.txt")  # 16 tokens each; 0.01 holds out one
+    assert main(["pretrain", "--corpus", str(tmp_path / "c.txt"), "--output", str(tmp_path / "m"), "--steps", "1",
+                 "--tokenizer", str(tok_dir), *TINY_ARGS, "--eval-fraction", "0.01"]) == 2
+    assert "the 1 held-out documents make no window of 32 tokens" in capsys.readouterr().err
+
+
 # --- the shipped base model ------------------------------------------------------------------------
 def card_table() -> dict[str, str]:
     """The model card's `| field | value |` rows."""
