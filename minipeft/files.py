@@ -1,7 +1,9 @@
 """The two file rules every writer and reader here follows.
 
 - Writes are atomic: data goes to a temporary file beside the target, then `os.replace` renames it
-  into place, so a reader or a crash never sees half a file; the old file stays until then.
+  into place, so a reader or a crash never sees half a file; the old file stays until then. The
+  data is fsynced before the rename and the directory after it: without that, a power loss can
+  persist the rename but not the data, leaving an empty file where the old one was.
 - JSON reads fail with the file, line and column, and a missing file says what it was needed for.
 """
 from __future__ import annotations
@@ -30,11 +32,25 @@ def write_atomic(path: PathLike, data: Union[str, bytes, Iterable[bytes]]) -> No
             chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
             for chunk in chunks:
                 f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable. POSIX only: Windows cannot open a directory."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from minipeft.data import read_file
 from minipeft.data.check import check_file, write_clean
 from minipeft.data.cli import main
 from minipeft.data.jsonl import write_atomic
@@ -148,7 +150,11 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path):
     assert target.read_bytes() == b"old\n" and os.listdir(tmp_path) == ["out.jsonl"]
 
 
-def test_length_is_the_rendered_length_and_the_policy_decides(tmp_path):
+def test_length_is_the_rendered_length_and_training_drops_what_the_check_rejects(tmp_path, capsys):
+    from minipeft.job import render_all
+    from minipeft.templates import get_template
+    from minipeft.train_config import TrainConfig
+
     long_reply = "x" * 30
     path = write_bytes(tmp_path, [GOOD, json.dumps({"instruction": "Say hi", "output": long_reply})])
     n = plain_length("Say hi", long_reply)
@@ -156,14 +162,108 @@ def test_length_is_the_rendered_length_and_the_policy_decides(tmp_path):
     assert not check_file(path, tok, max_length=n).problems  # exactly max_length fits
     (dropped,) = check_file(path, tok, max_length=n - 1).problems
     assert (dropped.line, dropped.keep) == (2, False) and f"{n} tokens > max_length {n - 1}: dropped" in dropped.message
-    (cut,) = check_file(path, tok, max_length=n - 1, length_policy="truncate").problems
-    assert cut.keep and "losing the last 1" in cut.message
-    # A prompt that alone fills max_length leaves nothing to learn: dropped even when truncating;
-    # one token more and the first reply token survives.
-    prompt = plain_length("Say hi", "") - 1  # <s> + "User: ...Assistant:", without </s>
-    (gone,) = check_file(path, tok, max_length=prompt, length_policy="truncate").rejected[2]
-    assert "no reply token" in gone.message
-    assert 2 not in check_file(path, tok, max_length=prompt + 1, length_policy="truncate").rejected
+    # The check describes training: what it rejects for length is what training leaves out.
+    result = check_file(path, tok, max_length=n - 1)
+    rendered = render_all(read_file(path).examples, tok, get_template("plain"), TrainConfig(max_length=n - 1), "t")
+    assert [e.line for e in result.examples] == [1] and len(rendered) == 1
+    with pytest.raises(SystemExit) as info:  # no --length-policy truncate: training cannot truncate
+        main(["data", "check", str(path), "--length-policy", "truncate"])
+    assert info.value.code == 2 and "unrecognized arguments: --length-policy" in capsys.readouterr().err
+
+
+def test_an_unpaired_surrogate_is_rejected_with_its_field(tmp_path, capsys):
+    # What an exporter that slices UTF-16 strings writes: json.loads accepts the lone escape.
+    lone = r'{"instruction": "smile \ud83d", "output": "ok"}'
+    pair = r'{"instruction": "smile \ud83d\ude00", "output": "ok"}'  # a whole character: fine
+    nested = r'{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\udc00"}]}'
+    path = write_bytes(tmp_path, [lone, pair, GOOD, nested])
+    result = check_file(path)
+    assert sorted(result.rejected) == [1, 4] and [e.line for e in result.examples] == [2, 3]
+    assert [(p.line, p.field) for p in result.problems] == [(1, "instruction"), (4, "conversations[1].content")]
+    assert "unpaired surrogate \\ud83d at character 6" in result.problems[0].message
+    # The report and the clean copy, which used to fail encoding it, work on the valid lines.
+    assert main(["data", "report", str(path), "--output", str(tmp_path / "rep")]) == 0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text(encoding="utf-8"))["accuracy"]["rejected"] == 2
+    assert main(["data", "check", str(path), "--drop-invalid", "--output", str(tmp_path / "c.jsonl")]) == 1
+    assert (tmp_path / "c.jsonl").read_text().splitlines() == [pair, GOOD]
+    assert f"{path}:1: instruction: unpaired surrogate" in capsys.readouterr().out
+
+
+def test_an_unpaired_surrogate_never_reaches_sentencepiece(tmp_path, capsys):
+    from minipeft.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Say hi to the weather today\nhello there, how are you\n" * 20, encoding="utf-8")
+    train_tokenizer([corpus], tmp_path / "tok", vocab_size=300)
+    path = write_bytes(tmp_path, [r'{"instruction": "smile \ud83d", "output": "ok"}', GOOD])
+    args = ["--tokenizer", str(tmp_path / "tok")]
+    assert main(["data", "check", str(path), "--max-length", "64", *args]) == 1  # no RuntimeError
+    assert main(["data", "report", str(path), "--output", str(tmp_path / "rep"), *args]) == 0
+    assert f"{path}:1: instruction: unpaired surrogate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("codec, bom, source", [
+    ("utf-16-le", b"\xff\xfe", "UTF-16"), ("utf-16-be", b"\xfe\xff", "UTF-16"), ("utf-16-le", b"", "UTF-16LE"),
+    ("utf-16-be", b"", "UTF-16BE"), ("utf-32-le", b"\xff\xfe\0\0", "UTF-32"), ("utf-32-be", b"", "UTF-32BE")])
+def test_a_utf16_or_utf32_file_is_named_once_with_the_fix(tmp_path, capsys, codec, bom, source):
+    # What PowerShell 5's `>` writes (UTF-16LE with a BOM and CRLF), and its cousins.
+    text = GOOD + "\r\n" + '{"instruction": "\u4f60\u597d \U0001f600", "output": "b"}' + "\r\n"
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes(bom + text.encode(codec))
+    result = check_file(path)
+    (problem,) = result.problems
+    assert problem.line is None and str(problem).startswith(f"{path}: UTF-")
+    assert f"iconv -f {source} -t UTF-8" in problem.message
+    assert len(result.lines) == 2 and sorted(result.rejected) == [1, 2] and not result.examples  # no phantom line
+    valid, rejected = write_clean(result, tmp_path / "c.jsonl", tmp_path / "r.jsonl")
+    thrown = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert (valid, rejected) == (0, 2) and (tmp_path / "c.jsonl").read_bytes() == b""
+    # The rejects hold the lines byte for byte, cut at the file's own newline.
+    newline = "\n".encode(codec)
+    assert b"".join(r["text"].encode("utf-8", "surrogateescape") + newline for r in thrown) == path.read_bytes()
+    assert main(["data", "check", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [str(problem), f"{path}: 2 lines, format unknown: 0 valid, "
+                                                    "2 rejected; problems: 1 encoding"]
+
+
+def test_a_special_tokens_text_in_content_is_rejected(tmp_path):
+    from minipeft.templates import get_template
+    from minipeft.tokenizer import load_tokenizer
+
+    reply = "With the <|im_end|> token, then a newline."
+    tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "minillama-10m")
+    messages = [{"role": "user", "content": "How do turns end?"}, {"role": "assistant", "content": reply}]
+    end = tok.token_to_id("<|im_end|>")
+    # The reference for the harm: rendered by chatml, the reply's labels hold two <|im_end|> ids, not one.
+    assert get_template("chatml").render(messages, tok).labels.count(end) == 2
+    records = [{"instruction": "How do turns end?", "output": reply},
+               {"messages": [{"role": "system", "content": "Use <|im_start|>user"}] + messages[:1]
+                + [{"role": "assistant", "content": "fine"}]},
+               {"instruction": "q", "output": "a", "id": "<|im_end|>"}]  # an unread key: not rendered, not checked
+    path = write_bytes(tmp_path, [json.dumps(r) for r in records])
+    result = check_file(path, tok)
+    assert [(p.line, p.field, p.kind) for p in result.problems if p.kind == "special"] == \
+        [(1, "output", "special"), (2, "messages[0].content", "special")]
+    assert "contains '<|im_end|>'" in str(result.problems[0]) and "'<|im_start|>'" in str(result.problems[1])
+    assert 3 not in result.rejected
+    # The tokenizer's own special tokens count too.
+    class ToolTokenizer(CharTokenizer):
+        special_tokens = ("<tool>",)
+
+    path = write_bytes(tmp_path, [json.dumps({"instruction": "q", "output": "call <tool>"})], name="tool.jsonl")
+    assert not check_file(path).problems and [p.kind for p in check_file(path, ToolTokenizer()).problems] == ["special"]
+
+
+def test_write_atomic_fsyncs_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    calls = []  # (what, inode): a rename keeps the inode, so the temp file's is the target's
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", os.stat(a).st_ino)) or real_replace(a, b))
+    target = tmp_path / "out.jsonl"
+    write_atomic(target, [b"new\n"])
+    assert target.read_bytes() == b"new\n"
+    file, directory = target.stat().st_ino, tmp_path.stat().st_ino
+    assert calls == [("fsync", file), ("replace", file), ("fsync", directory)]
 
 
 def test_cli_in_a_subprocess_exits_1_without_a_traceback(tmp_path):

@@ -114,3 +114,36 @@ def test_load_jsonl_is_strict_about_a_bom_that_the_check_would_only_strip(tmp_pa
     with pytest.raises(DataError, match="byte-order mark"):
         load_jsonl(path)
     assert [e.response for e in read_file(path).examples] == ["b"]  # the check keeps the line
+
+
+@pytest.mark.parametrize("fmt", ["conversations", "messages", "sharegpt"])
+def test_a_top_level_system_is_the_first_turn_of_a_turn_format(tmp_path, fmt):
+    key = "messages" if fmt == "messages" else "conversations"
+    turns = SPELLINGS[fmt][key]
+    # LLaMA-Factory's sharegpt keeps the system prompt beside the turns: it must not be dropped.
+    (e,) = load_jsonl(write(tmp_path, [{key: turns[1:], "system": SYSTEM}]))
+    assert e.messages == EXPECTED
+    reference = get_template("plain").render(EXPECTED, CharTokenizer())
+    assert get_template("plain").render(e.messages, CharTokenizer()) == reference
+    (e,) = load_jsonl(write(tmp_path, [{key: turns[1:], "system": " "}]))  # empty: no system prompt
+    assert e.messages == EXPECTED[1:]
+    result = read_file(write(tmp_path, [{key: turns, "system": "Other."}, {key: turns[1:], "system": 3}]))
+    assert [(p.line, p.field) for p in result.problems] == [(1, "system"), (2, "system")]
+    assert f"given twice: as this field and as the system turn {key}[0]" in result.problems[0].message
+    assert "expected a string, got number" in result.problems[1].message and not result.examples
+
+
+def test_a_misspelled_optional_key_is_a_warning_naming_the_key(tmp_path):
+    rows = [{"instruction": "hi", "output": "yo", "sytem": "Be nice."},
+            {"instruction": "hi", "inptu": "there", "output": "yo"},
+            {"instruction": "hi", "output": "yo", "id": 7, "category": "greeting"},
+            {"instruction": "hi", "ouput": "yo"}]  # a required key: its error already says so, no second word
+    path = write(tmp_path, rows)
+    result = read_file(path)
+    assert [(p.line, p.field, p.keep) for p in result.problems] == \
+        [(1, "sytem", True), (2, "inptu", True), (4, "output", False)]
+    assert str(result.problems[0]) == f"{path}:1: sytem: unknown key, ignored: a typo for 'system'?"
+    assert "a typo for 'input'?" in result.problems[1].message
+    assert [e.line for e in result.examples] == [1, 2, 3]  # a warning keeps the line
+    with pytest.raises(DataError, match="sytem"):  # training is strict: the system prompt would be lost
+        load_jsonl(path)

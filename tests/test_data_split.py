@@ -6,8 +6,11 @@ import json
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
-from minipeft.data import read_file
+import pytest
+
+from minipeft.data import build_report, read_file
 from minipeft.data.cli import main
 from minipeft.data.dedup import prompt_key
 from minipeft.data.split import split_examples
@@ -54,6 +57,48 @@ def test_no_prompt_on_both_sides(tmp_path):
         assert not {prompt_key(e) for e in train} & {prompt_key(e) for e in test}
         assert sorted(e.line for e in train + test) == list(range(1, len(records) + 1))
         assert abs(len(test) - 0.2 * len(records)) <= 3  # groups of <= 4 fill the target to within 3
+
+
+def near_rows(n=100, seed=0):
+    """n prompts of 8 random words, each twice: as is and with a trailing "." (Jaccard ~0.97)."""
+    rng = random.Random(seed)
+    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ti", "ra", "vo") for b in ("rn", "sk", "lt", "mp")]
+    base = [{"instruction": "Summarize: " + " ".join(rng.sample(vocab, 8)), "output": f"s{i % 3}"} for i in range(n)]
+    return [r for b in base for r in (b, {**b, "instruction": b["instruction"] + "."})]
+
+
+def leaked(train_path, test_path) -> int:
+    """Test examples leaked from train, by the report's own measure (exact or near prompt)."""
+    return build_report(read_file(train_path), read_file(test_path))["leakage"]["leaked_test_examples"]
+
+
+@pytest.mark.parametrize("stratify", [[], ["--stratify"]], ids=["plain", "stratified"])
+def test_near_duplicate_prompts_stay_on_one_side(tmp_path, stratify):
+    # Exact grouping alone put ~38 of 40 test prompts beside their "."-twin in train.
+    status, train, test, _ = split(tmp_path, near_rows(), "--test-ratio", "0.2", *stratify)
+    assert status == 0 and len(train) + len(test) == 200 and abs(len(test) - 40) <= 2
+    assert leaked(tmp_path / "out" / "train.jsonl", tmp_path / "out" / "test.jsonl") == 0
+
+
+@pytest.mark.parametrize("stratify", [[], ["--stratify"]], ids=["plain", "stratified"])
+def test_the_bundled_sentiment_data_splits_without_a_leak(tmp_path, stratify):
+    source = Path(__file__).resolve().parent.parent / "datasets" / "sentiment" / "train.jsonl"
+    out = tmp_path / "out"
+    assert main(["data", "split", str(source), "--output-dir", str(out), *stratify]) == 0
+    assert leaked(out / "train.jsonl", out / "test.jsonl") == 0  # 8 of 30 before near duplicates were grouped
+    test = Counter(e.response for e in read_file(out / "test.jsonl").examples)
+    if stratify:  # near-duplicate prompts with other labels ("... is blue." / "... is great.") still fit the quotas
+        counts = Counter(e.response for e in read_file(source).examples)
+        assert test == {label: math.floor(0.1 * n + 0.5) for label, n in counts.items()}
+    assert abs(sum(test.values()) - 30) <= 3 and len(test) == 3  # every label held out
+
+
+def test_prompts_too_alike_to_split_are_refused_with_the_reason(tmp_path, capsys):
+    # One template with a varying number: every prompt is a near duplicate of the next, one chain.
+    records = [{"instruction": f"Translate sentence number {i} about the cat into French please", "output": str(i)}
+               for i in range(100)]
+    assert split(tmp_path, records)[0] == 2
+    assert "near-duplicate prompts stay together, in 1 group(s) here, the largest of 100" in capsys.readouterr().err
 
 
 def test_stratified_split_keeps_each_label_share(tmp_path):

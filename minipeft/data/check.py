@@ -1,12 +1,10 @@
 """`minipeft data check`: every problem of a data file, and optionally a clean copy.
 
 A line is valid when it is one well-formed example (loader.py) and, given max_length, fits once
-rendered by the chat template (measure.py):
-- policy "drop": an example longer than max_length tokens is rejected;
-- policy "truncate": it stays (training keeps its first max_length tokens) and is reported,
-  unless no supervised token would survive the cut (templates.py's truncation="right" rule):
-  then it is rejected too.
-Exit status: 0 when nothing at all was found (a stripped BOM or a truncation still counts: the
+rendered by the chat template (measure.py): a longer example is rejected, because training drops
+it (job.render_all renders with truncation="drop"). With a tokenizer, content holding one of its
+special tokens' text is rejected too (loader.read_file), besides the chat tokens always checked.
+Exit status: 0 when nothing at all was found (a stripped BOM or a typo warning still counts: the
 file is not clean), 1 otherwise. The clean copy holds the valid lines byte for byte (minus a BOM),
 the rejects file holds each other line as {"file", "line", "text", "reasons"}; valid + rejected =
 lines of the input, blank lines included (rejected as "blank line"). Both written atomically.
@@ -17,49 +15,42 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from ..templates import ChatTemplate, TooLongError, get_template
+from ..templates import ChatTemplate, get_template
+from ..tokenizer import CHAT_TOKENS
 from .formats import Example
 from .jsonl import PathLike, dumps_line, write_atomic
 from .loader import LoadResult, read_file
 from .measure import DEFAULT_TEMPLATE, Encoder, measure
 from .problems import Problem
 
-LENGTH_POLICIES = ("drop", "truncate")
-
 
 def check_file(path: PathLike, tokenizer: Optional[Encoder] = None, max_length: Optional[int] = None,
-               length_policy: str = "drop", template: Optional[ChatTemplate] = None) -> LoadResult:
+               template: Optional[ChatTemplate] = None) -> LoadResult:
     """read_file plus the length check (when max_length is given, which needs a tokenizer):
     each example rendered by `template` (default: plain), as training will render it."""
-    if length_policy not in LENGTH_POLICIES:
-        raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
-    result = read_file(path)
+    result = read_file(path, special_tokens(tokenizer))
     if max_length is not None:
         if tokenizer is None:
             raise ValueError("max_length counts tokens: give a tokenizer too")
         template = template or get_template(DEFAULT_TEMPLATE)
-        result.add([p for e in result.examples
-                    if (p := _length_problem(result.path, e, tokenizer, template, max_length, length_policy))])
+        result.add([p for e in result.examples if (p := _length_problem(result.path, e, tokenizer, template,
+                                                                        max_length))])
     return result
 
 
-def _length_problem(path: str, example: Example, tokenizer: Encoder, template: ChatTemplate, max_length: int,
-                    policy: str) -> Optional[Problem]:
+def _length_problem(path: str, example: Example, tokenizer: Encoder, template: ChatTemplate,
+                    max_length: int) -> Optional[Problem]:
     total, _ = measure(example.messages, tokenizer, template)
     if total <= max_length:
         return None
-    if policy == "drop":
-        why = f"{total} tokens > max_length {max_length}: dropped (--length-policy drop)"
-        return Problem(path, example.line, None, why, kind="length")
-    try:  # the template's own right-truncation decides whether anything is left to learn
-        template.render(example.messages, tokenizer, max_length=max_length, truncation="right")
-    except TooLongError:
-        why = (f"{total} tokens > max_length {max_length}, and truncation would leave no reply token to "
-               "learn from: dropped even with --length-policy truncate")
-        return Problem(path, example.line, None, why, kind="length")
-    why = (f"{total} tokens > max_length {max_length}: training keeps the first {max_length}, losing the "
-           f"last {total - max_length} (--length-policy truncate)")
-    return Problem(path, example.line, None, why, keep=True, kind="length")
+    why = f"{total} tokens > max_length {max_length}: dropped, as training drops it"
+    return Problem(path, example.line, None, why, kind="length")
+
+
+def special_tokens(tokenizer: Optional[Encoder]) -> tuple[str, ...]:
+    """The chat tokens, plus the tokenizer's own special tokens: content may hold none of them.
+    (minipeft's Tokenizer names its special tokens; a test double may not.)"""
+    return tuple(dict.fromkeys(CHAT_TOKENS + tuple(getattr(tokenizer, "special_tokens", ()))))
 
 
 def write_clean(result: LoadResult, output: PathLike, rejects: PathLike) -> tuple[int, int]:
@@ -87,8 +78,7 @@ def summary(result: LoadResult) -> str:
     valid = len(result.lines) - len(rejected)
     text = (f"{result.path}: {len(result.lines)} lines, format {result.format or 'unknown'}: "
             f"{valid} valid, {len(rejected)} rejected")
-    kinds = Counter(("truncated" if p.keep else "too long") if p.kind == "length" else p.kind
-                    for p in result.problems)
+    kinds = Counter("too long" if p.kind == "length" else p.kind for p in result.problems)
     if kinds:
         text += "; problems: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
     return text

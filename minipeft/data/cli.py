@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..templates import TEMPLATES, get_template
-from .check import LENGTH_POLICIES, check_file, default_rejects_path, summary, write_clean
+from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
 from .loader import LoadResult, read_file
 from .measure import DEFAULT_TEMPLATE, Encoder
@@ -29,12 +29,11 @@ def register(subparsers: Any) -> None:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{check,report,split}")
     check = sub.add_parser("check", help="list every problem of data files; optionally write a clean copy")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--max-length", type=_positive_int, help="longest example in tokens (needs --tokenizer)")
+    check.add_argument("--max-length", type=_positive_int,
+                       help="longest example in tokens, as in training, which drops longer ones (needs --tokenizer)")
     check.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, for --max-length")
     check.add_argument("--template", choices=list(TEMPLATES), default=DEFAULT_TEMPLATE,
                        help=f"chat template the length is measured with (default: {DEFAULT_TEMPLATE})")
-    check.add_argument("--length-policy", choices=LENGTH_POLICIES, default="drop",
-                       help="what training does with a longer example (default: drop)")
     check.add_argument("--drop-invalid", action="store_true", help="write the valid lines to --output")
     check.add_argument("--output", metavar="CLEAN.jsonl", help="the clean copy (with --drop-invalid)")
     check.add_argument("--rejects", metavar="PATH", help="where rejected lines go (default: CLEAN.rejects.jsonl)")
@@ -72,7 +71,7 @@ def run_check(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(args.tokenizer)
     status = 0
     for path in args.files:
-        result = check_file(path, tokenizer, args.max_length, args.length_policy, get_template(args.template))
+        result = check_file(path, tokenizer, args.max_length, get_template(args.template))
         _print_problems(result)
         status = max(status, 1 if result.problems else 0)
     if args.output:
@@ -85,13 +84,14 @@ def run_check(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     if not 0 < args.near_threshold <= 1:
         raise UsageError(f"--near-threshold is a Jaccard similarity in (0, 1], got {args.near_threshold}")
-    train = read_file(args.file)
-    test = read_file(args.test) if args.test else None
+    tokenizer = _load_tokenizer(args.tokenizer)
+    train = read_file(args.file, special_tokens(tokenizer))
+    test = read_file(args.test, special_tokens(tokenizer)) if args.test else None
     if not train.examples:
         _print_problems(train)
         print(f"{args.file}: no valid example to report on")
         return 1
-    report = build_report(train, test, args.task, _load_tokenizer(args.tokenizer), get_template(args.template),
+    report = build_report(train, test, args.task, tokenizer, get_template(args.template),
                           args.near_threshold)
     out = Path(args.output) if args.output else Path(args.file).with_suffix(".report")
     written = write_report(report, out)

@@ -3,28 +3,32 @@
 Four spellings are read (the outline's section 3.1 and the two common exports):
 
     instruction    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
-    conversations  {"conversations": [{"role", "content"}, ...]}
-    messages       {"messages": [{"role", "content"}, ...]}                      (OpenAI, Bailian)
-    sharegpt       {"conversations": [{"from": human|gpt|system, "value"}, ...]}
+    conversations  {"conversations": [{"role", "content"}, ...], "system"?}
+    messages       {"messages": [{"role", "content"}, ...], "system"?}            (OpenAI, Bailian)
+    sharegpt       {"conversations": [{"from": human|gpt|system, "value"}, ...], "system"?}  (LLaMA-Factory)
 
 Each becomes `messages: list[{"role", "content"}]`: an optional system turn, then user and
 assistant turns alternating, starting with user and ending with assistant (the reply the loss is
 computed on). That is what the chat templates render. Join rules, stated once:
 - the user turn of an instruction record is `instruction + "\\n\\n" + input` (just `instruction`
   when input is absent, null or whitespace), the Alpaca convention;
-- history pairs come before it, in order; a system field becomes the first turn;
+- history pairs come before it, in order; a system field becomes the first turn, in every
+  format; a turn format with both a system field and a system turn is an error (which one?);
 - an empty or whitespace system prompt means "no system prompt" in every format; an empty user
   or assistant turn is an error (an empty reply teaches the model to say nothing).
-Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored.
+Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored; one
+close to a known key ("sytem") gets a warning, since what it holds is lost (typo_warnings).
+Content may not hold a special token's text ("<|im_end|>"): the tokenizer would encode it as the
+control token itself, and a reply would teach the model to stop midway (special_token_issues).
 """
 from __future__ import annotations
 
 import difflib
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from .jsonl import json_type
+from .jsonl import json_type, strings
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -36,6 +40,7 @@ FORMATS = {
     "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]} (ShareGPT)',
 }
 _KNOWN_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages")
+TYPO_CUTOFF = 0.75  # difflib similarity from which an unknown key reads as a typo of a known one
 Issue = tuple[Optional[str], str]  # (field, message) found in one record
 Message = dict[str, str]
 
@@ -89,9 +94,18 @@ def normalize(record: dict[str, Any], fmt: str) -> tuple[list[Message], list[Iss
     """The record as normalized messages, or the issues that prevent it (then messages is [])."""
     if fmt == "instruction":
         return _from_instruction(record)
-    if fmt == "sharegpt":
-        return _from_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-    return _from_turns(record[fmt], fmt, "role", "content", {r: r for r in ROLES})
+    key, role_key, content_key, roles = (("conversations", "from", "value", SHAREGPT_ROLES) if fmt == "sharegpt"
+                                         else (fmt, "role", "content", {r: r for r in ROLES}))
+    issues: list[Issue] = []
+    system = _string(record, "system", issues, required=False)
+    messages, found = _from_turns(record[key], key, role_key, content_key, roles)
+    if issues + found:
+        return [], issues + found
+    if not system.strip():
+        return messages, []
+    if messages[0]["role"] == "system":
+        return [], [("system", f"given twice: as this field and as the system turn {key}[0]; keep one")]
+    return [{"role": "system", "content": system}] + messages, []
 
 
 def _from_instruction(record: dict[str, Any]) -> tuple[list[Message], list[Issue]]:
@@ -199,11 +213,30 @@ def _order_issues(messages: list[Message], turns: list[dict[str, Any]], key: str
     return issues
 
 
+def special_token_issues(record: dict[str, Any], tokens: Sequence[str]) -> list[Issue]:
+    """Each field of a known key whose text holds one of `tokens` (special tokens' text)."""
+    return [(field, f"contains {token!r}, the text of a special token: the tokenizer encodes it as that "
+             "control token, not as text (a reply would teach the model to stop there); reword or remove it")
+            for key in _KNOWN_KEYS if key in record for field, text in strings(record[key], key)
+            for token in tokens if token in text]
+
+
+def typo_warnings(record: dict[str, Any]) -> list[Issue]:
+    """Each unknown key that reads as a typo of a known one: what it holds would be ignored."""
+    return [(key, f"unknown key, ignored: a typo for {known!r}?") for key in record
+            if key not in _KNOWN_KEYS and (known := _closest(key, _KNOWN_KEYS))]
+
+
 def _typo_hint(record: dict[str, Any], name: Optional[str] = None) -> str:
     """" (found 'ouput': a typo?)" when an unknown key is close to `name` (or to any known key)."""
     unknown = [k for k in record if k not in _KNOWN_KEYS]
     for target in [name] if name else _KNOWN_KEYS:
-        close = difflib.get_close_matches(target, unknown, n=1, cutoff=0.75)
+        close = _closest(target, unknown)
         if close:
-            return f" (found {close[0]!r}: a typo for {target!r}?)"
+            return f" (found {close!r}: a typo for {target!r}?)"
     return ""
+
+
+def _closest(word: str, candidates: Sequence[str]) -> Optional[str]:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=TYPO_CUTOFF)
+    return close[0] if close else None

@@ -4,21 +4,32 @@ and parse each one strictly, and write files atomically.
 A line is the bytes between two b"\\n" (a trailing "\\r" is JSON whitespace, so Windows files
 parse). Strict means: UTF-8 only (the first bad byte is reported by its offset in the file), no
 byte-order mark, no blank lines, one JSON object per line, no NaN/Infinity (not JSON, though
-Python's json accepts them) and no key given twice (json.loads would silently keep the last).
+Python's json accepts them), no key given twice (json.loads would silently keep the last) and no
+unpaired surrogate: json.loads accepts the escape "\\ud83d" alone (exporters that slice UTF-16
+strings write it), but it is not a character, and tokenizers and UTF-8 writers fail on it.
 Nothing here drops a line: every line comes back with the problems found on it.
+
+A UTF-16 or UTF-32 file (what Windows PowerShell 5's `>` writes) is recognized by its byte-order
+mark, or by NUL bytes around its first character (UTF-8 JSON holds no NUL byte); its lines are
+split on its own newline, so the file is reported once, as a whole, with how to re-encode it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from .. import files
 from .problems import Problem, UsageError
 
 BOM = b"\xef\xbb\xbf"
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+             (b"\xfe\xff", "UTF-16BE"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 PathLike = Union[str, os.PathLike]
 
 
@@ -46,14 +57,44 @@ def read_lines(path: PathLike) -> list[RawLine]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
-    pieces = data.split(b"\n")
+    pieces, newline = _split(data)
     if pieces[-1] == b"":
         pieces.pop()
     lines, offset = [], 0
     for number, piece in enumerate(pieces, start=1):
         lines.append(RawLine(number, offset, piece))
-        offset += len(piece) + 1
+        offset += len(piece) + newline
     return lines
+
+
+def wide_encoding(data: bytes) -> Optional[tuple[str, int]]:
+    """(encoding, length of its byte-order mark, 0 if none) of a UTF-16/32 file starting with
+    `data`, else None."""
+    for bom, name in WIDE_BOMS:
+        if data.startswith(bom):
+            return name, len(bom)
+    nul = tuple(b == 0 for b in data[:4])  # JSON starts with ASCII ('{"'): NUL padding shows the width
+    name = {(False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
+            (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}.get(nul)
+    return (name, 0) if name else None
+
+
+def _split(data: bytes) -> tuple[list[bytes], int]:
+    """The file's lines as bytes, and the length of its newline: b"\\n", or its UTF-16/32 form.
+    A UTF-16/32 file is split on decoded text, then each line re-encoded: the same bytes, cut at
+    code-unit boundaries (b"\\n" alone would cut "\\n\\0" in two)."""
+    wide = wide_encoding(data)
+    if wide is not None:
+        codec, skip = wide[0].lower(), wide[1]
+        try:
+            parts = data[skip:].decode(codec).split("\n")
+        except UnicodeDecodeError:
+            pass  # not valid UTF-16/32 after all: byte lines, each reported as not UTF-8
+        else:
+            pieces = [p.encode(codec) for p in parts]
+            pieces[0] = data[:skip] + pieces[0]
+            return pieces, len("\n".encode(codec))
+    return data.split(b"\n"), 1
 
 
 def parse_line(path: str, line: RawLine) -> tuple[Optional[dict[str, Any]], list[Problem]]:
@@ -76,7 +117,13 @@ def parse_line(path: str, line: RawLine) -> tuple[Optional[dict[str, Any]], list
                                 kind="blank"))
         return None, problems
     record, problem = _loads(path, line.number, text)
-    return record, problems + ([problem] if problem else [])
+    if problem:
+        return None, problems + [problem]
+    lone = [Problem(path, line.number, field, f"unpaired surrogate \\u{ord(m.group()):04x} at character {m.start()}: "
+                    "half of a UTF-16 pair (an exporter cut the text?), not a character; remove it or restore "
+                    "the whole character", kind="encoding")
+            for field, value in strings(record) if (m := _SURROGATE.search(value))]
+    return (None if lone else record), problems + lone
 
 
 def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]], Optional[Problem]]:
@@ -118,6 +165,21 @@ def _json_hint(text: str, e: json.JSONDecodeError) -> str:
     if e.msg == "Extra data":
         return " (two JSON values on one line? put each example on its own line)"
     return ""
+
+
+def strings(value: Any, field: Optional[str] = None) -> Iterator[tuple[Optional[str], str]]:
+    """(field, text) for every string in a parsed JSON value, object keys included, the field
+    named as problems name it: "output", "history[0][1]", "conversations[2].value"."""
+    if isinstance(value, str):
+        yield field, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = key if field is None else f"{field}.{key}"
+            yield name, key
+            yield from strings(item, name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from strings(item, f"{field or ''}[{i}]")
 
 
 def json_type(value: Any) -> str:

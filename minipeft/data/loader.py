@@ -4,16 +4,18 @@ the first: bytes -> lines (jsonl.py) -> JSON objects -> one format per file -> m
 
 The file's format is its most common one (ties: the first seen). A line in another format is an
 error naming both; one extra problem for the whole file lists which lines use which format, so a
-file concatenated from two sources is easy to untangle.
+file concatenated from two sources is easy to untangle. A UTF-16/32 file is one problem of the
+whole file, which rejects every line (none is read).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from .formats import FORMATS, Example, detect_format, normalize
-from .jsonl import PathLike, RawLine, parse_line, read_lines
+from ..tokenizer import CHAT_TOKENS
+from .formats import FORMATS, Example, detect_format, normalize, special_token_issues, typo_warnings
+from .jsonl import PathLike, RawLine, parse_line, read_lines, wide_encoding
 from .problems import DataError, Problem, line_ranges
 
 
@@ -27,12 +29,15 @@ class LoadResult:
 
     @property
     def rejected(self) -> dict[int, list[Problem]]:
-        """Line number -> the problems that reject it (problems with keep=True do not)."""
+        """Line number -> the problems that reject it (problems with keep=True do not; one of the
+        whole file, line None, rejects every line)."""
         out: dict[int, list[Problem]] = {}
+        whole = [p for p in self.problems if p.line is None and not p.keep]
         for p in self.problems:
             if p.line is not None and not p.keep:
                 out.setdefault(p.line, []).append(p)
-        return out
+        return {line.number: out.get(line.number, []) + whole for line in self.lines
+                if line.number in out or whole}
 
     @property
     def examples(self) -> list[Example]:
@@ -44,11 +49,22 @@ class LoadResult:
         self.problems = sorted(self.problems + problems, key=lambda p: (p.line is None, p.line or 0))
 
 
-def read_file(path: PathLike) -> LoadResult:
+def read_file(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> LoadResult:
     """Every line of `path`, the examples it holds and the problems found. Never raises for bad
-    data (only UsageError when the file cannot be read)."""
+    data (only UsageError when the file cannot be read). Content holding one of `special_tokens`
+    is rejected (the tokenizer would read it as that token); an unknown key that looks like a
+    typo of a known one is a warning (keep=True)."""
     name = str(path)
     lines = read_lines(path)
+    wide = wide_encoding(lines[0].data) if lines else None
+    if wide is not None:
+        encoding, bom = wide
+        how = "byte-order mark" if bom else "no byte-order mark, NUL bytes between the characters"
+        source = encoding[:-2] if bom else encoding  # "UTF-16": iconv reads the byte order from the BOM
+        result = LoadResult(name, lines, [], [], None)
+        result.add([Problem(name, None, None, f"{encoding} file ({how}); JSONL must be UTF-8: re-encode it "
+                            f"(iconv -f {source} -t UTF-8 FILE > NEW.jsonl)", kind="encoding")])
+        return result
     problems: list[Problem] = []
     parsed, formats = [], {}
     for line in lines:
@@ -63,8 +79,13 @@ def read_file(path: PathLike) -> LoadResult:
         formats[line.number] = fmt
         messages, issues = normalize(record, fmt)
         problems += [Problem(name, line.number, field, message) for field, message in issues]
-        if not issues:
-            parsed.append(Example(name, line.number, messages, record, fmt))
+        if issues:  # the checks below only on a line that reads: its field errors already hint at typos
+            continue
+        problems += [Problem(name, line.number, field, message, kind="special")
+                     for field, message in special_token_issues(record, special_tokens)]
+        problems += [Problem(name, line.number, field, message, keep=True, kind="typo")
+                     for field, message in typo_warnings(record)]
+        parsed.append(Example(name, line.number, messages, record, fmt))
     if not lines:
         problems.append(Problem(name, None, None, "the file is empty; expected one JSON example per line",
                                 kind="empty"))
@@ -84,14 +105,15 @@ def _one_format(path: str, formats: dict[int, str]) -> tuple[Optional[str], list
                 for n, fmt in formats.items() if fmt != main]
     by_format = {fmt: [n for n, f in formats.items() if f == fmt] for fmt in counts}
     listing = "; ".join(f"{fmt} on lines {line_ranges(lines)}" for fmt, lines in by_format.items())
-    problems.append(Problem(path, None, None, f"mixes formats: {listing}", kind="format"))
+    # keep=True: the lines above are rejected one by one, this one only sums them up
+    problems.append(Problem(path, None, None, f"mixes formats: {listing}", keep=True, kind="format"))
     return main, problems
 
 
-def load_jsonl(path: PathLike) -> list[Example]:
+def load_jsonl(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> list[Example]:
     """The examples of a JSONL file in any format of formats.py, normalized to messages.
     Raises DataError listing every problem (file, line, field) if any line is not clean."""
-    result = read_file(path)
+    result = read_file(path, special_tokens)
     if result.problems:
         raise DataError(result.problems)
     return result.examples

@@ -19,8 +19,9 @@ class Problem:
     field: Optional[str]  # e.g. "output", "messages[2].role"; None when the line itself is wrong
     message: str  # what is wrong, what was expected, and how to fix it
     column: Optional[int] = None  # 1-based, for invalid JSON
-    keep: bool = False  # the line still counts as valid (a stripped BOM, a truncation to come)
-    kind: str = "field"  # for counting: encoding, blank, json, format, field, length, empty
+    keep: bool = False  # the line still counts as valid (a stripped BOM, a typo warning); line None: the
+    # whole file, whose every line it rejects unless keep
+    kind: str = "field"  # for counting: encoding, blank, json, format, field, typo, length, empty
 
     def __str__(self) -> str:
         where = self.path if self.line is None else f"{self.path}:{self.line}"
