@@ -58,11 +58,19 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def read_json(path: PathLike, needed_for: str) -> Any:
-    """Parse a JSON file; errors name the file (and line and column), and what needed it."""
+def existing_file(path: PathLike, needed_for: str) -> Path:
+    """`path` as a Path, or an error naming it: missing, or a directory where a file is needed."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; {needed_for}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {needed_for}")
+    return path
+
+
+def read_json(path: PathLike, needed_for: str) -> Any:
+    """Parse a JSON file; errors name the file (and line and column), and what needed it."""
+    path = existing_file(path, needed_for)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .files import read_json
+import yaml
+
+from .files import existing_file, read_json
 
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -172,15 +174,8 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TrainConfig":
         """Read a JSON or YAML job file."""
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path}: is a directory, expected a JSON or YAML file")
+        path = existing_file(path, "expected a JSON or YAML job file")
         if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml  # optional: only YAML job files need it
-            except ImportError:
-                raise ValueError(f"{path}: a YAML job file needs PyYAML (pip install pyyaml); "
-                                 "or write the job file as JSON") from None
             try:
                 d = yaml.safe_load(path.read_text(encoding="utf-8"))
             except yaml.YAMLError as e:
@@ -188,7 +183,7 @@ class TrainConfig:
                 at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
                 raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         else:
-            d = read_json(path, "the job file")
+            d = read_json(path, "expected a JSON or YAML job file")
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
         return cls.from_dict(d, where=str(path))

@@ -42,7 +42,7 @@ def test_train_with_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
 
 def test_train_with_a_directory_as_config(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path)]) == 2
-    assert f"{tmp_path}: is a directory, expected a JSON or YAML file" in one_line_error(capsys)
+    assert f"{tmp_path}: is a directory; expected a JSON or YAML job file" in one_line_error(capsys)
 
 
 def test_a_diverged_run_prints_its_message(tmp_path, capsys, monkeypatch):

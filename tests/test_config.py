@@ -109,7 +109,7 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 def test_a_directory_is_not_a_job_file(tmp_path):
     for name in ("jobs", "jobs.yaml"):
         (tmp_path / name).mkdir()
-        with pytest.raises(ValueError, match=f"{name}: is a directory, expected a JSON or YAML file"):
+        with pytest.raises(ValueError, match=f"{name}: is a directory; expected a JSON or YAML job file"):
             TrainConfig.load(tmp_path / name)
 
 
