@@ -6,7 +6,10 @@ and show what changed, before and after, on the held-out test split.
 
 Everything lands in the job directory (default runs/demo): job_config.json, adapter/ (PEFT
 format), metrics.jsonl, loss_curve.png, eval_before/ and eval_after/ (metrics.json, samples.md),
-report.md and samples.md (the fine-tuned model's, for the outline's human spot check).
+report.md and samples.md (the fine-tuned model's, for the outline's human spot check), and
+demo.json, the run's record: written first, completed with the summary at the end. A rerun
+replaces a previous demo run (a directory holding demo.json); any other non-empty directory is
+refused, so the demo only ever deletes what it created.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 
 TASKS_FILE = REPO / "datasets" / "tasks.json"
+RECORD = "demo.json"
 # The shipped model has 5 layers of d=256: adapting q and v alone leaves too little capacity to
 # learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of
 # this model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller).
@@ -58,11 +62,21 @@ def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples:
     return result.metrics
 
 
+def claim_output_dir(out: Path) -> None:
+    """Make `out` a clean directory marked as a demo run (demo.json): a previous demo run is
+    removed, a new or empty directory is used, anything else is a ValueError (nothing deleted)."""
+    if (out / RECORD).is_file():
+        shutil.rmtree(out)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output-dir {out}: exists and is not a previous demo run (it has no {RECORD}); "
+                         "the demo replaces only its own runs: choose a new or empty directory")
+    write_atomic(out / RECORD, json.dumps({"finished": False}) + "\n")
+
+
 def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples: int = 20) -> dict[str, Any]:
     cfg, spec = demo_config(task, output_dir)
     out = Path(output_dir)
-    if out.exists():
-        shutil.rmtree(out)  # the demo owns this directory: each run starts clean
+    claim_output_dir(out)
     t0 = time.perf_counter()
     before = _evaluate(load_pretrained(cfg.model), cfg, spec, out / "eval_before", samples)
     job = run_job(cfg)
@@ -72,12 +86,12 @@ def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples:
     summary = {"task": task, "metrics": spec["metrics"], "before": before, "after": after,
                "trainable": job.trainable, "total": job.total, "train_seconds": job.result.seconds,
                "tokens_per_s": job.result.tokens_per_second, "wall_seconds": time.perf_counter() - t0,
-               "steps": job.result.steps, "warnings": job.result.warnings}
+               "steps": job.result.steps, "warnings": job.result.warnings, "finished": True}
     table = summary_table(summary)
     print(table)
     write_atomic(out / "report.md", f"# minipeft demo: LoRA on {task}\n\n{spec['description']}\n\n{table}\n"
                  f"Job directory: `{out}`. Loss curve: `loss_curve.png`. Spot check: `samples.md`.\n")
-    write_atomic(out / "demo.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / RECORD, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -1,9 +1,10 @@
 """`minipeft eval`: generate replies for a test JSONL file and score them (minipeft/evaluate.py).
 
-    minipeft eval --model DIR [--adapter DIR] --data TEST.jsonl [--template NAME] [--task TASK]
+    minipeft eval [--model DIR] [--adapter DIR] --data TEST.jsonl [--template NAME] [--task TASK]
                   [--max-new-tokens N] [--batch-size N] [--output DIR] [--samples N] [--seed N]
 
-Where things come from: the tokenizer from the adapter directory when it holds tokenizer.model,
+Where things come from: the base model from --model, else the shipped one (models/minillama-10m,
+the default model of every command); the tokenizer from the adapter directory when it holds tokenizer.model,
 else from the model directory; the chat template from --template, else the chat_template.json
 the training run saved beside the adapter (or in the model directory), else "plain". The run
 writes OUTPUT/metrics.json and OUTPUT/samples.md and prints a table of the metrics.
@@ -19,13 +20,14 @@ import torch
 from .checkpoint import load_pretrained
 from .data.loader import load_jsonl
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
+from .job import default_model_dir
 from .templates import TEMPLATE_FILE, TEMPLATES, ChatTemplate, get_template, load_template
 from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _template(name: Optional[str], adapter: Optional[str], model: str) -> tuple[ChatTemplate, str]:
+def _template(name: Optional[str], adapter: Optional[str], model: Path) -> tuple[ChatTemplate, str]:
     """(template, where it came from)."""
     if name is not None:
         return get_template(name), "--template"
@@ -73,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"template {template.name} from {template_source}")
     result = evaluate(_load_model(args), tokenizer, examples, template, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, task=args.task, lang=args.lang)
-    sources = {"model": args.model, "adapter": args.adapter, "data": args.data}
+    sources = {"model": str(args.model), "adapter": args.adapter, "data": args.data}
     _print_table(result, write_report(result, args.output, samples=args.samples, seed=args.seed, sources=sources))
     return 0
 
@@ -82,7 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="generate replies for a test set and score them",
                        description="Generate a reply for every example of a test set, score the replies, "
                        "and write metrics.json and samples.md (a sample for a human to check).")
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    p.add_argument("--model", type=default_model_dir, default=default_model_dir(), metavar="DIR",
+                   help="Hugging Face model directory (default: the shipped base model, %(default)s)")
     p.add_argument("--adapter", metavar="DIR", help="adapter directory (adapter_config.json + weights)")
     p.add_argument("--data", required=True, metavar="FILE", help="test set, JSONL in any minipeft data format")
     p.add_argument("--template", choices=sorted(TEMPLATES),

@@ -1,10 +1,12 @@
-"""The demo's job settings point at the shipped model and the bundled data, for every task."""
+"""The demo's job settings point at the shipped model and the bundled data, for every task; its
+output directory is replaced only when it holds a previous demo run."""
 import json
 from pathlib import Path
 
 import pytest
 
-from minipeft.demo import TASKS_FILE, demo_config, summary_table
+from minipeft.cli import main
+from minipeft.demo import RECORD, TASKS_FILE, claim_output_dir, demo_config, summary_table
 from minipeft.job import DEFAULT_MODEL
 
 
@@ -28,3 +30,33 @@ def test_summary_table_lists_every_metric():
          "train_seconds": 60, "tokens_per_s": 900, "wall_seconds": 100, "steps": 50}
     table = summary_table(s)
     assert "| exact_match | 0.000 | 0.900 |" in table and "(1.00%)" in table and "50 steps" in table
+
+
+def test_a_directory_that_is_not_a_demo_run_is_refused_untouched(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "important.txt").write_text("keep")
+    assert main(["demo", "--output-dir", str(precious)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minipeft demo: error: --output-dir") and str(precious) in err and "\n" not in err
+    assert (precious / "important.txt").read_text() == "keep" and (precious / "sub").is_dir()
+    assert sorted(p.name for p in precious.iterdir()) == ["important.txt", "sub"]
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep")
+    with pytest.raises(ValueError, match="not a previous demo run"):
+        claim_output_dir(a_file)
+    assert a_file.read_text() == "keep"
+
+
+def test_a_previous_demo_run_is_replaced_and_a_new_or_empty_directory_used(tmp_path):
+    """What `make demo` reruns into: a finished run (its demo.json, job config, adapter) starts over."""
+    previous = tmp_path / "demo"
+    (previous / "adapter").mkdir(parents=True)
+    (previous / "job_config.json").write_text("{}")
+    (previous / RECORD).write_text(json.dumps({"task": "json_extract", "finished": True}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (previous, empty, tmp_path / "new" / "run"):
+        claim_output_dir(out)
+        assert [p.name for p in out.iterdir()] == [RECORD]  # run_job then finds no job_config.json
+        assert json.loads((out / RECORD).read_text()) == {"finished": False}

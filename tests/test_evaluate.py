@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,12 @@ from minipeft.data.formats import Example
 from minipeft.data.loader import load_jsonl
 from minipeft.eval_cli import register
 from minipeft.evaluate import detect_lang, detect_task, evaluate, write_report
+from minipeft.job import DEFAULT_MODEL
 from minipeft.lora import LoraConfig
 from minipeft.metrics import corpus_bleu, exact_match_accuracy, rouge
 from minipeft.peft_model import PeftModel, get_peft_model
 from minipeft.templates import ChatML, get_template, save_template
-from minipeft.tokenizer import Tokenizer
+from minipeft.tokenizer import Tokenizer, load_tokenizer
 
 # Replies of different lengths (so batches are left-padded), one system turn and one two-turn
 # conversation (the prompt then holds a whole earlier exchange).
@@ -406,3 +408,27 @@ def test_cli_adapter_round_trip_in_subprocess(tmp_path, tok, model_dir):
     assert report["metrics"]["loss"] != pytest.approx(base.metrics["loss"], rel=1e-3)  # the adapter was applied
     samples = (out / "samples.md").read_text(encoding="utf-8")
     assert samples.count("\n## ") == 3
+
+
+def test_the_readme_eval_command_defaults_to_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """README's `minipeft eval` line, run as written (DIR: an adapter of the shipped model; plus
+    --max-new-tokens 4, for speed): with no --model it evaluates the shipped base model + the
+    adapter; the loss equals evaluate()'s on them."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    command = next(line.split("`")[1] for line in readme.read_text(encoding="utf-8").splitlines()
+                   if line.startswith("| `minipeft eval "))
+    torch.manual_seed(2)
+    peft = get_peft_model(load_pretrained(DEFAULT_MODEL), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    write_jsonl(tmp_path / "test.jsonl", conversations=CONVERSATIONS[:2])
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tmp_path / "adapter") if word == "DIR" else word for word in shlex.split(command)]
+    assert argv[0] == "minipeft" and "--model" not in argv
+    assert cli_main(argv[1:] + ["--max-new-tokens", "4"]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "eval_results" / "metrics.json").read_text(encoding="utf-8"))
+    assert report["model"] == str(DEFAULT_MODEL)
+    examples = load_jsonl(tmp_path / "test.jsonl")
+    reloaded = PeftModel.from_pretrained(load_pretrained(DEFAULT_MODEL), tmp_path / "adapter")
+    expected = evaluate(reloaded, load_tokenizer(DEFAULT_MODEL), examples, get_template("plain"), max_new_tokens=1,
+                        progress=False)
+    assert report["metrics"]["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-6)  # loss: teacher-forced

@@ -12,11 +12,16 @@ else a tiny random one (hidden 64, 2 layers) built here.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,13 +31,19 @@ pytest.importorskip("multipart")
 openai = pytest.importorskip("openai")
 
 from minipeft.cli import main  # noqa: E402
+from minipeft.data import load_jsonl  # noqa: E402
+from minipeft.demo import TASKS_FILE  # noqa: E402
 from minipeft.generation import generate  # noqa: E402
-from minipeft.job import load_trained  # noqa: E402
+from minipeft.job import REPO, load_trained  # noqa: E402
+from minipeft.platform import routes, scheduler  # noqa: E402
 from minipeft.platform.inference import TextStream  # noqa: E402
+from minipeft.platform.state import lock_data_dir  # noqa: E402
+from minipeft.platform.store import Store  # noqa: E402
 from minipeft.templates import TEMPLATE_FILE, get_template, load_template  # noqa: E402
 from minipeft.tokenizer import load_tokenizer  # noqa: E402
+from minipeft.train_config import TrainConfig  # noqa: E402
 from platform_fixtures import HP, base_dir, data_file, server, trained  # noqa: E402,F401
-from platform_server import KEY  # noqa: E402
+from platform_server import HOST, KEY  # noqa: E402
 
 PROMPTS = ["Repeat the word apple then river.", "Repeat the word music then stone."]
 
@@ -235,3 +246,147 @@ def test_restart_loses_nothing_and_resumes_the_interrupted_job(server, trained):
                                                           "messages": messages})
         expected = reference(card["weights_dir"], card["adapter_dir"], messages=messages, max_tokens=8)[0]
         assert chat["choices"][0]["message"]["content"] == expected
+
+
+def _turns(reply_to, messages):
+    """(text, prompt tokens) of the server's greedy reply, via the openai client."""
+    answer = reply_to.chat.completions.create(model="bot", messages=messages, temperature=0, max_tokens=8)
+    return answer.choices[0].message.content, answer.usage.prompt_tokens
+
+
+def test_message_shapes_of_openai_clients(server, trained, base_dir, client):
+    """Text parts, role "developer", an assistant's null content, zero penalties: each is answered as
+    its plain equivalent, the reference's greedy reply to the normalized turns on the same prompt."""
+    adapter = server.ok("GET", f"/api/v1/models/{trained['model']}")["adapter_dir"]
+    template, tok = load_template(adapter), load_tokenizer(adapter)
+    user = {"role": "user", "content": PROMPTS[0]}
+    cases = [  # (as sent, as the template gets it)
+        ([{"role": "user", "content": [{"type": "text", "text": PROMPTS[0][:11]},
+                                       {"type": "text", "text": PROMPTS[0][11:]}]}], [user]),
+        ([{"role": "developer", "content": "Answer briefly."}, user],
+         [{"role": "system", "content": "Answer briefly."}, user]),
+        ([{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": None}, user],
+         [{"role": "user", "content": PROMPTS[1]}, {"role": "assistant", "content": ""}, user]),
+    ]
+    for sent, turns in cases:
+        expected = reference(base_dir, adapter, messages=turns, max_tokens=8)[0]
+        assert _turns(client, sent) == (expected, len(template.render_prompt(turns, tok))), sent
+    plain = client.chat.completions.create(model="bot", messages=[user], temperature=0, max_tokens=8)
+    zero = client.chat.completions.create(model="bot", messages=[user], temperature=0, max_tokens=8,
+                                          presence_penalty=0, frequency_penalty=0)
+    assert zero.choices[0].message.content == plain.choices[0].message.content
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(openai.BadRequestError, match=f"{name}=0.5 is not supported") as refused:
+            client.chat.completions.create(model="bot", messages=[user], **{name: 0.5})
+        assert refused.value.param == name
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' not found") as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[user])
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+
+
+def test_a_failed_job_create_deletes_what_it_uploaded(server, data_file, capsys):
+    """`job create` uploads its paths before the server checks the request: a refusal deletes them."""
+    files = lambda: [f["id"] for f in server.ok("GET", "/api/v1/files")["data"]]  # noqa: E731
+    before = files()
+    common = ["job", "--server", server.url, "--api-key", KEY, "create", "--training-file", str(data_file),
+              "--validation-file", str(data_file)]
+    for refused, error in ((["--model", "gpt-9"], "model 'gpt-9' not found"),
+                           (["--model", "tiny", "--hp", "n_epochs=1000"], "n_epochs"),
+                           (["--model", "tiny", "--hp", "epochs"], "expected KEY=VALUE")):
+        assert main(common + refused) == 2
+        assert error in capsys.readouterr().err
+        assert files() == before, refused
+
+
+def _running_job(data_dir):
+    """A store whose job ft-live is RUNNING, as a live server's would be."""
+    store = Store(data_dir / "platform.db")
+    output = data_dir / "jobs" / "ft-live" / "output"
+    output.mkdir(parents=True)
+    store.insert("jobs", {"id": "ft-live", "model": "tiny", "base_model": "tiny", "training_type": "efficient_sft",
+                          "hyper_parameters": {}, "training_file_ids": [], "validation_file_ids": [],
+                          "config": {"output_dir": str(output), "method": "lora", "test_ratio": 0.1},
+                          "status": "RUNNING", "resumes": 0, "created_at": 0})
+    return store
+
+
+def test_a_second_server_on_a_data_dir_in_use_exits_and_touches_nothing(tmp_path, base_dir):
+    """The first server holds the data directory (here: its lock, taken in this process); a second
+    one, whose port is taken too, must exit naming the directory before it recovers any job."""
+    data_dir = tmp_path / "data"
+    store = _running_job(data_dir)
+    lock = lock_data_dir(data_dir)
+    try:
+        with socket.socket() as taken:
+            taken.bind((HOST, 0))
+            taken.listen()
+            cmd = [sys.executable, "-m", "minipeft", "platform", "--host", HOST, "--port",
+                   str(taken.getsockname()[1]), "--data-dir", str(data_dir), "--base-model", f"tiny={base_dir}"]
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        lock.close()
+    assert second.returncode == 2, second.stderr
+    assert f"minipeft platform: error: data directory {data_dir} is in use by another minipeft platform server " \
+           f"(pid {os.getpid()}" in second.stderr and "Traceback" not in second.stderr
+    job = store.get("jobs", "ft-live")
+    assert (job["status"], job["resumes"]) == ("RUNNING", 0)
+    assert not (data_dir / "jobs" / "ft-live" / "logs.txt").exists()
+    lock_data_dir(data_dir).close()  # given up: the next server can take it
+
+
+@pytest.mark.parametrize("publishing", ["succeeds", "fails"])
+def test_a_cancel_landing_while_the_model_is_published_is_too_late(tmp_path, monkeypatch, publishing):
+    """The worker has exited with a result; a cancel arrives while the scheduler publishes the model
+    (injected into publish, so the order is certain). The job must still end, as SUCCEEDED (or
+    FAILED), not stay CANCELING; the log says what happened, and says "succeeded" only if it did."""
+    store = _running_job(tmp_path)
+    (tmp_path / "jobs" / "ft-live" / "result.json").write_text(json.dumps({"train": {}, "eval": {}}))
+    answered = []
+
+    def publish_with_a_cancel(store_, data_dir, job, checkpoint=None):
+        answered.append(routes._cancel(SimpleNamespace(store=store), job["id"])["status"])
+        if publishing == "fails":
+            raise OSError("disk full")
+        return {"name": "tiny-ft-live"}
+    monkeypatch.setattr(scheduler, "publish", publish_with_a_cancel)
+    queue = scheduler.Scheduler(store, tmp_path)
+    queue._proc, queue._job_id = subprocess.Popen(["true"]), "ft-live"
+    queue._proc.wait()
+    queue._tick()
+    assert answered == ["CANCELING"]
+    job = store.get("jobs", "ft-live")
+    log = (tmp_path / "jobs" / "ft-live" / "logs.txt").read_text()
+    assert "a cancel came after the training had ended and was not applied" in log and job["finished_at"]
+    if publishing == "succeeds":
+        assert (job["status"], job["fine_tuned_model"]) == ("SUCCEEDED", "tiny-ft-live")
+        assert "succeeded: fine-tuned model tiny-ft-live" in log
+    else:
+        assert job["status"] == "FAILED" and "disk full" in job["error"] and "succeeded" not in log
+
+
+def test_default_template_is_the_trainers_and_the_fine_tune_stops_replying(server, client):
+    """With no template given, a job trains with TrainConfig's default (plain, as `minipeft train` and
+    the demo do), the published model records it, and its deployment serves with it: on the bundled
+    json_extract task, held-out replies end at the template's stop token (finish_reason "stop").
+    The former default, chatml (chosen because the tokenizer has <|im_end|>, a token the shipped base
+    model never learned to emit), gave replies that all ran to max_tokens."""
+    task = json.loads(TASKS_FILE.read_text())["json_extract"]
+    status, uploaded = server.upload("json_extract.jsonl", (REPO / task["train"]).read_bytes())
+    assert status == 200, uploaded
+    job = server.ok("POST", "/api/v1/fine-tunes", {"model": "tiny", "training_file_ids": [uploaded["id"]],
+                                                   "hyper_parameters": {"n_epochs": 2, "batch_size": 4,
+                                                                        "learning_rate": 5e-3, "max_length": 128,
+                                                                        "save_strategy": "no"}})
+    assert job["effective_hyper_parameters"]["template"] == TrainConfig().template == "plain"
+    done = server.wait(job["id"], ("SUCCEEDED", "FAILED"))
+    assert done["status"] == "SUCCEEDED", server.logs(job["id"])
+    adapter = server.ok("GET", f"/api/v1/models/{done['fine_tuned_model']}")["adapter_dir"]
+    assert load_template(adapter).name == "plain"  # recorded with the model, so serving uses it
+    server.ok("POST", "/api/v1/deployments", {"model": done["fine_tuned_model"], "name": "json-bot"})
+    finishes = [client.chat.completions.create(model="json-bot", messages=e.messages[:-1], temperature=0,
+                                               max_tokens=64).choices[0].finish_reason
+                for e in load_jsonl(REPO / task["test"])[:10]]
+    assert finishes.count("stop") >= 9, finishes  # 10 of 10 here; one spare for other rounding

@@ -137,6 +137,19 @@ BAD_REQUESTS = [  # (id, method, path, JSON body or raw bytes, status, fragment)
     ("chat-role", "POST", "/v1/chat/completions", chat(messages=[{"role": "robot", "content": "x"}]), 400, "role"),
     ("chat-content-type", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": 3}]), 400,
      "content"),
+    ("chat-image-part", "POST", "/v1/chat/completions",
+     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
+     "messages.0: Value error, content.0: part type 'image_url' is not supported"),
+    ("chat-text-part-without-text", "POST", "/v1/chat/completions",
+     chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400, "content.0.text: required"),
+    ("chat-user-null", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": None}]), 400,
+     "content: required in a user turn"),
+    ("chat-presence-penalty", "POST", "/v1/chat/completions", chat(presence_penalty=-1), 400,
+     "presence_penalty=-1.0 is not supported"),
+    ("completion-frequency-penalty", "POST", "/v1/completions", {"model": "bot", "prompt": "a",
+                                                                 "frequency_penalty": 1}, 400,
+     "frequency_penalty=1.0 is not supported"),
+    ("chat-penalty-range", "POST", "/v1/chat/completions", chat(presence_penalty=3), 400, "presence_penalty"),
     ("chat-ends-with-assistant", "POST", "/v1/chat/completions",
      chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), 400,
      "must end with a user turn"),
@@ -208,8 +221,9 @@ def test_openai_client_sees_the_errors(server, trained):
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-    with pytest.raises(openai.NotFoundError, match="not found"):
+    with pytest.raises(openai.NotFoundError, match="not found") as missing:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.code == "model_not_found"  # OpenAI's code, which clients test for
     with pytest.raises(openai.BadRequestError, match="over this server's limit"):
         client.chat.completions.create(model="bot", messages=[{"role": "user", "content": "hi"}], max_tokens=10 ** 4)
 

@@ -91,7 +91,7 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e.status, e.message, e.param, e.detail), status_code=e.status)
+        return JSONResponse(error_body(e.status, e.message, e.param, e.detail, e.code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -120,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
         platform.scheduler.start()
         yield
         platform.scheduler.stop()
-        platform.store.close()
+        platform.close()
 
     app = FastAPI(title="minipeft platform", lifespan=lifespan)
     app.state.platform = platform

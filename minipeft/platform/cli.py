@@ -9,7 +9,8 @@
 
 The client commands take --server (default $MINIPEFT_SERVER, else http://127.0.0.1:8000) and
 --api-key (default $MINIPEFT_API_KEY). A --training-file that names an existing path is
-uploaded first; otherwise it is taken as the id of an uploaded file. --hp values are JSON when
+uploaded first; otherwise it is taken as the id of an uploaded file. A create the server refuses
+deletes the files it uploaded, so failed attempts leave no orphans. --hp values are JSON when
 they parse as JSON (3, 2e-4, true), strings otherwise (cosine).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..job import DEFAULT_MODEL
 from .client import Client
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+JOBS = "/api/v1/fine-tunes"
 
 
 def default_bases() -> dict[str, Path]:
@@ -61,8 +63,9 @@ def _serve(args: argparse.Namespace) -> int:
               "upload data, train and call models", file=sys.stderr)
     settings = Settings(Path(args.data_dir).resolve(), bases, args.api_key, args.max_upload_mb * MIB,
                         max_tokens=args.max_tokens, threads=args.threads)
+    app = create_app(settings)  # takes the data directory's lock, or refuses
     print(f"minipeft platform: base models {sorted(bases)}; data in {settings.data_dir}", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
 
 
@@ -70,9 +73,11 @@ def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def _file_id(client: Client, given: str) -> str:
+def _file_id(client: Client, given: str, uploads: list[str]) -> str:
+    """The file id `given` stands for; a path is uploaded, and its new id appended to `uploads`."""
     if Path(given).is_file():
         uploaded = client.upload(Path(given))
+        uploads.append(uploaded["id"])
         print(f"uploaded {given} as {uploaded['id']} ({uploaded['lines']} lines, {uploaded['format']} format)")
         return uploaded["id"]
     if given.startswith("file-"):
@@ -95,35 +100,46 @@ def _hyper_parameters(pairs: list[str]) -> dict[str, Any]:
 
 def _job(args: argparse.Namespace) -> int:
     client = Client(args.server, args.api_key)
-    jobs = "/api/v1/fine-tunes"
     if args.action == "create":
-        body = {"model": args.model, "training_type": args.training_type,
-                "training_file_ids": [_file_id(client, f) for f in args.training_file],
-                "validation_file_ids": [_file_id(client, f) for f in args.validation_file or []],
-                "hyper_parameters": _hyper_parameters(args.hp or [])}
-        _print(client.request("POST", jobs, body))
+        _print(_create(client, args))
     elif args.action == "list":
-        for job in client.request("GET", jobs, query={"status": args.status})["data"]:
+        for job in client.request("GET", JOBS, query={"status": args.status})["data"]:
             print(f"{job['id']}  {job['status']:<10} {job['training_type']:<14} {job['model']}  "
                   f"{job['fine_tuned_model'] or ''}")
     elif args.action == "status":
-        _print(client.request("GET", f"{jobs}/{args.id}"))
+        _print(client.request("GET", f"{JOBS}/{args.id}"))
     elif args.action == "logs":
-        page = client.request("GET", f"{jobs}/{args.id}/logs", query={"offset": args.offset, "line": args.lines})
+        page = client.request("GET", f"{JOBS}/{args.id}/logs", query={"offset": args.offset, "line": args.lines})
         print("\n".join(page["logs"]))
     elif args.action == "cancel":
-        print(client.request("POST", f"{jobs}/{args.id}/cancel")["status"])
+        print(client.request("POST", f"{JOBS}/{args.id}/cancel")["status"])
     else:
         body = {"model": _model_of(client, args.model), "name": args.name}
         _print(client.request("POST", "/api/v1/deployments", body))
     return 0
 
 
+def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """Upload the paths among the data files, then create the job; if anything fails after an
+    upload, the uploads are deleted again (the server checks the request only once it has ids)."""
+    body = {"model": args.model, "training_type": args.training_type,
+            "hyper_parameters": _hyper_parameters(args.hp or [])}  # a bad --hp fails before any upload
+    uploads: list[str] = []
+    try:
+        body["training_file_ids"] = [_file_id(client, f, uploads) for f in args.training_file]
+        body["validation_file_ids"] = [_file_id(client, f, uploads) for f in args.validation_file or []]
+        return client.request("POST", JOBS, body)
+    except BaseException:  # Ctrl-C too
+        for file_id in uploads:
+            client.request("DELETE", f"/api/v1/files/{file_id}")
+        raise
+
+
 def _model_of(client: Client, given: str) -> str:
     """A fine-tuned model's name; a job id (ft-...) stands for the model that job produced."""
     if not given.startswith("ft-"):
         return given
-    model = client.request("GET", f"/api/v1/fine-tunes/{given}")["fine_tuned_model"]
+    model = client.request("GET", f"{JOBS}/{given}")["fine_tuned_model"]
     if model is None:
         raise ValueError(f"job {given} has no fine-tuned model yet (see `minipeft job status {given}`)")
     return model

@@ -2,6 +2,8 @@
 was wrong and what was expected, in OpenAI's error shape so the `openai` client shows it as is:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+`code` is null but where OpenAI names the case, as "model_not_found" for an unknown model.
 """
 from __future__ import annotations
 
@@ -11,23 +13,26 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          404: "not_found_error", 409: "conflict_error", 411: "invalid_request_error",
          413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
          503: "service_unavailable"}
+MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code for a `model` that names nothing served
 
 
 class ApiError(Exception):
     """A request the platform refuses: raised anywhere below a route, answered by app.py."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, detail: Any = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, detail: Any = None,
+                 code: Optional[str] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.detail = status, message, param, detail
+        self.status, self.message, self.param, self.detail, self.code = status, message, param, detail, code
 
 
-def error_body(status: int, message: str, param: Optional[str] = None, detail: Any = None) -> dict[str, Any]:
+def error_body(status: int, message: str, param: Optional[str] = None, detail: Any = None,
+               code: Optional[str] = None) -> dict[str, Any]:
     body: dict[str, Any] = {"message": message, "type": TYPES.get(status, "invalid_request_error"),
-                            "param": param, "code": None}
+                            "param": param, "code": code}
     if detail is not None:
         body["detail"] = detail
     return {"error": body}
 
 
-def not_found(kind: str, key: str, hint: str = "") -> ApiError:
-    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""))
+def not_found(kind: str, key: str, hint: str = "", code: Optional[str] = None) -> ApiError:
+    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""), code=code)

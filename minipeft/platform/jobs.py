@@ -10,7 +10,8 @@ share, TrainConfig.test_ratio, used when no validation file is given). Everythin
 the job is created, so a job that reaches the queue fails only for reasons found while training.
 
 Lifecycle: PENDING (accepted) -> QUEUING (its data copied into DATA_DIR/jobs/<id>/) -> RUNNING
--> SUCCEEDED | FAILED, or CANCELING -> CANCELED. The job directory holds train.jsonl (and
+-> SUCCEEDED | FAILED, or CANCELING -> CANCELED (or SUCCEEDED | FAILED when the cancel lands after
+the training ended: too late, scheduler.py). The job directory holds train.jsonl (and
 validation.jsonl), train_config.json, logs.txt, and output/ (run_job's directory: metrics.jsonl,
 checkpoint-N/, adapter/ or model/, eval/metrics.json).
 """
@@ -33,7 +34,7 @@ from ..train_config import TrainConfig
 from ..train_state import list_checkpoints
 from .errors import ApiError, not_found
 from .files import file_path
-from .models import continuation, resolve, template_name
+from .models import continuation, resolve, trained_template
 from .store import Store, new_id
 
 TRAINING_TYPES = {"sft": "full", "efficient_sft": "lora", "qlora": "qlora", "adapter": "adapter",
@@ -95,7 +96,8 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
     if "split" in settings:
         settings["test_ratio"] = settings.pop("split")
     settings.update(continuation(source, method, settings))
-    settings["template"] = settings.get("template") or template_name(source)
+    if "template" not in settings and (saved := trained_template(source)):
+        settings["template"] = saved  # else TrainConfig's default
     for file_id in req.training_file_ids + req.validation_file_ids:
         file_path(store, data_dir, file_id)
     job_id = new_id("ft")

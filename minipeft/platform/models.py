@@ -65,17 +65,15 @@ def resolve(store: Store, bases: dict[str, Path], name: str) -> Source:
     return Source(record["base_model"], Path(record["weights_dir"]), record)
 
 
-def template_name(source: Source) -> str:
-    """The chat template a new job on `source` uses by default: the one it was trained with, else
-    chatml (the Bailian platform's format) when the tokenizer has its tokens, else plain."""
+def trained_template(source: Source) -> Optional[str]:
+    """The chat template `source` was trained with (its chat_template.json), which a job on it
+    keeps by default; None for a model without one, whose jobs take TrainConfig's default (plain),
+    as `minipeft train` and the demo do. Not chatml merely because the tokenizer has <|im_end|>: a
+    base model that never learned to emit it (the shipped one) answers until max_tokens."""
     for folder in (source.adapter_dir, source.weights_dir):
         if folder is not None and (folder / TEMPLATE_FILE).is_file():
             return load_template(folder).name
-    try:
-        get_template("chatml").stop_token_ids(load_tokenizer(source.weights_dir))
-        return "chatml"
-    except ValueError:
-        return "plain"
+    return None
 
 
 def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[str, Any]:

@@ -5,11 +5,15 @@ talks to a fine-tuned model as it would to the cloud:
     POST /v1/completions        raw prompt (bos + text) -> continuation (stream: SSE)
     GET  /v1/models             the base models and the deployments
 
-`model` selects a base model or a deployment. Sampling: temperature 0 is greedy (OpenAI's
-default is 1), top_p is nucleus sampling, seed makes sampling repeatable, max_tokens (or
-max_completion_tokens) caps the reply, which also ends at the template's stop ids. Refused with
-400 and the reason: a prompt that leaves no room in the model's context, max_tokens over the
-server's limit or the room left, n > 1, stop sequences, and any other field this server does not
+`model` selects a base model or a deployment (404, code "model_not_found", otherwise). Messages
+take OpenAI's shapes: role "developer" is the system turn (OpenAI's newer name for it), content
+may be a list of text parts (concatenated, as Qwen2's template does), and an assistant turn's
+content may be null (an empty reply). Sampling: temperature 0 is greedy (OpenAI's default is 1),
+top_p is nucleus sampling, seed makes sampling repeatable, max_tokens (or max_completion_tokens)
+caps the reply, which also ends at the template's stop ids; presence_penalty and
+frequency_penalty are accepted at 0 (no penalty, the default). Refused with 400 and the reason: a
+prompt that leaves no room in the model's context, max_tokens over the server's limit or the room
+left, n > 1, stop sequences, a non-zero penalty, and any other field this server does not
 implement (rather than ignoring it and answering something else than was asked for).
 Streaming sends `data: {chunk}` events and a final `data: [DONE]`, as OpenAI does.
 """
@@ -18,24 +22,49 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..templates import ChatTemplate
-from .errors import ApiError, error_body, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, error_body, not_found
 from .inference import Loaded, Sampling, TextStream, stream_tokens
 from .state import Platform
 
 IGNORED_FIELDS = {"user", "metadata", "store"}  # bookkeeping that does not change the answer
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content; any type parses, so that Message can name the one refused."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: Optional[str] = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None]
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "Message":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: required in a {self.role} turn (null is allowed for assistant turns only)")
+        for i, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text":
+                raise ValueError(f"content.{i}: part type {part.type!r} is not supported; this server takes text "
+                                 'parts only, {"type": "text", "text": ...}')
+            if part.text is None:
+                raise ValueError(f"content.{i}.text: required")
+        return self
+
+    def turn(self) -> dict[str, str]:
+        """The {"role", "content": text} a chat template renders."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
@@ -54,6 +83,8 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Any] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
 
 class ChatRequest(SamplingRequest):
@@ -85,11 +116,15 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: i
     unknown = set(req.model_extra or {}) - IGNORED_FIELDS
     if unknown:
         raise ApiError(400, f"unsupported field(s) {sorted(unknown)}: this server implements model, messages/prompt, "
-                       "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stream, stream_options",
-                       param=sorted(unknown)[0])
+                       "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stream, stream_options, "
+                       "presence_penalty=0, frequency_penalty=0", param=sorted(unknown)[0])
     if req.stop is not None:
         raise ApiError(400, "stop sequences are not supported: a reply ends at the chat template's stop tokens "
                        "or at max_tokens", param="stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0:
+            raise ApiError(400, f"{name}={getattr(req, name)} is not supported: only 0 (no penalty, the default)",
+                           param=name)
     asked = req.max_completion_tokens or req.max_tokens
     if asked is not None and asked > limit:
         raise ApiError(400, f"max_tokens={asked} is over this server's limit of {limit}", param="max_tokens")
@@ -125,7 +160,7 @@ def _run(reply: Reply, model: str) -> str:
     try:
         return "".join(reply)
     except ValueError as e:  # the deployment was removed while the request ran
-        raise not_found("model", model, str(e)) from None
+        raise not_found("model", model, str(e), code=MODEL_NOT_FOUND) from None
 
 
 def openai_router(platform: Platform) -> APIRouter:
@@ -158,7 +193,7 @@ def openai_router(platform: Platform) -> APIRouter:
     def chat(req: ChatRequest):
         loaded, adapter, template = platform.serve(req.model)
         try:
-            prompt = template.render_prompt([m.model_dump() for m in req.messages], loaded.tokenizer)
+            prompt = template.render_prompt([m.turn() for m in req.messages], loaded.tokenizer)
         except ValueError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
         reply = start(req, prompt, loaded, adapter, template)

@@ -74,7 +74,8 @@ def _found(row: Optional[dict[str, Any]], error: ApiError) -> dict[str, Any]:
 
 
 def _cancel(platform: Platform, job_id: str) -> dict[str, Any]:
-    """Waiting jobs are canceled at once; a running one becomes CANCELING until its worker ends."""
+    """Waiting jobs are canceled at once; a running one becomes CANCELING until its worker ends. One
+    whose training has just ended may still finish SUCCEEDED: the cancel came too late (scheduler.py)."""
     store = platform.store
     job = jobs.get_job(store, job_id)
     if store.update("jobs", job_id, {"status": "CANCELED", "finished_at": int(time.time())},

@@ -10,6 +10,11 @@ Restarts: the job table is the queue, so PENDING and QUEUING jobs simply wait ag
 was RUNNING is re-queued and its worker resumes from the newest checkpoint (run_job with
 resume=True, the trainer's exact resume); a CANCELING one is CANCELED. The scheduler alone moves
 jobs from QUEUING on; request threads only cancel, with conditional updates (store.update).
+
+Cancel vs. the end of training: a cancel the scheduler sees while the worker runs, or before it
+takes up the worker's exit, cancels the job. Once it has taken it up (reading the result,
+publishing the model), the outcome stands: a cancel that lands then is too late, and the job still
+ends SUCCEEDED (or FAILED), its log saying the cancel was not applied. Every job ends in a final state.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .store import Store
 
 POLL = 0.2
 TERMINATE_GRACE = 5.0
+ENDING = ("RUNNING", "CANCELING")  # what a job whose worker exited may be in: a cancel can land meanwhile
 
 
 def note(data_dir: Path, job: dict[str, Any], text: str) -> None:
@@ -106,7 +112,7 @@ class Scheduler:
         try:
             prepare_job(self.store, self.data_dir, job)
         except (ValueError, OSError) as e:
-            self._fail(job, f"preparing the job's data failed: {e}", when=("PENDING",))
+            self._fail(job, f"preparing the job's data failed: {e}", ("PENDING",))
             return
         if self.store.update("jobs", job["id"], {"status": "QUEUING"}, when_status=("PENDING",)):
             note(self.data_dir, job, f"queued ({job['training_type']} of {job['model']})")
@@ -137,23 +143,31 @@ class Scheduler:
         self._proc = self._job_id = None
 
     def _finish(self, job: dict[str, Any], returncode: int) -> None:
+        """The worker exited: record its outcome (a cancel landing from here on is too late)."""
         try:
             result = json.loads((job_dir(self.data_dir, job) / "result.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none: the worker was killed (by the OS, say) before its end
             result = {}
         if returncode != 0 or "error" in result or not result:
-            self._fail(job, result.get("error") or f"the training worker exited with status {returncode}")
+            self._fail(job, result.get("error") or f"the training worker exited with status {returncode}", ENDING)
             return
         try:
             model = publish(self.store, self.data_dir, job)
         except Exception as e:  # a full disk, say: the job failed, the server goes on
-            self._fail(job, f"publishing the fine-tuned model failed: {e}")
+            self._fail(job, f"publishing the fine-tuned model failed: {e}", ENDING)
             return
-        self.store.update("jobs", job["id"], {"status": "SUCCEEDED", "fine_tuned_model": model["name"],
-                                              "finished_at": int(time.time())}, when_status=("RUNNING",))
-        note(self.data_dir, job, f"succeeded: fine-tuned model {model['name']}")
+        self._end(job, {"status": "SUCCEEDED", "fine_tuned_model": model["name"]},
+                  f"succeeded: fine-tuned model {model['name']}", ENDING)
 
-    def _fail(self, job: dict[str, Any], error: str, when: tuple[str, ...] = ("RUNNING",)) -> None:
-        if self.store.update("jobs", job["id"], {"status": "FAILED", "error": error,
-                                                 "finished_at": int(time.time())}, when_status=when):
-            note(self.data_dir, job, f"failed: {error}")
+    def _fail(self, job: dict[str, Any], error: str, when: tuple[str, ...]) -> None:
+        self._end(job, {"status": "FAILED", "error": error}, f"failed: {error}", when)
+
+    def _end(self, job: dict[str, Any], fields: dict[str, Any], text: str, when: tuple[str, ...]) -> None:
+        """Set the final `fields` if the job is in one of `when`, and log `text` only if they were set."""
+        fields = {**fields, "finished_at": int(time.time())}
+        for status in when:  # one at a time, to know which it was
+            if self.store.update("jobs", job["id"], fields, when_status=(status,)):
+                late = "; a cancel came after the training had ended and was not applied" \
+                    if status == "CANCELING" else ""
+                note(self.data_dir, job, text + late)
+                return

@@ -1,22 +1,49 @@
 """One running platform: its settings, state (store.py), job queue (scheduler.py) and model pool
-(inference.py), and the names requests use to call a model (a base model or a deployment)."""
+(inference.py), and the names requests use to call a model (a base model or a deployment).
+
+A platform owns its data directory: it holds an exclusive lock on DATA_DIR/platform.lock from
+before it reads any state until it closes (or its process ends). A second server on the same
+directory would otherwise run restart recovery on the first one's live jobs (re-queue the running
+one, which would then train twice) before failing, say, on a port already in use."""
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from ..templates import ChatTemplate
-from .errors import ApiError, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, not_found
 from .inference import Loaded, ModelPool, Target
 from .scheduler import Scheduler
 from .store import Store
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MIB = 1 << 20
+LOCK_FILE = "platform.lock"
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """The open lock file of `data_dir`, locked for this process (it holds the owner's pid); a
+    directory another server holds is a ValueError naming it, and nothing in it is touched."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        raise ValueError(f"data directory {data_dir} is in use by another minipeft platform server (pid {owner}, "
+                         f"lock {data_dir / LOCK_FILE}): stop that server, or pass another --data-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 @dataclass
@@ -34,10 +61,16 @@ class Platform:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.data_dir = settings.data_dir
+        self._lock = lock_data_dir(settings.data_dir)  # first: before any state is read
         self.store = Store(settings.data_dir / "platform.db")
         self.pool = ModelPool()
         self.scheduler = Scheduler(self.store, settings.data_dir, settings.threads)
         self._naming = threading.Lock()
+
+    def close(self) -> None:
+        """Close the state and give up the data directory."""
+        self.store.close()
+        self._lock.close()
 
     @property
     def bases(self) -> dict[str, Path]:
@@ -50,7 +83,7 @@ class Platform:
         deployment = self.store.get("deployments", name)
         if deployment is None:
             raise not_found("model", name, "GET /v1/models lists the base models and deployments; a fine-tuned "
-                            "model is called through a deployment (POST /api/v1/deployments)")
+                            "model is called through a deployment (POST /api/v1/deployments)", code=MODEL_NOT_FOUND)
         model = self.store.get("models", deployment["model"])
         return Target(name, Path(model["weights_dir"]), Path(model["adapter_dir"]) if model["adapter_dir"] else None,
                       quantized=model["method"] == "qlora")
