@@ -1,13 +1,13 @@
 """The `minipeft` command. Each subcommand lives beside the concept it drives; this file only
 collects them: a module in COMMANDS exposes `register(subparsers)`, which adds its parser and
-sets `func` (args -> exit status). What the subcommands share lives here too: `at_least` (an
-argparse type) and USER_ERRORS, the errors that print one line instead of a traceback."""
+sets `func` (args -> exit status). USER_ERRORS are the errors that print one line instead of a
+traceback; the subcommands' shared argparse types are in argtypes.py."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .trainer import TrainingDiverged
 
@@ -25,16 +25,6 @@ COMMANDS = [
 ]
 # A bad file, field or value; a run that diverged (its message says what to change).
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged)
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an int >= low, checked when the arguments are parsed (before any work)."""
-    def integer(text: str) -> int:  # argparse names the function in its errors ("invalid integer value")
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return integer
 
 
 def build_parser() -> argparse.ArgumentParser:

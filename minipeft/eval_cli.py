@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .argtypes import at_least
 from .checkpoint import load_pretrained
 from .data.loader import load_jsonl
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
@@ -57,16 +58,6 @@ def _print_table(result: EvalResult, files: tuple[Path, Path]) -> None:
     print(f"wrote {files[0]} and {files[1]}")
 
 
-def _at_least(low: int):
-    """An argparse type: an int >= low (checked before the model loads, which can take minutes)."""
-    def integer(text: str) -> int:  # argparse names the function in its errors
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return integer
-
-
 def _eval(args: argparse.Namespace) -> int:
     examples = load_jsonl(args.data)
     has_own_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer.model").is_file()
@@ -92,11 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chat template (default: the adapter's chat_template.json, else plain)")
     p.add_argument("--task", choices=TASKS, help="which metrics (default: detected from the references)")
     p.add_argument("--lang", choices=LANGS, help="BLEU/ROUGE tokenization (default: detected)")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=256, metavar="N")
-    p.add_argument("--batch-size", type=_at_least(1), default=8, metavar="N")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, metavar="N")
+    p.add_argument("--batch-size", type=at_least(1), default=8, metavar="N")
     p.add_argument("--output", default="eval_results", metavar="DIR",
                    help="where metrics.json and samples.md go (default: ./eval_results)")
-    p.add_argument("--samples", type=_at_least(0), default=20, metavar="N",
+    p.add_argument("--samples", type=at_least(0), default=20, metavar="N",
                    help="examples in samples.md (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples.md draw")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

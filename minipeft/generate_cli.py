@@ -5,8 +5,8 @@ import argparse
 
 import torch
 
+from .argtypes import at_least
 from .checkpoint import load_pretrained
-from .cli import at_least
 
 
 def _generate(args: argparse.Namespace) -> int:

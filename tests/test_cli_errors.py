@@ -2,6 +2,7 @@
 was expected, a non-zero exit status, no traceback (minipeft/cli.py's USER_ERRORS, the checks of
 TrainConfig and the argparse types)."""
 import json
+import sys
 
 import pytest
 
@@ -33,7 +34,6 @@ def test_train_with_a_bad_value_prints_one_line(tmp_path, capsys, settings, mess
 
 
 def test_train_with_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
-    pytest.importorskip("yaml")
     job = tmp_path / "job.yaml"
     job.write_text("train_file: train.jsonl\nlearning_rate: {2e-4\n")
     assert main(["train", "--config", str(job)]) == 2
@@ -64,3 +64,10 @@ def test_generate_refuses_a_count_below_one(capsys, flag, value):
         main(["generate", "--ids", "1,2", flag, value])
     assert e.value.code == 2
     assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_platform_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it raises
+    assert main(["platform"]) == 2
+    assert "minipeft platform: error: minipeft platform needs uvicorn: pip install -e '.[platform]'" \
+        in one_line_error(capsys)

@@ -1,6 +1,7 @@
 """Presets and the Hugging Face config round trip; TrainConfig's checks of a job file."""
 import pytest
 import torch
+import yaml
 
 from minipeft import PRESETS, ModelConfig, Transformer
 from minipeft.peft_model import full_finetune
@@ -91,7 +92,6 @@ def test_numbers_are_read_as_their_key_takes_them():
 
 def test_yaml_job_file_with_an_exponent_float(tmp_path):
     """PyYAML reads YAML 1.1, where 2e-4 (no dot) is a string: the key takes it as the float it means."""
-    yaml = pytest.importorskip("yaml")
     text = "learning_rate: 2e-4\nweight_decay: 1e-2\nn_epochs: 2\nbf16: false\n"
     assert yaml.safe_load(text)["learning_rate"] == "2e-4"
     (tmp_path / "job.yaml").write_text(text)
@@ -100,7 +100,6 @@ def test_yaml_job_file_with_an_exponent_float(tmp_path):
 
 
 def test_malformed_yaml_names_the_file_and_line(tmp_path):
-    pytest.importorskip("yaml")
     (tmp_path / "job.yml").write_text("n_epochs: 2\ntarget_modules: [q_proj, v_proj\nbatch_size: 4\n")
     with pytest.raises(ValueError, match=r"job.yml: invalid YAML at line 3 column 11: expected ',' or ']'"):
         TrainConfig.load(tmp_path / "job.yml")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..argtypes import at_least
 from ..templates import TEMPLATES, get_template
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
@@ -29,7 +30,7 @@ def register(subparsers: Any) -> None:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{check,report,split}")
     check = sub.add_parser("check", help="list every problem of data files; optionally write a clean copy")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--max-length", type=_positive_int,
+    check.add_argument("--max-length", type=at_least(1),
                        help="longest example in tokens, as in training, which drops longer ones (needs --tokenizer)")
     check.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, for --max-length")
     check.add_argument("--template", choices=list(TEMPLATES), default=DEFAULT_TEMPLATE,
@@ -140,13 +141,6 @@ def _load_tokenizer(path: Optional[str]) -> Optional[Encoder]:
     except ImportError as e:
         raise UsageError(f"--tokenizer needs minipeft.tokenizer, which cannot be imported: {e}") from None
     return load_tokenizer(path)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text) if text.strip().isdigit() else 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

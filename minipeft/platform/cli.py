@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..argtypes import at_least
 from ..job import DEFAULT_MODEL
 from .client import Client
 
@@ -42,17 +43,13 @@ def _base_model(text: str) -> tuple[str, Path]:
     return name, Path(folder).resolve()
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:  # the server's packages are an extra: `make demo`'s environment has the runtime ones only
+        import uvicorn
 
-    from .app import create_app
+        from .app import create_app
+    except ModuleNotFoundError as e:
+        raise ValueError(f"minipeft platform needs {e.name}: pip install -e '.[platform]'") from None
     from .state import MIB, Settings
 
     bases = {**default_bases(), **dict(args.base_model or [])}
@@ -179,9 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on every request (default: $MINIPEFT_API_KEY)")
     p.add_argument("--base-model", action="append", type=_base_model, metavar="NAME=DIR",
                    help="serve and fine-tune this model as NAME (repeatable; models/* are added)")
-    p.add_argument("--max-upload-mb", type=_positive, default=100)
-    p.add_argument("--max-tokens", type=_positive, default=1024, help="the largest max_tokens a request may ask for")
-    p.add_argument("--threads", type=_positive, help="CPU threads for serving and for the training worker each "
+    p.add_argument("--max-upload-mb", type=at_least(1), default=100)
+    p.add_argument("--max-tokens", type=at_least(1), default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=at_least(1), help="CPU threads for serving and for the training worker each "
                    "(default: torch's; on a shared CPU, 1 avoids thread oversubscription)")
     p.set_defaults(func=_serve)
     _register_job(sub)
