@@ -7,6 +7,7 @@ Without torchrun these are no-ops and the trainer runs as one process.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 import torch.distributed as tdist
@@ -26,10 +27,20 @@ def world_size() -> int:
     return tdist.get_world_size() if tdist.is_initialized() else 1
 
 
-def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    if tdist.is_initialized():
-        for t in tensors:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+def sum_gradients(params: Sequence[torch.Tensor], *extra: torch.Tensor) -> None:
+    """Sum every parameter's .grad, and the tensors `extra` in place, across ranks.
+
+    Every rank issues the same collectives whatever it computed: a rank whose slice of the last
+    global batch was empty (an uneven dataset) has no .grad yet and contributes zeros. A gradient
+    that no rank produced stays None, so AdamW skips that parameter as it does in one process."""
+    if not tdist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    produced = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    for t in [*grads, produced, *extra]:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    for p, g, n in zip(params, grads, produced.tolist()):
+        p.grad = g if n else None
 
 
 def barrier() -> None:

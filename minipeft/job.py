@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .checkpoint import load_pretrained
 from .data import load_jsonl, split_examples
 from .model import Transformer
@@ -25,7 +26,7 @@ from .plots import plot_curves
 from .templates import ChatTemplate, TooLongError, get_template, save_template
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
-from .trainer import Trainer, TrainResult
+from .trainer import Trainer, TrainResult, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "minillama-10m"  # minipeft's own pretrained base model (its README: the card)
@@ -121,11 +122,18 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
         continue_from(model, cfg.init_adapter)
     trainer = Trainer(cfg, model, render_all(train, tok, template, cfg, cfg.train_file),
                       render_all(test, tok, template, cfg, cfg.test_file or "test split"), pad_id=tok.pad_id)
-    write_atomic(out / "job_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    result = trainer.train(resume=resume)
-    save_trained(model, tok, template, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    plot_curves(rows, out / "loss_curve.png", title=f"{cfg.method} on {Path(cfg.train_file).name}")
+    if resume:
+        trainer.resume()  # a changed config is an error here, before job_config.json is replaced
+    # Every rank has checked for an existing job before rank 0 writes one; only rank 0 writes.
+    dist.barrier()
+    if dist.rank() == 0:
+        write_atomic(out / "job_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    result = trainer.train()
+    if dist.rank() == 0:
+        save_trained(model, tok, template, out)
+        plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss_curve.png",
+                    title=f"{cfg.method} on {Path(cfg.train_file).name}")
+    dist.barrier()  # the other ranks return once the job directory is complete
     return JobResult(out, result, *count_parameters(model))
 
 

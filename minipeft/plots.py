@@ -1,8 +1,11 @@
 """Training curves as PNG: loss (train and eval on one plot) and learning rate against the step."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Sequence
+
+from .files import write_atomic
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -25,8 +28,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, png.getvalue())
     return path

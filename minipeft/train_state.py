@@ -5,7 +5,8 @@
         optimizer.safetensors    AdamW moments and step counts, "<param index>.<name>"
         optimizer.json           its param_groups (learning rates, betas, weight decay)
         rng.safetensors          torch's CPU (and CUDA) generator states: dropout resumes identically
-        trainer_state.json       global step, epoch, and the progress the warnings look back on
+        trainer_state.json       global step, the config, and the progress the logs and warnings
+                                 look back on (losses since the last log, evaluations)
 
 The learning-rate schedule is a pure function of the step and the data order a pure function of
 (seed, epoch), so the step is all the position they need. A checkpoint is written into a hidden
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import read_state_dict
+from .files import read_json
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
@@ -78,8 +80,13 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer, RNG from `path`; return the trainer state saved with them."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state saved in checkpoint `path` (read before anything is restored, to check it)."""
+    return read_json(path / "trainer_state.json", "it holds the step and config to resume from")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore weights, optimizer, RNG from `path`."""
     if isinstance(model, PeftModel):
         model.load_adapter_weights(path / "adapter", model.active_adapter, is_trainable=True)
     else:
@@ -97,4 +104,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+# Settings that change only what is logged, evaluated, saved or shown, never the weights a step
+# produces: a resumed run may change them. Every other key must be the checkpoint's.
+RESUMABLE = frozenset({"output_dir", "logging_steps", "eval_steps", "eval_batch_size", "save_strategy",
+                       "save_steps", "save_total_limit", "report_to", "disable_tqdm"})
+
+
+def check_resumable(saved: dict[str, Any], config: dict[str, Any], where: Path) -> None:
+    """Raise if `config` differs from the checkpoint's `saved` config in a key outside RESUMABLE:
+    resuming would silently mix two runs (another schedule, batch or data order; AdamW's settings
+    would even be replaced by the checkpoint's)."""
+    config = json.loads(json.dumps(config))  # compare as saved: tuples become lists
+    changed = [f"{key} {saved.get(key, '(absent)')!r} -> {config.get(key, '(absent)')!r}"
+               for key in sorted(saved.keys() | config.keys())
+               if key not in RESUMABLE and saved.get(key) != config.get(key)]
+    if changed:
+        raise ValueError(f"{where}: cannot resume with a different config (checkpoint -> now): {'; '.join(changed)}; "
+                         "restore these values, or train into a new output_dir")

@@ -34,16 +34,18 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .batching import collate
 from .diagnostics import overfitting, unstable_loss
+from .files import write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .schedule import lr_factor
 from .train_config import TrainConfig
-from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .train_state import check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 
 Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops; the last good checkpoint is kept."""
+    """The loss or the gradient norm became NaN or infinite: the run stops before the step is
+    applied; the last good checkpoint is kept."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -94,7 +96,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.step, self.history, self.warnings = 0, [], []
+        self.step, self.warnings = 0, []
+        # The progress the logs and diagnostics look back on, saved in checkpoints: the losses of
+        # the last steps, the step last logged, (train, eval) loss pairs for the over-fitting check.
+        self.losses: list[float] = []
+        self.logged = 0
+        self.evals: list[tuple[float, float]] = []
 
     # --- one optimizer step -------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
@@ -133,20 +140,22 @@ class Trainer:
                 nll = self._nll([self.train_data[i] for i in micro])
                 (nll / max(n_tokens, 1)).backward()
                 nll_sum += nll.detach()
-        dist.all_reduce_sum([p.grad for p in self.params if p.grad is not None] + [nll_sum])
+        dist.sum_gradients(self.params, nll_sum)
         loss = nll_sum.item() / max(n_tokens, 1)
         if not math.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message(loss))
+            raise TrainingDiverged(self._diverged_message("loss", loss))
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):  # clipping cannot rescue it: the step would write NaN weights
+            raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, grad_norm, n_tokens
 
-    def _diverged_message(self, loss: float) -> str:
+    def _diverged_message(self, what: str, value: float) -> str:
         last = latest_checkpoint(self.out)
-        return (f"loss became {loss} at step {self.step + 1}: training stopped. The learning rate "
+        return (f"{what} became {value} at step {self.step + 1}: training stopped. The learning rate "
                 f"({self.cfg.learning_rate}) may be too large. Last good checkpoint: {last or 'none'}")
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -168,14 +177,15 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
         if resume:
-            self._resume()
+            self.resume()
         self.model.train()
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0,
                              tensorboard=tensorboard_dir(self.cfg))
-        t0, tokens, losses, evals = time.perf_counter(), 0, [], []
+        if self.step >= self.total_steps:
+            return self._completed(metrics)
+        t0, tokens = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.cfg.disable_tqdm,
                    desc="train", unit="step")
-        loss, logged = float("nan"), self.step
         for epoch in range(self.step // self.steps_per_epoch, self.epochs):
             order = self._order(epoch)
             last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
@@ -183,13 +193,14 @@ class Trainer:
                 batch = order[s * self.global_batch:(s + 1) * self.global_batch]
                 loss, grad_norm, _ = self.train_step(batch)
                 tokens += sum(len(self.train_data[i][0]) for i in batch)  # every token the model reads
-                losses.append(loss)
+                self.losses.append(loss)
                 rate = tokens / (time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 tok_s=f"{rate:.0f}")
                 if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    window, logged = losses[-(self.step - logged):], self.step  # mean since the last log, as HF
+                    # the mean since the last log, as HF
+                    window, self.logged = self.losses[-(self.step - self.logged):], self.step
                     metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                    "loss": sum(window) / len(window),
                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -199,19 +210,42 @@ class Trainer:
                 end_of_epoch = s == last - 1
                 if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
                                        or (end_of_epoch and not self.cfg.eval_steps)):
-                    result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
-                    metrics.write(result)
-                    evals.append((sum(losses[-self.steps_per_epoch:]) / len(losses[-self.steps_per_epoch:]),
-                                  result["eval_loss"]))
-                    self._warn(overfitting(evals))
+                    result = self._log_evaluation(metrics)
+                    recent = self.losses[-self.steps_per_epoch:]
+                    self.evals.append((sum(recent) / len(recent), result["eval_loss"]))
+                    self._warn(overfitting(self.evals))
                 if (self.cfg.save_strategy == "steps" and self.step % self.cfg.save_steps == 0) or \
                         (self.cfg.save_strategy == "epoch" and end_of_epoch):
                     self._save()
         bar.close()
-        metrics.close()
         seconds = time.perf_counter() - t0
-        final_eval = self.evaluate() if self.eval_data else {}
-        return TrainResult(self.step, loss, final_eval, self.warnings, tokens / max(seconds, 1e-9), seconds)
+        final_eval = self._final_evaluation(metrics)
+        metrics.close()
+        return TrainResult(self.step, self.losses[-1], final_eval, self.warnings, tokens / max(seconds, 1e-9), seconds)
+
+    def _log_evaluation(self, metrics: "MetricsLog") -> dict[str, Any]:
+        result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
+        metrics.write(result)
+        return result
+
+    def _final_evaluation(self, metrics: "MetricsLog") -> dict[str, float]:
+        """The evaluation at the last step: the one logged there if any (an eval step, or a run
+        resumed after it), else run now and logged, once."""
+        if not self.eval_data:
+            return {}
+        done = [r for r in metrics.rows if r["step"] == self.step and "eval_loss" in r]
+        result = done[-1] if done else self._log_evaluation(metrics)
+        return {k: v for k, v in result.items() if k not in ("step", "epoch")}
+
+    def _completed(self, metrics: "MetricsLog") -> TrainResult:
+        """Resumed from the last step's checkpoint: nothing to train; the run's saved result."""
+        if self.rank == 0:
+            print(f"{self.out}: the run is already complete ({self.step} of {self.total_steps} steps, "
+                  f"{latest_checkpoint(self.out)}); nothing to train. Its result:")
+        final_eval = self._final_evaluation(metrics)
+        metrics.close()
+        rates = [r["tokens_per_s"] for r in metrics.rows if "tokens_per_s" in r]
+        return TrainResult(self.step, self.losses[-1], final_eval, self.warnings, rates[-1] if rates else 0.0)
 
     def _warn(self, message: Optional[str]) -> None:
         if message and message not in self.warnings:
@@ -221,16 +255,27 @@ class Trainer:
 
     def _save(self) -> None:
         if self.rank == 0:
-            save_checkpoint(self.out, self.step, self.model, self.optimizer, {"step": self.step,
-                            "warnings": self.warnings, "config": self.cfg.to_dict()}, self.cfg.save_total_limit)
+            # The losses the next log and evaluation average over, so a resumed run logs the same.
+            recent = self.losses[-max(self.step - self.logged, self.steps_per_epoch):]
+            state = {"step": self.step, "warnings": self.warnings, "losses": recent, "logged": self.logged,
+                     "evals": self.evals, "config": self.cfg.to_dict()}
+            save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit)
         dist.barrier()
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue from the newest checkpoint in output_dir, if any; its config must match this
+        one but for the settings train_state.RESUMABLE names (an error lists each difference)."""
         path = latest_checkpoint(self.out)
         if path is None:
             return
-        state = load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.warnings = state["step"], state["warnings"]
+        state, where = read_trainer_state(path), path / "trainer_state.json"
+        missing = {"step", "warnings", "losses", "logged", "evals", "config"} - state.keys()
+        if missing:
+            raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume")
+        check_resumable(state["config"], self.cfg.to_dict(), where)
+        load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.warnings, self.logged = state["step"], state["warnings"], state["logged"]
+        self.losses, self.evals = state["losses"], [tuple(e) for e in state["evals"]]
 
 
 def tensorboard_dir(cfg: TrainConfig) -> Optional[Path]:
@@ -245,25 +290,42 @@ def tensorboard_dir(cfg: TrainConfig) -> Optional[Path]:
     return Path(cfg.output_dir) / "tensorboard"
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records. A last line without its newline was cut short by a process killed
+    mid-append: it is dropped (its step is past every checkpoint, so that work is redone); any
+    other line that is not a JSON object with an integer "step" is an error naming file and line."""
+    *lines, _ = path.read_text(encoding="utf-8").split("\n")  # _: "", or a line cut short
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number}: invalid JSON at column {e.colno}: {e.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f'{path}: line {number}: expected a JSON object with an integer "step"')
+        rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step or evaluation, flushed as written; with a
     tensorboard directory, each number also becomes a scalar there (tag "train/loss",
     "eval/eval_loss", ..., at its step). On resume, records past the checkpoint's step are dropped:
-    that work is redone and logged again (TensorBoard shows the newest value at a step)."""
+    that work is redone and logged again (TensorBoard hides its events past the checkpoint)."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool = True, tensorboard: Optional[Path] = None):
         self.path, self.enabled = path, enabled
         self.rows: list[dict[str, Any]] = []
         if path.exists() and resume_step:
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+            self.rows = [r for r in read_metrics(path) if r["step"] <= resume_step]
         if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.writer = None
         if enabled and tensorboard is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step or None)
+            # purge_step: the first step logged again; the checkpoint's own step keeps its events
+            self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

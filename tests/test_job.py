@@ -1,5 +1,6 @@
 """The job flow end to end on a tiny model and tokenizer built here: JSONL -> adapter -> merge."""
 import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,55 @@ def test_train_command(base_dir, data_file, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minipeft", "train", "--config", str(job)], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "unknown key 'lerning_rate'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resuming_a_finished_job_reports_it(base_dir, data_file, tmp_path):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model": str(base_dir), "train_file": str(data_file), "epochs": 1, "batch_size": 8,
+                               "max_length": 64, "output_dir": str(tmp_path / "out"), "logging_steps": 1}))
+    first = subprocess.run([sys.executable, "-m", "minipeft", "train", "--config", str(job)], capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([sys.executable, "-m", "minipeft", "train", "--config", str(job), "--resume"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "the run is already complete (7 of 7 steps" in again.stdout
+    result = [line for line in first.stdout.splitlines() if line.startswith("steps ")]
+    assert "nan" not in again.stdout and result[0].split(" | ")[:-1] in [
+        line.split(" | ")[:-1] for line in again.stdout.splitlines()]  # the same result, but for tok/s
+
+
+def test_resume_with_a_changed_config_keeps_the_job(base_dir, data_file, tmp_path):
+    cfg = job_config(base_dir, data_file, tmp_path / "job")
+    run_job(cfg)
+    saved = (tmp_path / "job" / "job_config.json").read_text()
+    with pytest.raises(ValueError, match=r"cannot resume with a different config.*batch_size 8 -> 4"):
+        run_job(job_config(base_dir, data_file, tmp_path / "job", batch_size=4), resume=True)
+    assert (tmp_path / "job" / "job_config.json").read_text() == saved
+
+
+def test_only_rank_0_writes(base_dir, data_file, tmp_path, monkeypatch):
+    """In a process that is not rank 0 the job trains (here on an empty slice: world size 1) but
+    writes nothing: no job_config.json, adapter, metrics, plot or checkpoint."""
+    from minipeft import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    run_job(job_config(base_dir, data_file, tmp_path / "job"))
+    assert not (tmp_path / "job").exists()
+
+
+def test_a_job_under_torchrun(base_dir, data_file, tmp_path):
+    """2 processes: 54 examples in global batches of 16, so rank 1's slice of the last is empty;
+    rank 0 alone writes the job directory, and the result is printed once."""
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"model": str(base_dir), "train_file": str(data_file), "epochs": 1, "batch_size": 8,
+                               "max_length": 64, "output_dir": str(tmp_path / "out"), "disable_tqdm": True}))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000 + 1), "-m", "minipeft", "train", "--config", str(job)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("job directory:") == 1 and "steps 4 |" in done.stdout
+    for name in ("job_config.json", "metrics.jsonl", "loss_curve.png", "adapter/adapter_model.safetensors",
+                 "checkpoint-4/trainer_state.json"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []

@@ -107,7 +107,7 @@ def slow_step(self, batch):
     time.sleep(slow)
     return step(self, batch)
 tr.Trainer.train_step = slow_step
-t = lora_trainer(sys.argv[1], save_strategy="steps", save_steps=1, save_total_limit=2)
+t = lora_trainer(sys.argv[1], save_strategy="steps", save_steps=1, save_total_limit=2, logging_steps=3)
 t.train(resume=len(sys.argv) > 3)
 t.model.save_pretrained(sys.argv[1] + "/final")
 """
@@ -139,6 +139,34 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     assert clean.keys() == resumed.keys()
     for k in clean:
         assert torch.equal(clean[k], resumed[k]), (k, kill_after)
+    # the logs too, but for the throughput: a 3-step loss mean across the kill averages all 3 steps
+    assert without_rates(logged(tmp_path / "killed")) == without_rates(logged(tmp_path / "clean")), kill_after
+
+
+def without_rates(rows):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_non_finite_gradient_stops_before_the_step(tmp_path):
+    """A finite loss with an infinite gradient: the step is not applied and nothing poisoned is
+    saved; the error names the last good checkpoint, as for a non-finite loss."""
+    t = lora_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    lora_b = next(p for n, p in t.model.named_parameters() if "lora_B" in n)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 6 else grad
+
+    lora_b.register_hook(poison)
+    before = {}
+    step = t.train_step
+    t.train_step = lambda batch: before.update({id(p): p.detach().clone() for p in t.params}) or step(batch)
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became inf at step 6.*checkpoint-4"):
+        t.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    for p in t.params:  # the weights of step 5, unchanged
+        assert torch.equal(p.detach(), before[id(p)])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -207,8 +235,8 @@ sys.path.insert(0, {tests!r})
 import torch
 from minipeft import distributed
 distributed.init()
-from test_trainer import lora_trainer
-t = lora_trainer(sys.argv[1], batch_size=int(sys.argv[2]), lora_dropout=0.0, n_epochs=1)
+from test_trainer import lora_trainer, ragged_data
+t = lora_trainer(sys.argv[1], ragged_data(int(sys.argv[3])), batch_size=int(sys.argv[2]), lora_dropout=0.0, n_epochs=1)
 t.train()
 if distributed.rank() == 0:
     t.model.save_pretrained(sys.argv[1] + "/final")
@@ -216,20 +244,27 @@ if distributed.rank() == 0:
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
+    """41 examples in global batches of 4: the 11th holds one example, so rank 1's slice is empty;
+    it contributes zero gradients through the same collectives as rank 0."""
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT.format(tests=str(HERE)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "ddp"), "2"],
-                   check=True, env=env, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "4"], check=True, env=env,
+    ddp_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "ddp"),
+                              "2", "41"], env=env, capture_output=True, text=True, timeout=300)
+    assert ddp_run.returncode == 0, ddp_run.stderr[-3000:]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "4", "41"], check=True, env=env,
                    capture_output=True, timeout=300)
     ddp = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
     single = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     for k in single:
         # Same global batch (2 ranks x 2 = 4); gradients summed in another order: float32 noise,
-        # amplified a little by 10 AdamW steps.
+        # amplified a little by 11 AdamW steps.
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4)
+    ddp_rows, single_rows = logged(tmp_path / "ddp"), logged(tmp_path / "single")
+    assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] and ddp_rows[-2]["step"] == 11
+    for a, b in zip(ddp_rows, single_rows):
+        assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), rel=1e-5)
 
 
 def logged(path):
@@ -305,5 +340,6 @@ def test_compute_metrics_joins_every_evaluation(tmp_path):
     t.compute_metrics = lambda model: seen.append(model.training) or {"probe": float(len(seen))}
     result = t.train()
     evals = [r for r in logged(tmp_path) if "eval_loss" in r]
-    assert [r["probe"] for r in evals] == [1.0, 2.0] and result.eval["probe"] == 3.0  # + the final evaluation
-    assert seen == [False, False, False] and t.model.training  # run in eval mode, training mode restored
+    # the final evaluation is the last epoch's, logged and run once
+    assert [r["probe"] for r in evals] == [1.0, 2.0] and result.eval["probe"] == 2.0
+    assert seen == [False, False] and t.model.training  # run in eval mode, training mode restored

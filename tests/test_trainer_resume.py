@@ -1,0 +1,106 @@
+"""Resuming a run: the config must be the checkpoint's, metrics.jsonl survives a crash mid-append,
+a finished run is not rerun, the logs equal an uninterrupted run's, the last evaluation is logged."""
+import json
+
+import pytest
+import torch
+
+from minipeft.trainer import read_metrics
+from test_trainer import logged, lora_trainer, without_rates
+
+
+class Stop(Exception):
+    pass
+
+
+def interrupted(out, after, **overrides):
+    """A run that dies once step `after` is checkpointed (save_steps=1)."""
+    t = lora_trainer(out, save_strategy="steps", save_steps=1, **overrides)
+    step = t.train_step
+
+    def dying(batch):
+        if t.step == after:
+            raise Stop
+        return step(batch)
+
+    t.train_step = dying
+    with pytest.raises(Stop):
+        t.train()
+    return t
+
+
+def test_resumed_logs_equal_an_uninterrupted_run(tmp_path):
+    """logging_steps=3, resumed from step 4: step 6 logs the mean of steps 4-6, as without the
+    interruption; TensorBoard keeps the events of the checkpoint's step (its evaluation)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    options = dict(n_epochs=1, logging_steps=3, eval_steps=2, save_strategy="steps", save_steps=1)
+    clean = lora_trainer(tmp_path / "clean", **options)
+    clean.train()
+    interrupted(tmp_path / "resumed", 4, n_epochs=1, logging_steps=3, eval_steps=2)
+    resumed = lora_trainer(tmp_path / "resumed", **options)
+    resumed.train(resume=True)
+    assert without_rates(logged(tmp_path / "resumed")) == without_rates(logged(tmp_path / "clean"))
+    for a, b in zip(clean.params, resumed.params):
+        assert torch.equal(a, b)
+    events = EventAccumulator(str(tmp_path / "resumed" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 10]
+    assert [e.step for e in events.Scalars("eval/eval_loss")] == [2, 4, 6, 8, 10]
+
+
+def test_resume_with_a_changed_config_names_each_key(tmp_path):
+    lora_trainer(tmp_path, n_epochs=1, batch_size=4).train()  # checkpoint-10 (save_strategy "epoch")
+    changed = lora_trainer(tmp_path, n_epochs=2, batch_size=8, weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"checkpoint-10/trainer_state.json: cannot resume with a different config"
+                                         r".*batch_size 4 -> 8; n_epochs 1 -> 2; weight_decay 0.01 -> 0.1"):
+        changed.train(resume=True)
+    assert changed.step == 0  # nothing restored
+    # logging, evaluation and saving cadence do not change the weights: allowed
+    cadence = lora_trainer(tmp_path, n_epochs=1, logging_steps=5, eval_steps=3, save_total_limit=1,
+                           disable_tqdm=True)
+    assert cadence.train(resume=True).steps == 10
+
+
+def test_a_line_cut_short_is_dropped_and_a_malformed_one_named(tmp_path):
+    interrupted(tmp_path, 4)
+    metrics = tmp_path / "metrics.jsonl"
+    complete = metrics.read_text()
+    metrics.write_text(complete + '{"step": 5, "lo')  # killed while appending step 5's row
+    assert read_metrics(metrics) == [json.loads(line) for line in complete.splitlines()]
+    assert len(read_metrics(metrics)) == 4
+    assert lora_trainer(tmp_path, save_strategy="steps", save_steps=1).train(resume=True).steps == 20
+    assert [r["step"] for r in logged(tmp_path) if "loss" in r] == list(range(1, 21))
+    lines = complete.splitlines(keepends=True)
+    metrics.write_text(lines[0] + '{"step": 2,\n' + "".join(lines[2:]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2: invalid JSON"):
+        read_metrics(metrics)
+    metrics.write_text(lines[0] + '[2]\n')
+    with pytest.raises(ValueError, match=r'metrics.jsonl: line 2: expected a JSON object with an integer "step"'):
+        read_metrics(metrics)
+
+
+def test_resuming_a_finished_run_returns_its_result(tmp_path, capsys):
+    first = lora_trainer(tmp_path, n_epochs=1, disable_tqdm=True).train()
+    rows = logged(tmp_path)
+    again = lora_trainer(tmp_path, n_epochs=1, disable_tqdm=True)
+    again.evaluate = lambda: pytest.fail("a finished run is evaluated again")
+    result = again.train(resume=True)
+    assert "the run is already complete (10 of 10 steps" in capsys.readouterr().out
+    assert (result.steps, result.train_loss, result.eval) == (10, first.train_loss, first.eval)
+    assert result.tokens_per_second == rows[-2]["tokens_per_s"] > 0
+    assert logged(tmp_path) == rows  # nothing logged twice
+
+
+@pytest.mark.parametrize("eval_steps, at", [(100, [10]), (5, [5, 10]), (0, [10])])
+def test_the_final_evaluation_is_logged_once(tmp_path, eval_steps, at):
+    """eval_steps beyond the run still logs the final evaluation; one that falls on the last step
+    (or the end of the epoch) is not run twice."""
+    t = lora_trainer(tmp_path, n_epochs=1, eval_steps=eval_steps, disable_tqdm=True)
+    calls = []
+    real = t.evaluate
+    t.evaluate = lambda: calls.append(t.step) or real()
+    result = t.train()
+    evals = [r for r in logged(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == at == calls
+    assert result.eval == {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")}
