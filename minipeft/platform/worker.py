@@ -37,6 +37,7 @@ from ..templates import load_template
 from ..tokenizer import load_tokenizer
 from ..train_config import TrainConfig
 from ..train_state import latest_checkpoint
+from ..trainer import read_metrics
 
 EVAL_EXAMPLES = 50  # a platform evaluation is a quick check; `minipeft eval` runs a full one
 EVAL_MAX_NEW_TOKENS = 64
@@ -67,9 +68,8 @@ class NoProgressBars(io.TextIOBase):
 
 
 def _complete_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl whose line the trainer has finished writing (ends with a newline)."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    return [json.loads(line) for line in text.split("\n")[:-1]]
+    """The rows of metrics.jsonl whose line the trainer has finished writing."""
+    return read_metrics(path) if path.is_file() else []
 
 
 def follow_metrics(path: Path, stop: threading.Event) -> None:
