@@ -19,6 +19,7 @@ from torch import nn
 from . import distributed as dist
 from .checkpoint import load_pretrained
 from .data import load_jsonl, split_examples
+from .data.check import special_tokens
 from .model import Transformer
 from .files import write_atomic
 from .peft_model import PeftModel, count_parameters, full_finetune, get_peft_model
@@ -112,9 +113,10 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
     base, tok = load_base(cfg)
     template = get_template(cfg.template)
-    train = load_jsonl(cfg.train_file)
+    specials = special_tokens(tok)  # content holding one would be encoded as that control token
+    train = load_jsonl(cfg.train_file, specials)
     if cfg.test_file:
-        test = load_jsonl(cfg.test_file)
+        test = load_jsonl(cfg.test_file, specials)
     else:
         train, test = split_examples(train, cfg.test_ratio, seed=cfg.seed)
     model = attach_method(base, cfg)

@@ -7,13 +7,15 @@ import sys
 import pytest
 import torch
 
-from minipeft import load_pretrained
+from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft.data import DataError
 from minipeft.job import load_trained, run_job
 from minipeft.lora import LoraLinear
 from minipeft.peft_model import PeftModel
 from minipeft.train_cli import merge_checked
 from minipeft.train_config import TrainConfig
-from conftest import save_tiny_base
+from minipeft.tokenizer import CHAT_TOKENS
+from conftest import save_tiny_base, train_tiny
 
 WORDS = "apple river stone cloud light tiger paper green music window".split()
 
@@ -57,6 +59,18 @@ def test_every_method_runs_as_a_job(method, base_dir, data_file, tmp_path):
                              bottleneck_size=8, target_modules="all-linear"))
     assert (job.output_dir / ("model" if method == "full" else "adapter")).is_dir()
     assert job.result.eval["eval_loss"] > 0
+
+
+def test_data_holding_the_tokenizers_own_special_token_is_refused(tmp_path):
+    """Beyond the chat tokens: a tokenizer's added token in content would become that control token."""
+    base = tmp_path / "model"
+    tok = train_tiny(base, special_tokens=CHAT_TOKENS + ("<|tool|>",))
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)).save_pretrained(base)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "Call it.", "output": "use <|tool|> now"}) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:1: output: .*<\|tool\|>"):
+        run_job(job_config(base, data, tmp_path / "job", test_file=str(data)))
 
 
 def test_merge_is_checked_before_it_is_written(base_dir, data_file, tmp_path, monkeypatch):
