@@ -42,7 +42,8 @@ def _finite_float(value: Any) -> Optional[float]:
 
 def _conform(value: Any, hint: Any) -> Any:
     """`value` as the annotation `hint` (bool, int, float, str, list[str], or a Union of them) takes
-    it, numbers as float for a float; TypeError saying what was expected if no arm takes it."""
+    it: numbers (or text reading as one) as float for a float, as int for an int if integral;
+    TypeError saying what was expected if no arm takes it."""
     arms = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
     for arm in arms:
         kind = typing.get_origin(arm) or arm
@@ -50,6 +51,10 @@ def _conform(value: Any, hint: Any) -> Any:
             number = _finite_float(value)
             if number is not None:
                 return number
+        elif kind is int:  # 1e3 (YAML, JSON) and "42" mean an integer; 2.5 and True do not
+            number = _finite_float(value)
+            if number is not None and number.is_integer():
+                return int(number)
         elif kind is list:
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return value

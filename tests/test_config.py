@@ -75,6 +75,13 @@ def test_train_config_checks_every_type_and_names_the_key(settings, message):
     assert str(e.value).startswith("job.json: invalid training config: " + message)
 
 
+def test_integral_numbers_are_integers():
+    """YAML and JSON write 1e3 as a float and quoted numbers as text: integral ones are the integer."""
+    cfg = TrainConfig.from_dict({"max_steps": 1e3, "batch_size": 8.0, "seed": "42"})
+    assert (cfg.max_steps, cfg.batch_size, cfg.seed) == (1000, 8, 42)
+    assert all(type(v) is int for v in (cfg.max_steps, cfg.batch_size, cfg.seed))
+
+
 def test_train_config_reports_every_bad_type_at_once():
     with pytest.raises(ValueError, match=r"seed='x' \(expected an integer\); bf16=1 \(expected true or false\)"):
         TrainConfig.from_dict({"bf16": 1, "seed": "x"})
