@@ -145,5 +145,31 @@ def test_a_misspelled_optional_key_is_a_warning_naming_the_key(tmp_path):
     assert str(result.problems[0]) == f"{path}:1: sytem: unknown key, ignored: a typo for 'system'?"
     assert "a typo for 'input'?" in result.problems[1].message
     assert [e.line for e in result.examples] == [1, 2, 3]  # a warning keeps the line
-    with pytest.raises(DataError, match="sytem"):  # training is strict: the system prompt would be lost
+    with pytest.raises(DataError, match="sytem"):  # any error still rejects, and its message lists the warnings too
         load_jsonl(path)
+
+
+def test_a_typo_warning_is_printed_and_the_file_still_loads(tmp_path, capsys):
+    # Training, the platform and `data split` used to refuse a file for a mere warning.
+    path = write(tmp_path, [{"instruction": f"q{i}", "output": "a"} for i in range(3)]
+                 + [{"instruction": "q", "output": "a", "sytem": "Be nice."}])
+    assert [e.line for e in load_jsonl(path)] == [1, 2, 3, 4]
+    assert capsys.readouterr().err == f"warning: {path}:4: sytem: unknown key, ignored: a typo for 'system'?\n"
+
+
+@pytest.mark.parametrize("key", ["conversation_id", "message_id", "system_id", "output_len", "instruction_type",
+                                 "id", "category", "source", "prompt_id"])
+def test_a_metadata_key_containing_a_known_one_is_no_typo(tmp_path, key, capsys):
+    # At difflib's 0.75 cutoff each of these read as a typo ("conversation_id" of 'conversations').
+    path = write(tmp_path, [{"instruction": f"q{i}", "output": "a", key: i} for i in range(3)])
+    assert read_file(path).problems == [] and len(load_jsonl(path)) == 3 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("key, known", [("sytem", "system"), ("systme", "system"), ("inptu", "input"),
+                                        ("outptu", "output"), ("inputs", "input"), ("histroy", "history"),
+                                        ("mesages", "messages"), ("conversatons", "conversations"),
+                                        ("instrution", "instruction"), ("instuctoin", "instruction")])
+def test_a_near_miss_of_a_whole_known_key_is_a_typo(tmp_path, key, known):
+    (problem,) = read_file(write(tmp_path, [{"instruction": "q", "output": "a", key: "x"}])).problems
+    assert (problem.field, problem.keep, problem.kind) == (key, True, "typo")
+    assert problem.message == f"unknown key, ignored: a typo for {known!r}?"

@@ -98,7 +98,57 @@ def test_prompts_too_alike_to_split_are_refused_with_the_reason(tmp_path, capsys
     records = [{"instruction": f"Translate sentence number {i} about the cat into French please", "output": str(i)}
                for i in range(100)]
     assert split(tmp_path, records)[0] == 2
-    assert "near-duplicate prompts stay together, in 1 group(s) here, the largest of 100" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "near-duplicate prompts stay together, in 1 group(s) here, the largest of 100" in err
+    assert "give a separate test file (test_file in a training config)" in err  # what to do about it
+
+
+SYSTEM_PROMPT = ("You are the support assistant of Northwind Outfitters, an online shop for hiking and camping gear. "
+                 "Answer customers politely and concisely, in the language they write in. Never promise delivery "
+                 "dates, refunds or discounts: point to the order page or offer to open a ticket instead. If a "
+                 "question is not about the shop, its products or an order, say so and steer back to the shop.")
+
+
+def system_rows(n=200, seed=0):
+    """`messages` rows sharing a ~400-character system prompt, each with a short distinct question."""
+    rng = random.Random(seed)
+    items = ["tent", "stove", "backpack", "headlamp", "sleeping bag", "rain jacket", "trekking pole", "water filter"]
+    asks = ["Is the {} waterproof?", "How much does the {} weigh?", "Can I return a used {}?",
+            "Does the {} come in blue?", "Is the {} in stock in size {}?"]
+    return [{"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                          {"role": "user", "content": rng.choice(asks).format(rng.choice(items), i)},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(n)]
+
+
+def test_a_shared_system_prompt_does_not_make_prompts_near_duplicates(tmp_path):
+    # Compared with its system turn, every prompt was a near duplicate of every other: one group, refused.
+    assert len(SYSTEM_PROMPT) > 350
+    status, train, test, _ = split(tmp_path, system_rows(), "--test-ratio", "0.1")
+    assert status == 0 and abs(len(test) - 20) <= 2 and len(train) + len(test) == 200
+    assert leaked(tmp_path / "out" / "train.jsonl", tmp_path / "out" / "test.jsonl") == 0
+    examples = read_file(write(tmp_path, system_rows())).examples
+    train, test = split_examples(examples, 0.1)  # what job.run_job and the platform worker call
+    assert abs(len(test) - 20) <= 2
+
+
+def test_the_same_question_under_another_system_prompt_stays_on_one_side(tmp_path):
+    # The system turn is left out of the comparison, not out of the groups: this is still a leak.
+    records = [{"instruction": r["instruction"] + r["input"], "output": r["output"]} for r in rows(40)]
+    records += [{**r, "system": "Be brief."} for r in records]
+    status, train, test, _ = split(tmp_path, records, "--test-ratio", "0.2")
+    assert status == 0 and len(test) == 16
+    assert leaked(tmp_path / "out" / "train.jsonl", tmp_path / "out" / "test.jsonl") == 0
+    train_questions = {json.loads(x)["instruction"] for x in train}
+    assert not train_questions & {json.loads(x)["instruction"] for x in test}
+
+
+def test_a_typo_warning_does_not_stop_the_split(tmp_path, capsys):
+    # It used to say "split needs a clean file" of a file with 30 valid lines and 0 rejected.
+    records = rows(30)
+    records[4]["sytem"] = "Be nice."
+    status, train, test, path = split(tmp_path, records, "--test-ratio", "0.1")
+    assert status == 0 and len(train) + len(test) == 30
+    assert f"warning: {path}:5: sytem: unknown key, ignored: a typo for 'system'?" in capsys.readouterr().err
 
 
 def test_stratified_split_keeps_each_label_share(tmp_path):

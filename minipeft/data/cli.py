@@ -16,7 +16,7 @@ from ..argtypes import at_least
 from ..templates import TEMPLATES, get_template
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
-from .loader import LoadResult, read_file
+from .loader import LoadResult, print_warnings, read_file
 from .measure import DEFAULT_TEMPLATE, Encoder
 from .problems import UsageError
 from .report import TASK_SIZES, build_report
@@ -114,11 +114,12 @@ def run_report(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     check_ratio(args.test_ratio, args.allow_any_ratio)
     result = read_file(args.file)
-    if result.problems:
+    if result.errors:
         _print_problems(result)
-        print(f"split needs a clean file: fix these, or split the output of `minipeft data check {args.file} "
+        print(f"split needs a file without errors: fix these, or split the output of `minipeft data check {args.file} "
               "--drop-invalid --output CLEAN.jsonl`")
         return 1
+    print_warnings(result)  # they reject no line: every line is split
     train, test = split_examples(result.examples, args.test_ratio, args.seed, args.stratify)
     train_path, test_path = write_split(result, train, test, args.output_dir or Path(args.file).parent)
     share = len(test) / len(result.examples)

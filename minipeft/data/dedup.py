@@ -16,6 +16,10 @@ a signature whose entries agree with probability J; the signature is cut into 32
 and texts sharing a band are candidates. P(candidate) = 1 - (1 - J^4)^32: > 0.9999 at J = 0.8,
 0.87 at J = 0.5. Every candidate is then verified with the exact J above, so no pair is reported
 below the threshold; recall is that probability (1 - 5e-8 at the default).
+
+Prompts are near duplicates by their question_key, the prompt without its system turn: a shared
+system prompt says nothing about whether two questions are the same. (A shared instruction
+template still counts: its examples are near duplicates when what differs is short beside it.)
 """
 from __future__ import annotations
 
@@ -50,6 +54,13 @@ def example_key(example: Example) -> str:
 def prompt_key(example: Example) -> str:
     """What the model is shown, normalized: equal keys = the same question."""
     return normalize_text(example.prompt)
+
+
+def question_key(example: Example) -> str:
+    """The prompt without its system turn, normalized: what near-duplicate prompts are judged on,
+    by the split and the report's leak check alike. A system prompt shared by a file (often
+    hundreds of characters) would otherwise make every pair of short questions near duplicates."""
+    return normalize_text(example.question)
 
 
 def exact_groups(keys: Sequence[str]) -> list[list[int]]:

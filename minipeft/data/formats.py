@@ -16,14 +16,15 @@ computed on). That is what the chat templates render. Join rules, stated once:
   format; a turn format with both a system field and a system turn is an error (which one?);
 - an empty or whitespace system prompt means "no system prompt" in every format; an empty user
   or assistant turn is an error (an empty reply teaches the model to say nothing).
-Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored; one
-close to a known key ("sytem") gets a warning, since what it holds is lost (typo_warnings).
+Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored; one that
+reads as a typo of a known key ("sytem", "inptu": _closest) gets a warning, since what it holds is
+lost (typo_warnings); a warning does not reject the line. A longer name that only contains a known
+key ("conversation_id", "system_id", "output_len") is metadata, not a typo, and is not flagged.
 Content may not hold a special token's text ("<|im_end|>"): the tokenizer would encode it as the
 control token itself, and a reply would teach the model to stop midway (special_token_issues).
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -40,7 +41,7 @@ FORMATS = {
     "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]} (ShareGPT)',
 }
 _KNOWN_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages")
-TYPO_CUTOFF = 0.75  # difflib similarity from which an unknown key reads as a typo of a known one
+TYPO_CHARS_PER_EDIT = 5  # a typo is within one edit per 5 characters of a known key (_closest)
 Issue = tuple[Optional[str], str]  # (field, message) found in one record
 Message = dict[str, str]
 
@@ -63,6 +64,12 @@ class Example:
     def prompt(self) -> str:
         """Every turn before the final reply, as in `text`: what the model sees."""
         return _as_text(self.messages[:-1])
+
+    @property
+    def question(self) -> str:
+        """`prompt` without the system turn: what tells examples apart, as one system prompt is
+        often shared by a whole file (near-duplicate tests compare this, dedup.question_key)."""
+        return _as_text([m for m in self.messages[:-1] if m["role"] != "system"])
 
     @property
     def response(self) -> str:
@@ -238,5 +245,25 @@ def _typo_hint(record: dict[str, Any], name: Optional[str] = None) -> str:
 
 
 def _closest(word: str, candidates: Sequence[str]) -> Optional[str]:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=TYPO_CUTOFF)
-    return close[0] if close else None
+    """The candidate that `word` reads as a typo of, fewest edits first (ties: the first), or None:
+    within one edit per TYPO_CHARS_PER_EDIT characters of the shorter of the two, at least one
+    ("sytem" -> system, "inptu" -> input, "conversatons" -> conversations; not "conversation_id",
+    3 edits from "conversations", nor "system_id" or "output_len", which only contain a known key)."""
+    scored = [(d, c) for c in candidates
+              if (d := edit_distance(word, c)) <= max(1, min(len(word), len(c)) // TYPO_CHARS_PER_EDIT)]
+    return min(scored, key=lambda dc: dc[0])[1] if scored else None
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and swaps of two
+    adjacent characters ("inptu" -> "input" is one), each costing 1."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]

@@ -9,6 +9,7 @@ whole file, which rejects every line (none is read).
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -45,6 +46,17 @@ class LoadResult:
         rejected = self.rejected
         return [e for e in self.parsed if e.line not in rejected]
 
+    @property
+    def warnings(self) -> list[Problem]:
+        """Typo warnings: a file whose only problems these are is used (training, upload, split)."""
+        return [p for p in self.problems if p.kind == "typo"]
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Every other problem, a stripped BOM included (only the clean copy of `data check`
+        drops it): one keeps the file from being used as it is."""
+        return [p for p in self.problems if p.kind != "typo"]
+
     def add(self, problems: list[Problem]) -> None:
         self.problems = sorted(self.problems + problems, key=lambda p: (p.line is None, p.line or 0))
 
@@ -53,7 +65,7 @@ def read_file(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> Lo
     """Every line of `path`, the examples it holds and the problems found. Never raises for bad
     data (only UsageError when the file cannot be read). Content holding one of `special_tokens`
     is rejected (the tokenizer would read it as that token); an unknown key that looks like a
-    typo of a known one is a warning (keep=True)."""
+    typo of a known one is a warning (keep=True: the line stays valid)."""
     name = str(path)
     lines = read_lines(path)
     wide = wide_encoding(lines[0].data) if lines else None
@@ -112,8 +124,16 @@ def _one_format(path: str, formats: dict[int, str]) -> tuple[Optional[str], list
 
 def load_jsonl(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> list[Example]:
     """The examples of a JSONL file in any format of formats.py, normalized to messages.
-    Raises DataError listing every problem (file, line, field) if any line is not clean."""
+    Raises DataError listing every problem (file, line, field) if there is an error; typo
+    warnings alone are printed to stderr and the file is used."""
     result = read_file(path, special_tokens)
-    if result.problems:
+    if result.errors:
         raise DataError(result.problems)
+    print_warnings(result)
     return result.examples
+
+
+def print_warnings(result: LoadResult) -> None:
+    """Each typo warning as `warning: file:line: key: message`, on stderr."""
+    for p in result.warnings:
+        print(f"warning: {p}", file=sys.stderr)

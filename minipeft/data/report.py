@@ -20,7 +20,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..templates import ChatTemplate, get_template
-from .dedup import NEAR_THRESHOLD, NGRAM, example_key, exact_groups, near_duplicate_pairs, normalize_text, prompt_key
+from .dedup import (NEAR_THRESHOLD, NGRAM, example_key, exact_groups, near_duplicate_pairs, normalize_text, prompt_key,
+                    question_key)
 from .formats import Example
 from .loader import LoadResult
 from .measure import DEFAULT_TEMPLATE, Encoder, measure
@@ -88,16 +89,20 @@ def duplicates(examples: list[Example], threshold: float) -> dict[str, Any]:
 
 
 def leakage(train: list[Example], test: list[Example], threshold: float) -> dict[str, Any]:
-    """Test examples whose prompt is in train: exactly (normalized equal) or nearly (J >= threshold)."""
+    """Test examples whose prompt is in train: exactly (normalized equal) or nearly (the question,
+    dedup.question_key, at J >= threshold), by the rule split keeps groups together with."""
     train_first: dict[str, int] = {}
     for e in train:
         train_first.setdefault(prompt_key(e), e.line)
     exact = [{"test_line": e.line, "train_line": train_first[k]} for e in test if (k := prompt_key(e)) in train_first]
     exact_lines = {x["test_line"] for x in exact}
     rest = [e for e in test if e.line not in exact_lines]
-    texts = list(train_first) + [prompt_key(e) for e in rest]
-    n = len(train_first)
-    near = [{"test_line": rest[j - n].line, "train_line": train_first[texts[i]], "similarity": s}
+    train_questions: dict[str, int] = {}
+    for e in train:
+        train_questions.setdefault(question_key(e), e.line)
+    texts = list(train_questions) + [question_key(e) for e in rest]
+    n = len(train_questions)
+    near = [{"test_line": rest[j - n].line, "train_line": train_questions[texts[i]], "similarity": s}
             for i, j, s in near_duplicate_pairs(texts, threshold) if i < n <= j]
     leaked = exact_lines | {x["test_line"] for x in near}
     return {"exact": exact, "near": near, "leaked_test_examples": len(leaked),

@@ -2,9 +2,10 @@
 
 - Groups: examples with the same normalized prompt (dedup.prompt_key) go to the same side. That
   covers exact duplicates and goes further: the same question with another answer cannot leak.
-  So do near duplicates, by the rule the report detects leaks with (dedup.near_duplicate_pairs,
-  Jaccard >= NEAR_THRESHOLD): prompts joined by a chain of near pairs form one group (connected
-  components, union-find), so the report finds no leak between the two files.
+  So do near duplicates, by the rule the report detects leaks with (dedup.near_duplicate_pairs of
+  the dedup.question_key, the prompt without its system turn, Jaccard >= NEAR_THRESHOLD): prompts
+  joined by a chain of near pairs form one group (connected components, union-find), so the
+  report finds no leak between the two files. A shared system prompt joins nothing.
 - Selection: the groups are shuffled by random.Random(seed) and taken into test, in that order,
   whenever they still fit in round_half_up(ratio * N); the rest is train. Same file + seed = same split.
 - Stratified (for classification): the same with one quota per label (the normalized output,
@@ -23,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-from .dedup import near_duplicate_pairs, normalize_text, prompt_key
+from .dedup import near_duplicate_pairs, normalize_text, question_key
 from .formats import Example
 from .jsonl import PathLike, write_atomic
 from .loader import LoadResult
@@ -62,7 +63,8 @@ def split_examples(examples: list[Example], test_ratio: float, seed: int = 0,
         raise UsageError(f"cannot split {len(examples)} examples at --test-ratio {test_ratio}: one side would be "
                          f"empty (too few examples, or too few per label with --stratify; equal and near-duplicate "
                          f"prompts stay together, in {len(groups)} group(s) here, the largest of "
-                         f"{max(map(len, groups))})")
+                         f"{max(map(len, groups))}): give a separate test file (test_file in a training config), "
+                         f"or a ratio that fits the groups")
     return ([e for i, e in enumerate(examples) if i not in test], [e for i, e in enumerate(examples) if i in test])
 
 
@@ -79,13 +81,13 @@ def _labels(examples: list[Example], stratify: bool) -> list[Optional[str]]:
 
 
 def _prompt_groups(examples: list[Example]) -> list[list[int]]:
-    """Indices of examples whose prompts are equal or near duplicates (transitively), each group
-    sorted, groups in order of first sight."""
-    keys = [prompt_key(e) for e in examples]
-    index: dict[str, int] = {}  # distinct normalized prompt -> its number
+    """Indices of examples whose questions (dedup.question_key; equal prompts have equal ones) are
+    equal or near duplicates (transitively), each group sorted, groups in order of first sight."""
+    keys = [question_key(e) for e in examples]
+    index: dict[str, int] = {}  # distinct question -> its number
     for k in keys:
         index.setdefault(k, len(index))
-    root = list(range(len(index)))  # union-find over the distinct prompts
+    root = list(range(len(index)))  # union-find over the distinct questions
 
     def find(i: int) -> int:
         while root[i] != i:

@@ -42,8 +42,9 @@ def _copy_bounded(source: BinaryIO, target: Path, limit: int) -> int:
 
 
 def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, limit: int) -> dict[str, Any]:
-    """Store a clean JSONL upload and return its record; a bad one raises ApiError (400 with every
-    problem found, up to MAX_PROBLEMS_SHOWN of them, each as file:line: field: message)."""
+    """Store a JSONL upload and return its record, plus its typo warnings (they reject no
+    line, so the file is stored) as file:line: key: message. One with errors
+    raises ApiError (400 with every problem found, up to MAX_PROBLEMS_SHOWN, in the same form)."""
     name = display_name(filename)
     file_id = new_id("file")
     folder = data_dir / "files"
@@ -52,7 +53,7 @@ def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, l
     try:
         size = _copy_bounded(source, tmp, limit)
         result = check_file(tmp)
-        if result.problems:
+        if result.errors:
             problems = [str(dataclasses.replace(p, path=name)) for p in result.problems]
             shown = problems[:MAX_PROBLEMS_SHOWN]
             more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
@@ -62,9 +63,10 @@ def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, l
         os.replace(tmp, folder / f"{file_id}.jsonl")
     finally:
         tmp.unlink(missing_ok=True)
-    return store.insert("files", {"id": file_id, "filename": name, "purpose": "fine-tune", "bytes": size,
-                                  "lines": len(result.lines), "format": result.format,
-                                  "created_at": int(time.time())})
+    record = store.insert("files", {"id": file_id, "filename": name, "purpose": "fine-tune", "bytes": size,
+                                    "lines": len(result.lines), "format": result.format,
+                                    "created_at": int(time.time())})
+    return {**record, "warnings": [str(dataclasses.replace(p, path=name)) for p in result.warnings]}
 
 
 def file_path(store: Store, data_dir: Path, file_id: str) -> Path:
