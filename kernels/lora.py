@@ -182,6 +182,9 @@ def lora_matmul(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, scaling: f
     if x.dtype not in SUPPORTED_DTYPES or a.dtype not in (x.dtype, torch.float32) or not 1 <= r <= MAX_RANK:
         raise ValueError(f"lora_matmul: needs x in {SUPPORTED_DTYPES}, lora weights in x's dtype or float32 and "
                          f"1 <= r <= {MAX_RANK}; got x {x.dtype}, lora {a.dtype}, r={r}")
+    if a.shape[0] != r:  # r is taken from b: say that they disagree, not that a alone is wrong
+        raise ValueError(f"lora_matmul: the ranks of a and b disagree: a {tuple(a.shape)} has {a.shape[0]} rows, "
+                         f"b {tuple(b.shape)} has {r} columns")
     for name, t, shape, dtype in (("w", w, (n, k), x.dtype), ("bias", bias, (n,), x.dtype),
                                   ("a", a, (r, k), a.dtype), ("b", b, (n, r), a.dtype), ("u", u, (m, r), a.dtype),
                                   ("mask", mask, (m, n) if mask_on_output else (m, k), torch.bool)):

@@ -18,9 +18,10 @@ backward, where PEFT keeps its dropout mask and dropped input too. Kept values a
 (inverted dropout, as nn.Dropout).
 
 Which path runs (one switch): `use_kernels(mode)`, as a call or a context manager, else the environment
-variable MINIPEFT_KERNELS, else "auto":
+variable MINIPEFT_KERNELS (set but empty counts as unset), else "auto":
     auto   - Triton when the tensors are on CUDA, triton imports and the operands are supported (x and W
-             in one float dtype, adapters in it or float32, r <= 128); otherwise the twin.
+             in one float dtype, adapters in it or float32, 1 <= r <= 128, no torch.autocast for x's
+             device); otherwise the PyTorch path (which follows autocast).
     triton - always the kernels; unsupported operands raise. CPU tensors run on Triton's interpreter,
              which needs TRITON_INTERPRET=1: exported, or minipeft.kernels.triton_interpreter() around
              the first import of the kernels and the calls.
@@ -80,7 +81,8 @@ def kernel_mode() -> str:
     """The mode in force: use_kernels' override, else $MINIPEFT_KERNELS, else "auto"."""
     if _override is not None:
         return _override
-    return _check_mode(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+    # Set but empty (MINIPEFT_KERNELS= in a shell or a job file) means unset, as for most variables.
+    return _check_mode(os.environ.get(ENV_VAR) or "auto", f"environment variable {ENV_VAR}")
 
 
 def _kernels(name: str) -> ModuleType:
@@ -117,8 +119,14 @@ def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[tor
     if lora_A.dtype not in (x.dtype, torch.float32) or lora_B.dtype != lora_A.dtype:
         return f"lora_A and lora_B must share x's dtype or float32, got {lora_A.dtype} and {lora_B.dtype}"
     max_rank = _kernels("lora").MAX_RANK
-    if not 1 <= lora_A.shape[0] <= max_rank:
+    if lora_A.shape[0] < 1:
+        return f"rank {lora_A.shape[0]}: the kernels need a rank of at least 1"
+    if lora_A.shape[0] > max_rank:
         return f"rank {lora_A.shape[0]} is above the kernels' limit {max_rank}"
+    # The kernels compute in the operands' dtypes; autocast's would be silently ignored.
+    if torch.is_autocast_enabled(x.device.type):
+        return (f"torch.autocast is on for {x.device.type} (dtype {torch.get_autocast_dtype(x.device.type)}), "
+                "which the kernels do not follow")
     return None
 
 

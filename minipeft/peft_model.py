@@ -238,11 +238,25 @@ class PeftModel(nn.Module):
         a merged weight, as PEFT does for bitsandbytes, would round most of ΔW away (LoraLinear.unloaded).
         A modules_to_save copy of lm_head or embed_tokens unties them: config.tie_word_embeddings
         is then cleared, as in PEFT, so that the checkpoint keeps both.
+
+        Inactive adapters are dropped, as PEFT drops them, even those that could not merge (a bottleneck
+        adapter beside the active LoRA one). Every refusal comes before any layer changes.
         """
-        if self.active_peft_config.is_prompt_learning:
-            raise ValueError(f"{self.active_peft_config.peft_type} adds virtual tokens; it has no weights to merge")
+        config = self.active_peft_config
+        if config.is_prompt_learning:
+            raise ValueError(f"{config.peft_type} adds virtual tokens; it has no weights to merge")
+        if not isinstance(config, LoraConfig):
+            raise ValueError(f"{config.peft_type} adapter {self.active_adapter!r} cannot be merged: it is not a "
+                             "linear function of the input; unload() removes it")
+        broken = [path for path, layer in self.tuner_layers() if isinstance(layer, LoraLinear) and layer.active_adapter
+                  and not torch.isfinite(layer.delta_weight(layer.active_adapter)).all()]
+        if broken:  # LoraLinear.merge would refuse too, but only once it reached them
+            raise ValueError(f"merging adapter {self.active_adapter!r} gives non-finite weights in {broken}; "
+                             "the adapter is broken")
         for path, layer in list(self.tuner_layers()):
-            set_submodule(self.base_model, path, layer.unloaded())
+            # Layers of another method hold only inactive adapters here (one method per module).
+            set_submodule(self.base_model, path, layer.base_layer if isinstance(layer, BottleneckAdapter)
+                          else layer.unloaded())
         model = dequantize_model(self.base_model)
         if model.lm_head.weight is not model.model.embed_tokens.weight:
             model.config.tie_word_embeddings = False

@@ -12,7 +12,11 @@ concatenated before the token embeddings: the model reads [prompt ; embed(ids)] 
 
 Both extend the attention mask with P ones in front (virtual tokens are never padding), so a
 real token's position is P + (number of real tokens before it), and shift explicit position_ids
-by P, as PEFT does. With a KV cache, the virtual tokens are put into an empty cache once; later
+by P (prompt tuning numbers its virtual tokens 0..P-1 in front of them). PEFT 0.21 shifts them
+only for prefix tuning; for prompt tuning it warns, drops them, and the model numbers all P + T
+inputs 0.. pads included. So on left-padded batches prompt-tuning logits differ from PEFT's by
+design: minipeft numbers real tokens only, PEFT numbers pads too (tests/test_prefix_prompt.py
+`our_logits` passes PEFT's numbering, arange(T), explicitly to compare). With a KV cache, the virtual tokens are put into an empty cache once; later
 generation steps find them there and add nothing. Under a sliding window (Mistral) the virtual
 tokens are the oldest keys and leave the window like any other, as in transformers.
 

@@ -2,6 +2,7 @@
 
     checkpoint-<step>/
         adapter/ (PEFT format) or model/ (full fine-tuning, Hugging Face format)
+        trainable.safetensors    adapters only: the trainable parameters by name, restored in place
         optimizer.safetensors    AdamW moments and step counts, "<param index>.<name>"
         optimizer.json           its param_groups (learning rates, betas, weight decay)
         rng.safetensors          torch's CPU (and CUDA) generator states: dropout resumes identically
@@ -12,6 +13,11 @@ The learning-rate schedule is a pure function of the step and the data order a p
 (seed, epoch), so the step is all the position they need. A checkpoint is written into a hidden
 temporary directory renamed into place when complete: a run killed mid-save leaves the previous
 checkpoint intact. Only safetensors and JSON are read back, never pickle.
+
+Resuming copies the weights into the very parameters the optimizer was built over. The PEFT-format
+adapter/ is for users and cannot serve: it may hold computed tensors instead of the parameters
+(prefix tuning's folded MLP), and loading it would replace them with new ones the optimizer does
+not hold, so that the resumed steps would change nothing.
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import read_state_dict
+from .checkpoint import check_state_dict, read_state_dict
 from .files import read_json
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
+TRAINABLE = "trainable.safetensors"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,6 +54,8 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
     try:
         if isinstance(model, PeftModel):
             model.save_pretrained(tmp / "adapter")
+            save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                      str(tmp / TRAINABLE))
         else:
             model.save_pretrained(tmp / "model")
         tensors, groups = _optimizer_tensors(optimizer)
@@ -86,9 +95,14 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore weights, optimizer, RNG from `path`."""
+    """Restore weights (in place: the optimizer's parameters), optimizer, RNG from `path`."""
     if isinstance(model, PeftModel):
-        model.load_adapter_weights(path / "adapter", model.active_adapter, is_trainable=True)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tensors = load_file(str(path / TRAINABLE))
+        check_state_dict({n: p.shape for n, p in trainable.items()}, tensors, str(path / TRAINABLE))
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                trainable[name].copy_(tensor)
     else:
         with torch.no_grad():
             for name, tensor in read_state_dict(path / "model").items():
@@ -106,20 +120,34 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
 
 
-# Settings that change only what is logged, evaluated, saved or shown, never the weights a step
-# produces: a resumed run may change them. Every other key must be the checkpoint's.
+# Settings that change only what is logged, evaluated, saved or shown, or how a step is computed
+# but never the weights it produces: a resumed run may change them. Every other key must be the
+# checkpoint's. gradient_checkpointing recomputes activations instead of storing them (the same
+# numbers): switching it on after an out-of-memory crash is the usual reason to resume.
+# test_file is not among them although a set test_file only feeds evaluation: None splits
+# test_ratio off train_file, so setting or clearing it changes the training data; and swapping one
+# held-out file for another would mix two eval sets in one run's eval history, which the
+# over-fitting diagnostic compares across evaluations.
 RESUMABLE = frozenset({"output_dir", "logging_steps", "eval_steps", "eval_batch_size", "save_strategy",
-                       "save_steps", "save_total_limit", "report_to", "disable_tqdm"})
+                       "save_steps", "save_total_limit", "report_to", "disable_tqdm", "gradient_checkpointing"})
+# Files and directories: the same one, however it is written (relative or absolute, "./", symlinks).
+# "" and None keep their meaning (the shipped base model; no file).
+PATHS = frozenset({"train_file", "test_file", "model", "init_adapter"})
+
+
+def _comparable(key: str, value: Any) -> Any:
+    return str(Path(value).resolve()) if key in PATHS and value else value
 
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any], where: Path) -> None:
     """Raise if `config` differs from the checkpoint's `saved` config in a key outside RESUMABLE:
     resuming would silently mix two runs (another schedule, batch or data order; AdamW's settings
-    would even be replaced by the checkpoint's)."""
+    would even be replaced by the checkpoint's). Paths are compared resolved (against the current
+    directory)."""
     config = json.loads(json.dumps(config))  # compare as saved: tuples become lists
     changed = [f"{key} {saved.get(key, '(absent)')!r} -> {config.get(key, '(absent)')!r}"
                for key in sorted(saved.keys() | config.keys())
-               if key not in RESUMABLE and saved.get(key) != config.get(key)]
+               if key not in RESUMABLE and _comparable(key, saved.get(key)) != _comparable(key, config.get(key))]
     if changed:
         raise ValueError(f"{where}: cannot resume with a different config (checkpoint -> now): {'; '.join(changed)}; "
                          "restore these values, or train into a new output_dir")

@@ -175,6 +175,9 @@ def test_kernel_rejects_bad_operands_with_a_clear_error():
         klora.lora_matmul(x, weight[:, :32], lora_A, lora_B, 1.0)
     with pytest.raises(ValueError, match="r=200"):
         klora.lora_matmul(x, weight, torch.zeros(200, 33), torch.zeros(40, 200), 1.0)
+    # r is read from b: a mismatch blames neither operand alone
+    with pytest.raises(ValueError, match=r"the ranks of a and b disagree: a \(8, 33\) has 8 rows, b \(40, 3\) has 3"):
+        klora.lora_matmul(x, weight, lora_A, lora_B[:, :3], 1.0)
 
 
 def test_gpu_autotune_pruning(monkeypatch):
@@ -257,6 +260,36 @@ def test_forced_triton_refuses_unsupported_operands(kernel_calls):
         MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
     MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)  # auto: the twin takes float64
     assert kernel_calls == []
+    x, weight, b, lora_A, lora_B = make_inputs(3, 33, 40, 8, False, F32, F32)
+    with MF.use_kernels("triton"), pytest.raises(ValueError, match="rank 0: the kernels need a rank of at least 1"):
+        MF.lora_linear(x, weight, b, lora_A[:0], lora_B[:, :0], 2.0)
+    assert kernel_calls == []
+
+
+def test_autocast_takes_the_pytorch_path_and_forced_triton_refuses(kernel_calls):
+    """The kernels compute in the operands' dtypes: under autocast auto must take PyTorch, which follows it
+    (bfloat16 out of float32 operands), and forced triton must refuse rather than return float32."""
+    x, weight, b, lora_A, lora_B = make_inputs(37, 45, 70, 16, True, F32, F32)
+    with torch.autocast(DEVICE, dtype=BF16):
+        auto = MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+        with MF.use_kernels("triton"), pytest.raises(ValueError, match=rf"torch.autocast is on for {DEVICE} "
+                                                                       r"\(dtype torch.bfloat16\)"):
+            MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    assert kernel_calls == []
+    assert auto.dtype == BF16
+    args = [t.double() for t in (x, weight, b, lora_A, lora_B)]
+    assert rel_err(auto, reference(*args, 2.0)) <= TOL[BF16]
+
+
+def test_an_empty_environment_variable_means_auto(kernel_calls, monkeypatch):
+    monkeypatch.setenv(MF.ENV_VAR, "")
+    assert MF.kernel_mode() == "auto"
+    x, weight, b, lora_A, lora_B = make_inputs(3, 33, 40, 8, False, F32, F32)
+    MF.lora_linear(x, weight, b, lora_A, lora_B, 2.0)
+    assert len(kernel_calls) == (DEVICE == "cuda")
+    monkeypatch.setenv(MF.ENV_VAR, " ")  # anything else but the three modes is still refused
+    with pytest.raises(ValueError, match="MINIPEFT_KERNELS: expected one of auto|triton|torch, got ' '"):
+        MF.kernel_mode()
 
 
 def test_public_dropout_draws_one_mask_for_either_path(kernel_calls):

@@ -75,7 +75,7 @@ def test_checkpoints_rotate_and_hold_everything(tmp_path):
     kept = list_checkpoints(tmp_path)
     assert [p.name for p in kept] == ["checkpoint-15", "checkpoint-18"]
     assert {p.name for p in kept[-1].iterdir()} == {"adapter", "optimizer.safetensors", "optimizer.json",
-                                                    "rng.safetensors", "trainer_state.json"}
+                                                    "rng.safetensors", "trainer_state.json", "trainable.safetensors"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
     assert sum("eval_loss" in r for r in rows) == 2  # one evaluation per epoch

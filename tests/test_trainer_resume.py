@@ -13,9 +13,9 @@ class Stop(Exception):
     pass
 
 
-def interrupted(out, after, **overrides):
-    """A run that dies once step `after` is checkpointed (save_steps=1)."""
-    t = lora_trainer(out, save_strategy="steps", save_steps=1, **overrides)
+def interrupted(out, after, trainer=lora_trainer, **overrides):
+    """A run of `trainer(out, ...)` that dies once step `after` is checkpointed (save_steps=1)."""
+    t = trainer(out, save_strategy="steps", save_steps=1, **overrides)
     step = t.train_step
 
     def dying(batch):
@@ -104,3 +104,49 @@ def test_the_final_evaluation_is_logged_once(tmp_path, eval_steps, at):
     evals = [r for r in logged(tmp_path) if "eval_loss" in r]
     assert [r["step"] for r in evals] == at == calls
     assert result.eval == {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")}
+
+
+def prefix_trainer(out, **overrides):
+    """Prefix tuning through its MLP: the PEFT-format adapter holds the MLP's output, not its parameters."""
+    from minipeft.peft_model import get_peft_model
+    from minipeft.prompt_learning import PrefixTuningConfig
+    from minipeft.train_config import TrainConfig
+    from minipeft.trainer import Trainer
+    from conftest import tiny_model
+    from test_trainer import ragged_data
+
+    cfg = TrainConfig(output_dir=str(out), batch_size=4, max_steps=6, logging_steps=1, learning_rate=1e-2,
+                      method="prefix", report_to="none", disable_tqdm=True, **overrides)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True))
+    return Trainer(cfg, model, ragged_data(), ragged_data(8, seed=1))
+
+
+def test_resumed_prefix_projection_run_is_bitwise_equal(tmp_path):
+    """Resume restores the very parameters the optimizer holds (the MLP's), in place: loading the folded
+    table instead left the optimizer stepping discarded parameters, and training silently stopped."""
+    clean = prefix_trainer(tmp_path / "clean")
+    clean.train()
+    interrupted(tmp_path / "resumed", 2, trainer=prefix_trainer)
+    resumed = prefix_trainer(tmp_path / "resumed", save_strategy="steps", save_steps=1)
+    held = {id(p) for p in resumed.params}
+    resumed.train(resume=True)
+    assert {id(p) for p in resumed.model.parameters() if p.requires_grad} == held
+    for a, b in zip(clean.params, resumed.params):
+        assert torch.equal(a, b)
+    assert without_rates(logged(tmp_path / "resumed")) == without_rates(logged(tmp_path / "clean"))
+
+
+def test_resume_may_switch_gradient_checkpointing_and_respell_paths(tmp_path, monkeypatch):
+    """Recomputation gives the same weights (switching it on after an out-of-memory crash is why one
+    resumes); a relative and an absolute path name the same file. Another file is still refused."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    monkeypatch.chdir(tmp_path)
+    interrupted(tmp_path / "run", 2, train_file="train.jsonl")
+    same = lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, train_file=str(data),
+                        gradient_checkpointing=True)
+    assert same.train(resume=True).steps == 20
+    other = lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, train_file="other.jsonl")
+    with pytest.raises(ValueError, match=r"train_file '.*train.jsonl' -> 'other.jsonl'"):
+        other.train(resume=True)

@@ -1,0 +1,77 @@
+"""merge_and_unload refuses before it changes anything, and drops inactive adapters as PEFT does."""
+import pytest
+import torch
+
+from minipeft.adapter import AdapterConfig
+from minipeft.lora import LoraConfig
+from minipeft.peft_model import get_peft_model
+from minipeft.tuner_layer import TunerLayer
+from conftest import tiny_model
+
+IDS = torch.randint(0, 131, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def lora_and_bottleneck():
+    """LoRA "l" on q_proj (B randomized: a non-zero update) beside a bottleneck adapter "a" on other modules."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"]), "l")
+    model.add_adapter("a", AdapterConfig(bottleneck_size=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "adapter_up" in name:
+                p.normal_()
+    return model.eval()
+
+
+def snapshot(model):
+    with torch.no_grad():
+        logits = {name: model.set_adapter(name) or model(IDS) for name in ("l", "a")}
+    tensors = {name: {k: v.detach().clone() for k, v in model.adapter_state_dict(name).items()} for name in ("l", "a")}
+    return logits, tensors, [n for n, _ in model.tuner_layers()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    logits, tensors, layers, state = snapshot(model)
+    assert layers == before[2]
+    for name in ("l", "a"):
+        assert torch.equal(logits[name], before[0][name])
+        assert tensors[name].keys() == before[1][name].keys()
+        assert all(torch.equal(tensors[name][k], before[1][name][k]) for k in tensors[name])
+    assert all(torch.equal(state[k], before[3][k]) for k in state)
+
+
+def test_an_active_unmergeable_adapter_is_refused_with_nothing_changed():
+    """Before the fix the LoRA wrappers (met first) were already unloaded when the bottleneck layer raised."""
+    model = lora_and_bottleneck()
+    before = snapshot(model)
+    model.set_adapter("a")
+    with pytest.raises(ValueError, match="BOTTLENECK_ADAPTER adapter 'a' cannot be merged.*unload"):
+        model.merge_and_unload()
+    assert_unchanged(model, before)
+
+
+def test_a_non_finite_update_is_refused_with_nothing_changed():
+    model = lora_and_bottleneck()
+    last = model.base_model.model.layers[-1].self_attn.q_proj
+    with torch.no_grad():
+        last.lora_B["l"].weight[0, 0] = float("inf")
+    before = snapshot(model)
+    model.set_adapter("l")
+    with pytest.raises(ValueError, match=r"merging adapter 'l' gives non-finite weights in "
+                                         r"\['model.layers.1.self_attn.q_proj'\]"):
+        model.merge_and_unload()
+    assert_unchanged(model, before)
+
+
+def test_an_inactive_unmergeable_adapter_is_dropped_as_in_peft():
+    """PEFT's merge_and_unload merges the active adapters and replaces every tuner layer by its base layer,
+    dropping the others; here too, even a bottleneck adapter, which has nothing to merge while inactive."""
+    model = lora_and_bottleneck()
+    model.set_adapter("l")
+    with torch.no_grad():
+        expected = model(IDS)
+        merged = model.merge_and_unload()
+        got = merged(IDS)
+    assert not any(isinstance(m, TunerLayer) for m in merged.modules())
+    # float32; W + s B A folded once instead of two matmuls summed: observed ~1e-6
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
