@@ -24,7 +24,9 @@ Results: benchmarks/results/train_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -86,6 +88,12 @@ def reference(provider: str) -> str:
 def worker(provider: str, device: str, batch: int, seq: int) -> None:
     """A fresh process for one provider, driven over stdin: "step" runs one timed training step and
     prints its seconds; "end" profiles 2 more steps and prints the JSON row (peak memory included)."""
+    # Imported before the baseline, as the libraries' memory is not training's: torch._dynamo (~140 MiB)
+    # too, which transformers imports and torch.optim otherwise does at its first step.
+    for library in (["transformers", "peft"] if provider.startswith("hf") else []) + ["minipeft.peft_model",
+                                                                                      "torch._dynamo"]:
+        importlib.import_module(library)
+    libraries = torch.cuda.memory_allocated() if device == "cuda" else resident_bytes()
     model, loss = build(provider.split(",")[0], device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -121,7 +129,7 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
     matmuls = [e for e in ops if e.key in MATMULS]
     self_time = (lambda e: e.self_device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     mm_time, flops = sum(map(self_time, matmuls)), sum(e.flops for e in matmuls)  # microseconds, FLOPs
-    print(json.dumps({"provider": provider, "peak_bytes": peak,
+    print(json.dumps({"provider": provider, "peak_bytes": peak, "libraries_bytes": libraries,
                       "matmul_share": mm_time / max(sum(map(self_time, ops)), 1),
                       "matmuls_per_step": sum(e.count for e in matmuls) // 2,
                       "matmul_gflop_per_step": flops / 2e9, "matmul_gflops": flops / max(mm_time, 1) / 1e3}),
@@ -153,6 +161,14 @@ def lockstep(device: str, quick: bool, steps: int, providers: list[str]) -> tupl
     return times, rows
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc), else its peak so far."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux), else its architecture: the ratios differ from one host to another."""
     try:
@@ -173,13 +189,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps of every provider (sweeps)")
+    ap.add_argument("--steps", type=int, help="timed steps of every provider (sweeps); default 30, 5 with --quick")
     ap.add_argument("--providers", nargs="+", default=PROVIDERS, metavar="NAME",
                     help=f"a subset of {PROVIDERS}, each with its hf+peft reference")
     ap.add_argument("--out", type=Path, default=OUT, help="where the .md and .json results go")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: serve one provider's steps
     args = ap.parse_args()
-    batch, seq, steps = (2, 128, 5) if args.quick else (4, 256, args.steps)
+    batch, seq = (2, 128) if args.quick else (4, 256)
+    steps = args.steps or (5 if args.quick else 30)
     if args.worker:
         return worker(args.worker, args.device, batch, seq)
     providers = [p for p in PROVIDERS if p in args.providers]
@@ -194,7 +211,8 @@ def main() -> None:
         r["tokens_per_s"] = batch * seq / r["p50_s"]
         r["speed_vs_hf_peft"] = statistics.median(ratios)
         r["speed_p20_p80"] = p20_p80(ratios)  # their spread: how far one run's median can be trusted
-        r["memory_vs_hf_peft"] = r["peak_bytes"] / by_name[ref]["peak_bytes"]
+        r["training_bytes"] = r["peak_bytes"] - r["libraries_bytes"]  # model, activations, gradients, optimizer
+        r["memory_vs_hf_peft"] = r["training_bytes"] / by_name[ref]["training_bytes"]
     rows = list(by_name.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
@@ -205,12 +223,16 @@ def main() -> None:
              f"batch {batch} x {seq} tokens, the first {PROMPT_FRACTION:.0%} of each row prompt (not scored) except in "
              f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
-             "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's", "",
-             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | speed vs hf+peft | its p20-p80 "
+             "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's; "
+             "peak MiB: the process's peak (RSS on the CPU, where the imported libraries count too: transformers + "
+             "peft ~240 MiB more than minipeft); of it training: the peak less the memory once the libraries were "
+             "imported (model, activations, gradients, optimizer): what memory vs hf+peft compares", "",
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | of it training MiB | speed vs hf+peft "
+             "| its p20-p80 "
              "| memory vs hf+peft | matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['training_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | "
               f"{r['speed_p20_p80'][0]:.2f}-{r['speed_p20_p80'][1]:.2f} | {r['memory_vs_hf_peft']:.2f}x | "
               f"{r['matmuls_per_step']} | {r['matmul_gflop_per_step']:.1f} | {r['matmul_gflops']:.0f} | "
               f"{100 * r['matmul_share']:.0f}% |" for r in rows]
