@@ -272,12 +272,15 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     Face directory (config.json, model.safetensors, tokenizer files, generation_config.json,
     metrics.jsonl, pretrain_results.json) to `output`; return the results dict.
 
-    Training length: cfg.steps, or `epochs` passes over the training windows, or as many steps
+    Training length: cfg.steps, or `epochs` passes over the text's training windows (drills come on
+    top, drill_fraction of each batch), or as many steps
     as fit `max_minutes` (measured on a few steps first). `init`: continue pretraining the model
     in that directory (its weights, architecture and tokenizer) instead of starting from scratch.
     """
     if epochs is not None and max_minutes is not None:
         raise ValueError("give epochs or max_minutes, not both")
+    if epochs is not None and cfg.drill_fraction == 1:
+        raise ValueError("--epochs counts passes over the text, which --drill-fraction 1 does not train on: give --steps")
     t_start, output = time.perf_counter(), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if init is not None:
@@ -290,7 +293,9 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     torch.manual_seed(cfg.seed)
     model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)))
     if epochs is not None:
-        cfg = replace(cfg, steps=max(1, math.ceil(epochs * len(data.windows) / cfg.batch_size)))
+        # drills take drill_fraction of every batch: the text's share is the rest
+        text_per_step = cfg.batch_size * (1 - cfg.drill_fraction)
+        cfg = replace(cfg, steps=max(1, math.ceil(epochs * len(data.windows) / text_per_step)))
     if max_minutes is not None:
         step_s = seconds_per_step(model, cfg, data.windows, data.tok.pad_id)
         cfg = replace(cfg, steps=steps_for_budget(cfg, step_s, max_minutes))
@@ -390,7 +395,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"default {d.lr_scheduler_type} (any of the trainer's: linear, constant_with_warmup, ...)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
-    length.add_argument("--epochs", type=float, metavar="E", help="passes over the training windows")
+    length.add_argument("--epochs", type=float, metavar="E", help="passes over the text's training windows (drills come on top)")
     length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "

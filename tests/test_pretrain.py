@@ -237,6 +237,16 @@ def test_epochs_set_the_step_count(tiny_run, tmp_path):
     assert r["steps"] == math.ceil(0.5 * r["train_windows"] / 4)
 
 
+def test_epochs_count_passes_over_the_text_when_drills_are_mixed_in(tiny_run, tmp_path):
+    d, _ = tiny_run
+    args = ["pretrain", "--corpus", str(d / "corpus.txt"), "--epochs", "1", "--drill-fraction", "0.5", *TINY_ARGS]
+    assert main([*args, "--output", str(tmp_path / "m")]) == 0
+    r = json.loads((tmp_path / "m" / "pretrain_results.json").read_text())
+    assert r["steps"] == math.ceil(r["train_windows"] / 2) and 1 <= r["epochs"] < 1 + 2 / r["train_windows"]
+    with pytest.raises(ValueError, match="--drill-fraction 1 does not train on"):
+        pretrain(read_corpus(d / "corpus.txt"), tmp_path / "n", PretrainConfig(drill_fraction=1.0), epochs=1)
+
+
 def test_max_minutes_picks_the_steps_that_fit(tiny_run, tmp_path, monkeypatch):
     d, _ = tiny_run
     cfg = PretrainConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
