@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .argtypes import at_least
+from .argtypes import at_least, probability
 from .checkpoint import load_pretrained
 
 
@@ -38,6 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=at_least(1), default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=at_least(1))
-    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-p", type=probability)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)

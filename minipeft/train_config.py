@@ -157,6 +157,9 @@ class TrainConfig:
             ("bf16", not (self.bf16 and self.method == "full"),
              "false with method='full': bf16 weights keep no float32 master copy, so small updates round "
              "away; use bf16=false, or a PEFT method (lora, qlora, ...) with bf16"),
+            ("gradient_checkpointing", not (self.gradient_checkpointing and self.method == "prefix"),
+             "false with method='prefix': the prefix is fed through the KV cache, which recomputed layers "
+             "do not take"),
         ]
         _refuse([f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok])
 

@@ -66,6 +66,14 @@ def test_generate_refuses_a_count_below_one(capsys, flag, value):
     assert f"argument {flag}: must be >= 1, got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_generate_refuses_a_top_p_outside_0_1(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ids", "1,2", "--top-p", value])
+    assert e.value.code == 2
+    assert f"argument --top-p: must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+
+
 def test_platform_without_its_extra_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it raises
     assert main(["platform"]) == 2

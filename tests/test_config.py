@@ -68,6 +68,8 @@ def test_bad_configs_say_what_is_wrong():
     ({"test_file": 3}, "test_file=3 (expected a string or null)"),
     ({"lora_alpha": -4}, "lora_alpha=-4.0 (expected > 0"),
     ({"lora_alpha": 0}, "lora_alpha=0.0 (expected > 0"),  # scale 0: the LoRA update is zero, training a no-op
+    ({"method": "prefix", "gradient_checkpointing": True}, "gradient_checkpointing=True (expected false with "
+                                                            "method='prefix'"),
 ])
 def test_train_config_checks_every_type_and_names_the_key(settings, message):
     with pytest.raises(ValueError) as e:
