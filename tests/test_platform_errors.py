@@ -55,6 +55,13 @@ def test_upload_form_errors_and_names_that_look_like_paths(server):
     assert not (server.data_dir / "files" / f"{stored['id']}.jsonl").exists()
 
 
+def test_an_upload_with_typo_warnings_is_stored_and_says_them(server):
+    code, stored = server.upload("typo.jsonl", GOOD + b'{"instruction": "a", "output": "b", "sytem": "x"}\n')
+    assert code == 200 and stored["lines"] == 2, stored
+    assert any("typo.jsonl:2: sytem" in w and "'system'" in w for w in stored["warnings"]), stored
+    assert server.ok("DELETE", f"/api/v1/files/{stored['id']}")["deleted"]
+
+
 def _refused(call, status, fragment):
     code, answer = call
     assert code == status, (code, answer)

@@ -76,6 +76,8 @@ def _file_id(client: Client, given: str, uploads: list[str]) -> str:
         uploaded = client.upload(Path(given))
         uploads.append(uploaded["id"])
         print(f"uploaded {given} as {uploaded['id']} ({uploaded['lines']} lines, {uploaded['format']} format)")
+        for warning in uploaded.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
         return uploaded["id"]
     if given.startswith("file-"):
         return given
