@@ -21,9 +21,11 @@ continuation: the same pieces a whole-string encode gives for text that follows 
 The chat templates choose per segment (minipeft/templates.py); that choice is what makes their
 ids equal the tokenization of the whole rendered string.
 
-Known difference from transformers (not a bug here): for a text that starts with whitespace, or
+Known differences from transformers (not bugs here): for a text that starts with whitespace, or
 with a special token, SentencePiece still adds the dummy "▁" and `transformers`' Metaspace
-pre-tokenizer does not.
+pre-tokenizer does not; and a literal "<s>" or "</s>" in the text stays characters here, where
+transformers reads it as the control token (training data holding the chat tokens is refused by
+the data checks, which is where such text would do harm).
 """
 from __future__ import annotations
 
