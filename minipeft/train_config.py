@@ -52,6 +52,10 @@ def _conform(value: Any, hint: Any) -> Any:
             if number is not None:
                 return number
         elif kind is int:  # 1e3 (YAML, JSON) and "42" mean an integer; 2.5 and True do not
+            if type(value) is int:
+                return value  # as given: a float would round a large seed
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
             number = _finite_float(value)
             if number is not None and number.is_integer():
                 return int(number)

@@ -133,10 +133,14 @@ RESUMABLE = frozenset({"output_dir", "logging_steps", "eval_steps", "eval_batch_
 # Files and directories: the same one, however it is written (relative or absolute, "./", symlinks).
 # "" and None keep their meaning (the shipped base model; no file).
 PATHS = frozenset({"train_file", "test_file", "model", "init_adapter"})
+# Lists of module names, whose order means nothing: parameters are found by name.
+NAME_SETS = frozenset({"target_modules"})
 
 
 def _comparable(key: str, value: Any) -> Any:
-    return str(Path(value).resolve()) if key in PATHS and value else value
+    if key in PATHS and value:
+        return str(Path(value).resolve())
+    return sorted(value) if key in NAME_SETS and isinstance(value, list) else value
 
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any], where: Path) -> None:

@@ -271,7 +271,8 @@ class Trainer:
         state, where = read_trainer_state(path), path / "trainer_state.json"
         missing = {"step", "warnings", "losses", "logged", "evals", "config"} - state.keys()
         if missing:
-            raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume")
+            raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume "
+                             "(written by an older minipeft?): train into a new output_dir")
         check_resumable(state["config"], self.cfg.to_dict(), where)
         load_checkpoint(path, self.model, self.optimizer)
         self.step, self.warnings, self.logged = state["step"], state["warnings"], state["logged"]

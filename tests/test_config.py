@@ -82,6 +82,7 @@ def test_integral_numbers_are_integers():
     cfg = TrainConfig.from_dict({"max_steps": 1e3, "batch_size": 8.0, "seed": "42"})
     assert (cfg.max_steps, cfg.batch_size, cfg.seed) == (1000, 8, 42)
     assert all(type(v) is int for v in (cfg.max_steps, cfg.batch_size, cfg.seed))
+    assert TrainConfig(seed=2**53 + 1).seed == 2**53 + 1 and TrainConfig(seed=str(2**64 + 1)).seed == 2**64 + 1
 
 
 def test_train_config_reports_every_bad_type_at_once():

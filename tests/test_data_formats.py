@@ -157,6 +157,13 @@ def test_a_typo_warning_is_printed_and_the_file_still_loads(tmp_path, capsys):
     assert capsys.readouterr().err == f"warning: {path}:4: sytem: unknown key, ignored: a typo for 'system'?\n"
 
 
+def test_a_warning_on_every_line_is_printed_once_with_its_count(tmp_path, capsys):
+    path = write(tmp_path, [{"instruction": f"q{i}", "output": "a", "inputs": "x"} for i in range(500)])
+    assert len(load_jsonl(path)) == 500
+    assert capsys.readouterr().err == (f"warning: {path}:1: inputs: unknown key, ignored: a typo for 'input'? "
+                                       "(and on 499 more lines)\n")
+
+
 @pytest.mark.parametrize("key", ["conversation_id", "message_id", "system_id", "output_len", "instruction_type",
                                  "id", "category", "source", "prompt_id"])
 def test_a_metadata_key_containing_a_known_one_is_no_typo(tmp_path, key, capsys):
@@ -168,7 +175,8 @@ def test_a_metadata_key_containing_a_known_one_is_no_typo(tmp_path, key, capsys)
 @pytest.mark.parametrize("key, known", [("sytem", "system"), ("systme", "system"), ("inptu", "input"),
                                         ("outptu", "output"), ("inputs", "input"), ("histroy", "history"),
                                         ("mesages", "messages"), ("conversatons", "conversations"),
-                                        ("instrution", "instruction"), ("instuctoin", "instruction")])
+                                        ("instrution", "instruction"), ("instuctoin", "instruction"),
+                                        ("SYSTEM", "system"), ("Output", "output")])  # keys are case-sensitive
 def test_a_near_miss_of_a_whole_known_key_is_a_typo(tmp_path, key, known):
     (problem,) = read_file(write(tmp_path, [{"instruction": "q", "output": "a", key: "x"}])).problems
     assert (problem.field, problem.keep, problem.kind) == (key, True, "typo")

@@ -150,3 +150,11 @@ def test_resume_may_switch_gradient_checkpointing_and_respell_paths(tmp_path, mo
     other = lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, train_file="other.jsonl")
     with pytest.raises(ValueError, match=r"train_file '.*train.jsonl' -> 'other.jsonl'"):
         other.train(resume=True)
+
+
+def test_resume_may_reorder_target_modules_but_not_change_them(tmp_path):
+    interrupted(tmp_path / "run", 2, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match=r"target_modules \['q_proj', 'v_proj'\] -> \['q_proj'\]"):
+        lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, target_modules=["q_proj"]).resume()
+    reordered = lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, target_modules=["v_proj", "q_proj"])
+    assert reordered.train(resume=True).steps == 20

@@ -249,8 +249,8 @@ def _closest(word: str, candidates: Sequence[str]) -> Optional[str]:
     within one edit per TYPO_CHARS_PER_EDIT characters of the shorter of the two, at least one
     ("sytem" -> system, "inptu" -> input, "conversatons" -> conversations; not "conversation_id",
     3 edits from "conversations", nor "system_id" or "output_len", which only contain a known key)."""
-    scored = [(d, c) for c in candidates
-              if (d := edit_distance(word, c)) <= max(1, min(len(word), len(c)) // TYPO_CHARS_PER_EDIT)]
+    scored = [(d, c) for c in candidates  # keys are case-sensitive: "SYSTEM" is a typo of system
+              if (d := edit_distance(word.lower(), c)) <= max(1, min(len(word), len(c)) // TYPO_CHARS_PER_EDIT)]
     return min(scored, key=lambda dc: dc[0])[1] if scored else None
 
 

@@ -134,6 +134,14 @@ def load_jsonl(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> l
 
 
 def print_warnings(result: LoadResult) -> None:
-    """Each typo warning as `warning: file:line: key: message`, on stderr."""
+    """Each typo warning once, on stderr: `warning: file:line: key: message` at its first line, and
+    on how many more lines it recurs (a metadata key on every line of a big file is one line here)."""
+    first: dict[tuple, Problem] = {}
+    count: Counter = Counter()
     for p in result.warnings:
-        print(f"warning: {p}", file=sys.stderr)
+        key = (p.path, p.field, p.message)
+        first.setdefault(key, p)
+        count[key] += 1
+    for key, p in first.items():
+        more = f" (and on {count[key] - 1} more lines)" if count[key] > 1 else ""
+        print(f"warning: {p}{more}", file=sys.stderr)
