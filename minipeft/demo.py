@@ -32,6 +32,9 @@ from .train_config import TrainConfig
 
 TASKS_FILE = REPO / "datasets" / "tasks.json"
 RECORD = "demo.json"
+# What a run writes in its directory, besides checkpoint-N: a directory with anything else is not replaced.
+RUN_FILES = {RECORD, "job_config.json", "adapter", "metrics.jsonl", "loss_curve.png", "tensorboard", "eval_before",
+             "eval_after", "samples.md", "report.md"}
 # The shipped model has 5 layers of d=256: adapting q and v alone leaves too little capacity to
 # learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of
 # this model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller).
@@ -62,14 +65,28 @@ def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples:
     return result.metrics
 
 
+def _is_demo_run(out: Path) -> bool:
+    """Whether `out` is a directory a demo run wrote: its record demo.json (a JSON object with
+    "finished") and nothing but what a run writes beside it."""
+    if out.is_symlink() or not (out / RECORD).is_file():
+        return False
+    try:
+        record = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    written = {p.name for p in out.iterdir()} - RUN_FILES
+    return isinstance(record, dict) and "finished" in record and all(n.startswith("checkpoint-") for n in written)
+
+
 def claim_output_dir(out: Path) -> None:
     """Make `out` a clean directory marked as a demo run (demo.json): a previous demo run is
     removed, a new or empty directory is used, anything else is a ValueError (nothing deleted)."""
-    if (out / RECORD).is_file():
+    if _is_demo_run(out):
         shutil.rmtree(out)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--output-dir {out}: exists and is not a previous demo run (it has no {RECORD}); "
-                         "the demo replaces only its own runs: choose a new or empty directory")
+    elif out.exists() and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output-dir {out}: exists and is not a previous demo run (a {RECORD} record and only "
+                         "the files a run writes); the demo replaces only its own runs: choose a new or empty "
+                         "directory")
     write_atomic(out / RECORD, json.dumps({"finished": False}) + "\n")
 
 

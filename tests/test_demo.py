@@ -48,11 +48,31 @@ def test_a_directory_that_is_not_a_demo_run_is_refused_untouched(tmp_path, capsy
     assert a_file.read_text() == "keep"
 
 
+@pytest.mark.parametrize("record", [json.dumps({"name": "my app demo"}), "not json", None])
+def test_a_demo_json_alone_does_not_make_a_demo_run(tmp_path, record):
+    """Only the demo's record beside only what a run writes: a user's folder with a demo.json of its own,
+    or a demo run a user added files to, is refused untouched; so is a symlink to a demo run."""
+    project = tmp_path / "project"
+    (project / "checkpoint-3").mkdir(parents=True)
+    (project / RECORD).write_text(record or json.dumps({"finished": True}))
+    (project / "important.py").write_text("keep")
+    with pytest.raises(ValueError, match="not a previous demo run"):
+        claim_output_dir(project)
+    assert (project / "important.py").read_text() == "keep" and (project / RECORD).is_file()
+    (project / "important.py").unlink()
+    link = tmp_path / "link"
+    link.symlink_to(project)
+    with pytest.raises(ValueError, match="not a previous demo run"):
+        claim_output_dir(link)
+    assert project.is_dir()
+
+
 def test_a_previous_demo_run_is_replaced_and_a_new_or_empty_directory_used(tmp_path):
     """What `make demo` reruns into: a finished run (its demo.json, job config, adapter) starts over."""
     previous = tmp_path / "demo"
     (previous / "adapter").mkdir(parents=True)
     (previous / "job_config.json").write_text("{}")
+    (previous / "checkpoint-2400").mkdir()
     (previous / RECORD).write_text(json.dumps({"task": "json_extract", "finished": True}))
     empty = tmp_path / "empty"
     empty.mkdir()
