@@ -11,6 +11,8 @@ else a tiny random one (hidden 64, 2 layers) built here.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -275,6 +277,11 @@ def test_message_shapes_of_openai_clients(server, trained, base_dir, client):
     zero = client.chat.completions.create(model="bot", messages=[user], temperature=0, max_tokens=8,
                                           presence_penalty=0, frequency_penalty=0)
     assert zero.choices[0].message.content == plain.choices[0].message.content
+    nulls = client.chat.completions.create(model="bot", messages=[{**user, "name": "ana"}], temperature=0,
+                                           max_tokens=8, top_p=None, presence_penalty=None, frequency_penalty=None,
+                                           seed=None, stop=None)
+    assert nulls.choices[0].message.content == plain.choices[0].message.content
+    assert client.chat.completions.create(model="bot", messages=[user], temperature=None, max_tokens=2).choices
     for name in ("presence_penalty", "frequency_penalty"):
         with pytest.raises(openai.BadRequestError, match=f"{name}=0.5 is not supported") as refused:
             client.chat.completions.create(model="bot", messages=[user], **{name: 0.5})
@@ -335,6 +342,19 @@ def test_a_second_server_on_a_data_dir_in_use_exits_and_touches_nothing(tmp_path
     assert (job["status"], job["resumes"]) == ("RUNNING", 0)
     assert not (data_dir / "jobs" / "ft-live" / "logs.txt").exists()
     lock_data_dir(data_dir).close()  # given up: the next server can take it
+
+
+def test_a_data_dir_that_cannot_be_written_or_locked_is_named(tmp_path, monkeypatch):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    with pytest.raises(ValueError, match=f"data directory {in_the_way / 'data'} cannot be written"):
+        lock_data_dir(in_the_way / "data")  # its parent is a file (as a read-only mount: an OSError)
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # NFS without lockd
+    with pytest.raises(ValueError, match=f"data directory {tmp_path} cannot be locked .*local filesystem"):
+        lock_data_dir(tmp_path)
 
 
 @pytest.mark.parametrize("publishing", ["succeeds", "fails"])

@@ -11,7 +11,8 @@ may be a list of text parts (concatenated, as Qwen2's template does), and an ass
 content may be null (an empty reply). Sampling: temperature 0 is greedy (OpenAI's default is 1),
 top_p is nucleus sampling, seed makes sampling repeatable, max_tokens (or max_completion_tokens)
 caps the reply, which also ends at the template's stop ids; presence_penalty and
-frequency_penalty are accepted at 0 (no penalty, the default). Refused with 400 and the reason: a
+frequency_penalty are accepted at 0 (no penalty, the default); null, for any setting, is its
+default, and a message's name is accepted and not rendered. Refused with 400 and the reason: a
 prompt that leaves no room in the model's context, max_tokens over the server's limit or the room
 left, n > 1, stop sequences, a non-zero penalty, and any other field this server does not
 implement (rather than ignoring it and answering something else than was asked for).
@@ -47,6 +48,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None]
+    name: Optional[str] = None  # a participant's name: accepted, not rendered (no template here has a slot)
 
     @model_validator(mode="after")
     def _text_only(self) -> "Message":
@@ -85,6 +87,14 @@ class SamplingRequest(BaseModel):
     stop: Optional[Any] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's API takes null for any optional setting, meaning its default; clients send it."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+        return data
 
 
 class ChatRequest(SamplingRequest):

@@ -30,8 +30,12 @@ LOCK_FILE = "platform.lock"
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """The open lock file of `data_dir`, locked for this process (it holds the owner's pid); a
     directory another server holds is a ValueError naming it, and nothing in it is touched."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as e:  # read-only, not ours, a file in the way
+        raise ValueError(f"data directory {data_dir} cannot be written ({e.strerror}): pass a writable "
+                         "--data-dir") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -40,6 +44,10 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
         lock.close()
         raise ValueError(f"data directory {data_dir} is in use by another minipeft platform server (pid {owner}, "
                          f"lock {data_dir / LOCK_FILE}): stop that server, or pass another --data-dir") from None
+    except OSError as e:  # a filesystem without locks (NFS without lockd: ENOLCK)
+        lock.close()
+        raise ValueError(f"data directory {data_dir} cannot be locked ({e.strerror}): pass a --data-dir on a "
+                         "local filesystem") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
