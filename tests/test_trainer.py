@@ -52,6 +52,24 @@ def grads_after_one_step(tmp_path, batch_size, accum):
     return loss, tokens, [captured[id(p)] for p in t.params]
 
 
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
+    """g * min(1, c / ||g||) over all trainable gradients together (the global L2 norm), as HF's Trainer
+    clips; the step reports ||g|| before clipping."""
+    def step(max_grad_norm):
+        t = lora_trainer(tmp_path / str(max_grad_norm), lora_dropout=0.0, max_grad_norm=max_grad_norm)
+        captured = {}
+        t.optimizer.step = lambda: captured.update({id(p): p.grad.clone() for p in t.params})
+        _, grad_norm, _ = t.train_step(list(range(8)))
+        return grad_norm, [captured[id(p)].double() for p in t.params]
+    _, raw = step(0.0)  # 0: no clipping
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in raw])).item()
+    for c in (norm / 3, 10 * norm):
+        reported, clipped = step(c)
+        assert reported == pytest.approx(norm, rel=1e-6)
+        for got, g in zip(clipped, raw):
+            torch.testing.assert_close(got, g * min(1.0, c / norm), rtol=1e-5, atol=1e-9)
+
+
 def test_accumulation_is_normalized_by_supervised_tokens(tmp_path):
     """bs=2 x accum=4 gives the loss and gradients of bs=8 on variable-length data."""
     loss8, tok8, g8 = grads_after_one_step(tmp_path / "a", 8, 1)
