@@ -224,15 +224,15 @@ def main() -> None:
              f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
              "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's; "
-             "peak MiB: the process's peak (RSS on the CPU, where the imported libraries count too: transformers + "
-             "peft ~240 MiB more than minipeft); of it training: the peak less the memory once the libraries were "
-             "imported (model, activations, gradients, optimizer): what memory vs hf+peft compares", "",
-             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | of it training MiB | speed vs hf+peft "
-             "| its p20-p80 "
-             "| memory vs hf+peft | matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "peak MiB: the process's peak (RSS on the CPU, where the imported libraries count too); libraries "
+             "MiB: its memory once they were imported, before the model; training MiB: the peak less that (model, "
+             "activations, gradients, optimizer), which memory vs hf+peft compares", "",
+             "| provider | p20 s | p50 s | p80 s | tokens/s | peak MiB | libraries MiB | training MiB "
+             "| speed vs hf+peft | its p20-p80 | memory vs hf+peft | matmuls / step | matmul GFLOP / step | matmul GFLOP/s | matmul share of time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['provider']} | {r['p20_s']:.3f} | {r['p50_s']:.3f} | {r['p80_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['training_bytes'] / 2**20:.0f} | {r['speed_vs_hf_peft']:.2f}x | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['libraries_bytes'] / 2**20:.0f} | {r['training_bytes'] / 2**20:.0f} | "
+              f"{r['speed_vs_hf_peft']:.2f}x | "
               f"{r['speed_p20_p80'][0]:.2f}-{r['speed_p20_p80'][1]:.2f} | {r['memory_vs_hf_peft']:.2f}x | "
               f"{r['matmuls_per_step']} | {r['matmul_gflop_per_step']:.1f} | {r['matmul_gflops']:.0f} | "
               f"{100 * r['matmul_share']:.0f}% |" for r in rows]

@@ -49,7 +49,7 @@ def tiny_model(name: str = "llama-gqa", seed: int = 0, **overrides) -> Transform
 
 def to_hf(model: Transformer):
     """The equivalent `transformers` model, with our weights copied in by name."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_cfg = transformers.AutoConfig.for_model(**model.config.to_hf_config())
     hf_cfg._attn_implementation = "eager"
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")

@@ -16,7 +16,7 @@ from conftest import save_tiny_base, tiny_model, to_hf
 
 
 def test_saved_directory_loads_in_transformers(family, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
@@ -92,7 +92,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_old_rotary_inv_freq_buffers_are_ignored(tmp_path):
     """Older transformers saved rotary_emb.inv_freq; transformers loads such files, so must we."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = tiny_model("llama-gqa")
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")

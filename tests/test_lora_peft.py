@@ -10,7 +10,7 @@ from minipeft.peft_model import PeftModel, get_peft_model
 from conftest import tiny_model, to_hf
 from test_lora import IDS, trained
 
-peft = pytest.importorskip("peft")
+import peft
 
 CASES = {
     "outline": dict(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
@@ -112,7 +112,7 @@ def test_loading_checks_every_key_and_shape(tmp_path):
 
 
 def test_merged_checkpoint_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ours, _ = trained(LoraConfig(**CASES["outline"]), family="qwen2")
     expected = ours(IDS)
     ours.merge_and_unload().save_pretrained(tmp_path)
@@ -126,7 +126,7 @@ def test_merged_checkpoint_loads_in_transformers(tmp_path):
 def test_merged_modules_to_save_of_a_tied_model_reload_in_both(saved, tmp_path):
     """A trained copy of lm_head or embed_tokens unties them; the merged checkpoint must say so (as PEFT's
     merge_and_unload does) and keep both, or a reload ties them back to one and loses the fine-tune."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = dict(r=2, target_modules=["q_proj"], modules_to_save=[saved])
     ours, _ = trained(LoraConfig(**cfg), family="qwen2")
     ref_merged = peft.get_peft_model(_peft_reference("qwen2"), peft.LoraConfig(**cfg)).merge_and_unload()

@@ -8,7 +8,7 @@ import torch
 from minipeft.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Tensor, bits_per_parameter, dequantize_absmax, nf4_nbytes,
                           dequantize_nf4, quantize_nf4)
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbf
 
 SHAPES = [(3, 37), (130, 70), (1, 1), (1000,), (64, 64), (5, 3, 43)]
 

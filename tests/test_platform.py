@@ -28,9 +28,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
-openai = pytest.importorskip("openai")
+import fastapi  # noqa: F401
+import multipart  # noqa: F401
+import openai
 
 from minipeft.cli import main  # noqa: E402
 from minipeft.data import load_jsonl  # noqa: E402

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
-openai = pytest.importorskip("openai")
+import fastapi  # noqa: F401
+import multipart  # noqa: F401
+import openai
 
 from minipeft.checkpoint import read_config  # noqa: E402
 from minipeft.templates import TEMPLATE_FILE, get_template, load_template  # noqa: E402

@@ -12,8 +12,8 @@ from conftest import tiny_config, tiny_model, to_hf
 from test_lora import IDS, trained
 from test_model_parity import padded_batch
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft
+import transformers
 # peft 0.21 still calls transformers 5 by deprecated names; the noise is theirs.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(past_key_values|is_gradient_checkpointing).*:FutureWarning")
 

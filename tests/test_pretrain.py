@@ -417,7 +417,7 @@ def test_card_reproduces_each_run():
 
 
 def test_shipped_model_matches_transformers_and_is_trained():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model, tok = load_pretrained(SHIPPED), load_tokenizer(SHIPPED)
     hf = transformers.AutoModelForCausalLM.from_pretrained(SHIPPED, attn_implementation="eager").eval()
     text = 'The json module encodes a dict: json.dumps({"name": "Ada", "age": 36}) returns a string.'
@@ -440,7 +440,7 @@ def test_shipped_tokenizer_round_trips_and_matches_transformers():
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
     for special in ("<|im_start|>", "<|im_end|>"):
         assert tok.encode(special, add_dummy_prefix=False) == [tok.token_to_id(special)]
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("google.protobuf")  # transformers converts tokenizer.model with it
+    import transformers
+    import google.protobuf  # noqa: F401  # transformers converts tokenizer.model with it
     hf = transformers.AutoTokenizer.from_pretrained(SHIPPED)
     assert hf(text)["input_ids"] == [tok.bos_id, *ids]

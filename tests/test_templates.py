@@ -55,8 +55,8 @@ def supervised_runs(labels):
 # --- each format against its reference -----------------------------------------------------
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_chatml_equals_transformers_rendering_of_qwen2_template(tok, tok_dir, name):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("google.protobuf")
+    import transformers
+    import google.protobuf  # noqa: F401
     hf = transformers.LlamaTokenizer.from_pretrained(str(tok_dir))
     messages = CONVERSATIONS[name]
     text = hf.apply_chat_template(messages, chat_template=QWEN2_JINJA, tokenize=False)

@@ -21,8 +21,8 @@ def sp(tok_dir) -> spm.SentencePieceProcessor:
 
 @pytest.fixture(scope="module")
 def hf(tok_dir):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("google.protobuf")  # transformers needs it to convert tokenizer.model
+    import transformers
+    import google.protobuf  # noqa: F401  # transformers needs it to convert tokenizer.model
     return transformers.LlamaTokenizer.from_pretrained(str(tok_dir))
 
 
