@@ -320,6 +320,16 @@ def _running_job(data_dir):
     return store
 
 
+@pytest.mark.parametrize("waiting", ["PENDING", "QUEUING"])
+def test_a_job_canceled_before_it_ran_says_so_in_its_log(tmp_path, waiting):
+    data_dir = tmp_path / "data"
+    store = _running_job(data_dir)
+    store.update("jobs", "ft-live", {"status": waiting})
+    view = routes._cancel(SimpleNamespace(store=store, data_dir=data_dir), "ft-live")
+    assert view["status"] == "CANCELED"
+    assert f"canceled while {waiting}: it never ran" in (data_dir / "jobs" / "ft-live" / "logs.txt").read_text()
+
+
 def test_a_second_server_on_a_data_dir_in_use_exits_and_touches_nothing(tmp_path, base_dir):
     """The first server holds the data directory (here: its lock, taken in this process); a second
     one, whose port is taken too, must exit naming the directory before it recovers any job."""

@@ -24,6 +24,7 @@ from . import jobs
 from .errors import ApiError, not_found
 from .files import delete_file, save_upload
 from .models import publish
+from .scheduler import note
 from .state import Platform
 
 
@@ -79,8 +80,10 @@ def _cancel(platform: Platform, job_id: str) -> dict[str, Any]:
     store = platform.store
     job = jobs.get_job(store, job_id)
     if store.update("jobs", job_id, {"status": "CANCELED", "finished_at": int(time.time())},
-                    when_status=("PENDING", "QUEUING")) or \
-            store.update("jobs", job_id, {"status": "CANCELING"}, when_status=("RUNNING",)):
+                    when_status=("PENDING", "QUEUING")):
+        note(platform.data_dir, job, f"canceled while {job['status']}: it never ran")
+        return jobs.job_view(store.get("jobs", job_id))
+    if store.update("jobs", job_id, {"status": "CANCELING"}, when_status=("RUNNING",)):
         return jobs.job_view(store.get("jobs", job_id))
     current = jobs.get_job(store, job_id)["status"]
     if current in ("CANCELING", "CANCELED"):
