@@ -19,7 +19,7 @@ COMMANDS = [
     "minipeft.param_count",
     "minipeft.demo",
     "minipeft.eval_cli",
-    "minipeft.pretrain",
+    "minipeft.pretrain_cli",
     "minipeft.datasets",
     "minipeft.platform.cli",
 ]

@@ -26,14 +26,11 @@ with transformers and its copying).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
 import platform
 import random
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -44,7 +41,7 @@ import torch
 
 from .checkpoint import load_pretrained, read_config
 from .config import ModelConfig
-from .corpus import build_corpus, read_corpus, write_corpus
+from .corpus import write_corpus
 from .exercises import copy_exercises, induction_accuracy, repeat_drill
 from .files import json_bytes, read_json, write_atomic
 from .model import Transformer
@@ -344,60 +341,3 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
-
-
-# --- command line -----------------------------------------------------------------------------
-def _command(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k) is not None}
-    if args.init:  # check the settings against the architecture the run will have
-        fields.update(init_architecture(args.init))
-    cfg = PretrainConfig(**fields)  # bad settings fail here, before the corpus is read
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)
-    if args.save_corpus:
-        write_corpus(docs, args.save_corpus)
-    results = pretrain(docs, args.output, cfg, epochs=args.epochs,
-                       max_minutes=args.max_minutes, tokenizer_dir=args.tokenizer, init=args.init)
-    results["wall_seconds"] = time.perf_counter() - t0  # the whole command: corpus extraction included
-    if sys.argv[1:2] == ["pretrain"]:  # run from a shell (not cli.main(argv) in a test): record how
-        results["command"] = shlex.join(["minipeft", *sys.argv[1:]])
-    write_atomic(Path(args.output) / "pretrain_results.json", json_bytes(results))
-    held_out = (f"held-out loss {results['eval_loss']:.4f} (perplexity {results['eval_perplexity']:.2f})"
-                if "eval_loss" in results else "no held-out split")
-    print(f"wrote {args.output}: {results['parameters']:,} parameters, {results['steps']} steps, "
-          f"{results['tokens_seen']:,} tokens seen, {held_out}, {results['wall_seconds'] / 60:.1f} min")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a small LLaMA model (and its tokenizer) from HTML pages or text")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--html-dir", metavar="DIR", help="folder of HTML pages (e.g. /usr/share/doc/python3.11/html)")
-    src.add_argument("--corpus", metavar="FILE", help="UTF-8 corpus file, documents separated by form-feed lines")
-    p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to write")
-    p.add_argument("--save-corpus", metavar="FILE", help="also write the extracted corpus here")
-    p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
-    p.add_argument("--init", metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
-    d = PretrainConfig()
-    ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
-            "evaluations", "seed")
-    floats = ("eval_fraction", "copy_fraction", "drill_fraction", "learning_rate", "warmup_ratio", "weight_decay",
-              "adam_beta2")
-    for name in ints + floats:
-        kind = int if name in ints else float
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="N" if kind is int else "X",
-                       help="default 2.75 x hidden size, rounded up to a multiple of 32" if name == "intermediate_size"
-                       else f"default {getattr(d, name)}")
-    p.add_argument("--lr-scheduler-type", dest="lr_scheduler_type", metavar="NAME",
-                   help=f"default {d.lr_scheduler_type} (any of the trainer's: linear, constant_with_warmup, ...)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
-    length.add_argument("--epochs", type=float, metavar="E", help="passes over the text's training windows (drills come on top)")
-    length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
-                        "that wait for each other at every op were 3-5x slower than one thread there")
-    p.set_defaults(func=_command)
