@@ -16,7 +16,8 @@ second half the scored reply (the bundled tasks score 6-35% of their tokens); th
 runs on a batch whose every token is scored (pretraining-style). Each tool computes its loss its
 own way: transformers with `labels=` (logits at every position), minipeft as its Trainer does
 (`metrics.head_loss`: logits only at scored positions; `metrics.scored_suffix`: the last layer
-only from the first of them on). Where the time goes (torch.profiler over 2 more steps): the
+only from the first of them on). The "compiled" pair puts each model through torch.compile
+(Inductor; minipeft's head_loss stays eager), against each other. Where the time goes (torch.profiler over 2 more steps): the
 matrix multiplies (aten::mm, addmm, bmm) per step, their FLOPs, the rate they ran at and their
 share of the time: equal rates and fewer FLOPs mean less arithmetic, not faster arithmetic.
 Results: benchmarks/results/train_throughput.{json,md}.
@@ -42,12 +43,14 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidd
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft full", "minipeft qlora", "minipeft adapter",
-             "minipeft prefix", "hf+peft lora, all scored", "minipeft lora, all scored"]
+             "minipeft prefix", "hf+peft lora, all scored", "minipeft lora, all scored",
+             "hf+peft lora, compiled", "minipeft lora, compiled"]
 PROMPT_FRACTION = 0.5  # of each row, masked from the loss (except in the "all scored" rows)
 
 
-def build(provider: str, device: str):
-    """(model, loss(ids, labels)) for the provider, seeded identically."""
+def build(provider: str, device: str, compiled: bool = False):
+    """(model, loss(ids, labels)) for the provider, seeded identically; compiled: the model's forward
+    through torch.compile (Inductor), its backward too, the loss as each tool computes it."""
     torch.manual_seed(0)
     if provider.startswith("hf"):
         import peft
@@ -58,7 +61,8 @@ def build(provider: str, device: str):
         hf_cfg = transformers.AutoConfig.for_model(**ModelConfig(**CONFIG).to_hf_config())
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-        return model.to(device), lambda ids, labels: model(input_ids=ids, labels=labels).loss
+        forward = torch.compile(model) if compiled else model.to(device)
+        return model.to(device), lambda ids, labels: forward(input_ids=ids, labels=labels).loss
     from minipeft import ModelConfig, Transformer
     from minipeft.linear4bit import quantize_model
     from minipeft.metrics import head_loss, scored_suffix
@@ -73,16 +77,17 @@ def build(provider: str, device: str):
                "prefix": {"num_virtual_tokens": 20}}
     options["qlora"] = options["lora"]
     model = full_finetune(model) if method == "full" else get_peft_model(model, method_config(method, **options[method]))
+    forward = torch.compile(model) if compiled else model
 
-    def loss(ids, labels):
+    def loss(ids, labels):  # head_loss stays eager: its selection of the scored positions is data-dependent
         n = scored_suffix(labels)
-        return head_loss(model(ids, return_hidden=True, logits_to_keep=n), labels[:, -n:], model.get_output_embeddings())
+        return head_loss(forward(ids, return_hidden=True, logits_to_keep=n), labels[:, -n:], model.get_output_embeddings())
     return model, loss
 
 
 def reference(provider: str) -> str:
-    """transformers + peft LoRA on the same batch as `provider`."""
-    return "hf+peft lora, all scored" if provider.endswith("all scored") else "hf+peft lora"
+    """transformers + peft LoRA on the same batch as `provider`, compiled if it is."""
+    return "hf+peft lora" + provider[len(provider.split(",")[0]):]
 
 
 def worker(provider: str, device: str, batch: int, seq: int) -> None:
@@ -94,7 +99,7 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
                                                                                       "torch._dynamo"]:
         importlib.import_module(library)
     libraries = torch.cuda.memory_allocated() if device == "cuda" else resident_bytes()
-    model, loss = build(provider.split(",")[0], device)
+    model, loss = build(provider.split(",")[0], device, compiled=provider.endswith("compiled"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
@@ -113,7 +118,7 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    for _ in range(2):  # warm-up
+    for _ in range(2):  # warm-up (and compilation)
         step()
     print("ready", flush=True)
     for command in sys.stdin:
@@ -223,7 +228,7 @@ def main() -> None:
              f"batch {batch} x {seq} tokens, the first {PROMPT_FRACTION:.0%} of each row prompt (not scored) except in "
              f"the \"all scored\" rows; model {CONFIG}; each provider in its own process, {steps} steps each "
              "taken in turn (one step of every provider per sweep, the order reversed every other sweep); "
-             "speed vs hf+peft lora on the same batch: the median over sweeps of its step time / this one's; "
+             "speed vs hf+peft lora on the same batch (compiled rows: vs its compiled row): the median over sweeps of its step time / this one's; "
              "peak MiB: the process's peak (RSS on the CPU, where the imported libraries count too); libraries "
              "MiB: its memory once they were imported, before the model; training MiB: the peak less that (model, "
              "activations, gradients, optimizer), which memory vs hf+peft compares", "",

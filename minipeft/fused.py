@@ -70,6 +70,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(x₁ cos - x₂ sin, x₂ cos + x₁ sin), written into the halves of one output: two passes."""
     x1, x2 = x.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():  # a compiler fuses the formula itself and cannot lower out= views
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     y = torch.empty_like(x)  # x's strides: a transposed (B, H, T, hd) view stays one
     y1, y2 = y.chunk(2, dim=-1)
     torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=-1)

@@ -34,6 +34,18 @@ def test_train_throughput_quick(tmp_path):
                for r in rows.values())
 
 
+def test_each_row_is_paired_with_its_hf_peft_twin():
+    """The speed and memory ratios divide by transformers + peft on the same batch, compiled if the row is."""
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    want = {"minipeft lora": "hf+peft lora", "minipeft qlora": "hf+peft lora", "hf+peft lora": "hf+peft lora",
+            "minipeft lora, all scored": "hf+peft lora, all scored",
+            "minipeft lora, compiled": "hf+peft lora, compiled"}
+    assert {p: bench.reference(p) for p in want} == want
+    assert all(bench.reference(p) in bench.PROVIDERS for p in bench.PROVIDERS)
+
+
 def test_script_names_shadow_no_module():
     """A script's folder comes first on sys.path: benchmarks/kernels.py was imported by transformers
     and bitsandbytes in place of the `kernels` package they probe for."""
