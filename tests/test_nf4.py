@@ -67,6 +67,21 @@ def test_matches_bitsandbytes_blocksize_128_and_fp16(shape):
     assert_same_as_bnb(torch.randn(shape).half(), blocksize=128)
 
 
+@pytest.mark.parametrize("shape", [(8, 96), (64, 96), (48, 48)], ids=str)
+def test_bitsandbytes_cpu_kernel_on_partial_row_blocks(shape):
+    """Rows that end inside a 64-block: bitsandbytes 0.50's native CPU dequantize_4bit, which walks the
+    (rows, cols) output, mis-scales these (by up to 4x the NF4 error); the bytes and absmax it quantizes
+    to are ours, and its kernel over the one-row view, the flat stream of blocks the format defines,
+    gives our values. Ours is the format's arithmetic whatever the shape."""
+    torch.manual_seed(4)
+    w = torch.randn(shape)
+    packed, state = bnb_quantize(w, 64, True)
+    q = quantize_nf4(w)
+    assert torch.equal(q.data, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
+    state.shape = torch.Size([1, w.numel()])
+    assert torch.equal(dequantize_nf4(q).reshape(-1), bnbf.dequantize_4bit(packed, state).reshape(-1))
+
+
 def test_many_blocks_and_scales_match_bitsandbytes():
     # 2 nested blocks of 256, one partial; block scales spread over 4 decades.
     torch.manual_seed(2)
