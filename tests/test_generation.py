@@ -12,19 +12,34 @@ def hf_greedy(hf, ids, mask, n, eos, pad):
                        pad_token_id=pad, min_new_tokens=0)
 
 
+def mid_way_eos(free: torch.Tensor, T: int) -> tuple[int, int, int]:
+    """(row, step, token): a token that `row` first emits at generated step >= 2, so that it stops
+    mid-way, and that another row never emits, so that the batch runs on past it."""
+    new = free[:, T:]
+    for r in range(len(new)):
+        for t in range(2, new.shape[1] - 2):
+            tok = new[r, t]
+            if tok not in new[r, :t] and any(tok not in new[o] for o in range(len(new)) if o != r):
+                return r, t, int(tok)
+    raise AssertionError(f"no row stops mid-way with any eos: {new.tolist()}")
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_greedy_matches_transformers_batched_left_padding(family, use_cache):
-    model = tiny_model(family)
+    # Tied random embeddings make the tiny Qwen2 repeat its last token (argmax of E h ~ the input's own
+    # row), so no row could stop mid-way; untied, it generates varied text like the others.
+    model = tiny_model(family, **({"tie_word_embeddings": False} if family == "qwen2" else {}))
     hf = to_hf(model)
     ids, mask = padded_batch(T=7)
     ids = ids.masked_fill(mask == 0, 0)
     free = model.generate(ids, 12, attention_mask=mask, use_cache=use_cache)
-    # Pick as eos a token that row 0 emits mid-way, so stopping per sequence is exercised.
-    eos = int(free[0, 7 + 4])
-    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0, use_cache=use_cache)
-    ref = hf_greedy(hf, ids, mask, 12, eos, 0)
+    row, step, eos = mid_way_eos(free, 7)
+    pad = next(t for t in range(model.config.vocab_size) if t not in free[:, 7:])  # told apart from generated tokens
+    ours = model.generate(ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=pad, use_cache=use_cache)
+    ref = hf_greedy(hf, ids, mask, 12, eos, pad)
     assert torch.equal(ours, ref)
-    assert (ours[0, 7 + 5:] == 0).all()  # row 0 finished: only padding after its eos
+    assert torch.equal(ours[row, :7 + step + 1], free[row, :7 + step + 1])  # up to and with its eos
+    assert (ours[row, 7 + step + 1:] == pad).all() and ours.shape[1] > 7 + step + 1  # stopped; others ran on
 
 
 def test_cache_and_no_cache_give_identical_logits(family):

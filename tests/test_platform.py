@@ -37,7 +37,7 @@ from minipeft.data import load_jsonl  # noqa: E402
 from minipeft.demo import TASKS_FILE  # noqa: E402
 from minipeft.generation import generate  # noqa: E402
 from minipeft.job import REPO, load_trained  # noqa: E402
-from minipeft.platform import routes, scheduler  # noqa: E402
+from minipeft.platform import cli as platform_cli, routes, scheduler  # noqa: E402
 from minipeft.platform.inference import TextStream  # noqa: E402
 from minipeft.platform.state import lock_data_dir  # noqa: E402
 from minipeft.platform.store import Store  # noqa: E402
@@ -306,6 +306,30 @@ def test_a_failed_job_create_deletes_what_it_uploaded(server, data_file, capsys)
         assert main(common + refused) == 2
         assert error in capsys.readouterr().err
         assert files() == before, refused
+
+
+def test_job_create_reports_its_own_error_when_the_cleanup_fails_too(tmp_path, capsys):
+    """The server went away after the uploads: the create's error is raised, the failed deletes warned of."""
+    calls = []
+
+    class Gone:
+        def upload(self, path):
+            calls.append(("upload", path.name))
+            return {"id": f"file-{len(calls)}", "lines": 1, "format": "instruction"}
+
+        def request(self, method, path, body=None, query=None):
+            calls.append((method, path))
+            raise ValueError(f"cannot reach the server ({method} {path})")
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    args = SimpleNamespace(model="tiny", training_type="efficient_sft", hp=[], training_file=[str(data)],
+                           validation_file=[str(data)])
+    with pytest.raises(ValueError, match="POST /api/v1/fine-tunes"):
+        platform_cli._create(Gone(), args)
+    assert [c[0] for c in calls] == ["upload", "upload", "POST", "DELETE", "DELETE"]
+    err = capsys.readouterr().err
+    assert "could not delete the uploaded file file-1" in err and "file-2" in err
 
 
 def _running_job(data_dir):

@@ -130,7 +130,10 @@ def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         return client.request("POST", JOBS, body)
     except BaseException:  # Ctrl-C too
         for file_id in uploads:
-            client.request("DELETE", f"/api/v1/files/{file_id}")
+            try:
+                client.request("DELETE", f"/api/v1/files/{file_id}")
+            except Exception as e:  # the server may be what failed: the first error is the one to report
+                print(f"warning: could not delete the uploaded file {file_id}: {e}", file=sys.stderr)
         raise
 
 
