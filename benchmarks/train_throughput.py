@@ -33,6 +33,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,9 +49,10 @@ PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft full", "minipeft qlora",
 PROMPT_FRACTION = 0.5  # of each row, masked from the loss (except in the "all scored" rows)
 
 
-def build(provider: str, device: str, compiled: bool = False):
-    """(model, loss(ids, labels)) for the provider, seeded identically; compiled: the model's forward
-    through torch.compile (Inductor), its backward too, the loss as each tool computes it."""
+def build(provider: str, device: str, base: str, compiled: bool = False):
+    """(model, loss(ids, labels)) for the provider, seeded identically (QLoRA loads the same weights
+    from `base`, quantizing each as it reads it); compiled: the model's forward through torch.compile
+    (Inductor), its backward too, the loss as each tool computes it."""
     torch.manual_seed(0)
     if provider.startswith("hf"):
         import peft
@@ -63,16 +65,16 @@ def build(provider: str, device: str, compiled: bool = False):
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
         forward = torch.compile(model) if compiled else model.to(device)
         return model.to(device), lambda ids, labels: forward(input_ids=ids, labels=labels).loss
-    from minipeft import ModelConfig, Transformer
-    from minipeft.linear4bit import quantize_model
+    from minipeft import ModelConfig, Transformer, load_pretrained
     from minipeft.metrics import head_loss, scored_suffix
     from minipeft.param_count import method_config
     from minipeft.peft_model import full_finetune, get_peft_model
 
-    model = Transformer(ModelConfig(**CONFIG)).to(device)
     method = provider.split()[1]
-    if method == "qlora":
-        quantize_model(model)
+    if method == "qlora":  # the float32 model never exists whole here, as when QLoRA loads a real base
+        model = load_pretrained(base, device=device, quantization="nf4")
+    else:
+        model = Transformer(ModelConfig(**CONFIG)).to(device)
     options = {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "adapter": {"bottleneck_size": 64},
                "prefix": {"num_virtual_tokens": 20}}
     options["qlora"] = options["lora"]
@@ -90,7 +92,7 @@ def reference(provider: str) -> str:
     return "hf+peft lora" + provider[len(provider.split(",")[0]):]
 
 
-def worker(provider: str, device: str, batch: int, seq: int) -> None:
+def worker(provider: str, device: str, batch: int, seq: int, base: str) -> None:
     """A fresh process for one provider, driven over stdin: "step" runs one timed training step and
     prints its seconds; "end" profiles 2 more steps and prints the JSON row (peak memory included)."""
     # Imported before the baseline, as the libraries' memory is not training's: torch._dynamo (~140 MiB)
@@ -99,7 +101,7 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
                                                                                       "torch._dynamo"]:
         importlib.import_module(library)
     libraries = torch.cuda.memory_allocated() if device == "cuda" else resident_bytes()
-    model, loss = build(provider.split(",")[0], device, compiled=provider.endswith("compiled"))
+    model, loss = build(provider.split(",")[0], device, base, compiled=provider.endswith("compiled"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
@@ -141,11 +143,11 @@ def worker(provider: str, device: str, batch: int, seq: int) -> None:
           flush=True)
 
 
-def lockstep(device: str, quick: bool, steps: int, providers: list[str]) -> tuple[dict, dict]:
+def lockstep(device: str, quick: bool, steps: int, providers: list[str], base: str) -> tuple[dict, dict]:
     """Start one worker per provider, then time their steps in turn: sweep s runs one step of every
     provider, in reverse order on odd sweeps. A machine whose speed drifts (a shared host) slows
     every provider alike, which separate runs one after another cannot promise."""
-    cmd = [sys.executable, __file__, "--device", device] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--device", device, "--base", base] + (["--quick"] if quick else [])
     procs = {}
     for p in providers:  # built one at a time: each waits idle, holding its memory, until the sweeps
         procs[p] = subprocess.Popen(cmd + ["--worker", p], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -199,16 +201,22 @@ def main() -> None:
                     help=f"a subset of {PROVIDERS}, each with its hf+peft reference")
     ap.add_argument("--out", type=Path, default=OUT, help="where the .md and .json results go")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: serve one provider's steps
+    ap.add_argument("--base", help=argparse.SUPPRESS)  # internal: the checkpoint QLoRA loads
     args = ap.parse_args()
     batch, seq = (2, 128) if args.quick else (4, 256)
     steps = args.steps or (5 if args.quick else 30)
     if args.worker:
-        return worker(args.worker, args.device, batch, seq)
+        return worker(args.worker, args.device, batch, seq, args.base)
     providers = [p for p in PROVIDERS if p in args.providers]
     wanted = set(args.providers) | {reference(p) for p in providers}
     if wanted - set(providers):
         ap.error(f"--providers: unknown or missing {sorted(wanted - set(providers))}; choose from {PROVIDERS}")
-    times, by_name = lockstep(args.device, args.quick, steps, providers)
+    with tempfile.TemporaryDirectory() as base:
+        from minipeft import ModelConfig, Transformer
+
+        torch.manual_seed(0)  # build()'s seed: the weights the other rows start from
+        Transformer(ModelConfig(**CONFIG)).save_pretrained(base)
+        times, by_name = lockstep(args.device, args.quick, steps, providers, base)
     for p, r in by_name.items():  # against transformers + peft on the same batch, paired by sweep
         ref = reference(p)
         (p20, p80), ratios = p20_p80(times[p]), [a / b for a, b in zip(times[ref], times[p])]

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .files import read_json
 from .model import Transformer
+from .nf4 import quantize_nf4
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,13 +52,15 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}{hint}")
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors file(s), by name."""
-    tensors: dict[str, torch.Tensor] = {}
+def read_state_dict(path: PathLike, convert: Optional[Callable[[str, torch.Tensor], Any]] = None) -> dict[str, Any]:
+    """Every tensor of the checkpoint's safetensors file(s), by name; convert(name, tensor), if given,
+    is applied to each as it is read, so that only one tensor as stored is in memory at a time."""
+    tensors: dict[str, Any] = {}
     for f in _weight_files(Path(path)):
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
-                tensors[name] = sf.get_tensor(name)
+                tensor = sf.get_tensor(name)
+                tensors[name] = tensor if convert is None else convert(name, tensor)
     return tensors
 
 
@@ -89,22 +92,33 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    tensors = {k: v for k, v in read_state_dict(path).items() if not _DERIVED_BUFFER.fullmatch(k)}
+    # Each Linear weight to quantize is quantized as it is read: the peak is the 4-bit model and one
+    # weight in full precision, not the full-precision model (QLoRA's point is the memory).
+    quantized = set()
+    if quantization is not None:
+        from .linear4bit import METHODS, quantization_targets, quantize_model
+
+        if quantization not in METHODS:
+            raise ValueError(f"unknown quantization method {quantization!r}; supported: {METHODS}")
+        quantized = {f"{name}.weight" for name, _ in quantization_targets(model)}
+
+    def convert(name: str, t: torch.Tensor):
+        t = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
+        return quantize_nf4(t) if name in quantized else t
+
+    tensors = {k: v for k, v in read_state_dict(path, convert).items() if not _DERIVED_BUFFER.fullmatch(k)}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; it is the embedding
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     check_state_dict(expected, tensors, str(path))
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
-               for k, v in tensors.items()}
-    model.load_state_dict(tensors, strict=False, assign=True)
+    weights = {name.removesuffix(".weight"): tensors.pop(name) for name in quantized}
+    model.load_state_dict(tensors, strict=False, assign=True)  # the quantized Linears' weights stay on meta
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
     if quantization is not None:
-        from .linear4bit import quantize_model
-
-        quantize_model(model, quantization)
+        quantize_model(model, quantization, weights=weights)
     return model.eval()
 
 

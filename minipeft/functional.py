@@ -158,16 +158,40 @@ def apply_dropout_mask(x: torch.Tensor, mask: Optional[torch.Tensor], keep_scale
     return x if mask is None else torch.where(mask, x * keep_scale, 0.0)
 
 
-def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scaling: float, dropout_mask: Optional[torch.Tensor] = None,
-                      keep_scale: float = 1.0) -> torch.Tensor:
-    """The eager twin (the spec): F.linear(x, W, b) + (s * (D(x) A^T) B^T in lora_A's dtype), cast to x W^T's."""
-    y = F.linear(x, weight, bias)
+class _NF4Linear(torch.autograd.Function):
+    """y = x W^T + b, W = dequantize_nf4(q) in x's dtype, dequantized again in the backward (dx = g W)
+    rather than kept: autograd would save every layer's W, a full-precision copy of the model, which is
+    what QLoRA exists to avoid (bitsandbytes' MatMul4Bit keeps the 4-bit weight too)."""
+
+    @staticmethod
+    def forward(ctx, x, q, bias):
+        ctx.q = q
+        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        dx = g @ dequantize_nf4(ctx.q, g.dtype) if ctx.needs_input_grad[0] else None
+        db = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, db
+
+
+def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x W^T + b with W = dequantize_nf4(weight, x.dtype): x (..., K), weight (N, K) -> (..., N). W is
+    formed in each pass and dropped: between forward and backward the weight stays 4-bit."""
+    return _NF4Linear.apply(x, weight, bias)
+
+
+def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: Optional[torch.Tensor],
+                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      dropout_mask: Optional[torch.Tensor] = None, keep_scale: float = 1.0) -> torch.Tensor:
+    """The eager twin (the spec): F.linear(x, W, b) + (s * (D(x) A^T) B^T in lora_A's dtype), cast to x W^T's.
+    An NF4 W runs through nf4_linear (the same values, in x's dtype; W not kept for the backward)."""
+    y = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight, bias)
     x_lora = apply_dropout_mask(x.to(lora_A.dtype), dropout_mask, keep_scale)
     return y + (F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(y.dtype)
 
 
-def _lora_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+def _lora_linear_eager(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                        lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
                        keep_scale: float) -> torch.Tensor:
     """The PyTorch path: through the merged weight when that is the same map, else the twin."""
@@ -214,4 +238,4 @@ def nf4_lora_linear(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Ten
     mask, keep_scale = dropout_mask(x, dropout, training)
     if _use_triton(x.is_cuda, lambda: _lora_problem(x, x.dtype, bias, lora_A, lora_B)):
         return _kernels("lora").nf4_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)
-    return _lora_linear_eager(x, nf4.dequantize_nf4(weight, x.dtype), bias, lora_A, lora_B, scaling, mask, keep_scale)
+    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, mask, keep_scale)  # W stays 4-bit

@@ -4,7 +4,8 @@
     x: (..., in_features) -> y: (..., out_features);  W: (out_features, in_features);  b: (out_features,)
 
 Only the NF4 buffers are kept (packed codes, absmax codes, nested absmax, offset: see
-minipeft/nf4.py), about 4.127 bits per weight; W exists only transiently inside `forward`. Nothing
+minipeft/nf4.py), about 4.127 bits per weight; W exists only transiently, in the forward and again in
+the backward (functional.nf4_linear), never saved between them. Nothing
 here is trainable: the weight is buffers and the bias a frozen parameter, so gradients reach x
 (and LoRA factors wrapped around this layer) only. Like bitsandbytes' Linear4bit, x is cast to
 compute_dtype and the output back to x's dtype.
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import functional
@@ -106,7 +106,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
+        return functional.nf4_linear(x.to(self.compute_dtype), self.quantized_weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         dq = self.weight_offset is not None
@@ -119,25 +119,34 @@ def _refresh_offset(module: Linear4bit, incompatible_keys) -> None:
     module._offset = None if offset is None else offset.item()
 
 
+def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
+    """The (dotted name, nn.Linear) pairs quantize_model replaces: every Linear unless its name, or the
+    last part of it, is in `skip`; a Linear shared under several names is listed under each."""
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, nn.Linear) and name not in skip and name.rsplit(".", 1)[-1] not in skip]
+
+
 def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optional[torch.dtype] = None,
-                   skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                   skip: tuple[str, ...] = ("lm_head",),
+                   weights: Optional[dict[str, NF4Tensor]] = None) -> nn.Module:
     """Replace, in place, every nn.Linear by a Linear4bit (NF4, blocksize 64, double quant).
 
     A Linear is kept when its dotted name, or the last part of it, is in `skip` (QLoRA keeps the
     output head in 16/32 bit). A Linear shared under several names becomes one shared Linear4bit.
-    Returns `model`.
+    weights: NF4 weights already quantized, by Linear name (load_pretrained quantizes each as it reads
+    it); those Linears' own weights are not read, and may be on the meta device. Returns `model`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; supported: {METHODS}")
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model replaces submodules in place; quantize a bare nn.Linear with "
                          "Linear4bit.from_linear(linear)")
+    weights = weights or {}
     replaced: dict[int, Linear4bit] = {}
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-               if isinstance(m, nn.Linear) and name not in skip and name.rsplit(".", 1)[-1] not in skip]
-    for name, linear in targets:
+    for name, linear in quantization_targets(model, skip):
         if id(linear) not in replaced:
-            replaced[id(linear)] = Linear4bit.from_linear(linear, compute_dtype=compute_dtype)
+            replaced[id(linear)] = (Linear4bit(weights[name], linear.bias, compute_dtype) if name in weights
+                                    else Linear4bit.from_linear(linear, compute_dtype=compute_dtype))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replaced[id(linear)])
     return model

@@ -3,13 +3,14 @@ only the input gets gradients, and a quantized Transformer equals the same model
 dequantized weights in plain nn.Linear layers."""
 import copy
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft import ModelConfig, Transformer, load_pretrained
+from minipeft import ModelConfig, Transformer, checkpoint, functional, load_pretrained
 from minipeft.linear4bit import Linear4bit, dequantize_model, memory_footprint, quantize_model
 from minipeft.nf4 import dequantize_nf4, quantize_nf4
 
@@ -63,6 +64,24 @@ def test_gradient_reaches_the_input_only():
     layer(x).backward(g)
     torch.testing.assert_close(x.grad, g @ layer.dequantize(), rtol=1e-6, atol=1e-6)  # float32 matmul order
     assert layer.bias.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nf4_linear_backward_equals_autograd_of_the_dequantized_weight(dtype):
+    """functional.nf4_linear dequantizes W again in the backward: dx = g W and db = Σ g as autograd
+    computes them from the kept W, for a 3-D x."""
+    torch.manual_seed(3)
+    q = quantize_nf4(torch.randn(40, 70))
+    w = dequantize_nf4(q, dtype)
+    x = torch.randn(2, 5, 70, dtype=dtype, requires_grad=True)
+    bias = torch.randn(40, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 5, 40, dtype=dtype)
+    y = functional.nf4_linear(x, q, bias)
+    assert torch.equal(y, F.linear(x, w, bias))
+    got = torch.autograd.grad(y, (x, bias), g)
+    want = torch.autograd.grad(F.linear(x, w, bias), (x, bias), g)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0 if dtype == torch.float32 else 0.1)  # sum order
 
 
 def test_bfloat16_compute():
@@ -162,6 +181,32 @@ def test_load_pretrained_nf4(tmp_path, tie):
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), dequantized_twin(model)(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_load_pretrained_nf4_quantizes_each_weight_as_it_reads_it(tmp_path, monkeypatch, dtype):
+    """The peak is the 4-bit model plus one full-precision weight: when a weight is quantized, every
+    weight quantized before it is already freed. Same buffers as quantizing the loaded model."""
+    model = tiny_transformer(seed=6, attention_bias=True)
+    model.save_pretrained(tmp_path / "m")
+    seen: list[weakref.ref] = []
+
+    def quantize_one(t, **kwargs):
+        assert all(ref() is None for ref in seen), "an earlier full-precision weight is still alive"
+        assert t.dtype == (dtype or torch.float32)  # cast first: the 4-bit weight computes in that dtype
+        seen.append(weakref.ref(t))
+        return quantize_nf4(t, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "quantize_nf4", quantize_one)
+    loaded = load_pretrained(tmp_path / "m", dtype=dtype, quantization="nf4")
+    assert len(seen) == 7 * CONFIG["num_hidden_layers"]  # q k v o gate up down, not lm_head
+    reference = quantize_model(load_pretrained(tmp_path / "m", dtype=dtype))
+    assert loaded.state_dict().keys() == reference.state_dict().keys()
+    for name, t in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    assert all(m.compute_dtype == (dtype or torch.float32) for m in loaded.modules() if isinstance(m, Linear4bit))
+    with pytest.raises(ValueError, match="unknown quantization method 'int8'"):
+        load_pretrained(tmp_path / "m", quantization="int8")
 
 
 def test_dequantize_model_inverts_quantize_model_up_to_nf4_rounding():

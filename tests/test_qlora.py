@@ -38,6 +38,53 @@ def test_qlora_logits_equal_lora_over_dequantized_weights():
     torch.testing.assert_close(qlora(IDS), lora(IDS), atol=1e-5, rtol=0)
 
 
+def saved_for_backward(model, ids) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss, and every tensor autograd saved for the backward while computing it."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(ids).logsumexp(-1).mean()
+    return loss, saved
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)  # merged path, twin
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_qlora_saves_no_dequantized_weight_for_the_backward(compute_dtype, dropout):
+    """Autograd would keep every layer's dequantized W: a full-precision copy of the model. Only 4-bit
+    weights may stay between forward and backward (parameters are the model's own storage)."""
+    q = tiny_model()
+    quantize_model(q, compute_dtype=compute_dtype)
+    qlora = get_peft_model(q, LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]))
+    shapes = {(m.out_features, m.in_features) for m in q.modules() if isinstance(m, Linear4bit)}
+    own = {p.data_ptr() for p in qlora.parameters()}
+    loss, saved = saved_for_backward(qlora.train(), torch.randint(0, 131, (3, 5)))  # 15 rows: no weight's shape
+    kept = [tuple(t.shape) for t in saved if t.is_floating_point() and tuple(t.shape) in shapes
+            and t.data_ptr() not in own]
+    assert not kept, f"dequantized weights kept for the backward: {kept}"
+    loss.backward()
+    assert all(p.grad is not None for p in qlora.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_qlora_gradients_equal_lora_over_dequantized_weights(dropout):
+    """The adapters' gradients and the input's, through the weights dequantized again in the backward."""
+    q = tiny_model()
+    quantize_model(q)
+    twin = dequantized_twin(q)
+    cfg = dict(CFG, lora_dropout=dropout, init_lora_weights=False)
+    models = []
+    for base in (q, twin):
+        torch.manual_seed(1)
+        models.append(get_peft_model(base, LoraConfig(**cfg)).train())
+    grads = []
+    for model in models:
+        torch.manual_seed(2)  # the same dropout masks
+        model(IDS).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for n, g in grads[1].items():
+        torch.testing.assert_close(grads[0][n], g, atol=1e-6, rtol=1e-5, msg=n)  # float32, same op order
+
+
 def test_qlora_trains_only_adapters_and_keeps_4bit_buffers():
     q = tiny_model()
     quantize_model(q)
