@@ -102,9 +102,13 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
             raise ValueError(f"unknown quantization method {quantization!r}; supported: {METHODS}")
         quantized = {f"{name}.weight" for name, _ in quantization_targets(model)}
 
-    def convert(name: str, t: torch.Tensor):
-        t = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
-        return quantize_nf4(t) if name in quantized else t
+    def convert(name: str, stored: torch.Tensor):
+        t = (stored.to(dtype) if dtype is not None and stored.is_floating_point() else stored).to(device)
+        if name in quantized:
+            return quantize_nf4(t)
+        # When quantizing, kept tensors are copied out of the file's mapping, so that the mapping, with
+        # the pages of every weight read to quantize it, goes when loading ends.
+        return t.clone() if quantized and t.data_ptr() == stored.data_ptr() else t
 
     tensors = {k: v for k, v in read_state_dict(path, convert).items() if not _DERIVED_BUFFER.fullmatch(k)}
     if cfg.tie_word_embeddings:

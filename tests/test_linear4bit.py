@@ -4,6 +4,7 @@ dequantized weights in plain nn.Linear layers."""
 import copy
 import math
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +201,8 @@ def test_load_pretrained_nf4_quantizes_each_weight_as_it_reads_it(tmp_path, monk
     monkeypatch.setattr(checkpoint, "quantize_nf4", quantize_one)
     loaded = load_pretrained(tmp_path / "m", dtype=dtype, quantization="nf4")
     assert len(seen) == 7 * CONFIG["num_hidden_layers"]  # q k v o gate up down, not lm_head
+    # Nothing kept points into the file's mapping, so it is gone, with the pages read to quantize.
+    assert str(tmp_path / "m") not in Path("/proc/self/maps").read_text()
     reference = quantize_model(load_pretrained(tmp_path / "m", dtype=dtype))
     assert loaded.state_dict().keys() == reference.state_dict().keys()
     for name, t in reference.state_dict().items():
