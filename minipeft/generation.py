@@ -1,4 +1,5 @@
-"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling, and
+OpenAI's presence and frequency penalties.
 
 Each step feeds only the newest token and reuses the cached keys/values of the past, so a step
 costs O(S) attention instead of re-running the whole prefix. Batches are left-padded: every row
@@ -39,6 +40,20 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0) -> torch.Tensor:
+    """logits (B, V) less OpenAI's presence and frequency penalties, as its API reference defines them:
+
+        logits[b, j] -= counts[b, j] * frequency_penalty + (counts[b, j] > 0) * presence_penalty
+
+    counts (B, V): how often row b generated token j so far (the reply only, not the prompt). A
+    positive penalty discourages repeating a token (frequency: more so the more often it came),
+    a negative one encourages it. Applied before temperature and top-p, so it moves greedy's argmax too.
+    """
+    penalty = counts * frequency_penalty + (counts > 0) * presence_penalty
+    return logits - penalty.to(logits.dtype)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax); else a draw from
@@ -62,18 +77,21 @@ def generate(
     pad_token_id: Optional[int] = None,
     use_cache: bool = True,
     generator: Optional[torch.Generator] = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> torch.Tensor:
     """input_ids (B, T), left-padded when rows differ -> (B, T + n) with n <= max_new_tokens.
 
     A row that emitted an eos token is finished: it is filled with pad_token_id (default: the
     first eos id) and generation stops when every row is finished. `model` is any callable with
     the Transformer's signature (a PeftModel works: prefix tuning fills the cache first).
+    presence_penalty and frequency_penalty: see `apply_penalties`; each row counts its own tokens.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    B = input_ids.shape[0]
+    B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -83,6 +101,10 @@ def generate(
     for _ in range(max_new_tokens):
         # logits_to_keep=1: the prompt's last layer and lm_head only where the next token is read
         logits = model(step_ids if use_cache else ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1, :]
+        if presence_penalty or frequency_penalty:  # counted afresh from the reply: cheap next to the forward
+            new = ids[:, T:]
+            counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, new, torch.ones_like(new))
+            logits = apply_penalties(logits, counts, presence_penalty, frequency_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         ids = torch.cat((ids, nxt[:, None]), dim=1)

@@ -1,8 +1,9 @@
-"""Greedy generation equals `transformers`' greedy generate; the KV cache changes nothing."""
+"""Greedy generation equals `transformers`' greedy generate; the KV cache changes nothing; the
+presence and frequency penalties follow OpenAI's formula."""
 import pytest
 import torch
 
-from minipeft.generation import filter_logits, sample_next
+from minipeft.generation import apply_penalties, filter_logits, generate, sample_next
 from conftest import tiny_model, to_hf
 from test_model_parity import padded_batch
 
@@ -113,3 +114,44 @@ def test_bad_top_k_and_top_p_are_refused():
         sample_next(logits, 1.0, top_k=-1)
     with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\], got 1.5"):
         sample_next(logits, 1.0, top_p=1.5)
+
+
+@pytest.mark.parametrize("presence,frequency", [(0.6, 0.25), (-1.5, 0.5), (0.3, -2.0), (-2.0, -0.7)])
+def test_apply_penalties_matches_openais_formula_token_by_token(presence, frequency):
+    """Rows with different histories: a token generated several times, one once, an empty reply."""
+    histories = [[4, 4, 4, 1, 6], [0, 2, 2, 5], []]
+    V = 7
+    logits = torch.randn(len(histories), V, generator=torch.Generator().manual_seed(0))
+    counts = torch.stack([torch.bincount(torch.tensor(h, dtype=torch.long), minlength=V) for h in histories])
+    expected = [[float(logits[b, j]) - h.count(j) * frequency - (presence if j in h else 0.0) for j in range(V)]
+                for b, h in enumerate(histories)]
+    torch.testing.assert_close(apply_penalties(logits, counts, presence, frequency), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("presence,frequency", [(0.8, 0.5), (-1.0, 0.3), (0.0, -0.2)])
+def test_greedy_generate_with_penalties_equals_a_loop_that_applies_them(presence, frequency):
+    """Penalties move greedy's argmax (as OpenAI's do); each row counts its own reply, not the prompt."""
+    model = tiny_model("mistral")
+    V, T = model.config.vocab_size, 5
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    rows = ids.tolist()
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor(rows))[:, -1]
+            for b, row in enumerate(rows):
+                reply = row[T:]
+                scores = [float(logits[b, j]) - reply.count(j) * frequency - (j in reply) * presence for j in range(V)]
+                row.append(max(range(V), key=scores.__getitem__))
+    ours = generate(model, ids, 12, presence_penalty=presence, frequency_penalty=frequency)
+    assert ours.tolist() == rows
+    free = generate(model, ids, 12)
+    assert all(not torch.equal(ours[b], free[b]) for b in range(2)), "the penalties change both replies"
+
+
+def test_a_large_presence_penalty_stops_repeats():
+    model = tiny_model("qwen2")  # tied random embeddings: greedy repeats the last token
+    ids = torch.randint(0, 131, (2, 5), generator=torch.Generator().manual_seed(1))
+    free = generate(model, ids, 12)[:, 5:].tolist()
+    assert all(len(set(reply)) < len(reply) for reply in free)
+    penalized = generate(model, ids, 12, presence_penalty=2.0)[:, 5:].tolist()
+    assert all(len(set(reply)) == len(reply) for reply in penalized), penalized

@@ -1,7 +1,10 @@
 """The serving loop (minipeft.platform.inference) against minipeft.generation.generate, in process:
 for every adapter kind a deployment can hold, the streamed token ids equal generate()'s, greedy and
-seeded sampling alike, also when requests for different adapters interleave step by step."""
+seeded sampling alike, with presence and frequency penalties too, also when requests for different
+adapters interleave step by step."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,13 +53,18 @@ def expected(base, adapter_dir, sampling, stops):
     model = PeftModel.from_pretrained(load_pretrained(base), adapter_dir).eval()
     generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
     out = generate(model, torch.tensor([PROMPT]), sampling.max_tokens, temperature=sampling.temperature,
-                   top_p=sampling.top_p, eos_token_id=stops or None, generator=generator)[0, len(PROMPT):].tolist()
+                   top_p=sampling.top_p, eos_token_id=stops or None, generator=generator,
+                   presence_penalty=sampling.presence_penalty,
+                   frequency_penalty=sampling.frequency_penalty)[0, len(PROMPT):].tolist()
     cut = next((i for i, t in enumerate(out) if t in stops), None)
     return out if cut is None else out[:cut]
 
 
-@pytest.mark.parametrize("sampling", [Sampling(12), Sampling(12, temperature=0.9, top_p=0.8, seed=3)],
-                         ids=["greedy", "seeded-sampling"])
+@pytest.mark.parametrize("sampling", [Sampling(12), Sampling(12, temperature=0.9, top_p=0.8, seed=3),
+                                      Sampling(12, presence_penalty=-1.0, frequency_penalty=0.4),
+                                      Sampling(12, temperature=0.9, top_p=0.8, seed=3, presence_penalty=-2.0,
+                                               frequency_penalty=0.5)],
+                         ids=["greedy", "seeded-sampling", "greedy-penalties", "seeded-sampling-penalties"])
 def test_streamed_tokens_equal_generate_for_every_adapter_kind(base, adapters, sampling):
     pool = ModelPool()
     served = {name: pool.get(Target(name, base, folder)) for name, folder in adapters.items()}
@@ -73,6 +81,9 @@ def test_streamed_tokens_equal_generate_for_every_adapter_kind(base, adapters, s
         assert got[name] == expected(base, folder, sampling, stops), name
     if sampling.temperature == 0:  # the comparison above means something only if the adapters differ
         assert len({tuple(tokens) for tokens in got.values()}) == len(got), "each adapter answers differently"
+    if sampling.presence_penalty or sampling.frequency_penalty:  # ... and with penalties, if they matter
+        plain = replace(sampling, presence_penalty=0.0, frequency_penalty=0.0)
+        assert any(got[name] != expected(base, folder, plain, stops) for name, folder in adapters.items())
 
 
 def test_deployments_of_one_kind_share_the_loaded_base(base, adapters):

@@ -9,8 +9,9 @@ Generation is the loop of minipeft.generation.generate for one sequence (KV cach
 written as a generator so replies can stream:
 
     step t:   with the model's lock:  set_adapter(name); logits = model(step_ids, mask, cache)[:, -1]
+              logits = apply_penalties(logits, counts, presence, frequency)    (when one is non-zero)
               next = sample_next(logits, temperature, top_p)       (argmax when temperature == 0)
-              stop if next is one of the template's stop ids, else yield it
+              stop if next is one of the template's stop ids, else yield it and count it
 
 Each request owns its KV cache and the lock is held for one forward only, so concurrent requests
 for different adapters interleave step by step, each always running with its own adapter. Greedy
@@ -26,7 +27,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..checkpoint import load_pretrained
-from ..generation import sample_next
+from ..generation import apply_penalties, sample_next
 from ..model import KVCache, Transformer
 from ..peft_config import PeftConfig
 from ..peft_model import PeftModel
@@ -129,6 +130,8 @@ class Sampling:
     temperature: float = 0.0
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 def stream_tokens(loaded: Loaded, adapter: Optional[str], prompt: Sequence[int], sampling: Sampling,
@@ -140,14 +143,18 @@ def stream_tokens(loaded: Loaded, adapter: Optional[str], prompt: Sequence[int],
     ids = torch.tensor([list(prompt)], dtype=torch.long)
     mask = torch.ones_like(ids)
     cache = KVCache(loaded.model.config.num_hidden_layers)
+    counts = torch.zeros(1, loaded.model.config.vocab_size, dtype=torch.long)  # of each token in the reply
     step = ids
     for _ in range(sampling.max_tokens):
         logits = loaded.logits(adapter, step, mask, cache)
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            logits = apply_penalties(logits, counts, sampling.presence_penalty, sampling.frequency_penalty)
         nxt = sample_next(logits, sampling.temperature, None, sampling.top_p, generator)
         token = int(nxt)
         if token in stop_ids:
             return
         yield token
+        counts[0, token] += 1
         step = nxt[:, None]
         mask = torch.cat((mask, torch.ones_like(step)), dim=1)
 
@@ -173,3 +180,35 @@ class TextStream:
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent = text
         return delta
+
+
+class StopText:
+    """Text deltas in, text deltas out, cut just before the first occurrence of any stop string
+    (OpenAI's `stop`); `stopped` tells that one occurred, and nothing after it is released.
+
+    The hold-back: a stop string may arrive in pieces, over several tokens or from inside one, so
+    the longest tail of the text so far that is the beginning of some stop string ("ap" of "apple")
+    is held, not released. Later deltas show whether it grows into a stop string (then it and all
+    after it are dropped) or not (then it is released, less any new tail that could begin one);
+    finish() releases what is held when the reply ends. No stop string can begin in released text,
+    so the text held plus the new delta is all there is to search, and its earliest match is the
+    reply's first.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.held, self.stopped = list(stops), "", False
+
+    def push(self, delta: str) -> str:
+        text = self.held + delta
+        starts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if starts:
+            self.held, self.stopped = "", True
+            return text[:min(starts)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def finish(self) -> str:
+        """What is held at the end of a reply that did not stop: it was no stop string after all."""
+        held, self.held = self.held, ""
+        return held

@@ -9,13 +9,15 @@ talks to a fine-tuned model as it would to the cloud:
 take OpenAI's shapes: role "developer" is the system turn (OpenAI's newer name for it), content
 may be a list of text parts (concatenated, as Qwen2's template does), and an assistant turn's
 content may be null (an empty reply). Sampling: temperature 0 is greedy (OpenAI's default is 1),
-top_p is nucleus sampling, seed makes sampling repeatable, max_tokens (or max_completion_tokens)
-caps the reply, which also ends at the template's stop ids; presence_penalty and
-frequency_penalty are accepted at 0 (no penalty, the default); null, for any setting, is its
-default, and a message's name is accepted and not rendered. Refused with 400 and the reason: a
-prompt that leaves no room in the model's context, max_tokens over the server's limit or the room
-left, n > 1, stop sequences, a non-zero penalty, and any other field this server does not
-implement (rather than ignoring it and answering something else than was asked for).
+top_p is nucleus sampling, seed makes sampling repeatable, presence_penalty and frequency_penalty
+(in [-2, 2]) penalize tokens the reply already has, by OpenAI's formula (greedy replies too),
+max_tokens (or max_completion_tokens) caps the reply, which also ends at the template's stop ids
+and before the first of the `stop` strings (up to 4; finish_reason "stop"; a stream holds back
+text that may begin one); null, for any setting, is its default, and a message's name is accepted
+and not rendered. Refused with 400 and the reason: a prompt that leaves no room in the model's
+context, max_tokens over the server's limit or the room left, n > 1, a `stop` of another shape,
+and any other field this server does not implement (rather than ignoring it and answering
+something else than was asked for).
 Streaming sends `data: {chunk}` events and a final `data: [DONE]`, as OpenAI does.
 """
 from __future__ import annotations
@@ -23,15 +25,16 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..templates import ChatTemplate
+from ..tokenizer import Tokenizer
 from .errors import MODEL_NOT_FOUND, ApiError, error_body, not_found
-from .inference import Loaded, Sampling, TextStream, stream_tokens
+from .inference import Loaded, Sampling, StopText, TextStream, stream_tokens
 from .state import Platform
 
 IGNORED_FIELDS = {"user", "metadata", "store"}  # bookkeeping that does not change the answer
@@ -106,35 +109,31 @@ class CompletionRequest(SamplingRequest):
 
 
 class Reply:
-    """Text deltas of a token stream, then its finish_reason and token count."""
+    """Text deltas of a token stream, cut before the first stop string, then its finish_reason and
+    token count (the one that completed a stop string included: it was generated)."""
 
-    def __init__(self, tokens: Iterator[int], loaded: Loaded, max_tokens: int):
-        self.tokens, self.text, self.max_tokens = tokens, TextStream(loaded.tokenizer), max_tokens
-        self.count, self.finish_reason = 0, None
+    def __init__(self, tokens: Iterator[int], tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = ()):
+        self.tokens, self.text, self.stop = tokens, TextStream(tokenizer), StopText(stop)
+        self.max_tokens, self.count, self.finish_reason = max_tokens, 0, None
 
     def __iter__(self) -> Iterator[str]:
         for token in self.tokens:
             self.count += 1
-            if delta := self.text.push(token):
+            if delta := self.stop.push(self.text.push(token)):
                 yield delta
-        if tail := self.text.finish():
+            if self.stop.stopped:  # the tokens' generator is left there: nothing more is generated
+                break
+        if not self.stop.stopped and (tail := self.stop.push(self.text.finish()) + self.stop.finish()):
             yield tail
-        self.finish_reason = "length" if self.count >= self.max_tokens else "stop"
+        self.finish_reason = "stop" if self.stop.stopped or self.count < self.max_tokens else "length"
 
 
 def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: int) -> Sampling:
     unknown = set(req.model_extra or {}) - IGNORED_FIELDS
     if unknown:
         raise ApiError(400, f"unsupported field(s) {sorted(unknown)}: this server implements model, messages/prompt, "
-                       "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stream, stream_options, "
-                       "presence_penalty=0, frequency_penalty=0", param=sorted(unknown)[0])
-    if req.stop is not None:
-        raise ApiError(400, "stop sequences are not supported: a reply ends at the chat template's stop tokens "
-                       "or at max_tokens", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise ApiError(400, f"{name}={getattr(req, name)} is not supported: only 0 (no penalty, the default)",
-                           param=name)
+                       "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stop, presence_penalty, "
+                       "frequency_penalty, stream, stream_options", param=sorted(unknown)[0])
     asked = req.max_completion_tokens or req.max_tokens
     if asked is not None and asked > limit:
         raise ApiError(400, f"max_tokens={asked} is over this server's limit of {limit}", param="max_tokens")
@@ -145,7 +144,17 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: i
     if asked is not None and asked > room:
         raise ApiError(400, f"the prompt ({prompt_tokens} tokens) + max_tokens ({asked}) exceeds the model's "
                        f"context of {loaded.context} tokens; lower max_tokens to {room} or less", param="max_tokens")
-    return Sampling(asked or min(limit, room), req.temperature, req.top_p, req.seed)
+    return Sampling(asked or min(limit, room), req.temperature, req.top_p, req.seed, req.presence_penalty,
+                    req.frequency_penalty)
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    """OpenAI's `stop`: a string or a list of up to 4 (its limit) non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop: expected a string or a list of up to 4 non-empty strings, got "
+                       f"{json.dumps(stop, ensure_ascii=False)[:200]}", param="stop")
+    return stops
 
 
 def _usage(prompt_tokens: int, reply: Reply) -> dict[str, int]:
@@ -179,8 +188,10 @@ def openai_router(platform: Platform) -> APIRouter:
     def start(req: SamplingRequest, prompt: list[int], loaded: Loaded, adapter: Optional[str],
               template: ChatTemplate) -> Reply:
         sampling = _sampling(req, len(prompt), loaded, platform.settings.max_tokens)
+        stop = [] if req.stop is None else _stop_strings(req.stop)
         stop_ids = template.stop_token_ids(loaded.tokenizer)
-        return Reply(stream_tokens(loaded, adapter, prompt, sampling, stop_ids), loaded, sampling.max_tokens)
+        return Reply(stream_tokens(loaded, adapter, prompt, sampling, stop_ids), loaded.tokenizer,
+                     sampling.max_tokens, stop)
 
     def stream(reply: Reply, prompt_tokens: int, req: SamplingRequest, head: dict[str, Any], kind: str):
         def events() -> Iterator[dict[str, Any]]:
