@@ -59,6 +59,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NF4_OFFSET = 0.9677083
 # bitsandbytes' CPU 8-bit quantizer snaps x/absmax to a grid of 65536 points on [-1, 1] first.
 GRID_POINTS = 65536
+CHUNK = 1 << 20  # values quantize_nf4 quantizes at a time
 
 
 def create_normal_map(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -225,12 +226,21 @@ def _quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
-    """Quantize `tensor` (any shape, float32/bfloat16/float16) to NF4; see the module docstring."""
+    """Quantize `tensor` (any shape, float32/bfloat16/float16) to NF4; see the module docstring.
+
+    Blocks are independent, so they are quantized CHUNK values at a time: the temporaries (float32
+    copies, int64 code indices: ~6x the chunk's float32 bytes) stay a few tens of MB whatever the
+    weight's size, which matters when a large model is quantized as it loads."""
     _check_input(tensor, blocksize)
-    flat = tensor.detach().reshape(-1).float()
-    absmax, scaled = _absmax_scale(flat, blocksize)
-    codes = _nearest_nf4(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))).to(torch.uint8)
-    data = (codes[0::2] << 4) | codes[1::2]
+    flat = tensor.detach().reshape(-1)
+    step = max(blocksize, CHUNK - CHUNK % blocksize)  # whole blocks, an even number of values
+    absmaxes, packed = [], []
+    for start in range(0, flat.numel(), step):
+        absmax, scaled = _absmax_scale(flat[start:start + step].float(), blocksize)
+        codes = _nearest_nf4(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))).to(torch.uint8)
+        absmaxes.append(absmax)
+        packed.append((codes[0::2] << 4) | codes[1::2])
+    absmax, data = torch.cat(absmaxes), torch.cat(packed)
     nested, offset = None, None
     if double_quant:
         offset_t = absmax.mean()

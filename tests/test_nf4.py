@@ -10,6 +10,8 @@ from minipeft.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Tensor, bits_per_parameter,
 
 import bitsandbytes.functional as bnbf
 
+from minipeft import nf4
+
 SHAPES = [(3, 37), (130, 70), (1, 1), (1000,), (64, 64), (5, 3, 43)]
 
 
@@ -80,6 +82,17 @@ def test_bitsandbytes_cpu_kernel_on_partial_row_blocks(shape):
     assert torch.equal(q.data, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
     state.shape = torch.Size([1, w.numel()])
     assert torch.equal(dequantize_nf4(q).reshape(-1), bnbf.dequantize_4bit(packed, state).reshape(-1))
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_quantizing_in_chunks_is_bit_exact(monkeypatch, blocksize):
+    """quantize_nf4 takes CHUNK values at a time (bounded temporaries); with chunks of a few blocks,
+    odd lengths and a partial last block, the bytes and scales are still bitsandbytes' own."""
+    monkeypatch.setattr(nf4, "CHUNK", 192)  # 3 blocks of 64; one of 128 (rounded down to whole blocks)
+    torch.manual_seed(7)
+    for shape in [(13, 77), (1001,), (6, 256)]:  # rows of whole blocks or odd: see the test above
+        assert_same_as_bnb(torch.randn(shape) * torch.logspace(-2, 1, shape[0])[(...,) + (None,) * (len(shape) - 1)],
+                           blocksize)
 
 
 def test_many_blocks_and_scales_match_bitsandbytes():
