@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from minipeft.linear4bit import quantize_model
 from minipeft.metrics import IGNORE_INDEX, head_loss
 from minipeft.param_count import method_config
 from minipeft.peft_model import get_peft_model
 
-OPTIONS = {"lora": {"r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+LORA = {"r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+OPTIONS = {"lora": LORA, "qlora": LORA,
            "adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_tokens": 3}}
 B, T, KEEP = 3, 11, 6
 
@@ -25,7 +27,10 @@ def step_grads(model, forward, ids, labels) -> tuple[torch.Tensor, dict]:
 
 
 def check(family: str, method: str, backend: str) -> None:
-    model = get_peft_model(tiny_model(family), method_config(method, **OPTIONS[method]))
+    base = tiny_model(family)
+    if method == "qlora":  # NF4 weights dequantized in the forward and again in the backward, traced too
+        quantize_model(base)
+    model = get_peft_model(base, method_config(method, **OPTIONS[method]))
     with torch.no_grad():  # LoRA's B starts at zero, where A's gradient is zero whatever the code does
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -53,7 +58,7 @@ def test_traces_as_one_graph(family, method):
     check(family, method, "aot_eager")
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-def test_inductor_lora_step(family):
+@pytest.mark.parametrize("family, method", [("llama-gqa", "lora"), ("qwen2", "lora"), ("llama-gqa", "qlora")])
+def test_inductor_lora_step(family, method):
     """Inductor generates the kernels (a C++ compiler on the CPU): the path users of torch.compile take."""
-    check(family, "lora", "inductor")
+    check(family, method, "inductor")
