@@ -212,10 +212,11 @@ def main() -> None:
     if wanted - set(providers):
         ap.error(f"--providers: unknown or missing {sorted(wanted - set(providers))}; choose from {PROVIDERS}")
     with tempfile.TemporaryDirectory() as base:
-        from minipeft import ModelConfig, Transformer
+        if "minipeft qlora" in providers:  # QLoRA loads its base as users do, from a checkpoint
+            from minipeft import ModelConfig, Transformer
 
-        torch.manual_seed(0)  # build()'s seed: the weights the other rows start from
-        Transformer(ModelConfig(**CONFIG)).save_pretrained(base)
+            torch.manual_seed(0)  # build()'s seed: the weights the other rows start from
+            Transformer(ModelConfig(**CONFIG)).save_pretrained(base)
         times, by_name = lockstep(args.device, args.quick, steps, providers, base)
     for p, r in by_name.items():  # against transformers + peft on the same batch, paired by sweep
         ref = reference(p)

@@ -96,10 +96,9 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
     # weight in full precision, not the full-precision model (QLoRA's point is the memory).
     quantized = set()
     if quantization is not None:
-        from .linear4bit import METHODS, quantization_targets, quantize_model
+        from .linear4bit import check_method, quantization_targets, quantize_model
 
-        if quantization not in METHODS:
-            raise ValueError(f"unknown quantization method {quantization!r}; supported: {METHODS}")
+        check_method(quantization)  # before any tensor is read
         quantized = {f"{name}.weight" for name, _ in quantization_targets(model)}
 
     def convert(name: str, stored: torch.Tensor):

@@ -119,6 +119,13 @@ def _refresh_offset(module: Linear4bit, incompatible_keys) -> None:
     module._offset = None if offset is None else offset.item()
 
 
+def check_method(method: str) -> str:
+    """`method` if minipeft quantizes with it, else a ValueError naming the supported ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; supported: {METHODS}")
+    return method
+
+
 def quantization_targets(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
     """The (dotted name, nn.Linear) pairs quantize_model replaces: every Linear unless its name, or the
     last part of it, is in `skip`; a Linear shared under several names is listed under each."""
@@ -136,8 +143,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
     weights: NF4 weights already quantized, by Linear name (load_pretrained quantizes each as it reads
     it); those Linears' own weights are not read, and may be on the meta device. Returns `model`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; supported: {METHODS}")
+    check_method(method)
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model replaces submodules in place; quantize a bare nn.Linear with "
                          "Linear4bit.from_linear(linear)")

@@ -39,10 +39,10 @@ def can_merge(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, lora_A: torch.T
     """Whether lora_linear_merged computes the same map as the twin (module docstring). An NF4 weight
     is frozen and dequantizes to x's dtype."""
     nf4 = isinstance(weight, NF4Tensor)
+    w_dtype = x.dtype if nf4 else weight.dtype
     # Under autocast F.linear and addmm would run in the autocast dtype whatever x's: the 16-bit W' again.
     return (dropout_mask is None and (nf4 or not weight.requires_grad) and x.dtype in (torch.float32, torch.float64)
-            and x.dtype == (x.dtype if nf4 else weight.dtype) == lora_A.dtype == lora_B.dtype
-            and not torch.is_autocast_enabled(x.device.type))
+            and x.dtype == w_dtype == lora_A.dtype == lora_B.dtype and not torch.is_autocast_enabled(x.device.type))
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
