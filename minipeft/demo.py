@@ -22,6 +22,7 @@ from typing import Any
 
 from .checkpoint import load_pretrained
 from .data import load_jsonl
+from .distributed import use_device
 from .evaluate import evaluate, write_report
 from .job import REPO, DEFAULT_MODEL, run_job
 from .files import write_atomic
@@ -95,9 +96,10 @@ def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples:
     out = Path(output_dir)
     claim_output_dir(out)
     t0 = time.perf_counter()
-    before = _evaluate(load_pretrained(cfg.model), cfg, spec, out / "eval_before", samples)
+    device = use_device(cfg.device)  # where the job trains: the evaluations run there too
+    before = _evaluate(load_pretrained(cfg.model, device=device), cfg, spec, out / "eval_before", samples)
     job = run_job(cfg)
-    tuned = PeftModel.from_pretrained(load_pretrained(cfg.model), out / "adapter")
+    tuned = PeftModel.from_pretrained(load_pretrained(cfg.model, device=device), out / "adapter")
     after = _evaluate(tuned, cfg, spec, out / "eval_after", samples)
     shutil.copy2(out / "eval_after" / "samples.md", out / "samples.md")
     summary = {"task": task, "metrics": spec["metrics"], "before": before, "after": after,

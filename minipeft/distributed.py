@@ -1,22 +1,61 @@
-"""Data parallelism in three calls, set up from torchrun's environment (RANK, WORLD_SIZE).
+"""Data parallelism in a few calls, set up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
 Each rank computes gradients on its slice of every micro-batch, already divided by the token
 count of the whole global batch, so a SUM across ranks is exactly the single-process gradient.
+GPUs: one per process, cuda:LOCAL_RANK, summed over NCCL; CPU processes sum over gloo.
 Without torchrun these are no-ops and the trainer runs as one process.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import torch
 import torch.distributed as tdist
 
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # what a job's `device` setting may say
 
-def init() -> None:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); no-op alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+def _env(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def use_device(requested: str = "auto") -> torch.device:
+    """The device this process computes on, made CUDA's current one (Triton kernels and NCCL use it).
+
+    requested: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" (under torchrun
+    cuda:LOCAL_RANK, one GPU per process) or "cuda:N" (a single process only). ValueError, naming
+    the setting, for a device this machine or launch cannot give.
+    """
+    if not DEVICES.fullmatch(requested):
+        raise ValueError(f"device={requested!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={requested!r}: torch sees no GPU (torch.cuda.is_available() is False: no GPU, "
+                         f"or a CPU build of torch {torch.__version__}); use device='cpu' or 'auto'")
+    device = torch.device(requested)
+    if device.index is None:
+        device = torch.device("cuda", _env("LOCAL_RANK", 0))
+    elif _env("WORLD_SIZE", 1) > 1:
+        raise ValueError(f"device={requested!r} puts every one of the {_env('WORLD_SIZE', 1)} processes on one GPU; "
+                         "use device='cuda' (or 'auto'): each process takes cuda:LOCAL_RANK")
+    if device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={requested!r}: {device} does not exist; this machine has "
+                         f"{torch.cuda.device_count()} GPU(s) (torchrun --nproc_per_node at most that many)")
+    torch.cuda.set_device(device)
+    return device
+
+
+def init(device: torch.device) -> None:
+    """Join the process group torchrun describes (it sets WORLD_SIZE), NCCL between GPUs and gloo
+    between CPU processes: the backend follows the device the ranks compute on. A group of one
+    (--nproc_per_node 1) runs the same collectives; without torchrun, no-op."""
+    if "WORLD_SIZE" in os.environ and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def rank() -> int:

@@ -1,6 +1,6 @@
 """A fine-tuning job, dataset to adapter: the outline's workflow as one function.
 
-    load base model + tokenizer -> read and render the JSONL data (template + loss masks)
+    load base model (on cfg.device) + tokenizer -> read and render the JSONL data (template + loss masks)
     -> hold out the test split (10-20%) -> attach the method -> Trainer -> save the job directory
 
 The job directory holds `job_config.json`, `adapter/` (PEFT format, with chat_template.json; a
@@ -98,8 +98,9 @@ class JobResult:
 
 
 def load_base(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
+    """The base model as the job trains it (bf16, NF4 for QLoRA), on cfg.device, and its tokenizer."""
     path = default_model_dir(cfg.model)
-    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None,
+    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None, device=dist.use_device(cfg.device),
                             quantization="nf4" if cfg.method == "qlora" else None)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, load_tokenizer(path)
@@ -111,6 +112,7 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     out = Path(cfg.output_dir)
     if (out / "job_config.json").exists() and not resume:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
+    dist.init(dist.use_device(cfg.device))  # under torchrun: join the other ranks (NCCL on GPUs)
     base, tok = load_base(cfg)
     template = get_template(cfg.template)
     specials = special_tokens(tok)  # content holding one would be encoded as that control token

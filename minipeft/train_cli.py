@@ -22,7 +22,6 @@ PROBE = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    re
 def _train(args: argparse.Namespace) -> int:
     from . import distributed
 
-    distributed.init()
     cfg = TrainConfig.load(args.config)
     if args.output_dir:
         cfg.output_dir = args.output_dir

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .distributed import DEVICES
 from .files import existing_file, read_json
 
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
@@ -107,6 +108,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
     seed: int = 42
     bf16: bool = False  # base weights in bfloat16 (adapters stay float32)
+    device: str = "auto"  # auto (a GPU if torch sees one, else the CPU) | cpu | cuda | cuda:N
     gradient_checkpointing: bool = False
     # --- logging, evaluation, checkpoints ---
     logging_steps: int = 10  # metrics.jsonl gets a row every n steps; its loss is their mean
@@ -132,6 +134,7 @@ class TrainConfig:
             ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULERS, f"one of {SCHEDULERS}"),
             ("save_strategy", self.save_strategy in ("epoch", "steps", "no"), "'epoch', 'steps' or 'no'"),
             ("report_to", self.report_to in ("auto", "tensorboard", "none"), "'auto', 'tensorboard' or 'none'"),
+            ("device", DEVICES.fullmatch(self.device) is not None, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
             ("label_mode", self.label_mode in ("assistant", "last", "all"), "'assistant', 'last' or 'all'"),
             ("adapter_placement", self.adapter_placement in ("houlsby", "pfeiffer"), "'houlsby' or 'pfeiffer'"),
             ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)"),

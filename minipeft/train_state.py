@@ -123,13 +123,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 # Settings that change only what is logged, evaluated, saved or shown, or how a step is computed
 # but never the weights it produces: a resumed run may change them. Every other key must be the
 # checkpoint's. gradient_checkpointing recomputes activations instead of storing them (the same
-# numbers): switching it on after an out-of-memory crash is the usual reason to resume.
+# numbers): switching it on after an out-of-memory crash is the usual reason to resume. device
+# moves the same arithmetic to other hardware (its float rounding aside): a run started on a
+# laptop's CPU may go on on a GPU.
 # test_file is not among them although a set test_file only feeds evaluation: None splits
 # test_ratio off train_file, so setting or clearing it changes the training data; and swapping one
 # held-out file for another would mix two eval sets in one run's eval history, which the
 # over-fitting diagnostic compares across evaluations.
 RESUMABLE = frozenset({"output_dir", "logging_steps", "eval_steps", "eval_batch_size", "save_strategy",
-                       "save_steps", "save_total_limit", "report_to", "disable_tqdm", "gradient_checkpointing"})
+                       "save_steps", "save_total_limit", "report_to", "disable_tqdm", "gradient_checkpointing",
+                       "device"})
 # Files and directories: the same one, however it is written (relative or absolute, "./", symlinks).
 # "" and None keep their meaning (the shipped base model; no file).
 PATHS = frozenset({"train_file", "test_file", "model", "init_adapter"})

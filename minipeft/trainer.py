@@ -74,7 +74,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Fine-tunes `model` (a PeftModel, or a Transformer for full fine-tuning) on rendered examples."""
+    """Fine-tunes `model` (a PeftModel, or a Transformer for full fine-tuning) on rendered examples,
+    where the model is (run_job loads it on config.device; under torchrun, one GPU per process)."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, train_data: Sequence[Rendered],
                  eval_data: Sequence[Rendered] = (), pad_id: int = 0,

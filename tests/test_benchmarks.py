@@ -14,6 +14,13 @@ BENCH = BENCHMARKS / "train_throughput.py"
 ROWS = ["hf+peft lora", "minipeft lora", "hf+peft lora, all scored", "minipeft lora, all scored"]
 
 
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_train_throughput_quick(tmp_path):
     subprocess.run([sys.executable, str(BENCH), "--quick", "--device", "cpu", "--providers", *ROWS,
                     "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
@@ -36,9 +43,7 @@ def test_train_throughput_quick(tmp_path):
 
 def test_each_row_is_paired_with_its_hf_peft_twin():
     """The speed and memory ratios divide by transformers + peft on the same batch, compiled if the row is."""
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("train_throughput")
     want = {"minipeft lora": "hf+peft lora", "minipeft qlora": "hf+peft lora", "hf+peft lora": "hf+peft lora",
             "minipeft lora, all scored": "hf+peft lora, all scored",
             "minipeft lora, compiled": "hf+peft lora, compiled"}
@@ -59,3 +64,25 @@ def test_triton_kernels_without_cuda_checks_the_kernels():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "No CUDA GPU" in run.stdout and "correctness pass OK" in run.stdout
+
+
+def test_gpu_check_selects_tests_and_providers_that_exist(tmp_path):
+    """gpu_check.py is run only where a GPU is lent: what it names must still exist when it is."""
+    check = load_script("gpu_check")
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *check.TESTS], cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-3000:]
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    for selected in check.TESTS:  # each selection collects at least one test
+        assert any(i.startswith(selected) for i in ids), selected
+    throughput = load_script("train_throughput")
+    assert set(check.PROVIDERS) <= set(throughput.PROVIDERS)
+    assert {throughput.reference(p) for p in check.PROVIDERS} <= set(check.PROVIDERS)
+    names = [name for name, _ in check.steps(tmp_path, benchmarks=True)]
+    assert names == ["pytest", "triton_kernels", "train_throughput"]
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "sees no CUDA GPU" in run.stdout, run.stdout + run.stderr

@@ -35,11 +35,11 @@ def ragged_data(n=40, seed=0, vocab=131):
     return data
 
 
-def lora_trainer(tmp_path, data=None, **overrides):
+def lora_trainer(tmp_path, data=None, device="cpu", **overrides):
     cfg = TrainConfig(**{"output_dir": str(tmp_path), "batch_size": 4, "n_epochs": 2, "logging_steps": 1,
                          "learning_rate": 1e-2, "lora_dropout": 0.1, **overrides})
     torch.manual_seed(0)
-    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_dropout=cfg.lora_dropout))
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_dropout=cfg.lora_dropout)).to(device)
     return Trainer(cfg, model, data or ragged_data(), ragged_data(8, seed=1))
 
 
@@ -252,26 +252,35 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from minipeft import distributed
-distributed.init()
+device = distributed.use_device(sys.argv[4])
+distributed.init(device)
 from test_trainer import lora_trainer, ragged_data
-t = lora_trainer(sys.argv[1], ragged_data(int(sys.argv[3])), batch_size=int(sys.argv[2]), lora_dropout=0.0, n_epochs=1)
+t = lora_trainer(sys.argv[1], ragged_data(int(sys.argv[3])), batch_size=int(sys.argv[2]), lora_dropout=0.0, n_epochs=1,
+                 device=device)
 t.train()
 if distributed.rank() == 0:
     t.model.save_pretrained(sys.argv[1] + "/final")
 """
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    """41 examples in global batches of 4: the 11th holds one example, so rank 1's slice is empty;
-    it contributes zero gradients through the same collectives as rank 0."""
+# gloo between 2 CPU processes; with GPUs, NCCL between one process per GPU (at most 2): on a
+# one-GPU machine a group of one, which still runs NCCL's all-reduce and barrier.
+DDP_RANKS = {"cpu": 2, **({"cuda": min(2, torch.cuda.device_count())} if torch.cuda.is_available() else {})}
+
+
+@pytest.mark.parametrize("device", sorted(DDP_RANKS))
+def test_ddp_equals_one_process(tmp_path, device):
+    """41 examples in global batches of 4: with 2 ranks the 11th holds one example, so rank 1's
+    slice is empty; it contributes zero gradients through the same collectives as rank 0."""
+    ranks = DDP_RANKS[device]
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT.format(tests=str(HERE)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    ddp_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                               "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "ddp"),
-                              "2", "41"], env=env, capture_output=True, text=True, timeout=300)
+                              str(4 // ranks), "41", device], env=env, capture_output=True, text=True, timeout=300)
     assert ddp_run.returncode == 0, ddp_run.stderr[-3000:]
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "4", "41"], check=True, env=env,
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "4", "41", device], check=True, env=env,
                    capture_output=True, timeout=300)
     ddp = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
     single = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")

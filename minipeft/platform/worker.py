@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence, TextIO
 
 from ..checkpoint import load_pretrained
 from ..data import load_jsonl, split_examples
+from ..distributed import use_device
 from ..evaluate import evaluate, write_report
 from ..job import load_base, run_job
 from ..files import write_atomic
@@ -98,7 +99,7 @@ def evaluate_job(cfg: TrainConfig) -> dict[str, Any]:
         model, folder = PeftModel.from_pretrained(base, out / "adapter"), out / "adapter"
     else:
         folder = out / "model"
-        model, tok = load_pretrained(folder), load_tokenizer(folder)
+        model, tok = load_pretrained(folder, device=use_device(cfg.device)), load_tokenizer(folder)
     result = evaluate(model.eval(), tok, examples[:EVAL_EXAMPLES], load_template(folder),
                       max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=cfg.batch_size, progress=False)
     metrics_file, _ = write_report(result, out / "eval", sources={"model": cfg.model, "trained": str(folder)})

@@ -1,0 +1,83 @@
+"""What only a CUDA GPU can check, in one run that fits a short device lease: the tests' GPU
+cases, then both benchmarks on the GPU.
+
+    python benchmarks/gpu_check.py [--out DIR] [--skip-benchmarks]
+
+1. pytest on TESTS, which on a machine with a GPU include cases the CPU lacks: a LoRA and a QLoRA
+   job trained on the GPU against the same job on the CPU (test_device), data parallelism over NCCL,
+   one process per GPU (test_trainer), and the Triton kernels compiled for the GPU rather than
+   interpreted (test_kernels_*: they pick CUDA when there is one).
+2. benchmarks/triton_kernels.py --quick: the fused LoRA and NF4 kernels against eager PyTorch,
+   torch.compile and bitsandbytes.
+3. benchmarks/train_throughput.py --device cuda on PROVIDERS: minipeft against transformers + peft.
+Everything printed goes to OUT/gpu_check.log too, the benchmarks' tables beside it. Without CUDA
+it says so and exits 2: none of this can be checked on a CPU (the CPU cases run in `make test`).
+
+On the device tool's machines (Python 3.12 with torch, triton, transformers, peft and pytest, but
+not bitsandbytes; nothing can be downloaded there), from the repository root, with bitsandbytes'
+wheel carried in .whl (see the tool's README for `pip download`):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["tests/test_device.py", "tests/test_trainer.py::test_ddp_equals_one_process",
+         "tests/test_kernels_lora.py", "tests/test_kernels_nf4.py"]
+PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft qlora", "hf+peft lora, all scored", "minipeft lora, all scored"]
+
+
+def steps(out: Path, benchmarks: bool) -> list[tuple[str, list[str]]]:
+    """(name, command) of each check, run from the repository root."""
+    py = sys.executable
+    run = [("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS])]
+    if benchmarks:
+        run += [("triton_kernels", [py, "benchmarks/triton_kernels.py", "--quick", "--out", str(out)]),
+                ("train_throughput", [py, "benchmarks/train_throughput.py", "--device", "cuda", "--out", str(out),
+                                      "--providers", *PROVIDERS])]
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu", help="log and tables")
+    ap.add_argument("--skip-benchmarks", action="store_true", help="the tests only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; nothing here can run on a CPU")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    with open(args.out / "gpu_check.log", "w", encoding="utf-8") as log:
+        def say(text: str) -> None:
+            print(text, flush=True)
+            log.write(text + "\n")
+            log.flush()
+
+        say(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, Python {sys.version.split()[0]}")
+        for name, command in steps(args.out, not args.skip_benchmarks):
+            say(f"\n## {name}: {' '.join(command)}")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                say(line.rstrip("\n"))
+            code = proc.wait()
+            say(f"## {name}: exit {code} after {time.perf_counter() - t0:.0f} s")
+            if code:
+                failed.append(name)
+        say(f"\ngpu_check: {'failed: ' + ', '.join(failed) if failed else 'all passed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
