@@ -82,6 +82,21 @@ def sum_gradients(params: Sequence[torch.Tensor], *extra: torch.Tensor) -> None:
         p.grad = g if n else None
 
 
+def backend_is_nccl() -> bool:
+    return tdist.is_initialized() and tdist.get_backend() == "nccl"
+
+
+def gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's t (one shape and dtype on all), in rank order, on every rank; [t] alone.
+    NCCL moves CUDA tensors only: t travels through this rank's GPU then."""
+    if not tdist.is_initialized():
+        return [t]
+    moved = t.cuda() if backend_is_nccl() else t
+    out = [torch.empty_like(moved) for _ in range(world_size())]
+    tdist.all_gather(out, moved)
+    return [o.to(t.device) for o in out]
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

@@ -5,7 +5,8 @@
         trainable.safetensors    adapters only: the trainable parameters by name, restored in place
         optimizer.safetensors    AdamW moments and step counts, "<param index>.<name>"
         optimizer.json           its param_groups (learning rates, betas, weight decay)
-        rng.safetensors          torch's CPU (and CUDA) generator states: dropout resumes identically
+        rng.safetensors          torch's CPU (and CUDA) generator states, every rank's: dropout
+                                 resumes identically
         trainer_state.json       global step, the config, and the progress the logs and warnings
                                  look back on (losses since the last log, evaluations)
 
@@ -31,6 +32,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed as dist
 from .checkpoint import check_state_dict, read_state_dict
 from .files import read_json
 from .peft_model import PeftModel
@@ -46,9 +48,38 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"]}
 
 
+def rng_states() -> dict[str, torch.Tensor]:
+    """The generator states a checkpoint keeps: the CPU's ("cpu") and every visible GPU's ("cuda<i>"),
+    and under torchrun each other rank's own, "rank<k>.cpu" and "rank<k>.cuda" (its current GPU):
+    a rank draws its dropout masks from its own generators, which drift apart as the ranks' slices
+    differ in shape. A collective: every rank calls it; rank 0 writes what it returns."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if dist.world_size() > 1:
+        own = {"cpu": torch.get_rng_state()}
+        if dist.backend_is_nccl():
+            own["cuda"] = torch.cuda.get_rng_state()
+        for key, state in own.items():
+            rng.update({f"rank{k}.{key}": s for k, s in enumerate(dist.gather(state)) if k})
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    """Set this process's generators as rng_states() saw them (a checkpoint without this rank's
+    own states gives it rank 0's, as checkpoints written before they were kept did)."""
+    k = dist.rank()
+    torch.set_rng_state(rng.get(f"rank{k}.cpu", rng["cpu"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+        if f"rank{k}.cuda" in rng:
+            torch.cuda.set_rng_state(rng[f"rank{k}.cuda"])  # its current GPU, cuda:LOCAL_RANK
+
+
 def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints."""
+                    state: dict[str, Any], keep: int, rng: dict[str, torch.Tensor]) -> Path:
+    """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints; rng:
+    rng_states()."""
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{PREFIX}{step}."))
     try:
@@ -61,9 +92,6 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         final = output_dir / f"{PREFIX}{step}"
@@ -114,10 +142,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         state.setdefault(int(index), {})[name] = value
     groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    restore_rng(load_file(str(path / "rng.safetensors")))
 
 
 # Settings that change only what is logged, evaluated, saved or shown, or how a step is computed

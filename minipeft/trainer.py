@@ -38,7 +38,8 @@ from .files import write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .schedule import lr_factor
 from .train_config import TrainConfig
-from .train_state import check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .train_state import (check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state, rng_states,
+                          save_checkpoint)
 
 Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
@@ -255,12 +256,13 @@ class Trainer:
                 warnings.warn(message, stacklevel=2)
 
     def _save(self) -> None:
+        rng = rng_states()  # every rank's generators, gathered
         if self.rank == 0:
             # The losses the next log and evaluation average over, so a resumed run logs the same.
             recent = self.losses[-max(self.step - self.logged, self.steps_per_epoch):]
             state = {"step": self.step, "warnings": self.warnings, "losses": recent, "logged": self.logged,
                      "evals": self.evals, "config": self.cfg.to_dict()}
-            save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit)
+            save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit, rng)
         dist.barrier()
 
     def resume(self) -> None:
