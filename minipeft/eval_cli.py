@@ -20,6 +20,7 @@ import torch
 from .argtypes import at_least
 from .checkpoint import load_pretrained
 from .data.loader import load_jsonl
+from .distributed import use_device
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
 from .job import default_model_dir
 from .templates import TEMPLATE_FILE, TEMPLATES, ChatTemplate, get_template, load_template
@@ -39,12 +40,12 @@ def _template(name: Optional[str], adapter: Optional[str], model: Path) -> tuple
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
-    model = load_pretrained(args.model, dtype=DTYPES.get(args.dtype))
+    model = load_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=use_device(args.device))
     if args.adapter is not None:
         from .peft_model import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.adapter)
-    return model.to(args.device)
+        model = PeftModel.from_pretrained(model, args.adapter)  # its weights join the base's device
+    return model
 
 
 def _print_table(result: EvalResult, files: tuple[Path, Path]) -> None:
@@ -90,6 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=at_least(0), default=20, metavar="N",
                    help="examples in samples.md (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples.md draw")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the base model (default: as stored)")
     p.set_defaults(func=_eval)

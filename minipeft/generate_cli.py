@@ -7,23 +7,24 @@ import torch
 
 from .argtypes import at_least, probability
 from .checkpoint import load_pretrained
+from .distributed import use_device
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .job import default_model_dir
 
-    path = default_model_dir(args.model)
-    model = load_pretrained(path)
+    path, device = default_model_dir(args.model), use_device(args.device)
+    model = load_pretrained(path, device=device)
     if args.prompt is not None:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
-        ids = torch.tensor([tok.encode(args.prompt, bos=True)])
+        ids = torch.tensor([tok.encode(args.prompt, bos=True)], device=device)
     else:
-        tok, ids = None, torch.tensor([[int(i) for i in args.ids.split(",")]])
+        tok, ids = None, torch.tensor([[int(i) for i in args.ids.split(",")]], device=device)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_token_id=model.config.eos_token_id,
-                         generator=torch.Generator().manual_seed(args.seed))
+                         generator=torch.Generator(device).manual_seed(args.seed))  # draws where the logits are
     new = out[0, ids.shape[1]:].tolist()
     print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
     return 0
@@ -40,4 +41,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=at_least(1))
     g.add_argument("--top-p", type=probability)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     g.set_defaults(func=_generate)

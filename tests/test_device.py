@@ -11,8 +11,11 @@ import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file
 
-from minipeft import distributed
-from minipeft.job import run_job
+from minipeft import distributed, load_pretrained
+from minipeft.job import DEFAULT_MODEL, run_job
+from minipeft.platform.inference import Loaded, Sampling, stream_tokens
+from minipeft.templates import get_template
+from minipeft.tokenizer import load_tokenizer
 from minipeft.train_config import TrainConfig
 from minipeft.train_state import check_resumable
 from minipeft.trainer import Trainer
@@ -135,3 +138,39 @@ if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere
             # a sum), which DDP's reordered sums show stay within 1e-5 after 11 steps (test_trainer).
             torch.testing.assert_close(gpu[name], cpu[name], atol=1e-3, rtol=1e-2)
         assert runs["cuda"].result.train_loss == pytest.approx(runs["cpu"].result.train_loss, rel=1e-3)
+
+
+    def test_generation_on_the_gpu_matches_the_cpu(capsys):
+        """The shipped model's greedy continuation (its logits are peaked: no near-ties for rounding
+        to flip), by `minipeft generate` and by the platform's token loop, on each device; a seeded
+        sampled reply on the GPU draws from a GPU generator and repeats itself."""
+        from minipeft.cli import main
+
+        outs = []
+        for device in ("cpu", "cuda"):
+            assert main(["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "16", "--device", device]) == 0
+            outs.append(capsys.readouterr().out)
+        assert outs[0] == outs[1] and outs[0].strip()
+        replies = {}
+        for device in ("cpu", "cuda"):
+            loaded = Loaded(load_pretrained(DEFAULT_MODEL, device=device).eval(), load_tokenizer(DEFAULT_MODEL),
+                            {None: get_template("plain")})
+            assert loaded.device.type == device
+            prompt = loaded.tokenizer.encode("The quick brown fox", bos=True)
+            replies[device] = list(stream_tokens(loaded, None, prompt, Sampling(max_tokens=16), stop_ids=[]))
+        assert replies["cpu"] == replies["cuda"]
+        sampled = [list(stream_tokens(loaded, None, prompt, Sampling(max_tokens=8, temperature=1.0, seed=3), []))
+                   for _ in range(2)]
+        assert sampled[0] == sampled[1] and len(sampled[0]) > 0
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_commands_take_a_device_and_refuse_a_missing_gpu(command, no_gpu, capsys, tmp_path):
+    """generate and eval run where --device says (default auto); a GPU that is not there is one line."""
+    from minipeft.cli import main
+
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    args = {"generate": ["--ids", "1,2"], "eval": ["--data", str(data), "--output", str(tmp_path / "out")]}[command]
+    assert main([command, *args, "--device", "cuda"]) == 2
+    assert "error: device='cuda': torch sees no GPU" in capsys.readouterr().err

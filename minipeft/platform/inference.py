@@ -15,7 +15,8 @@ written as a generator so replies can stream:
 
 Each request owns its KV cache and the lock is held for one forward only, so concurrent requests
 for different adapters interleave step by step, each always running with its own adapter. Greedy
-replies equal generate()'s token for token (tests/test_platform.py).
+replies equal generate()'s token for token (tests/test_platform.py). Models load on a GPU when
+torch sees one, else on the CPU.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..checkpoint import load_pretrained
+from ..distributed import use_device
 from ..generation import apply_penalties, sample_next
 from ..model import KVCache, Transformer
 from ..peft_config import PeftConfig
@@ -58,6 +60,10 @@ class Loaded:
     @property
     def context(self) -> int:
         return self.model.config.max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
 
     def logits(self, adapter: Optional[str], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Next-token logits (1, vocab) with `adapter` active; raises ValueError if it was removed."""
@@ -97,7 +103,8 @@ class ModelPool:
 
     @staticmethod
     def _load_base(target: Target) -> Loaded:
-        model = load_pretrained(target.weights_dir, quantization="nf4" if target.quantized else None).eval()
+        model = load_pretrained(target.weights_dir, device=use_device("auto"),
+                                quantization="nf4" if target.quantized else None).eval()
         return Loaded(model, load_tokenizer(target.weights_dir), {None: _template_of(target.weights_dir)})
 
     @staticmethod
@@ -137,13 +144,14 @@ class Sampling:
 def stream_tokens(loaded: Loaded, adapter: Optional[str], prompt: Sequence[int], sampling: Sampling,
                   stop_ids: Sequence[int]) -> Iterator[int]:
     """Reply token ids, one at a time; ends at a stop id (not yielded) or after max_tokens."""
+    device = loaded.device  # the sampling generator too: multinomial draws where the probabilities are
     generator = None
     if sampling.seed is not None:
-        generator = torch.Generator().manual_seed(sampling.seed)
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+        generator = torch.Generator(device).manual_seed(sampling.seed)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
     cache = KVCache(loaded.model.config.num_hidden_layers)
-    counts = torch.zeros(1, loaded.model.config.vocab_size, dtype=torch.long)  # of each token in the reply
+    counts = torch.zeros(1, loaded.model.config.vocab_size, dtype=torch.long, device=device)  # of each reply token
     step = ids
     for _ in range(sampling.max_tokens):
         logits = loaded.logits(adapter, step, mask, cache)
