@@ -1,5 +1,5 @@
 """What only a CUDA GPU can check, in one run that fits a short device lease: the tests' GPU
-cases, then both benchmarks on the GPU.
+cases, the demo, then both benchmarks on the GPU.
 
     python benchmarks/gpu_check.py [--out DIR] [--skip-benchmarks]
 
@@ -7,9 +7,11 @@ cases, then both benchmarks on the GPU.
    job trained on the GPU against the same job on the CPU (test_device), data parallelism over NCCL,
    one process per GPU (test_trainer), and the Triton kernels compiled for the GPU rather than
    interpreted (test_kernels_*: they pick CUDA when there is one).
-2. benchmarks/triton_kernels.py --quick: the fused LoRA and NF4 kernels against eager PyTorch,
+2. `minipeft demo` on the GPU (device auto): the main job end to end, its before/after table in the log
+   (its job directory in a temporary folder).
+3. benchmarks/triton_kernels.py --quick: the fused LoRA and NF4 kernels against eager PyTorch,
    torch.compile and bitsandbytes.
-3. benchmarks/train_throughput.py --device cuda on PROVIDERS: minipeft against transformers + peft.
+4. benchmarks/train_throughput.py --device cuda on PROVIDERS: minipeft against transformers + peft.
 Everything printed goes to OUT/gpu_check.log too, the benchmarks' tables beside it. Without CUDA
 it says so and exits 2: none of this can be checked on a CPU (the CPU cases run in `make test`).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +39,12 @@ TESTS = ["tests/test_device.py", "tests/test_trainer.py::test_ddp_equals_one_pro
 PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft qlora", "hf+peft lora, all scored", "minipeft lora, all scored"]
 
 
-def steps(out: Path, benchmarks: bool) -> list[tuple[str, list[str]]]:
-    """(name, command) of each check, run from the repository root."""
+def steps(out: Path, scratch: Path, benchmarks: bool) -> list[tuple[str, list[str]]]:
+    """(name, command) of each check, run from the repository root; scratch: where the demo's job
+    directory goes (the device tool brings back a few files from OUT, not a job directory)."""
     py = sys.executable
-    run = [("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS])]
+    run = [("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]),
+           ("demo", [py, "-m", "minipeft", "demo", "--output-dir", str(scratch / "demo")])]
     if benchmarks:
         run += [("triton_kernels", [py, "benchmarks/triton_kernels.py", "--quick", "--out", str(out)]),
                 ("train_throughput", [py, "benchmarks/train_throughput.py", "--device", "cuda", "--out", str(out),
@@ -50,7 +55,7 @@ def steps(out: Path, benchmarks: bool) -> list[tuple[str, list[str]]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu", help="log and tables")
-    ap.add_argument("--skip-benchmarks", action="store_true", help="the tests only")
+    ap.add_argument("--skip-benchmarks", action="store_true", help="the tests and the demo only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; nothing here can run on a CPU")
@@ -65,7 +70,7 @@ def main() -> int:
 
         say(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, Python {sys.version.split()[0]}")
-        for name, command in steps(args.out, not args.skip_benchmarks):
+        for name, command in steps(args.out, Path(tempfile.mkdtemp()), not args.skip_benchmarks):
             say(f"\n## {name}: {' '.join(command)}")
             t0 = time.perf_counter()
             proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

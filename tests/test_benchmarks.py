@@ -78,8 +78,8 @@ def test_gpu_check_selects_tests_and_providers_that_exist(tmp_path):
     throughput = load_script("train_throughput")
     assert set(check.PROVIDERS) <= set(throughput.PROVIDERS)
     assert {throughput.reference(p) for p in check.PROVIDERS} <= set(check.PROVIDERS)
-    names = [name for name, _ in check.steps(tmp_path, benchmarks=True)]
-    assert names == ["pytest", "triton_kernels", "train_throughput"]
+    names = [name for name, _ in check.steps(tmp_path, tmp_path, benchmarks=True)]
+    assert names == ["pytest", "demo", "triton_kernels", "train_throughput"]
 
 
 def test_gpu_check_without_a_gpu_says_so():

@@ -12,6 +12,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file
 
 from minipeft import distributed, load_pretrained
+from minipeft import job
 from minipeft.job import DEFAULT_MODEL, run_job
 from minipeft.platform.inference import Loaded, Sampling, stream_tokens
 from minipeft.templates import get_template
@@ -105,17 +106,25 @@ def test_a_job_asking_for_a_missing_gpu_stops_before_writing(no_gpu, base_dir, d
     assert not out.exists()
 
 
-def test_the_job_trains_where_device_says(base_dir, data_file, tmp_path, monkeypatch):  # noqa: F811
-    seen, step = [], Trainer.train_step
+def test_the_job_loads_and_trains_where_device_says(two_gpus, base_dir, data_file, tmp_path, monkeypatch):  # noqa: F811
+    """run_job resolves `device` (cuda:1 here, made current) and loads the base there; the stand-in
+    has no real GPU, so the load that was asked for cuda:1 is done on the CPU, where the steps run."""
+    asked, load, seen, step = [], job.load_pretrained, [], Trainer.train_step
 
-    def spy(self, batch):
+    def load_spy(path, **kw):
+        asked.append(kw["device"])
+        return load(path, **{**kw, "device": "cpu"})
+
+    def step_spy(self, batch):
         seen.append((self.device, {p.device for p in self.model.parameters()}))
         return step(self, batch)
 
-    monkeypatch.setattr(Trainer, "train_step", spy)
-    run_job(job_config(base_dir, data_file, tmp_path / "job", device="cpu", max_steps=1, save_strategy="no"))
-    assert seen == [(torch.device("cpu"), {torch.device("cpu")})]
-    assert json.loads((tmp_path / "job" / "job_config.json").read_text())["device"] == "cpu"
+    monkeypatch.setattr(job, "load_pretrained", load_spy)
+    monkeypatch.setattr(Trainer, "train_step", step_spy)
+    run_job(job_config(base_dir, data_file, tmp_path / "job", device="cuda:1", max_steps=1, save_strategy="no"))
+    assert asked == [torch.device("cuda", 1)] and two_gpus[-1] == torch.device("cuda", 1)
+    assert seen == [(torch.device("cpu"), {torch.device("cpu")})]  # the trainer follows the model
+    assert json.loads((tmp_path / "job" / "job_config.json").read_text())["device"] == "cuda:1"
 
 
 def test_a_run_may_resume_on_another_device(tmp_path):
