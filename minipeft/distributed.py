@@ -102,7 +102,9 @@ def buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum each tensor across ranks, in place, one collective per bucket rather than per tensor:
     a LoRA model has a few small tensors per layer, and each collective costs tens of microseconds
-    whatever its size."""
+    whatever its size. Alone, no-op."""
+    if not tdist.is_initialized():
+        return
     for bucket in buckets(tensors):
         flat = bucket[0] if len(bucket) == 1 else torch.cat([t.reshape(-1) for t in bucket])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)

@@ -163,13 +163,16 @@ class Trainer:
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, perplexity, token accuracy on the eval split (token-weighted over all of it)."""
+        """Loss, perplexity, token accuracy on the eval split (token-weighted over all of it). Under
+        torchrun each rank scores its share of the batches and the sums are added up."""
         was_training = self.model.training
         self.model.eval()
         acc, size = StreamingLMMetrics(), self.cfg.eval_batch_size or self.cfg.batch_size
-        for i in range(0, len(self.eval_data), size):
-            chunk = self.eval_data[i:i + size]
-            acc.update(*self._forward(chunk, return_hidden=False))
+        for i in range(self.rank * size, len(self.eval_data), self.world * size):
+            acc.update(*self._forward(self.eval_data[i:i + size], return_hidden=False))
+        sums = torch.tensor([acc.nll_sum, acc.num_tokens, acc.num_correct], dtype=torch.float64, device=self.device)
+        dist.all_reduce_sum([sums])
+        acc.nll_sum, acc.num_tokens, acc.num_correct = sums[0].item(), int(sums[1]), int(sums[2])
         extra = self.compute_metrics(self.model) if self.compute_metrics else {}
         self.model.train(was_training)
         m = acc.compute()
