@@ -28,8 +28,10 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,17 +41,30 @@ TESTS = ["tests/test_device.py", "tests/test_trainer.py::test_ddp_equals_one_pro
 PROVIDERS = ["hf+peft lora", "minipeft lora", "minipeft qlora", "hf+peft lora, all scored", "minipeft lora, all scored"]
 
 
-def steps(out: Path, scratch: Path, benchmarks: bool) -> list[tuple[str, list[str]]]:
-    """(name, command) of each check, run from the repository root; scratch: where the demo's job
-    directory goes (the device tool brings back a few files from OUT, not a job directory)."""
+def steps(out: Path, scratch: Path, benchmarks: bool) -> list[tuple[str, int, list[str]]]:
+    """(name, seconds allowed, command) of each check, run from the repository root; scratch: where
+    the demo's job directory goes (the device tool brings back a few files from OUT, not a job
+    directory). The limits keep one hung check from spending the others' share of a lease."""
     py = sys.executable
-    run = [("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]),
-           ("demo", [py, "-m", "minipeft", "demo", "--output-dir", str(scratch / "demo")])]
+    run = [("pytest", 200, [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS]),
+           ("demo", 90, [py, "-m", "minipeft", "demo", "--output-dir", str(scratch / "demo")])]
     if benchmarks:
-        run += [("triton_kernels", [py, "benchmarks/triton_kernels.py", "--quick", "--out", str(out)]),
-                ("train_throughput", [py, "benchmarks/train_throughput.py", "--device", "cuda", "--out", str(out),
-                                      "--providers", *PROVIDERS])]
+        run += [("triton_kernels", 130, [py, "benchmarks/triton_kernels.py", "--quick", "--out", str(out)]),
+                ("train_throughput", 130, [py, "benchmarks/train_throughput.py", "--device", "cuda", "--out", str(out),
+                                           "--providers", *PROVIDERS])]
     return run
+
+
+def run_step(command: list[str], limit: float, say: Callable[[str], None]) -> int:
+    """Run command from the repository root, each line of its output to say(); killed after limit
+    seconds (its output so far is kept). Its exit code: negative when killed."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(limit, proc.kill)
+    watchdog.start()
+    for line in proc.stdout:
+        say(line.rstrip("\n"))
+    watchdog.cancel()
+    return proc.wait()
 
 
 def main() -> int:
@@ -70,13 +85,10 @@ def main() -> int:
 
         say(f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, Python {sys.version.split()[0]}")
-        for name, command in steps(args.out, Path(tempfile.mkdtemp()), not args.skip_benchmarks):
-            say(f"\n## {name}: {' '.join(command)}")
+        for name, limit, command in steps(args.out, Path(tempfile.mkdtemp()), not args.skip_benchmarks):
+            say(f"\n## {name} (at most {limit} s): {' '.join(command)}")
             t0 = time.perf_counter()
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                say(line.rstrip("\n"))
-            code = proc.wait()
+            code = run_step(command, limit, say)
             say(f"## {name}: exit {code} after {time.perf_counter() - t0:.0f} s")
             if code:
                 failed.append(name)

@@ -78,8 +78,17 @@ def test_gpu_check_selects_tests_and_providers_that_exist(tmp_path):
     throughput = load_script("train_throughput")
     assert set(check.PROVIDERS) <= set(throughput.PROVIDERS)
     assert {throughput.reference(p) for p in check.PROVIDERS} <= set(check.PROVIDERS)
-    names = [name for name, _ in check.steps(tmp_path, tmp_path, benchmarks=True)]
-    assert names == ["pytest", "demo", "triton_kernels", "train_throughput"]
+    run = check.steps(tmp_path, tmp_path, benchmarks=True)
+    assert [name for name, _, _ in run] == ["pytest", "demo", "triton_kernels", "train_throughput"]
+    assert sum(limit for _, limit, _ in run) <= 560  # the device tool allows 600 s a command, pip install included
+
+
+def test_gpu_check_stops_a_hung_step_and_keeps_its_output():
+    check, lines = load_script("gpu_check"), []
+    code = check.run_step([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
+                          1.0, lines.append)
+    assert code < 0 and lines == ["started"]  # killed after 1 s, not 60
+    assert check.run_step([sys.executable, "-c", "print('done')"], 30, lines.append) == 0 and lines[-1] == "done"
 
 
 def test_gpu_check_without_a_gpu_says_so():
