@@ -25,6 +25,8 @@ wheel carried in .whl (see the tool's README for `pip download`):
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,9 +59,11 @@ def steps(out: Path, scratch: Path, benchmarks: bool) -> list[tuple[str, int, li
 
 def run_step(command: list[str], limit: float, say: Callable[[str], None]) -> int:
     """Run command from the repository root, each line of its output to say(); killed after limit
-    seconds (its output so far is kept). Its exit code: negative when killed."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(limit, proc.kill)
+    seconds, with every process it started (torchrun's ranks hold its output open too), its output
+    so far kept. Its exit code: negative when killed."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a process group of its own, to kill whole
+    watchdog = threading.Timer(limit, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     for line in proc.stdout:
         say(line.rstrip("\n"))

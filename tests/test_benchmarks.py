@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -85,9 +86,12 @@ def test_gpu_check_selects_tests_and_providers_that_exist(tmp_path):
 
 def test_gpu_check_stops_a_hung_step_and_keeps_its_output():
     check, lines = load_script("gpu_check"), []
-    code = check.run_step([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
-                          1.0, lines.append)
-    assert code < 0 and lines == ["started"]  # killed after 1 s, not 60
+    # a child that sleeps holding the output open, as torchrun's ranks under pytest would
+    hung = ("import subprocess, sys; print('started', flush=True); "
+            "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])")
+    t0 = time.perf_counter()
+    code = check.run_step([sys.executable, "-c", hung], 1.0, lines.append)
+    assert code < 0 and lines == ["started"] and time.perf_counter() - t0 < 30  # killed after 1 s, child too
     assert check.run_step([sys.executable, "-c", "print('done')"], 30, lines.append) == 0 and lines[-1] == "done"
 
 
