@@ -136,13 +136,16 @@ def test_resume_with_a_changed_config_keeps_the_job(base_dir, data_file, tmp_pat
 
 
 def test_only_rank_0_writes(base_dir, data_file, tmp_path, monkeypatch):
-    """In a process that is not rank 0 the job trains (here on an empty slice: world size 1) but
-    writes nothing: no job_config.json, adapter, metrics, plot or checkpoint."""
+    """In a process that is not rank 0 the job trains and evaluates (here rank 1 of 2 with no
+    process group: its own slices and eval batches, the collectives no-ops) but writes nothing:
+    no job_config.json, adapter, metrics, plot or checkpoint."""
     from minipeft import distributed
 
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    run_job(job_config(base_dir, data_file, tmp_path / "job"))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    job = run_job(job_config(base_dir, data_file, tmp_path / "job", eval_batch_size=2))  # 6 held out: 3 batches
     assert not (tmp_path / "job").exists()
+    assert job.result.steps == 4 and job.result.eval["eval_loss"] > 0  # ceil(54 / 16) global batches
 
 
 def test_a_job_under_torchrun(base_dir, data_file, tmp_path):
