@@ -128,6 +128,13 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [o.to(t.device) for o in out]
 
 
+def finish() -> None:
+    """Leave the process group, if any: NCCL warns at exit of one never destroyed, whose pending
+    operations may not have finished."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

@@ -25,8 +25,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config)
     if args.output_dir:
         cfg.output_dir = args.output_dir
-    job = run_job(cfg, resume=args.resume)
-    if distributed.rank() == 0:
+    try:
+        job = run_job(cfg, resume=args.resume)
+        rank = distributed.rank()
+    finally:
+        distributed.finish()
+    if rank == 0:
         r = job.result
         print(format_trainable(job.trainable, job.total))
         print(f"steps {r.steps} | train loss {r.train_loss:.4f} | " +
