@@ -84,6 +84,7 @@ class TrainConfig:
     template: str = "plain"  # chat template: plain | chatml | llama2
     label_mode: str = "assistant"  # which turns are supervised: assistant | last | all
     max_length: int = 512  # tokens per example; longer ones are dropped (and counted)
+    packing: bool = False  # several examples per row of max_length tokens, each seeing only itself; batch_size counts rows
     # --- method ---
     method: str = "lora"  # lora | qlora | adapter | prefix | prompt | full
     lora_rank: int = 8
@@ -164,6 +165,8 @@ class TrainConfig:
             ("bf16", not (self.bf16 and self.method == "full"),
              "false with method='full': bf16 weights keep no float32 master copy, so small updates round "
              "away; use bf16=false, or a PEFT method (lora, qlora, ...) with bf16"),
+            ("packing", not (self.packing and self.method in ("prefix", "prompt")),
+             "false with method='prefix' or 'prompt': a row's examples would share one set of virtual tokens"),
             ("gradient_checkpointing", not (self.gradient_checkpointing and self.method == "prefix"),
              "false with method='prefix': the prefix is fed through the KV cache, which recomputed layers "
              "do not take"),

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .batching import collate
+from .batching import PackedRow, collate, collate_packed, pack
 from .diagnostics import overfitting, unstable_loss
 from .files import write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
@@ -59,9 +59,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def supervised_tokens(examples: Sequence[Rendered]) -> int:
-    """Tokens the loss sees: labels after the one-step shift that are not -100."""
-    return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in examples)
+def supervised_tokens(examples: Sequence[Rendered | PackedRow]) -> int:
+    """Tokens the loss sees: labels after the one-step shift that are not -100 (a packed row's
+    examples each start with -100 already: the same count as the examples apart)."""
+    return sum(sum(1 for t in ex[1][1:] if t != -100) for ex in examples)
+
+
+def pack_shuffled(examples: Sequence[Rendered], max_length: int, seed: int) -> list[PackedRow]:
+    """The examples packed into rows of at most max_length tokens (batching.pack), in an order
+    drawn from seed: a file's neighbours (often alike) do not always share a row. Packed once;
+    each epoch then shuffles the rows."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return pack([examples[i] for i in order], max_length)
 
 
 @dataclass
@@ -84,9 +93,11 @@ class Trainer:
         """compute_metrics(model): extra numbers for every evaluation (model in eval mode, no grad),
         logged beside eval_loss in metrics.jsonl and TensorBoard."""
         self.cfg, self.model, self.pad_id, self.compute_metrics = config, model, pad_id, compute_metrics
-        self.train_data, self.eval_data = list(train_data), list(eval_data)
-        if not self.train_data:
+        if not train_data:
             raise ValueError("no training examples")
+        self.train_data: list[Rendered | PackedRow] = (
+            pack_shuffled(train_data, config.max_length, config.seed) if config.packing else list(train_data))
+        self.eval_data = list(eval_data)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.out = Path(config.output_dir)
         self.device = next(model.parameters()).device
@@ -116,16 +127,20 @@ class Trainer:
         micro = [batch[i:i + size] for i in range(0, len(batch), size)]
         return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
 
-    def _forward(self, examples: Sequence[Rendered], return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, examples: Sequence[Rendered | PackedRow], return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, n, V), or with return_hidden the final hidden states (B, n, d); labels (B, n)):
-        with return_hidden only the last n = scored_suffix(labels) positions, else all T."""
-        batch = {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+        with return_hidden only the last n = scored_suffix(labels) positions, else all T. Packed
+        rows carry their positions and block-diagonal causal mask (batching.collate_packed)."""
+        packed = isinstance(examples[0], PackedRow)
+        batch = collate_packed(examples, self.pad_id, self.model.config.sliding_window) if packed else \
+            collate(examples, self.pad_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         n = scored_suffix(batch["labels"]) if return_hidden else 0
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=return_hidden,
-                         logits_to_keep=n)
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch.get("position_ids"), return_hidden=return_hidden, logits_to_keep=n)
         return out, batch["labels"][:, -n:]
 
-    def _nll(self, examples: Sequence[Rendered]) -> torch.Tensor:
+    def _nll(self, examples: Sequence[Rendered | PackedRow]) -> torch.Tensor:
         """Summed NLL of the supervised tokens; the last layer and lm_head only where it is scored."""
         hidden, labels = self._forward(examples, return_hidden=True)
         return head_loss(hidden, labels, self.model.get_output_embeddings(), reduction="sum")

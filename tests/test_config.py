@@ -70,6 +70,9 @@ def test_bad_configs_say_what_is_wrong():
     ({"lora_alpha": 0}, "lora_alpha=0.0 (expected > 0"),  # scale 0: the LoRA update is zero, training a no-op
     ({"method": "prefix", "gradient_checkpointing": True}, "gradient_checkpointing=True (expected false with "
                                                             "method='prefix'"),
+    ({"method": "prompt", "packing": True}, "packing=True (expected false with method='prefix' or 'prompt'"),
+    ({"method": "prefix", "packing": True}, "packing=True (expected false with method='prefix' or 'prompt'"),
+    ({"device": "gpu"}, "device='gpu' (expected 'auto', 'cpu', 'cuda' or 'cuda:N')"),
 ])
 def test_train_config_checks_every_type_and_names_the_key(settings, message):
     with pytest.raises(ValueError) as e:

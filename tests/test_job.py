@@ -135,6 +135,15 @@ def test_resume_with_a_changed_config_keeps_the_job(base_dir, data_file, tmp_pat
     assert (tmp_path / "job" / "job_config.json").read_text() == saved
 
 
+def test_a_packed_job(base_dir, data_file, tmp_path):
+    """packing: the 54 training examples (55-59 tokens rendered with the tiny tokenizer) share rows
+    of max_length 128 tokens, two a row, so an epoch at batch 8 takes ceil(27 / 8) = 4 steps instead
+    of 7; the adapter is saved as usual."""
+    job = run_job(job_config(base_dir, data_file, tmp_path / "job", packing=True, max_length=128))
+    assert job.result.steps == 4 and (job.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((job.output_dir / "job_config.json").read_text())["packing"] is True
+
+
 def test_only_rank_0_writes(base_dir, data_file, tmp_path, monkeypatch):
     """In a process that is not rank 0 the job trains and evaluates (here rank 1 of 2 with no
     process group: its own slices and eval batches, the collectives no-ops) but writes nothing:
