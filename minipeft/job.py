@@ -97,10 +97,12 @@ class JobResult:
     total: int
 
 
-def load_base(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
-    """The base model as the job trains it (bf16, NF4 for QLoRA), on cfg.device, and its tokenizer."""
+def load_base(cfg: TrainConfig, device: Optional[torch.device] = None) -> tuple[Transformer, Tokenizer]:
+    """The base model as the job trains it (bf16, NF4 for QLoRA), on device (default: cfg.device
+    resolved), and its tokenizer."""
     path = default_model_dir(cfg.model)
-    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None, device=dist.use_device(cfg.device),
+    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None,
+                            device=device or dist.use_device(cfg.device),
                             quantization="nf4" if cfg.method == "qlora" else None)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, load_tokenizer(path)
@@ -112,8 +114,9 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     out = Path(cfg.output_dir)
     if (out / "job_config.json").exists() and not resume:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
-    dist.init(dist.use_device(cfg.device))  # under torchrun: join the other ranks (NCCL on GPUs)
-    base, tok = load_base(cfg)
+    device = dist.use_device(cfg.device)
+    dist.init(device)  # under torchrun: join the other ranks (NCCL on GPUs)
+    base, tok = load_base(cfg, device)
     template = get_template(cfg.template)
     specials = special_tokens(tok)  # content holding one would be encoded as that control token
     train = load_jsonl(cfg.train_file, specials)

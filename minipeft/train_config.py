@@ -84,7 +84,7 @@ class TrainConfig:
     template: str = "plain"  # chat template: plain | chatml | llama2
     label_mode: str = "assistant"  # which turns are supervised: assistant | last | all
     max_length: int = 512  # tokens per example; longer ones are dropped (and counted)
-    packing: bool = False  # several examples per row of max_length tokens, each seeing only itself; batch_size counts rows
+    packing: bool = False  # examples share rows of max_length tokens, each seeing itself only; batch_size: rows
     # --- method ---
     method: str = "lora"  # lora | qlora | adapter | prefix | prompt | full
     lora_rank: int = 8

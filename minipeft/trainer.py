@@ -127,7 +127,8 @@ class Trainer:
         micro = [batch[i:i + size] for i in range(0, len(batch), size)]
         return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
 
-    def _forward(self, examples: Sequence[Rendered | PackedRow], return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, examples: Sequence[Rendered | PackedRow],
+                 return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, n, V), or with return_hidden the final hidden states (B, n, d); labels (B, n)):
         with return_hidden only the last n = scored_suffix(labels) positions, else all T. Packed
         rows carry their positions and block-diagonal causal mask (batching.collate_packed)."""

@@ -96,6 +96,7 @@ def test_gpu_check_stops_a_hung_step_and_keeps_its_output():
 
 
 def test_gpu_check_without_a_gpu_says_so():
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")],
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "sees no CUDA GPU" in run.stdout, run.stdout + run.stderr

@@ -89,8 +89,8 @@ def test_a_packed_step_equals_the_padded_step(tmp_path, family):
     data = ragged_data(12)
     grads, losses = {}, {}
     for packing in (False, True):
-        t = lora_trainer(tmp_path / str(packing), data, family=family, batch_size=12, lora_dropout=0.0, max_grad_norm=0.0,
-                         packing=packing, max_length=32)
+        t = lora_trainer(tmp_path / str(packing), data, family=family, batch_size=12, lora_dropout=0.0,
+                         max_grad_norm=0.0, packing=packing, max_length=32)
         with torch.no_grad():
             for name, p in t.model.named_parameters():
                 if "lora_B" in name:
