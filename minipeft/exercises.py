@@ -153,7 +153,7 @@ def induction_accuracy(model: Transformer, length: int = 40, batch: int = 16, lo
     cfg = model.config
     x = torch.randint(min(low, cfg.vocab_size // 2), cfg.vocab_size, (batch, length), generator=g)
     bos = torch.full((batch, 1), cfg.bos_token_id if cfg.bos_token_id is not None else 1)
-    ids = torch.cat([bos, x, x], dim=1)
+    ids = torch.cat([bos, x, x], dim=1).to(next(model.parameters()).device)
     was_training = model.training
     logits = model.eval()(ids)
     model.train(was_training)

@@ -19,7 +19,8 @@
    ids, each piece written 2-3 times), each drawn fresh, shuffled in: the strongest push towards
    in-context copying (1.0: drills only, a first phase before text; see the model card).
    `--max-minutes` times a few steps first and picks the step count that fits. Windows are never
-   padded, so the model's forward drops the all-ones mask and runs SDPA's causal kernel.
+   padded, so the model's forward drops the all-ones mask and runs SDPA's causal kernel. `device`
+   is the Trainer's; the model is initialized on the CPU (one seed, one start everywhere), then moved.
 
 Tests: tests/test_pretrain.py (extraction, windows, split, a tiny run, the shipped model's parity
 with transformers and its copying).
@@ -42,6 +43,7 @@ import torch
 from .checkpoint import load_pretrained, read_config
 from .config import ModelConfig
 from .corpus import write_corpus
+from .distributed import use_device
 from .exercises import copy_exercises, induction_accuracy, repeat_drill
 from .files import json_bytes, read_json, write_atomic
 from .model import Transformer
@@ -131,6 +133,7 @@ class PretrainConfig:
     adam_beta2: float = 0.999
     evaluations: int = 10  # held-out evaluations during training (plus one at the end)
     seed: int = 0
+    device: str = "auto"  # TrainConfig.device: a GPU when torch sees one, else the CPU
 
     def __post_init__(self) -> None:
         """Check the settings before any work (the corpus and the tokenizer can take minutes).
@@ -163,6 +166,7 @@ class PretrainConfig:
         return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay, adam_beta2=self.adam_beta2,
                            lr_scheduler_type=self.lr_scheduler_type, max_grad_norm=1.0, seed=self.seed,
+                           device=self.device,
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
                            save_strategy="no", output_dir=str(output_dir))
@@ -279,16 +283,18 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     if epochs is not None and cfg.drill_fraction == 1:
         raise ValueError("--epochs counts passes over the text, which --drill-fraction 1 does not train on: give --steps")
     t_start, output = time.perf_counter(), Path(output)
+    device = use_device(cfg.device)  # before any output: a GPU the machine lacks is refused here
     output.mkdir(parents=True, exist_ok=True)
     if init is not None:
-        start = load_pretrained(init)
+        start = load_pretrained(init, device=device)
         cfg = replace(cfg, **init_architecture(init))
         tokenizer_dir = init
     data = prepare(docs, output, cfg, tokenizer_dir)
     log(f"corpus: {data.train_documents} training documents + {data.exercises} copy exercises -> "
         f"{len(data.windows)} windows of {cfg.context_length} tokens; {data.eval_documents} held-out documents -> {len(data.held_out)} eval windows")
     torch.manual_seed(cfg.seed)
-    model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)))
+    # initialized on the CPU, then moved: the same seed gives the same start on every device
+    model = full_finetune(start if init is not None else Transformer(cfg.model_config(data.tok)).to(device))
     if epochs is not None:
         # drills take drill_fraction of every batch: the text's share is the rest
         text_per_step = cfg.batch_size * (1 - cfg.drill_fraction)
@@ -314,7 +320,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "copy_exercises": data.exercises, "repeat_drills": drills, "final_train_loss": result.train_loss, **result.eval,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
-        "config": asdict(cfg), "machine": machine(),
+        "config": asdict(cfg), "machine": machine(device),
         "init": None if init is None else {"model": str(init), "results": read_results(init)},
     }
     write_atomic(output / "pretrain_results.json", json_bytes(results))
@@ -336,8 +342,10 @@ def phases(results: dict[str, Any]) -> list[dict[str, Any]]:
     return chain[::-1]
 
 
-def machine() -> dict[str, Any]:
-    """What the timings were measured on."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the timings were measured on: the host, and the GPU when the run trained on one."""
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"device": str(device), **gpu, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}

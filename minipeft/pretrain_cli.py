@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .corpus import build_corpus, read_corpus, write_corpus
+from .distributed import use_device
 from .files import json_bytes, write_atomic
 from .pretrain import PretrainConfig, init_architecture, pretrain
 
@@ -21,6 +22,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.init:  # check the settings against the architecture the run will have
         fields.update(init_architecture(args.init))
     cfg = PretrainConfig(**fields)  # bad settings fail here, before the corpus is read
+    use_device(cfg.device)  # and a GPU the machine lacks
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)
@@ -65,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
     length.add_argument("--epochs", type=float, metavar="E", help="passes over the text's training windows (drills come on top)")
     length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
+    p.add_argument("--device", metavar="NAME", help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
                         "that wait for each other at every op were 3-5x slower than one thread there")

@@ -5,6 +5,7 @@ proven on every machine; on a machine with a GPU, a real job also trains there a
 with the same job on the CPU.
 """
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from safetensors.torch import load_file
 
 from minipeft import distributed, load_pretrained
 from minipeft import job
+from minipeft import pretrain as pretrain_module
 from minipeft.job import DEFAULT_MODEL, run_job
 from minipeft.platform.inference import Loaded, Sampling, stream_tokens
+from minipeft.pretrain import PretrainConfig, pretrain
 from minipeft.templates import get_template
 from minipeft.tokenizer import load_tokenizer
 from minipeft.train_config import TrainConfig
@@ -134,6 +137,58 @@ def test_a_run_may_resume_on_another_device(tmp_path):
         check_resumable(saved, TrainConfig(device="cuda", seed=7).to_dict(), tmp_path)
 
 
+
+# Pretraining: eight repetitive pages, a tiny model, two steps (test_pretrain covers what it learns).
+PAGES = [" ".join(f"Section {i}.{k}: the function returns a dict such as {{'key': {k}}}." for k in range(12))
+         for i in range(8)]
+TINY_PRETRAIN = PretrainConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, context_length=32, batch_size=4, eval_fraction=0.25,
+                               eval_windows=8, evaluations=1, learning_rate=0.01, steps=2)
+
+
+def test_pretraining_runs_where_device_says(two_gpus, tok_dir, tmp_path, monkeypatch):
+    """A model pretrained from scratch is initialized on the CPU and moved to cuda:1 (made current);
+    one continued (--init) is loaded there; the results name the device and the GPU. The stand-in
+    has no real GPU: the moves are recorded and the steps run on the CPU."""
+    asked, seen, step, load = [], [], Trainer.train_step, pretrain_module.load_pretrained
+
+    class Placed(pretrain_module.Transformer):
+        def to(self, *args, **kwargs):
+            asked.append(("init", args[0]))
+            return self
+
+    def load_spy(path, **kw):
+        asked.append(("load", kw["device"]))
+        return load(path, **{**kw, "device": "cpu"})
+
+    def step_spy(self, batch):
+        seen.append({p.device for p in self.model.parameters()})
+        return step(self, batch)
+
+    monkeypatch.setattr(pretrain_module, "Transformer", Placed)
+    monkeypatch.setattr(pretrain_module, "load_pretrained", load_spy)
+    monkeypatch.setattr(Trainer, "train_step", step_spy)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"stand-in GPU {device.index}")
+    cfg = replace(TINY_PRETRAIN, device="cuda:1")
+    first = pretrain(PAGES, tmp_path / "first", cfg, tokenizer_dir=tok_dir, log=lambda line: None)
+    then = pretrain(PAGES, tmp_path / "then", cfg, init=tmp_path / "first", log=lambda line: None)
+    assert asked == [("init", torch.device("cuda", 1)), ("load", torch.device("cuda", 1))]
+    assert two_gpus[-1] == torch.device("cuda", 1) and seen == [{torch.device("cpu")}] * 4
+    for results in (first, then):
+        assert results["machine"]["device"] == "cuda:1" and results["machine"]["gpu"] == "stand-in GPU 1"
+        assert results["config"]["device"] == "cuda:1"
+
+
+def test_pretraining_asking_for_a_missing_gpu_stops_before_the_corpus(no_gpu, tmp_path, capsys):
+    """The corpus named does not exist: the device is checked first, so the error is the device's."""
+    from minipeft.cli import main
+
+    out = tmp_path / "model"
+    assert main(["pretrain", "--corpus", str(tmp_path / "none.txt"), "--output", str(out), "--device", "cuda"]) == 2
+    assert "error: device='cuda': torch sees no GPU" in capsys.readouterr().err
+    assert not out.exists()
+
+
 if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere there is nothing to compare
     @pytest.mark.parametrize("method", ["lora", "qlora"])
     def test_a_gpu_job_matches_the_cpu_job(method, base_dir, data_file, tmp_path):  # noqa: F811
@@ -147,6 +202,15 @@ if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere
             # a sum), which DDP's reordered sums show stay within 1e-5 after 11 steps (test_trainer).
             torch.testing.assert_close(gpu[name], cpu[name], atol=1e-3, rtol=1e-2)
         assert runs["cuda"].result.train_loss == pytest.approx(runs["cpu"].result.train_loss, rel=1e-3)
+
+
+    def test_pretraining_on_the_gpu_matches_the_cpu(tok_dir, tmp_path):
+        """The same seeded start (initialized on the CPU, then moved) and the same windows: two steps
+        on each device end at the same held-out loss up to float rounding."""
+        runs = {device: pretrain(PAGES, tmp_path / device, replace(TINY_PRETRAIN, device=device),
+                                 tokenizer_dir=tok_dir, log=lambda line: None) for device in ("cpu", "cuda")}
+        assert runs["cuda"]["machine"]["device"] == "cuda:0" and runs["cuda"]["machine"]["gpu"]
+        assert runs["cuda"]["eval_loss"] == pytest.approx(runs["cpu"]["eval_loss"], rel=1e-4)
 
 
     def test_generation_on_the_gpu_matches_the_cpu(capsys):
