@@ -210,7 +210,7 @@ if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere
         runs = {device: pretrain(PAGES, tmp_path / device, replace(TINY_PRETRAIN, device=device),
                                  tokenizer_dir=tok_dir, log=lambda line: None) for device in ("cpu", "cuda")}
         assert runs["cuda"]["machine"]["device"] == "cuda:0" and runs["cuda"]["machine"]["gpu"]
-        assert runs["cuda"]["eval_loss"] == pytest.approx(runs["cpu"]["eval_loss"], rel=1e-4)
+        assert runs["cuda"]["eval_loss"] == pytest.approx(runs["cpu"]["eval_loss"], rel=1e-3)  # as the jobs above
 
 
     def test_generation_on_the_gpu_matches_the_cpu(capsys):
