@@ -91,7 +91,8 @@ class Trainer:
                  eval_data: Sequence[Rendered] = (), pad_id: int = 0,
                  compute_metrics: Optional[Callable[[nn.Module], dict[str, float]]] = None):
         """compute_metrics(model): extra numbers for every evaluation (model in eval mode, no grad),
-        logged beside eval_loss in metrics.jsonl and TensorBoard."""
+        logged beside eval_loss in metrics.jsonl and TensorBoard. Under torchrun it runs on rank 0
+        only, which logs: every rank holds the same model, so the others would repeat its work."""
         self.cfg, self.model, self.pad_id, self.compute_metrics = config, model, pad_id, compute_metrics
         if not train_data:
             raise ValueError("no training examples")
@@ -189,7 +190,7 @@ class Trainer:
         sums = torch.tensor([acc.nll_sum, acc.num_tokens, acc.num_correct], dtype=torch.float64, device=self.device)
         dist.all_reduce_sum([sums])
         acc.nll_sum, acc.num_tokens, acc.num_correct = sums[0].item(), int(sums[1]), int(sums[2])
-        extra = self.compute_metrics(self.model) if self.compute_metrics else {}
+        extra = self.compute_metrics(self.model) if self.compute_metrics and self.rank == 0 else {}
         self.model.train(was_training)
         m = acc.compute()
         return {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_token_accuracy": m["token_accuracy"],

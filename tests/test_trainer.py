@@ -294,6 +294,11 @@ def save_then_crash(self):  # every rank dies just after the checkpoint, as if k
 tr.Trainer._save = save_then_crash
 t = lora_trainer(out, ragged_data(examples), batch_size=batch_size, device=device,
                  **{{"lora_dropout": 0.0, "n_epochs": 1, **options}})
+def probe(model):  # a compute_metrics hook that leaves a trace of the rank that ran it
+    with open(f"{{out}}/probe_ran_on_rank{{distributed.rank()}}", "a") as f:
+        f.write("x")
+    return {{"probe": 1.0}}
+t.compute_metrics = probe
 t.train(resume=resume)
 if distributed.rank() == 0:
     t.model.save_pretrained(out + "/final")
@@ -333,6 +338,9 @@ def test_ddp_equals_one_process(tmp_path, device):
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4)
     ddp_rows, single_rows = logged(tmp_path / "ddp"), logged(tmp_path / "single")
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] and ddp_rows[-2]["step"] == 11
+    # compute_metrics ran on rank 0 alone, once an evaluation (epoch 1's end, step 11), and was logged
+    assert [f.name for f in (tmp_path / "ddp").glob("probe_ran_on_rank*")] == ["probe_ran_on_rank0"]
+    assert (tmp_path / "ddp" / "probe_ran_on_rank0").read_text() == "x" and ddp_rows[-1]["probe"] == 1.0
     for a, b in zip(ddp_rows, single_rows):
         assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), rel=1e-5)
 
