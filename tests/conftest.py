@@ -108,3 +108,21 @@ def tok_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tok(tok_dir) -> Tokenizer:
     return load_tokenizer(tok_dir)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch.cuda as on a machine with two GPUs (a stand-in: tensors stay on the CPU); the devices
+    made current are recorded."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    return current
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

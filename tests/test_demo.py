@@ -1,10 +1,14 @@
 """The demo's job settings point at the shipped model and the bundled data, for every task; its
-output directory is replaced only when it holds a previous demo run."""
+output directory is replaced only when it holds a previous demo run; a one-step demo runs the
+whole flow where `device` says. (`make demo` itself is the README's main command, not a test.)"""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from minipeft import demo, job
 from minipeft.cli import main
 from minipeft.demo import RECORD, TASKS_FILE, claim_output_dir, demo_config, summary_table
 from minipeft.job import DEFAULT_MODEL
@@ -80,3 +84,43 @@ def test_a_previous_demo_run_is_replaced_and_a_new_or_empty_directory_used(tmp_p
         claim_output_dir(out)
         assert [p.name for p in out.iterdir()] == [RECORD]  # run_job then finds no job_config.json
         assert json.loads((out / RECORD).read_text()) == {"finished": False}
+
+
+def test_a_one_step_demo_runs_the_whole_flow_where_device_says(two_gpus, tmp_path, monkeypatch, capsys):
+    """The demo's flow on 3 test examples and one training step, asked for cuda:1 on a stand-in
+    two-GPU machine: the base model for the "before" evaluation, the job's and the tuned model for
+    the "after" one are each loaded there (the loads are recorded, then done on the CPU), and the
+    job directory holds what the README lists."""
+    test_file = tmp_path / "test.jsonl"
+    spec = json.loads(TASKS_FILE.read_text())["json_extract"]
+    lines = (job.REPO / spec["test"]).read_text().splitlines()[:3]
+    test_file.write_text("\n".join(lines) + "\n")
+    config = demo.demo_config
+    monkeypatch.setattr(demo, "demo_config", lambda task, out: (
+        replace(config(task, out)[0], test_file=str(test_file), max_steps=1, device="cuda:1"), config(task, out)[1]))
+    asked, evaluated, evaluate = [], [], demo.evaluate
+
+    def load_spy(real):
+        def load(path, **kw):
+            asked.append(kw["device"])
+            return real(path, **{**kw, "device": "cpu"})
+        return load
+
+    def evaluate_spy(model, *args, **kw):
+        evaluated.append(type(model).__name__)
+        return evaluate(model, *args, **kw)
+
+    monkeypatch.setattr(demo, "load_pretrained", load_spy(demo.load_pretrained))
+    monkeypatch.setattr(job, "load_pretrained", load_spy(job.load_pretrained))
+    monkeypatch.setattr(demo, "evaluate", evaluate_spy)
+    out = tmp_path / "demo"
+    summary = demo.run_demo("json_extract", str(out), samples=2)
+    assert asked == [torch.device("cuda", 1)] * 3 and two_gpus[-1] == torch.device("cuda", 1)
+    assert evaluated == ["Transformer", "PeftModel"]  # before, after
+    assert summary["finished"] and summary["steps"] == 1 and set(summary["before"]) >= set(spec["metrics"])
+    assert json.loads((out / RECORD).read_text()) == summary
+    for name in ("report.md", "samples.md", "job_config.json", "metrics.jsonl", "loss_curve.png",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    table = summary_table(summary)
+    assert table in capsys.readouterr().out and table in (out / "report.md").read_text()

@@ -26,23 +26,6 @@ from minipeft.trainer import Trainer
 from test_job import base_dir, data_file, job_config  # noqa: F401 (fixtures)
 
 
-@pytest.fixture
-def two_gpus(monkeypatch):
-    """torch.cuda as on a machine with two GPUs; the devices made current are recorded."""
-    current = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    return current
-
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
 def test_auto_and_cpu(no_gpu):
     assert distributed.use_device("auto") == torch.device("cpu")
     assert distributed.use_device("cpu") == torch.device("cpu")
