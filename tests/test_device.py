@@ -172,6 +172,43 @@ def test_pretraining_asking_for_a_missing_gpu_stops_before_the_corpus(no_gpu, tm
     assert not out.exists()
 
 
+
+def test_the_platform_serves_and_trains_where_its_flags_say(two_gpus, tmp_path, monkeypatch):
+    """--device: the model pool loads there (recorded, then done on the CPU); --train-device: the
+    device a created job's config carries (its worker process trains there)."""
+    from minipeft.platform import inference, jobs
+    from minipeft.platform.state import Platform, Settings
+    from minipeft.platform.store import Store
+
+    asked, load = [], inference.load_pretrained
+    monkeypatch.setattr(inference, "load_pretrained",
+                        lambda path, **kw: asked.append(kw["device"]) or load(path, **{**kw, "device": "cpu"}))
+    platform = Platform(Settings(tmp_path / "state", {"base": DEFAULT_MODEL}, device="cuda:1"))
+    loaded, _, _ = platform.pool.get(inference.Target("base", DEFAULT_MODEL))
+    platform.close()
+    assert asked == [torch.device("cuda", 1)] and two_gpus[-1] == torch.device("cuda", 1)
+    assert list(stream_tokens(loaded, None, [1, 2], Sampling(max_tokens=2), stop_ids=[]))
+
+    store = Store(tmp_path / "platform.db")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "file-1.jsonl").write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    store.insert("files", {"id": "file-1", "filename": "a.jsonl", "purpose": "fine-tune", "bytes": 44, "lines": 1,
+                           "format": "instruction", "created_at": 0})
+    request = jobs.FineTuneRequest(model="base", training_file_ids=["file-1"])
+    job = jobs.create_job(store, {"base": DEFAULT_MODEL}, tmp_path, request, device="cuda:0")
+    assert job["config"]["device"] == "cuda:0" and TrainConfig(**job["config"]).device == "cuda:0"
+    store.close()
+
+
+@pytest.mark.parametrize("flag", ["--device", "--train-device"])
+def test_the_platform_refuses_a_missing_gpu_before_it_starts(flag, no_gpu, tmp_path, capsys):
+    from minipeft.cli import main
+
+    assert main(["platform", "--data-dir", str(tmp_path / "data"), flag, "cuda"]) == 2
+    assert f"error: {flag}: device='cuda': torch sees no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere there is nothing to compare
     @pytest.mark.parametrize("method", ["lora", "qlora"])
     def test_a_gpu_job_matches_the_cpu_job(method, base_dir, data_file, tmp_path):  # noqa: F811

@@ -2,6 +2,7 @@
 
     minipeft platform [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [--api-key KEY]
                       [--base-model NAME=DIR ...] [--max-upload-mb N] [--max-tokens N] [--threads N]
+                      [--device NAME] [--train-device NAME]
     minipeft job create --model NAME --training-file FILE|ID [...] [--validation-file FILE|ID]
                         [--training-type efficient_sft] [--hp n_epochs=3 --hp learning_rate=2e-4 ...]
     minipeft job list [--status S] | status ID | logs ID [--offset N] [--lines N] | cancel ID
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..argtypes import at_least
+from ..distributed import use_device
 from ..job import DEFAULT_MODEL
 from .client import Client
 
@@ -58,8 +60,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can "
               "upload data, train and call models", file=sys.stderr)
+    for flag, device in (("--train-device", args.train_device), ("--device", args.device)):
+        try:  # a GPU the machine lacks is one line; serving's device, checked last, stays CUDA's current
+            use_device(device)  # one in this process (the jobs train in worker processes)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
     settings = Settings(Path(args.data_dir).resolve(), bases, args.api_key, args.max_upload_mb * MIB,
-                        max_tokens=args.max_tokens, threads=args.threads)
+                        max_tokens=args.max_tokens, threads=args.threads, device=args.device,
+                        train_device=args.train_device)
     app = create_app(settings)  # takes the data directory's lock, or refuses
     print(f"minipeft platform: base models {sorted(bases)}; data in {settings.data_dir}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
@@ -185,5 +193,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=at_least(1), default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--threads", type=at_least(1), help="CPU threads for serving and for the training worker each "
                    "(default: torch's; on a shared CPU, 1 avoids thread oversubscription)")
+    p.add_argument("--device", default="auto", metavar="NAME",
+                   help="where served models run: auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
+    p.add_argument("--train-device", default="auto", metavar="NAME",
+                   help="where fine-tune jobs train (their device setting); e.g. --device cuda:0 --train-device cuda:1")
     p.set_defaults(func=_serve)
     _register_job(sub)

@@ -78,7 +78,9 @@ def _template_of(folder: Path) -> ChatTemplate:
 
 
 class ModelPool:
-    def __init__(self) -> None:
+    def __init__(self, device: str = "auto") -> None:
+        """device: where the models load (TrainConfig.device's names: auto, cpu, cuda, cuda:N)."""
+        self.device = device
         self._loaded: dict[tuple, Loaded] = {}
         self._where: dict[str, tuple] = {}  # target name -> key of the model holding it
         self._lock = threading.Lock()
@@ -101,9 +103,8 @@ class ModelPool:
             self._where[target.name] = key
             return loaded, adapter, loaded.templates[adapter]
 
-    @staticmethod
-    def _load_base(target: Target) -> Loaded:
-        model = load_pretrained(target.weights_dir, device=use_device("auto"),
+    def _load_base(self, target: Target) -> Loaded:
+        model = load_pretrained(target.weights_dir, device=use_device(self.device),
                                 quantization="nf4" if target.quantized else None).eval()
         return Loaded(model, load_tokenizer(target.weights_dir), {None: _template_of(target.weights_dir)})
 

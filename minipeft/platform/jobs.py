@@ -88,8 +88,10 @@ def _check_model_fit(cfg: TrainConfig) -> None:
                        f"{context} tokens", param="hyper_parameters.max_length")
 
 
-def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTuneRequest) -> dict[str, Any]:
-    """Check the request and record the job as PENDING (the scheduler prepares and queues it)."""
+def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTuneRequest,
+               device: str = "auto") -> dict[str, Any]:
+    """Check the request and record the job as PENDING (the scheduler prepares and queues it);
+    device: where it will train (the server's --train-device)."""
     source = resolve(store, bases, req.model)
     method = TRAINING_TYPES[req.training_type]
     settings = req.hyper_parameters.model_dump(exclude_none=True)
@@ -105,7 +107,7 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
     try:
         cfg = TrainConfig(model=str(source.weights_dir), train_file=str(job_dir / "train.jsonl"),
                           test_file=str(job_dir / "validation.jsonl") if req.validation_file_ids else None,
-                          output_dir=str(job_dir / "output"), method=method, **settings)
+                          output_dir=str(job_dir / "output"), method=method, device=device, **settings)
     except ValueError as e:
         raise ApiError(400, f"hyper_parameters: {e}", param="hyper_parameters") from None
     _check_model_fit(cfg)

@@ -96,7 +96,7 @@ def _register_jobs(router: APIRouter, platform: Platform) -> None:
 
     @router.post("/fine-tunes")
     def create(req: jobs.FineTuneRequest):
-        return jobs.job_view(jobs.create_job(store, platform.bases, data_dir, req))
+        return jobs.job_view(jobs.create_job(store, platform.bases, data_dir, req, platform.settings.train_device))
 
     @router.get("/fine-tunes")
     def list_jobs(status: Optional[str] = Query(None, pattern="^(" + "|".join(jobs.ACTIVE + jobs.FINISHED) + ")$")):

@@ -63,6 +63,8 @@ class Settings:
     max_body_bytes: int = 1 * MIB  # JSON requests
     max_tokens: int = 1024  # the largest max_tokens a completion may ask for
     threads: Optional[int] = None  # CPU threads for inference and for the training worker (None: torch's default)
+    device: str = "auto"  # where served models run (TrainConfig.device's names)
+    train_device: str = "auto"  # the device of the jobs it creates: on two GPUs, one serves and one trains
 
 
 class Platform:
@@ -71,7 +73,7 @@ class Platform:
         self.data_dir = settings.data_dir
         self._lock = lock_data_dir(settings.data_dir)  # first: before any state is read
         self.store = Store(settings.data_dir / "platform.db")
-        self.pool = ModelPool()
+        self.pool = ModelPool(settings.device)
         self.scheduler = Scheduler(self.store, settings.data_dir, settings.threads)
         self._naming = threading.Lock()
 
