@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -218,10 +219,22 @@ class PeftModel(nn.Module):
                     layer.merge(n)
 
     # --- merging ------------------------------------------------------------------------------
+    def _tied_lora_layers(self) -> list[tuple[str, LoraLinear]]:
+        """The active LoRA layers whose base weight another module shares (lm_head tied to
+        embed_tokens): ΔW merged into that tensor would move the other module too."""
+        uses = Counter(id(p) for _, p in self.base_model.named_parameters(remove_duplicate=False))
+        return [(path, layer) for path, layer in self.tuner_layers() if isinstance(layer, LoraLinear)
+                and layer.active_adapter and isinstance(layer.base_layer, nn.Linear)
+                and uses[id(layer.base_layer.weight)] > 1]
+
     def merge_adapter(self) -> None:
         """Fold the active LoRA adapter into the base weights (reversible: unmerge_adapter)."""
         if not isinstance(self.active_peft_config, LoraConfig):
             raise ValueError(f"{self.active_peft_config.peft_type} has no weight update to merge; only LoRA merges")
+        tied = [path for path, _ in self._tied_lora_layers()]
+        if tied:
+            raise ValueError(f"{tied} share their weight with another module (tie_word_embeddings): merging ΔW into "
+                             "it would change that module too; merge_and_unload() unties them first")
         for _, layer in self.tuner_layers():
             if isinstance(layer, LoraLinear) and layer.active_adapter:
                 layer.merge(layer.active_adapter)
@@ -237,7 +250,9 @@ class PeftModel(nn.Module):
         logits do not change), targeted or not: an NF4 model has no checkpoint form, and re-quantizing
         a merged weight, as PEFT does for bitsandbytes, would round most of ΔW away (LoraLinear.unloaded).
         A modules_to_save copy of lm_head or embed_tokens unties them: config.tie_word_embeddings
-        is then cleared, as in PEFT, so that the checkpoint keeps both.
+        is then cleared, as in PEFT, so that the checkpoint keeps both. So does LoRA on a tied
+        lm_head: its ΔW is merged into a copy of the shared weight, the embeddings keep theirs (PEFT
+        merges into the shared tensor, which moves the embeddings too).
 
         Inactive adapters are dropped, as PEFT drops them, even those that could not merge (a bottleneck
         adapter beside the active LoRA one). Every refusal comes before any layer changes.
@@ -253,6 +268,8 @@ class PeftModel(nn.Module):
         if broken:  # LoraLinear.merge would refuse too, but only once it reached them
             raise ValueError(f"merging adapter {self.active_adapter!r} gives non-finite weights in {broken}; "
                              "the adapter is broken")
+        for _, layer in self._tied_lora_layers():
+            layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().clone(), requires_grad=False)
         for path, layer in list(self.tuner_layers()):
             # Layers of another method hold only inactive adapters here (one method per module).
             set_submodule(self.base_model, path, layer.base_layer if isinstance(layer, BottleneckAdapter)

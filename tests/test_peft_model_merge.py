@@ -1,7 +1,9 @@
-"""merge_and_unload refuses before it changes anything, and drops inactive adapters as PEFT does."""
+"""merge_and_unload refuses before it changes anything, drops inactive adapters as PEFT does, and unties
+a tied lm_head that LoRA targets."""
 import pytest
 import torch
 
+from minipeft import load_pretrained
 from minipeft.adapter import AdapterConfig
 from minipeft.lora import LoraConfig
 from minipeft.peft_model import get_peft_model
@@ -75,3 +77,29 @@ def test_an_inactive_unmergeable_adapter_is_dropped_as_in_peft():
     assert not any(isinstance(m, TunerLayer) for m in merged.modules())
     # float32; W + s B A folded once instead of two matmuls summed: observed ~1e-6
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_lora_on_a_tied_lm_head_merges_into_its_own_copy(tmp_path):
+    """qwen2's lm_head is embed_tokens' weight. Merged into that shared tensor (as PEFT does), lm_head's
+    ΔW would move every embedding too, and the merged model would not compute what base + adapter did."""
+    torch.manual_seed(0)
+    base = tiny_model("qwen2")
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    embeddings = base.model.embed_tokens.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        expected = model(IDS)
+    with pytest.raises(ValueError, match=r"\['lm_head'\] share their weight with another module.*merge_and_unload"):
+        model.merge_adapter()
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings) and not merged.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), expected, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path)  # both matrices are written, and read back untied
+    reloaded = load_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS), expected, atol=1e-5, rtol=1e-5)
