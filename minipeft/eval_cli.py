@@ -18,11 +18,10 @@ from typing import Optional
 import torch
 
 from .argtypes import at_least
-from .checkpoint import load_pretrained
 from .data.loader import load_jsonl
 from .distributed import use_device
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
-from .job import default_model_dir
+from .job import QUANTIZATIONS, default_model_dir, load_trained
 from .templates import TEMPLATE_FILE, TEMPLATES, ChatTemplate, get_template, load_template
 from .tokenizer import load_tokenizer
 
@@ -40,12 +39,8 @@ def _template(name: Optional[str], adapter: Optional[str], model: Path) -> tuple
 
 
 def _load_model(args: argparse.Namespace) -> torch.nn.Module:
-    model = load_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=use_device(args.device))
-    if args.adapter is not None:
-        from .peft_model import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)  # its weights join the base's device
-    return model
+    return load_trained(str(args.model), args.adapter, DTYPES.get(args.dtype), use_device(args.device),
+                        args.quantization, log=print)[0]
 
 
 def _print_table(result: EvalResult, files: tuple[Path, Path]) -> None:
@@ -93,4 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the samples.md draw")
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the base model (default: as stored)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="how the base loads: auto (default: NF4 when the adapter records a QLoRA base), none, nf4")
     p.set_defaults(func=_eval)

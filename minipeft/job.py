@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_config
 from .data import load_jsonl, split_examples
 from .data.check import special_tokens
 from .model import Transformer
-from .files import write_atomic
-from .peft_model import PeftModel, count_parameters, full_finetune, get_peft_model
+from .files import check_output_dir, write_atomic
+from .lora import LoraConfig
+from .peft_config import CONFIG_NAME, PeftConfig
+from .peft_model import WEIGHTS_NAME, PeftModel, count_parameters, full_finetune, get_peft_model
 from .plots import plot_curves
 from .templates import ChatTemplate, TooLongError, get_template, save_template
 from .tokenizer import Tokenizer, load_tokenizer
@@ -82,11 +84,55 @@ def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, 
 def continue_from(model: nn.Module, adapter_dir: str) -> None:
     """Start from a saved adapter's weights, trainable: a continued fine-tune, not a fresh one.
     Tensor names and shapes are checked against the attached method (a rank or method mismatch
-    names the file); lora_alpha and dropout are not in the weights, so the caller compares those."""
+    names the file); lora_alpha and lora_dropout are not in the weights: check_continuation
+    compares those, before the model loads."""
     if not isinstance(model, PeftModel):
         raise ValueError(f"init_adapter={adapter_dir!r} continues a PEFT method; to continue a full "
                          "fine-tune, pass its model directory as model")
     model.load_adapter_weights(adapter_dir, model.active_adapter, is_trainable=True)
+
+
+def check_continuation(cfg: TrainConfig) -> None:
+    """A LoRA job continuing cfg.init_adapter must keep the adapter's lora_alpha (its
+    adapter_config.json): the update B A is scaled by lora_alpha / r, so another value changes
+    what the saved weights compute before the first step. lora_dropout must match too, as the
+    platform requires (platform/models.py, INHERITED): dropout is not part of the learned function,
+    but a continuation trains as its start did, and the job and the platform agree on what it may
+    change. The rest (rank, target modules, other methods' sizes) shows in the weights' names and
+    shapes, which continue_from checks."""
+    if cfg.method not in ("lora", "qlora"):
+        return
+    saved = PeftConfig.load(cfg.init_adapter)
+    if not isinstance(saved, LoraConfig):
+        return  # another method's tensors: continue_from names the mismatch
+    changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {key}={getattr(saved, key)!r}"
+               for key in ("lora_alpha", "lora_dropout") if getattr(cfg, key) != getattr(saved, key)]
+    if changed:
+        raise ValueError(f"init_adapter {Path(cfg.init_adapter) / CONFIG_NAME}: {'; '.join(changed)}; a continued "
+                         "adapter keeps the settings it was trained with: use the adapter's values")
+
+
+def check_context(max_length: int, model_dir: Path) -> None:
+    """max_length fits the model's context (max_position_embeddings in its config.json; no
+    weight is read): the base never saw later positions, so examples longer than it would train
+    and be served outside what the model learned, without an error."""
+    context = read_config(model_dir).max_position_embeddings
+    if max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds the model's context: {model_dir / 'config.json'} has "
+                         f"max_position_embeddings={context}; use max_length <= {context}")
+
+
+def check_job(cfg: TrainConfig) -> None:
+    """What a job needs beyond TrainConfig's checks of each value, checked against the files
+    before the model loads (seconds, not minutes, to an error): a train_file (TrainConfig leaves it
+    optional because pretraining has none), a writable output_dir, a max_length within the model's
+    context, and an init_adapter trained with the job's settings. Creates nothing."""
+    if not cfg.train_file:
+        raise ValueError("train_file is required: the JSONL file (instruction or conversation lines) to fine-tune on")
+    check_output_dir(cfg.output_dir, "output_dir")
+    check_context(cfg.max_length, default_model_dir(cfg.model))
+    if cfg.init_adapter:
+        check_continuation(cfg)
 
 
 @dataclass
@@ -114,6 +160,7 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     out = Path(cfg.output_dir)
     if (out / "job_config.json").exists() and not resume:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
+    check_job(cfg)
     device = dist.use_device(cfg.device)
     dist.init(device)  # under torchrun: join the other ranks (NCCL on GPUs)
     base, tok = load_base(cfg, device)
@@ -153,10 +200,33 @@ def save_trained(model: nn.Module, tok: Tokenizer, template: ChatTemplate, out: 
     return target
 
 
-def load_trained(model_dir: Optional[str], adapter: Optional[str]) -> tuple[nn.Module, Tokenizer]:
-    """Base model (default: the shipped one) with an optional adapter, for inference."""
+QUANTIZATIONS = ("auto", "none", "nf4")
+
+
+def base_quantization(adapter: Optional[str], requested: str = "auto") -> Optional[str]:
+    """How to load an adapter's base: "nf4" or "none" as requested, or "auto": as the adapter was
+    trained, which its file records when minipeft saved it on an NF4 base (QLoRA). A QLoRA adapter
+    on the 16/32-bit base computes another function: its ΔW was fitted to the rounded weights."""
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization {requested!r}: expected one of {QUANTIZATIONS}")
+    if requested != "auto":
+        return None if requested == "none" else requested
+    if adapter is None or not (Path(adapter) / WEIGHTS_NAME).is_file():  # PeftModel's load says what is missing
+        return None
+    return PeftModel.saved_base_quantization(adapter)
+
+
+def load_trained(model_dir: Optional[str], adapter: Optional[str], dtype: Optional[torch.dtype] = None,
+                 device: Any = "cpu", quantization: str = "auto",
+                 log: Callable[[str], Any] = lambda line: None) -> tuple[nn.Module, Tokenizer]:
+    """Base model (default: the shipped one) with an optional adapter, for inference; the base is
+    loaded as base_quantization(adapter, quantization) says (auto: as the adapter was trained)."""
     base_dir = default_model_dir(model_dir or "")
-    model = load_pretrained(base_dir)
+    quantized = base_quantization(adapter, quantization)
+    if quantized:
+        why = "the adapter's file records it: trained with QLoRA" if quantization == "auto" else "--quantization"
+        log(f"base loaded in {quantized.upper()} ({why})")
+    model = load_pretrained(base_dir, dtype=dtype, device=device, quantization=quantized)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), load_tokenizer(base_dir)

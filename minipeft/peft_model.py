@@ -34,6 +34,9 @@ from .tuner_layer import ModulesToSave, TunerLayer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The weights file's metadata records an NF4 base (QLoRA): the adapter was fitted to the rounded
+# weights, so inference and merging must load the base the same way (saved_base_quantization).
+BASE_QUANTIZATION = "minipeft.base_quantization"
 # peft_type -> the layer wrapper (layer methods) or the prompt encoder (prompt-learning methods).
 LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLinear, "BOTTLENECK_ADAPTER": BottleneckAdapter}
 PROMPT_ENCODERS: dict[str, type[nn.Module]] = {"PREFIX_TUNING": PrefixEncoder, "PROMPT_TUNING": PromptEmbedding}
@@ -335,8 +338,17 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             target = Path(directory) if name == "default" else Path(directory) / name
             tensors = _unaliased({k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()})
-            write_atomic(target / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+            quantized = any(isinstance(m, Linear4bit) for m in self.base_model.modules())
+            metadata = {"format": "pt", **({BASE_QUANTIZATION: "nf4"} if quantized else {})}
+            write_atomic(target / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
             self.peft_config[name].save(target)
+
+    @staticmethod
+    def saved_base_quantization(directory: PathLike) -> Optional[str]:
+        """"nf4" when the adapter in `directory` was saved from a model on an NF4 base (QLoRA), else
+        None (a 16/32-bit base, or an adapter written by another tool, which does not record it)."""
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+            return (f.metadata() or {}).get(BASE_QUANTIZATION)
 
     @classmethod
     def from_pretrained(cls, model: Transformer, directory: PathLike, adapter_name: str = "default",

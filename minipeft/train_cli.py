@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, replace_dir, staging_dir
-from .job import load_trained, run_job
+from .job import QUANTIZATIONS, load_trained, run_job
 from .peft_model import format_trainable
 from .train_config import TrainConfig
 
@@ -41,10 +41,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool) -> dict[str, float]:
+def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool,
+                  quantization: str = "auto") -> dict[str, float]:
     """Merge, write to a staging directory beside `output`, reload what was written and compare it with
-    base + adapter on PROBE; move it into place only if it agrees (or with force). Returns the comparison."""
-    peft_model, tok = load_trained(base_dir, adapter_dir)
+    base + adapter on PROBE; move it into place only if it agrees (or with force). Returns the comparison.
+
+    The base loads as the adapter was trained (job.base_quantization): a QLoRA adapter merges into
+    the dequantized NF4 weights, so the checkpoint computes what was trained and evaluated."""
+    peft_model, tok = load_trained(base_dir, adapter_dir, quantization=quantization, log=print)
     ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
     with torch.no_grad():
         expected = peft_model(ids, attention_mask=mask)
@@ -73,7 +77,7 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
 
 
 def _merge(args: argparse.Namespace) -> int:
-    merge_checked(args.base, args.adapter, args.output, args.max_diff, args.force)
+    merge_checked(args.base, args.adapter, args.output, args.max_diff, args.force, args.quantization)
     return 0
 
 
@@ -90,4 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--max-diff", type=float, default=1e-3,
                    help="largest |logit| difference accepted (float32 merges land ~1e-6)")
     m.add_argument("--force", action="store_true", help="write even if the check fails")
+    m.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="how the base loads: auto (default: NF4 when the adapter records a QLoRA base), none, nf4")
     m.set_defaults(func=_merge)

@@ -9,8 +9,10 @@ from torch import nn
 
 from minipeft import Transformer, load_pretrained
 from minipeft.job import load_trained
+from minipeft.linear4bit import Linear4bit
 from minipeft.lora import LoraConfig
-from minipeft.peft_model import get_peft_model
+from minipeft.peft_model import PeftModel, get_peft_model
+from minipeft.tokenizer import load_tokenizer
 from minipeft.train_cli import merge_checked
 from conftest import save_tiny_base, tiny_model, to_hf
 
@@ -144,6 +146,38 @@ def base_and_adapter(tmp_path):
                 p.add_(torch.randn_like(p) * 0.05)
     peft_model.save_pretrained(tmp_path / "adapter")
     return base, tmp_path / "adapter"
+
+
+def test_a_qlora_adapter_merges_into_the_base_it_was_trained_on(tmp_path, capsys):
+    """A QLoRA adapter's file records its NF4 base, so merge (and eval, through load_trained) load the
+    base that way: the merged checkpoint computes NF4 base + adapter, the model trained and evaluated.
+    Before, it loaded the float32 base: the check compared that with itself and passed, while the
+    written model differed from the trained one (max logit diff 1.4 on the shipped model)."""
+    base = save_tiny_base(tmp_path / "base", hidden_size=128, intermediate_size=256)  # NF4 blocks of 64
+    for kind, quantization in (("qlora", "nf4"), ("lora", None)):
+        model = get_peft_model(load_pretrained(base, quantization=quantization),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        model.save_pretrained(tmp_path / kind)
+        assert PeftModel.saved_base_quantization(tmp_path / kind) == quantization
+    trained = PeftModel.from_pretrained(load_pretrained(base, quantization="nf4"), tmp_path / "qlora").eval()
+    on_float_base = PeftModel.from_pretrained(load_pretrained(base), tmp_path / "qlora").eval()
+    ids = torch.tensor([load_tokenizer(base).encode("the quick brown fox", bos=True)])
+    report = merge_checked(str(base), str(tmp_path / "qlora"), str(tmp_path / "merged"), max_diff=1e-3, force=False)
+    assert "base loaded in NF4 (the adapter's file records it: trained with QLoRA)" in capsys.readouterr().out
+    with torch.no_grad():
+        merged, expected, other = load_pretrained(tmp_path / "merged")(ids), trained(ids), on_float_base(ids)
+    assert report["max_abs_logit_diff"] < 1e-4 and (expected - other).abs().max() > 1e-2  # the bases differ
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)
+    # --quantization none: the float32 base, as asked (and checked against that)
+    merge_checked(str(base), str(tmp_path / "qlora"), str(tmp_path / "m32"), 1e-3, False, quantization="none")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "m32")(ids), other, atol=1e-4, rtol=0)
+    lora, _ = load_trained(str(base), str(tmp_path / "lora"))  # a LoRA adapter: the base as stored
+    assert not any(isinstance(m, Linear4bit) for m in lora.modules())
 
 
 def test_merge_checks_the_written_checkpoint(base_and_adapter, tmp_path, monkeypatch):
