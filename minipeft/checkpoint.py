@@ -12,16 +12,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import read_json
+from .files import read_json, staging_dir
 from .model import Transformer
 from .nf4 import quantize_nf4
 
@@ -52,12 +52,31 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}{hint}")
 
 
+@contextmanager
+def open_safetensors(path: PathLike) -> Iterator[Any]:
+    """safe_open(path) on the CPU; a damaged file (cut short by a full disk or a killed copy) is a
+    ValueError naming it, whether the header or a tensor is what fails to read, instead of the
+    Rust library's SafetensorError, which names neither the file nor the likely cause."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, by name (safetensors.torch.load_file, with
+    open_safetensors' error for a damaged file)."""
+    with open_safetensors(path) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 def read_state_dict(path: PathLike, convert: Optional[Callable[[str, torch.Tensor], Any]] = None) -> dict[str, Any]:
     """Every tensor of the checkpoint's safetensors file(s), by name; convert(name, tensor), if given,
     is applied to each as it is read, so that only one tensor as stored is in memory at a time."""
     tensors: dict[str, Any] = {}
     for f in _weight_files(Path(path)):
-        with safe_open(str(f), framework="pt") as sf:
+        with open_safetensors(f) as sf:
             for name in sf.keys():
                 tensor = sf.get_tensor(name)
                 tensors[name] = tensor if convert is None else convert(name, tensor)
@@ -174,13 +193,6 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
         shards[-1][name] = t
         size += nbytes
     return shards
-
-
-def staging_dir(path: Path) -> Path:
-    """A new empty directory beside `path` (its parents created) to build `path`'s contents in: being on
-    the same filesystem, replace_dir can then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

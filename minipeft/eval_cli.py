@@ -21,6 +21,7 @@ from .argtypes import at_least
 from .data.loader import load_jsonl
 from .distributed import use_device
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
+from .files import check_output_dir
 from .job import QUANTIZATIONS, default_model_dir, load_trained
 from .templates import TEMPLATE_FILE, TEMPLATES, ChatTemplate, get_template, load_template
 from .tokenizer import load_tokenizer
@@ -55,6 +56,7 @@ def _print_table(result: EvalResult, files: tuple[Path, Path]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, "--output")  # before the model loads and generates
     examples = load_jsonl(args.data)
     has_own_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer.model").is_file()
     tokenizer = load_tokenizer(args.adapter if has_own_tokenizer else args.model)

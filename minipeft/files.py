@@ -3,8 +3,12 @@
 - Writes are atomic: data goes to a temporary file beside the target, then `os.replace` renames it
   into place, so a reader or a crash never sees half a file; the old file stays until then. The
   data is fsynced before the rename and the directory after it: without that, a power loss can
-  persist the rename but not the data, leaving an empty file where the old one was.
+  persist the rename but not the data, leaving an empty file where the old one was. A directory
+  is built in a staging directory beside it and renamed the same way.
 - JSON reads fail with the file, line and column, and a missing file says what it was needed for.
+
+An output directory is checked before the expensive work (`check_output_dir`), so that a path that
+cannot be written fails in a second rather than after a model has loaded.
 """
 from __future__ import annotations
 
@@ -42,6 +46,41 @@ def write_atomic(path: PathLike, data: Union[str, bytes, Iterable[bytes]]) -> No
     _fsync_dir(path.parent)
 
 
+def staging_dir(path: PathLike) -> Path:
+    """A new empty hidden directory beside `path` (its parents created) to build `path`'s contents
+    in: being on the same filesystem, it can then be renamed into place. Its mode is a plain
+    mkdir's (0777 less the umask), not mkdtemp's 0700, so the renamed directory is like any other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
+def check_output_dir(path: PathLike, name: str) -> Path:
+    """`path` as a Path if it can serve as an output directory (an existing directory, or one that
+    can be created), else a ValueError that names it as `name`, the setting or flag the user wrote
+    ("output_dir", "--output"), and says why: it exists and is not a directory, an ancestor is a
+    file, or it cannot be created or written.
+
+    Creates nothing: writability is proven by a directory made and removed at once in `path` or
+    its nearest existing ancestor, since permission bits answer yes to root even where a write
+    fails (/sys refuses mkdir to root too)."""
+    path = Path(path)
+    ancestor = path
+    while not (ancestor.exists() or ancestor.is_symlink()):  # a dangling symlink blocks mkdir too
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        why = "exists" if ancestor == path else f"cannot be created: {ancestor} exists"
+        raise ValueError(f"{name} {path}: {why} and is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".write-check."))
+    except OSError as e:
+        why = "is not writable" if ancestor == path else f"cannot be created in {ancestor}"
+        raise ValueError(f"{name} {path}: {why} ({e.strerror})") from None
+    return path
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable. POSIX only: Windows cannot open a directory."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -68,10 +107,22 @@ def existing_file(path: PathLike, needed_for: str) -> Path:
     return path
 
 
-def read_json(path: PathLike, needed_for: str) -> Any:
-    """Parse a JSON file; errors name the file (and line and column), and what needed it."""
+def read_json(path: PathLike, needed_for: str, unique_keys: bool = False) -> Any:
+    """Parse a JSON file; errors name the file (and line and column), and what needed it.
+    unique_keys: a key given twice in one object is an error naming it (json keeps the last one
+    silently: a settings file whose second value overrides the first the reader saw)."""
     path = existing_file(path, needed_for)
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"{path}: key {key!r} given twice; keep one")
+            seen.add(key)
+        return dict(pairs)
+
+    hook = refuse_duplicates if unique_keys else None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

@@ -6,14 +6,31 @@ import argparse
 import torch
 
 from .argtypes import at_least, probability
-from .checkpoint import load_pretrained
+from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+    """--ids' comma-separated token ids, each an integer in [0, vocab_size), else a ValueError
+    naming it (the embedding lookup would fail with an IndexError that names nothing)."""
+    ids = []
+    for item in text.split(","):
+        try:
+            i = int(item)
+        except ValueError:
+            raise ValueError(f"--ids: {item.strip()!r} is not an integer token id") from None
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"--ids: token id {i} is outside the model's vocabulary of {vocab_size} "
+                             f"(ids 0 to {vocab_size - 1})")
+        ids.append(i)
+    return ids
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .job import default_model_dir
 
     path, device = default_model_dir(args.model), use_device(args.device)
+    given = None if args.ids is None else parse_ids(args.ids, read_config(path).vocab_size)  # before the weights
     model = load_pretrained(path, device=device)
     if args.prompt is not None:
         from .tokenizer import load_tokenizer
@@ -21,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
         tok = load_tokenizer(path)
         ids = torch.tensor([tok.encode(args.prompt, bos=True)], device=device)
     else:
-        tok, ids = None, torch.tensor([[int(i) for i in args.ids.split(",")]], device=device)
+        tok, ids = None, torch.tensor([given], device=device)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_token_id=model.config.eos_token_id,
                          generator=torch.Generator(device).manual_seed(args.seed))  # draws where the logits are

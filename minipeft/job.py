@@ -161,10 +161,10 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     if (out / "job_config.json").exists() and not resume:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
     check_job(cfg)
+    template = get_template(cfg.template)  # an unknown name fails here, before the model loads
     device = dist.use_device(cfg.device)
     dist.init(device)  # under torchrun: join the other ranks (NCCL on GPUs)
     base, tok = load_base(cfg, device)
-    template = get_template(cfg.template)
     specials = special_tokens(tok)  # content holding one would be encoded as that control token
     train = load_jsonl(cfg.train_file, specials)
     if cfg.test_file:

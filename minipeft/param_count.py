@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ModelConfig
+from .config import PRESETS, ModelConfig
 from .model import Transformer
 from .nf4 import nf4_nbytes
 from .peft_model import count_parameters, format_trainable, full_finetune, get_peft_model
@@ -91,7 +91,9 @@ def _count_params(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, name: Optional[str] = "count-params") -> None:
     p = sub.add_parser(name, help="trainable / all parameters of a preset with a method, PEFT's line")
-    p.add_argument("--preset", required=True)
+    # choices: argparse refuses an unknown name (exit 2, the names listed) before anything is built
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), metavar="NAME",
+                   help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "adapter", "prefix", "prompt"])
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated names, or all-linear")

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .adapter import BottleneckAdapter
-from .checkpoint import check_state_dict
+from .checkpoint import check_state_dict, load_safetensors, open_safetensors
 from .linear4bit import Linear4bit, dequantize_model
 from .lora import LoraConfig, LoraLinear
 from .model import Transformer
@@ -347,7 +346,7 @@ class PeftModel(nn.Module):
     def saved_base_quantization(directory: PathLike) -> Optional[str]:
         """"nf4" when the adapter in `directory` was saved from a model on an NF4 base (QLoRA), else
         None (a 16/32-bit base, or an adapter written by another tool, which does not record it)."""
-        with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+        with open_safetensors(Path(directory) / WEIGHTS_NAME) as f:
             return (f.metadata() or {}).get(BASE_QUANTIZATION)
 
     @classmethod
@@ -374,8 +373,7 @@ class PeftModel(nn.Module):
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
-        with safe_open(str(path), framework="pt") as f:
-            found = {k: f.get_tensor(k) for k in f.keys()}
+        found = load_safetensors(path)
         expected = self.adapter_state_dict(name)
         check_state_dict({k: v.shape for k, v in expected.items()}, found, str(path))
         with torch.no_grad():

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
     length.add_argument("--epochs", type=float, metavar="E", help="passes over the text's training windows (drills come on top)")
     length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
-    p.add_argument("--device", metavar="NAME", help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
+    p.add_argument("--device", metavar="NAME",
+                   help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
                         "that wait for each other at every op were 3-5x slower than one thread there")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained, replace_dir, staging_dir
+from .checkpoint import load_pretrained, replace_dir
+from .files import check_output_dir, staging_dir
 from .job import QUANTIZATIONS, load_trained, run_job
 from .peft_model import format_trainable
 from .train_config import TrainConfig
@@ -48,12 +49,12 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
 
     The base loads as the adapter was trained (job.base_quantization): a QLoRA adapter merges into
     the dequantized NF4 weights, so the checkpoint computes what was trained and evaluated."""
+    output_path = check_output_dir(output, "--output")  # before the model loads
     peft_model, tok = load_trained(base_dir, adapter_dir, quantization=quantization, log=print)
     ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
     with torch.no_grad():
         expected = peft_model(ids, attention_mask=mask)
     merged = peft_model.merge_and_unload()
-    output_path = Path(output)
     staging = staging_dir(output_path)
     try:
         merged.save_pretrained(staging)

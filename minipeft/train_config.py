@@ -4,13 +4,15 @@ The outline's core parameters (section 4.1) with its usual values: learning_rate
 (full fine-tuning; LoRA tolerates ~10x more), epochs 3-5, batch_size 4-32, warmup_ratio 0.1,
 weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key, a value of
 the wrong type (each key takes its annotation's type: `true` is no integer, `2.5` no batch size)
-or an out-of-range value is an error that names the key, before any work starts.
+or an out-of-range value is an error that names the key, before any work starts; so is a key
+given twice (YAML and JSON parsers keep the last one silently).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,6 +27,26 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_s
 ALIASES = {"epochs": "n_epochs", "r": "lora_rank", "training_file": "train_file", "validation_file": "test_file"}
 _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
           list: "a list of strings", type(None): "null"}
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit (the trainer seeds seed + epoch); the platform API's bound too
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error at its second line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}  # key -> its line
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then a key of them again is YAML's way to override one
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # super() reports it
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first[key] + 1}); keep one",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _finite_float(value: Any) -> Optional[float]:
@@ -160,6 +182,7 @@ class TrainConfig:
             ("save_total_limit", self.save_total_limit >= 1, ">= 1"),
             ("num_virtual_tokens", self.num_virtual_tokens >= 1, ">= 1"),
             ("bottleneck_size", self.bottleneck_size >= 1, ">= 1"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             # The trainer updates weights in their own dtype, with no float32 master copy: a step below
             # half of bf16's spacing (2^-8 of the weight) rounds away; at lr 2e-5 norm gains never move.
             ("bf16", not (self.bf16 and self.method == "full"),
@@ -195,13 +218,13 @@ class TrainConfig:
         path = existing_file(path, "expected a JSON or YAML job file")
         if path.suffix in (".yaml", ".yml"):
             try:
-                d = yaml.safe_load(path.read_text(encoding="utf-8"))
+                d = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)  # parse errors carry where they happened
                 at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
                 raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         else:
-            d = read_json(path, "expected a JSON or YAML job file")
+            d = read_json(path, "expected a JSON or YAML job file", unique_keys=True)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
         return cls.from_dict(d, where=str(path))

@@ -25,16 +25,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed as dist
-from .checkpoint import check_state_dict, read_state_dict
-from .files import read_json
+from .checkpoint import check_state_dict, load_safetensors, read_state_dict
+from .files import read_json, staging_dir
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
@@ -80,8 +79,8 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
                     state: dict[str, Any], keep: int, rng: dict[str, torch.Tensor]) -> Path:
     """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints; rng:
     rng_states()."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{PREFIX}{step}."))
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = staging_dir(final)  # hidden: list_checkpoints skips it until it is renamed into place
     try:
         if isinstance(model, PeftModel):
             model.save_pretrained(tmp / "adapter")
@@ -94,7 +93,6 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
         (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        final = output_dir / f"{PREFIX}{step}"
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -126,7 +124,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Restore weights (in place: the optimizer's parameters), optimizer, RNG from `path`."""
     if isinstance(model, PeftModel):
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        tensors = load_file(str(path / TRAINABLE))
+        tensors = load_safetensors(path / TRAINABLE)
         check_state_dict({n: p.shape for n, p in trainable.items()}, tensors, str(path / TRAINABLE))
         with torch.no_grad():
             for name, tensor in tensors.items():
@@ -135,14 +133,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         with torch.no_grad():
             for name, tensor in read_state_dict(path / "model").items():
                 model.get_parameter(name).copy_(tensor)
-    flat = load_file(str(path / "optimizer.safetensors"))
+    flat = load_safetensors(path / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    restore_rng(load_file(str(path / "rng.safetensors")))
+    restore_rng(load_safetensors(path / "rng.safetensors"))
 
 
 # Settings that change only what is logged, evaluated, saved or shown, or how a step is computed

@@ -202,3 +202,28 @@ def test_merge_checks_the_written_checkpoint(base_and_adapter, tmp_path, monkeyp
     with pytest.raises(ValueError, match="nothing written"):
         merge_checked(str(base), str(adapter), str(tmp_path / "bad"), max_diff=1e-3, force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "base.txt", "new"]
+
+
+def test_a_damaged_weights_file_is_named(tmp_path):
+    """A file cut short (a full disk, a killed copy) or not safetensors at all: a ValueError naming it,
+    not safetensors' SafetensorError traceback, which names neither the file nor the likely cause."""
+    import re
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:6], b"not a safetensors file"):
+        weights.write_bytes(damaged)
+        with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file (truncated or "
+                                                       "corrupt?): ")):
+            load_pretrained(tmp_path)
+
+
+def test_saved_directories_follow_the_umask(tmp_path, monkeypatch):
+    """A directory is staged with mkdtemp (mode 0700) and renamed into place: it must get a plain
+    mkdir's mode, 0777 less the umask, like every other output."""
+    from minipeft import files
+
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # read once at import; this umask gives 0755, not 0700
+    tiny_model().save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755

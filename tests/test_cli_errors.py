@@ -79,3 +79,71 @@ def test_platform_without_its_extra_says_what_to_install(monkeypatch, capsys):
     assert main(["platform"]) == 2
     assert "minipeft platform: error: minipeft platform needs uvicorn: pip install -e '.[platform]'" \
         in one_line_error(capsys)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading weights fails the test: the errors below must come before it (minutes on a real model)."""
+    import minipeft.generate_cli
+    import minipeft.job
+
+    def load(*args, **kwargs):
+        pytest.fail("the model was loaded before the error")
+
+    monkeypatch.setattr(minipeft.job, "load_pretrained", load)
+    monkeypatch.setattr(minipeft.generate_cli, "load_pretrained", load)
+
+
+def test_train_without_train_file_says_it_is_required(tmp_path, capsys, no_model_load):
+    """The default "" used to reach the data loader: "error: : cannot read: Is a directory"."""
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"output_dir": str(tmp_path / "out")}))
+    assert main(["train", "--config", str(job)]) == 2
+    assert "minipeft train: error: train_file is required" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_into_a_file_names_output_dir(tmp_path, capsys, no_model_load):
+    """It used to be a FileExistsError traceback, after the model had loaded."""
+    (tmp_path / "train.jsonl").write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    (tmp_path / "taken").write_text("")
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"train_file": str(tmp_path / "train.jsonl")}))
+    assert main(["train", "--config", str(job), "--output-dir", str(tmp_path / "taken")]) == 2
+    assert f"error: output_dir {tmp_path / 'taken'}: exists and is not a directory" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_merge_and_eval_into_a_file_name_output(command, tmp_path, capsys, no_model_load):
+    """Both were tracebacks (NotADirectoryError, FileExistsError), after the model had loaded."""
+    (tmp_path / "taken").write_text("")
+    (tmp_path / "test.jsonl").write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    args = {"merge": ["--adapter", str(tmp_path / "adapter")], "eval": ["--data", str(tmp_path / "test.jsonl")]}
+    taken = tmp_path / "taken"
+    for output, why in ((taken, "exists and is not a directory"),
+                        (taken / "x", f"cannot be created: {taken} exists and is not a directory")):
+        assert main([command, *args[command], "--output", str(output)]) == 2
+        assert f"minipeft {command}: error: --output {output}: {why}" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("ids,bad", [("1,99999", "99999"), ("1,-5", "-5")])
+def test_generate_refuses_an_id_outside_the_vocabulary(capsys, no_model_load, ids, bad):
+    """It used to be `IndexError: index out of range in self` from the embedding lookup."""
+    from minipeft.checkpoint import read_config
+    from minipeft.job import DEFAULT_MODEL
+
+    vocab = read_config(DEFAULT_MODEL).vocab_size
+    assert main(["generate", "--ids", ids]) == 2
+    assert (f"minipeft generate: error: --ids: token id {bad} is outside the model's vocabulary of {vocab} "
+            f"(ids 0 to {vocab - 1})") in one_line_error(capsys)
+    assert main(["generate", "--ids", "1,x"]) == 2
+    assert "minipeft generate: error: --ids: 'x' is not an integer token id" in one_line_error(capsys)
+
+
+def test_count_params_with_an_unknown_preset_lists_the_names(capsys):
+    """The KeyError it used to raise printed its message in quotes: error: "unknown preset 'nope'; ..."."""
+    with pytest.raises(SystemExit) as e:
+        main(["count-params", "--preset", "nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "\"" not in err
+    assert "argument --preset: invalid choice: 'nope' (choose from 'llama-2-13b', 'llama-2-7b'," in err

@@ -73,6 +73,9 @@ def test_bad_configs_say_what_is_wrong():
     ({"method": "prompt", "packing": True}, "packing=True (expected false with method='prefix' or 'prompt'"),
     ({"method": "prefix", "packing": True}, "packing=True (expected false with method='prefix' or 'prompt'"),
     ({"device": "gpu"}, "device='gpu' (expected 'auto', 'cpu', 'cuda' or 'cuda:N')"),
+    # torch.manual_seed takes 64 bits: a larger seed failed in it with "Overflow when unpacking long long"
+    ({"seed": 99999999999999999999}, "seed=99999999999999999999 (expected in [0, 9223372036854775807])"),
+    ({"seed": -1}, "seed=-1 (expected in [0, 9223372036854775807])"),
 ])
 def test_train_config_checks_every_type_and_names_the_key(settings, message):
     with pytest.raises(ValueError) as e:
@@ -85,7 +88,7 @@ def test_integral_numbers_are_integers():
     cfg = TrainConfig.from_dict({"max_steps": 1e3, "batch_size": 8.0, "seed": "42"})
     assert (cfg.max_steps, cfg.batch_size, cfg.seed) == (1000, 8, 42)
     assert all(type(v) is int for v in (cfg.max_steps, cfg.batch_size, cfg.seed))
-    assert TrainConfig(seed=2**53 + 1).seed == 2**53 + 1 and TrainConfig(seed=str(2**64 + 1)).seed == 2**64 + 1
+    assert TrainConfig(seed=2**53 + 1).seed == 2**53 + 1 and TrainConfig(seed=str(2**63 - 1)).seed == 2**63 - 1
 
 
 def test_train_config_reports_every_bad_type_at_once():
@@ -116,6 +119,25 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
     (tmp_path / "job.yml").write_text("n_epochs: 2\ntarget_modules: [q_proj, v_proj\nbatch_size: 4\n")
     with pytest.raises(ValueError, match=r"job.yml: invalid YAML at line 3 column 11: expected ',' or ']'"):
         TrainConfig.load(tmp_path / "job.yml")
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML and JSON parsers keep the last of two values silently: the job would train with
+    learning_rate 0.5, or batch_size 2, where the reader of the file saw the first value."""
+    (tmp_path / "job.yaml").write_text("learning_rate: 1e-4\nbatch_size: 4\nlearning_rate: 0.5\n")
+    with pytest.raises(ValueError, match=r"job.yaml: invalid YAML at line 3 column 1: key 'learning_rate' given "
+                                         r"twice \(first at line 1\); keep one"):
+        TrainConfig.load(tmp_path / "job.yaml")
+    (tmp_path / "job.json").write_text('{"batch_size": 4, "seed": 1, "batch_size": 2}')
+    with pytest.raises(ValueError, match=r"job.json: key 'batch_size' given twice; keep one"):
+        TrainConfig.load(tmp_path / "job.json")
+    # Still YAML as safe_load reads it: merge keys may override what they merge; tags are refused.
+    from minipeft.train_config import _UniqueKeyLoader
+
+    text = "defaults: &d {lora_rank: 4}\nlora: {<<: *d, lora_rank: 8}\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader) == {"defaults": {"lora_rank": 4}, "lora": {"lora_rank": 8}}
+    with pytest.raises(yaml.YAMLError, match="could not determine a constructor"):
+        yaml.load("seed: !!python/object:os.system 1\n", Loader=_UniqueKeyLoader)
 
 
 def test_a_directory_is_not_a_job_file(tmp_path):

@@ -1,6 +1,7 @@
 """The job flow end to end on a tiny model and tokenizer built here: JSONL -> adapter -> merge."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 from minipeft import ModelConfig, Transformer, load_pretrained
 from minipeft.data import DataError
+from minipeft.files import check_output_dir
 from minipeft.job import load_trained, run_job
 from minipeft.lora import LoraLinear
 from minipeft.peft_model import PeftModel
@@ -172,3 +174,45 @@ def test_a_job_under_torchrun(base_dir, data_file, tmp_path):
                  "checkpoint-4/trainer_state.json"):
         assert (tmp_path / "out" / name).is_file(), name
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_job_that_cannot_run_is_refused_before_the_model_loads(base_dir, data_file, tmp_path, monkeypatch):
+    """Each of these used to surface only after the weights had loaded (minutes on a real model):
+    as a traceback (FileExistsError, NotADirectoryError, PermissionError), as ": cannot read: Is a
+    directory" for the default train_file "", or not at all (max_length past the model's context
+    trained silently). Each names its key, and nothing is created."""
+    from minipeft import job
+    from minipeft.checkpoint import read_config
+
+    monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    context = read_config(base_dir).max_position_embeddings
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        ({"max_length": context + 1}, f"max_length={context + 1} exceeds the model's context: "
+                                      f"{base_dir / 'config.json'} has max_position_embeddings={context}"),
+        ({"train_file": ""}, "train_file is required"),
+        ({"template": "chatlm"}, "unknown chat template 'chatlm'; known templates: ['chatml', 'llama2', 'plain']; "
+                                 "did you mean 'chatml'?"),
+        ({"output_dir": str(afile)}, f"output_dir {afile}: exists and is not a directory"),
+        ({"output_dir": str(afile / "sub")}, f"output_dir {afile / 'sub'}: cannot be created: {afile} exists and "
+                                             "is not a directory"),
+    ]
+    if os.path.isdir("/sys/kernel"):  # Linux's sysfs refuses mkdir to everyone, root included
+        cases.append(({"output_dir": "/sys/minipeft/out"}, "output_dir /sys/minipeft/out: cannot be created in /sys ("))
+    for settings, message in cases:
+        with pytest.raises(ValueError) as e:
+            run_job(job_config(base_dir, data_file, tmp_path / "job", **settings))
+        assert message in str(e.value), settings
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+    job.check_context(context, base_dir)  # the whole context is allowed
+
+
+def test_check_output_dir_names_the_setting_and_creates_nothing(tmp_path):
+    """The check that run_job, merge --output and eval --output share: `name` is what the user wrote."""
+    assert check_output_dir(tmp_path / "new" / "dir", "--output") == tmp_path / "new" / "dir"
+    assert check_output_dir(tmp_path, "--output") == tmp_path
+    assert list(tmp_path.iterdir()) == []  # the write check's probe directory is gone
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"--output {tmp_path / 'taken'}: exists and is not a directory")):
+        check_output_dir(tmp_path / "taken", "--output")

@@ -158,3 +158,25 @@ def test_resume_may_reorder_target_modules_but_not_change_them(tmp_path):
         lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, target_modules=["q_proj"]).resume()
     reordered = lora_trainer(tmp_path / "run", save_strategy="steps", save_steps=1, target_modules=["v_proj", "q_proj"])
     assert reordered.train(resume=True).steps == 20
+
+
+def test_a_damaged_checkpoint_file_is_named_on_resume(tmp_path):
+    """optimizer.safetensors cut short (a full disk mid-copy): resuming names the file, instead of
+    safetensors' SafetensorError traceback."""
+    import re
+
+    interrupted(tmp_path, 2)
+    optimizer = tmp_path / "checkpoint-2" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{optimizer}: not a readable safetensors file (truncated or "
+                                                   "corrupt?)")):
+        lora_trainer(tmp_path, save_strategy="steps", save_steps=1).train(resume=True)
+
+
+def test_checkpoint_directories_follow_the_umask(tmp_path, monkeypatch):
+    """They were drwx------ (tempfile.mkdtemp's 0700) while every other output follows the umask."""
+    from minipeft import files
+
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # read once at import; this umask gives 0755
+    interrupted(tmp_path, 2)
+    assert [p.stat().st_mode & 0o777 for p in sorted(tmp_path.glob("checkpoint-*"))] == [0o755, 0o755]

@@ -30,7 +30,7 @@ from ..data import load_jsonl
 from ..data.jsonl import dumps_line, write_atomic
 from ..templates import get_template
 from ..tokenizer import load_tokenizer
-from ..train_config import TrainConfig
+from ..train_config import MAX_SEED, TrainConfig
 from ..train_state import list_checkpoints
 from .errors import ApiError, not_found
 from .files import file_path
@@ -41,7 +41,7 @@ TRAINING_TYPES = {"sft": "full", "efficient_sft": "lora", "qlora": "qlora", "ada
                   "prefix": "prefix", "prompt": "prompt"}
 ACTIVE = ("PENDING", "QUEUING", "RUNNING", "CANCELING")
 FINISHED = ("SUCCEEDED", "FAILED", "CANCELED")
-MAX_EPOCHS, MAX_BATCH, MAX_RANK, MAX_FILES, MAX_SEED = 100, 1024, 1024, 100, 2**63 - 1
+MAX_EPOCHS, MAX_BATCH, MAX_RANK, MAX_FILES = 100, 1024, 1024, 100
 
 
 class HyperParameters(BaseModel):

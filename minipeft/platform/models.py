@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import staging_dir
 from ..peft_config import PeftConfig
 from ..templates import TEMPLATE_FILE, get_template, load_template, save_template
 from ..tokenizer import load_tokenizer
@@ -102,8 +102,7 @@ def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[
 
 
 def _copy_atomic(source: Path, dest: Path, template: str, tokenizer_dir: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = staging_dir(dest)
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if not (tmp / TEMPLATE_FILE).is_file():  # a checkpoint saves weights only
