@@ -47,7 +47,7 @@ def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
         from .lora import LoraConfig
 
         method = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            target_modules=cfg.target_modules)
+                            use_rslora=cfg.use_rslora, target_modules=cfg.target_modules)
     elif cfg.method == "adapter":
         from .adapter import AdapterConfig
 
@@ -93,9 +93,9 @@ def continue_from(model: nn.Module, adapter_dir: str) -> None:
 
 
 def check_continuation(cfg: TrainConfig) -> None:
-    """A LoRA job continuing cfg.init_adapter must keep the adapter's lora_alpha (its
-    adapter_config.json): the update B A is scaled by lora_alpha / r, so another value changes
-    what the saved weights compute before the first step. lora_dropout must match too, as the
+    """A LoRA job continuing cfg.init_adapter must keep the adapter's lora_alpha and use_rslora
+    (its adapter_config.json): the update B A is scaled by lora_alpha / r (rsLoRA: / sqrt(r)), so
+    another value changes what the saved weights compute before the first step. lora_dropout must match too, as the
     platform requires (platform/models.py, INHERITED): dropout is not part of the learned function,
     but a continuation trains as its start did, and the job and the platform agree on what it may
     change. The rest (rank, target modules, other methods' sizes) shows in the weights' names and
@@ -106,7 +106,7 @@ def check_continuation(cfg: TrainConfig) -> None:
     if not isinstance(saved, LoraConfig):
         return  # another method's tensors: continue_from names the mismatch
     changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {key}={getattr(saved, key)!r}"
-               for key in ("lora_alpha", "lora_dropout") if getattr(cfg, key) != getattr(saved, key)]
+               for key in ("lora_alpha", "lora_dropout", "use_rslora") if getattr(cfg, key) != getattr(saved, key)]
     if changed:
         raise ValueError(f"init_adapter {Path(cfg.init_adapter) / CONFIG_NAME}: {'; '.join(changed)}; a continued "
                          "adapter keeps the settings it was trained with: use the adapter's values")

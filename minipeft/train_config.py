@@ -112,6 +112,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 32
     lora_dropout: float = 0.1
+    use_rslora: bool = False  # scale the update by lora_alpha / sqrt(lora_rank), not / lora_rank (rsLoRA)
     target_modules: Optional[Union[list[str], str]] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bottleneck_size: int = 64  # adapter
     adapter_placement: str = "houlsby"  # adapter: houlsby | pfeiffer

@@ -51,15 +51,16 @@ def test_a_mismatched_adapter_is_refused(base_dir, data_file, first_adapter, tmp
 
 def test_a_continued_lora_keeps_the_adapters_alpha_and_dropout(base_dir, data_file, first_adapter, tmp_path,
                                                              monkeypatch):
-    """lora_alpha is not in the weights but scales them (B A * lora_alpha / r): continuing with another
-    value changed the saved adapter's function silently. lora_dropout is held to the adapter's too,
-    as the platform does. Both are refused before the model loads, naming the adapter's file."""
+    """lora_alpha and use_rslora are not in the weights but scale them (B A * lora_alpha / r, or
+    / sqrt(r)): continuing with another value changed the saved adapter's function silently.
+    lora_dropout is held to the adapter's too, as the platform does. Each is refused before the
+    model loads, naming the adapter's file."""
     from minipeft import job
 
     saved = json.loads((first_adapter / "adapter_config.json").read_text())
     monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     where = f"init_adapter {first_adapter / 'adapter_config.json'}: "
-    for key, value in (("lora_alpha", 16.0), ("lora_dropout", 0.0)):
+    for key, value in (("lora_alpha", 16.0), ("lora_dropout", 0.0), ("use_rslora", True)):
         assert saved[key] != value
         with pytest.raises(ValueError, match=re.escape(f"{where}{key}={value} but the adapter has {key}={saved[key]}")):
             run_job(job_config(base_dir, data_file, tmp_path / key, lora_rank=4, init_adapter=str(first_adapter),

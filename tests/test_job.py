@@ -216,3 +216,13 @@ def test_check_output_dir_names_the_setting_and_creates_nothing(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(ValueError, match=re.escape(f"--output {tmp_path / 'taken'}: exists and is not a directory")):
         check_output_dir(tmp_path / "taken", "--output")
+
+
+def test_use_rslora_scales_by_the_root_of_the_rank(base_dir):
+    """TrainConfig.use_rslora reaches LoraConfig: s = lora_alpha / sqrt(r) (16 / 2), not / r (16 / 4)."""
+    from minipeft.job import attach_method
+
+    for rslora, scaling in ((False, 4.0), (True, 8.0)):
+        model = attach_method(load_pretrained(base_dir), TrainConfig(lora_rank=4, lora_alpha=16, use_rslora=rslora))
+        assert model.peft_config["default"].use_rslora is rslora
+        assert {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLinear)} == {scaling}
