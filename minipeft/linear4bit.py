@@ -104,6 +104,16 @@ class Linear4bit(nn.Module):
             out.bias.data.copy_(self.bias)
         return out.requires_grad_(False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """A floating cast of the model (model.to(torch.bfloat16)) moves compute_dtype with it, as it
+        would a Linear's weight, so that to_linear() (merge_and_unload, dequantize_model) returns a
+        layer of the model's dtype; the 4-bit buffers hold integers, which no cast touches."""
+        super()._apply(fn, recurse)
+        cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        if cast in FLOAT_DTYPES:
+            self.compute_dtype = cast
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return functional.nf4_linear(x.to(self.compute_dtype), self.quantized_weight, bias).to(x.dtype)

@@ -108,18 +108,23 @@ class PeftModel(nn.Module):
 
     # --- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: PeftConfig) -> None:
-        """Attach a new adapter (not made active: call set_adapter)."""
+        """Attach a new adapter (not made active: call set_adapter). A refusal met on the way (a
+        module another method wraps, an init a layer cannot take) undoes what was attached."""
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists")
-        if config.is_prompt_learning:
-            self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
-        else:
-            layer_cls = LAYER_TUNERS[config.peft_type]
-            for target in find_targets(self.base_model, config.target_modules):
-                self._wrap(target, layer_cls).add_adapter(name, config)
-        for target in getattr(config, "modules_to_save", None) or []:
-            for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
-                self._wrap(full, ModulesToSave).add_adapter(name, config)
+        try:
+            if config.is_prompt_learning:
+                self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
+            else:
+                layer_cls = LAYER_TUNERS[config.peft_type]
+                for target in find_targets(self.base_model, config.target_modules):
+                    self._wrap(target, layer_cls).add_adapter(name, config)
+            for target in getattr(config, "modules_to_save", None) or []:
+                for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
+                    self._wrap(full, ModulesToSave).add_adapter(name, config)
+        except BaseException:
+            self._remove_modules(name)
+            raise
         self.peft_config[name] = config
         for _, layer in self.tuner_layers():  # new wrappers start inactive; keep the model's choice
             layer.set_adapter(self.active_adapter)
@@ -136,9 +141,14 @@ class PeftModel(nn.Module):
         set_submodule(self.base_model, target, wrapper)
         return wrapper
 
+    def _merged(self) -> list[str]:
+        return sorted({a for _, layer in self.tuner_layers() for a in layer.merged_adapters})
+
     def set_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        if self._merged() not in ([], [name]):  # refused before any layer switches
+            raise ValueError(f"adapter {self._merged()} is merged; unmerge_adapter() before switching to {name!r}")
         for _, layer in self.tuner_layers():
             layer.set_adapter(name)
         self.active_adapter = name
@@ -162,10 +172,12 @@ class PeftModel(nn.Module):
         the copy trains whole already, and the frozen original it stands in for stays frozen."""
         bias = getattr(self.peft_config.get(name), "bias", "none")
         in_copies = tuple(n + "." for n, m in self.tuner_layers() if isinstance(m, ModulesToSave))
+        # every adapter's own modules (LoRA's, a bottleneck adapter's beside it): theirs, not the base's
+        adapters = tuple(f"{n}.{attr}." for n, m in self.tuner_layers() for attr in m.adapter_module_names)
         params = {n: p for n, p in self.base_model.named_parameters()
-                  if n.endswith("bias") and not n.startswith(in_copies)}
+                  if n.endswith("bias") and not n.startswith(in_copies + adapters)}
         if bias == "all":
-            return {n: p for n, p in params.items() if ".lora_" not in n}
+            return params
         if bias == "lora_only":
             wrapped = {n + ".base_layer.bias" for n, m in self.tuner_layers() if isinstance(m, LoraLinear)}
             return {n: p for n, p in params.items() if n in wrapped}
@@ -189,6 +201,16 @@ class PeftModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        if name in self._merged():  # refused before any layer changes
+            raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before deleting it")
+        self._remove_modules(name)
+        del self.peft_config[name]
+        if self.active_adapter == name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def _remove_modules(self, name: str) -> None:
+        """Adapter `name`'s modules out of every layer (a wrapper left with none is unwrapped) and
+        its prompt encoder."""
         for path, layer in list(self.tuner_layers()):
             if name in layer.adapter_names():
                 layer.delete_adapter(name)
@@ -196,9 +218,6 @@ class PeftModel(nn.Module):
                 set_submodule(self.base_model, path, layer.base_layer)
         if name in self.prompt_encoder:
             del self.prompt_encoder[name]
-        del self.peft_config[name]
-        if self.active_adapter == name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -282,10 +301,12 @@ class PeftModel(nn.Module):
         return model
 
     def unload(self) -> Transformer:
-        """The base model back, every wrapper removed, nothing merged."""
+        """The base model back, every wrapper removed, nothing merged; a modules_to_save module
+        comes back as the active adapter's trained copy, as PEFT's unload() returns it."""
         for path, layer in list(self.tuner_layers()):
             layer.unmerge()
-            set_submodule(self.base_model, path, layer.base_layer)
+            set_submodule(self.base_model, path, layer.unloaded() if isinstance(layer, ModulesToSave)
+                          else layer.base_layer)
         return self.base_model
 
     # --- running --------------------------------------------------------------------------------
@@ -375,13 +396,19 @@ class PeftModel(nn.Module):
             raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
         found = load_safetensors(path)
         expected = self.adapter_state_dict(name)
-        check_state_dict({k: v.shape for k, v in expected.items()}, found, str(path))
+        # PEFT (save_embedding_layers="auto") also saves the base weight of a LoRA-targeted lm_head or
+        # embed_tokens, for a resized vocabulary; like PEFT, load it into the base (unchanged otherwise).
+        bases = {f"{PREFIX}{n}.base_layer.weight": m.base_layer.weight for n, m in self.tuner_layers()
+                 if isinstance(m, LoraLinear) and isinstance(m.base_layer, nn.Linear)
+                 and n.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens")}
+        targets = {**expected, **{k: bases[k] for k in found.keys() & bases.keys()}}
+        check_state_dict({k: v.shape for k, v in targets.items()}, found, str(path))
         with torch.no_grad():
             if name in self.prompt_encoder:  # it may hold computed tensors (a folded prefix MLP)
                 self.prompt_encoder[name].load_adapter_state_dict(found)
             else:
                 for key, tensor in found.items():
-                    expected[key].copy_(tensor)
+                    targets[key].copy_(tensor)
         if is_trainable:
             self._frozen.discard(name)
         else:

@@ -104,8 +104,8 @@ def test_module_casts_keep_the_float32_constants(double_quant):
     layer = Linear4bit.from_linear(nn.Linear(64, 64), double_quant=double_quant, compute_dtype=torch.float32)
     before = layer.dequantize()
     layer.to(torch.bfloat16)  # casts floating buffers; the float32 constants are held as int32 bits
-    assert torch.equal(layer.dequantize(), before)
-    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(dequantize_nf4(layer.quantized_weight, torch.float32), before)
+    assert layer.bias.dtype == layer.compute_dtype == layer.dequantize().dtype == torch.bfloat16  # as a Linear
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

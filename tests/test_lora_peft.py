@@ -11,6 +11,7 @@ from conftest import tiny_model, to_hf
 from test_lora import IDS, trained
 
 import peft
+from safetensors.torch import load_file
 
 CASES = {
     "outline": dict(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
@@ -179,3 +180,37 @@ def test_orthogonal_init_draws_what_peft_draws():
         assert p.abs().min() > 0
     with torch.no_grad():  # B A = 0 up to float32 rounding: the base's logits
         torch.testing.assert_close(ours(IDS), tiny_model("qwen2")(IDS), atol=1e-5, rtol=0)
+
+
+def test_peft_adapter_on_lm_head_loads_its_saved_base_weight(tmp_path):
+    """With lm_head targeted, PEFT (save_embedding_layers="auto") also saves lm_head.base_layer.weight
+    and loads it into the base: changed here, as a resized vocabulary changes it. minipeft refused the
+    file ("unexpected tensors"); now both load it and agree."""
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
+    ref = peft.get_peft_model(_peft_reference("llama-gqa"), peft.LoraConfig(task_type="CAUSAL_LM", **cfg))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.05)
+        ref.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    ref.eval().save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    theirs = peft.PeftModel.from_pretrained(_peft_reference("llama-gqa"), tmp_path).eval()
+    ours = PeftModel.from_pretrained(tiny_model("llama-gqa"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), theirs(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_unload_gives_modules_to_save_back_as_their_trained_copy_as_peft(tmp_path):
+    """PEFT's unload() replaces a modules_to_save wrapper by the active adapter's trained copy (its
+    merge_and_unload too); minipeft's unload() gave the original back, so the two models differed."""
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    ours = get_peft_model(tiny_model("llama-gqa"), LoraConfig(**cfg))
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_peft_reference("llama-gqa"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval().unload()(IDS), theirs.unload()(IDS).logits, atol=1e-5, rtol=0)

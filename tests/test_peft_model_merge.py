@@ -6,7 +6,7 @@ import torch
 from minipeft import load_pretrained
 from minipeft.adapter import AdapterConfig
 from minipeft.lora import LoraConfig
-from minipeft.peft_model import get_peft_model
+from minipeft.peft_model import PeftModel, get_peft_model
 from minipeft.tuner_layer import TunerLayer
 from conftest import tiny_model
 
@@ -103,3 +103,58 @@ def test_lora_on_a_tied_lm_head_merges_into_its_own_copy(tmp_path):
     assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS), expected, atol=1e-5, rtol=1e-5)
+
+
+def trainable_names(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_refused_set_adapter_or_delete_adapter_changes_nothing():
+    """Both refuse while an adapter is merged. Before, the layers met first had already switched
+    (set_adapter: the output mixed two adapters) or lost the adapter's modules_to_save copy
+    (delete_adapter), while the refusal said nothing had happened."""
+    model = lora_and_bottleneck()
+    model.set_adapter("l")
+    model.add_adapter("m", LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["embed_tokens"]))
+    model.set_adapter("m")
+    with torch.no_grad():
+        model.base_model.model.embed_tokens.modules_to_save["m"].weight.add_(0.5)
+    model.merge_adapter()
+    before = (model(IDS), trainable_names(model), [n for n, _ in model.tuner_layers()])
+    with pytest.raises(ValueError, match=r"adapter \['m'\] is merged; unmerge_adapter\(\) before switching to 'l'"):
+        model.set_adapter("l")
+    with pytest.raises(ValueError, match=r"adapter 'm' is merged; unmerge_adapter\(\) before deleting it"):
+        model.delete_adapter("m")
+    assert model.active_adapter == "m"
+    assert torch.equal(model(IDS), before[0]) and trainable_names(model) == before[1]
+    assert [n for n, _ in model.tuner_layers()] == before[2]
+
+
+@pytest.mark.parametrize("config, message", [
+    (AdapterConfig(bottleneck_size=4), "down_proj is already wrapped by LoraLinear"),  # o_proj wrapped first
+    (LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights="eva"), "init_lora_weights='eva'"),
+])
+def test_a_refused_add_adapter_leaves_no_trace(config, message):
+    """A refusal met after some layers took the new adapter undoes them: before, an unregistered
+    adapter stayed on those layers, trainable, counted and handed to the optimizer."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["down_proj", "q_proj"]))
+    before = (model.get_nb_trainable_parameters(), sorted(model.state_dict()), [n for n, _ in model.tuner_layers()])
+    with pytest.raises(ValueError, match=message):
+        model.add_adapter("new", config)
+    assert "new" not in model.peft_config
+    assert (model.get_nb_trainable_parameters(), sorted(model.state_dict()),
+            [n for n, _ in model.tuner_layers()]) == before
+
+
+def test_lora_bias_all_beside_a_bottleneck_adapter_trains_and_saves_the_base_biases_only(tmp_path):
+    """bias="all" trains the base's biases; a bottleneck adapter's own biases (another adapter's
+    parameters) were taken too, saved in the LoRA file, and the file then failed to reload."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, target_modules=["q_proj"], bias="all"))
+    model.add_adapter("ad", AdapterConfig(bottleneck_size=4))
+    biases = [n for n in trainable_names(model) if n.endswith("bias")]
+    assert biases and not [n for n in biases if "adapter_" in n]
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+    assert sorted(reloaded.adapter_state_dict("default")) == sorted(model.adapter_state_dict("default"))

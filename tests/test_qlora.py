@@ -160,3 +160,22 @@ def test_merged_qlora_model_is_all_16_32_bit_and_saves(tmp_path):
         torch.testing.assert_close(merged(IDS), expected, atol=1e-5, rtol=0)  # float32: ~1e-6 observed
         merged.save_pretrained(tmp_path / "merged")
         torch.testing.assert_close(load_pretrained(tmp_path / "merged")(IDS), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("loaded, cast", [(None, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_cast_nf4_model_merges_into_its_own_dtype(loaded, cast, tmp_path):
+    """model.to(dtype) after an NF4 load moves compute_dtype too: merge_and_unload's Linears used to
+    keep the load-time dtype, and the merged model failed ("mat1 and mat2 must have the same dtype")."""
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    model = get_peft_model(load_pretrained(tmp_path, dtype=loaded, quantization="nf4").to(cast),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        expected = model(IDS)
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)} == {cast}
+    merged = model.merge_and_unload()
+    assert {p.dtype for p in merged.parameters()} == {cast}
+    with torch.no_grad():  # the merged W + ΔW is rounded to bf16 once, in either direction of the cast
+        torch.testing.assert_close(merged(IDS), expected, atol=0.05, rtol=0.02)
