@@ -115,19 +115,25 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
 @torch.no_grad()
 def generate_replies(model: nn.Module, prompts: Sequence[list[int]], stop_ids: Sequence[int], pad_id: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> list[tuple[list[int], bool]]:
-    """Greedy replies (ids before the first stop id, whether a stop id came) in prompt order.
+    """Greedy replies (ids before the first stop id, whether a stop id came) in prompt order, of
+    at most max_new_tokens, and never past the model's context (max_position_embeddings: the
+    positions it was trained on), counted from a batch's longest prompt.
 
     Longest prompts first: rows of a batch have similar lengths (little padding), and a batch
     too big for memory fails at once rather than at the end.
     """
-    device = next(model.parameters()).device
+    device, context = next(model.parameters()).device, model.config.max_position_embeddings
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     for rows in _batches(len(order), batch_size, "eval: generate", progress):
         batch = [prompts[i] for i in order[rows]]
         ids = pad_rows(batch, pad_id, "left").to(device)
         mask = pad_rows([[1] * len(p) for p in batch], 0, "left").to(device)
-        out = generate(model, ids, max_new_tokens, eos_token_id=list(stop_ids), attention_mask=mask,
+        room = context - ids.shape[1]
+        if room < 1:
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens fills the model's context of {context} tokens: "
+                             "nothing can be generated after it")
+        out = generate(model, ids, min(max_new_tokens, room), eos_token_id=list(stop_ids), attention_mask=mask,
                        pad_token_id=pad_id)
         for i, new in zip(order[rows], out[:, ids.shape[1]:].tolist()):
             cut = next((t for t, token in enumerate(new) if token in stop_ids), None)

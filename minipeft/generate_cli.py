@@ -30,15 +30,20 @@ def _generate(args: argparse.Namespace) -> int:
     from .job import default_model_dir
 
     path, device = default_model_dir(args.model), use_device(args.device)
-    given = None if args.ids is None else parse_ids(args.ids, read_config(path).vocab_size)  # before the weights
-    model = load_pretrained(path, device=device)
+    config, tok = read_config(path), None  # the prompt is checked before the weights load
     if args.prompt is not None:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
-        ids = torch.tensor([tok.encode(args.prompt, bos=True)], device=device)
+        prompt = tok.encode(args.prompt, bos=True)
     else:
-        tok, ids = None, torch.tensor([given], device=device)
+        prompt = parse_ids(args.ids, config.vocab_size)
+    room = config.max_position_embeddings - len(prompt)
+    if args.max_new_tokens > room:  # positions past the context were never trained: the text degrades
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt ({len(prompt)} tokens) + "
+                         f"{args.max_new_tokens} exceeds the model's context of {config.max_position_embeddings} "
+                         f"tokens; use at most {max(room, 0)}")
+    model, ids = load_pretrained(path, device=device), torch.tensor([prompt], device=device)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_token_id=model.config.eos_token_id,
                          generator=torch.Generator(device).manual_seed(args.seed))  # draws where the logits are

@@ -57,10 +57,14 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence_penalty
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax); else a draw from
-    softmax(filter_logits(logits / temperature, top_k, top_p))."""
+    softmax(filter_logits(logits / temperature, top_k, top_p)). The largest logit is subtracted
+    first (softmax does not change), in float64 (where 5e-324 is not 0): a tiny temperature (1e-40)
+    then sends the others to -inf, a draw of the argmax, rather than every logit to +-inf and the
+    probabilities to NaN."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.double()
+    logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 

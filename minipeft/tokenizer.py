@@ -53,6 +53,17 @@ CONFIG_FILES = TOKEN_FILES + ("generation_config.json", "config.json")  # give i
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """ValueError if `text` holds an unpaired surrogate ("\ud83d" alone: half of a UTF-16 pair, which
+    JSON's escapes can carry), naming `what` and the character's position: it is not a character,
+    and sentencepiece fails on it with a RuntimeError about a C++ cast."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds an unpaired surrogate {text[e.start]!r} at character {e.start} "
+                         "(half of a UTF-16 pair, not a character)") from None
+
+
 def _own_id(i: int) -> Optional[int]:
     return i if i >= 0 else None  # sentencepiece says -1 for "the model has no such token"
 
@@ -113,8 +124,11 @@ class Tokenizer:
         """text -> ids, optionally framed by bos/eos.
 
         add_dummy_prefix=False encodes `text` as the continuation of preceding text (no "▁" is
-        prepended); True keeps the model's own setting (LLaMA: prepend "▁").
+        prepended); True keeps the model's own setting (LLaMA: prepend "▁"). Text that is not
+        Unicode (an unpaired surrogate, "\ud83d": half of a UTF-16 pair) is a ValueError saying
+        where, not sentencepiece's RuntimeError about a C++ cast.
         """
+        check_unicode(text)
         sp = self._sp if add_dummy_prefix else self._sp_continuation
         ids = sp.encode(text)
         if bos:

@@ -147,3 +147,26 @@ def test_count_params_with_an_unknown_preset_lists_the_names(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "\"" not in err
     assert "argument --preset: invalid choice: 'nope' (choose from 'llama-2-13b', 'llama-2-7b'," in err
+
+
+@pytest.mark.parametrize("flag", ["--training-file", "--validation-file"])
+def test_job_create_with_a_directory_says_so(tmp_path, capsys, flag):
+    # Refused before any request: no server listens on the port.
+    files = {"--training-file": "file-abc", flag: str(tmp_path)}
+    args = [a for f, v in files.items() for a in (f, v)]
+    assert main(["job", "--server", "http://127.0.0.1:9", "create", "--model", "tiny", *args]) == 2
+    assert f"minipeft job: error: {tmp_path}: is a directory; {flag} takes a JSONL file" in one_line_error(capsys)
+
+
+def test_generate_refuses_a_reply_past_the_context_and_a_broken_prompt(capsys, no_model_load):
+    """700 new tokens after the prompt ran past the shipped model's 512 positions, into garbage; an
+    unpaired surrogate in the prompt was sentencepiece's C++ cast error. Both fail before the weights load."""
+    from minipeft.checkpoint import read_config
+    from minipeft.job import DEFAULT_MODEL
+
+    context = read_config(DEFAULT_MODEL).max_position_embeddings
+    assert main(["generate", "--ids", "1,2,3", "--max-new-tokens", str(context)]) == 2
+    assert (f"--max-new-tokens {context}: the prompt (3 tokens) + {context} exceeds the model's context of {context} "
+            f"tokens; use at most {context - 3}") in one_line_error(capsys)
+    assert main(["generate", "--prompt", "a\ud83d", "--max-new-tokens", "2"]) == 2
+    assert "error: the text holds an unpaired surrogate '\\ud83d' at character 1" in one_line_error(capsys)

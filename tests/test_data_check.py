@@ -303,6 +303,18 @@ def test_cli_drop_invalid_writes_clean_and_rejects(tmp_path, capsys):
     assert "wrote 2 valid line(s)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--output", "--rejects"])
+def test_cli_drop_invalid_refuses_to_overwrite_its_input(tmp_path, capsys, flag):
+    path = write_bytes(tmp_path, [GOOD, "{"])
+    before = path.read_bytes()
+    # Another spelling of the same file: the check compares files, not strings.
+    same = os.path.join(tmp_path, ".", path.name)
+    args = ["--output", same] if flag == "--output" else ["--output", str(tmp_path / "c.jsonl"), "--rejects", same]
+    assert main(["data", "check", str(path), "--drop-invalid", *args]) == 2
+    assert f"{same} would overwrite the input file; choose another {flag}" in capsys.readouterr().err
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_cli_with_a_real_tokenizer_measures_what_the_template_renders(tmp_path, capsys):
     from minipeft.templates import get_template
     from minipeft.tokenizer import load_tokenizer, train_tokenizer

@@ -85,6 +85,18 @@ def test_windows_line_endings_parse_and_keep_their_line_numbers(tmp_path):
     assert [(e.line, e.response) for e in load_jsonl(path)] == [(1, "b"), (2, "d")]
 
 
+def test_cr_only_line_endings_are_named_for_the_whole_file(tmp_path):
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\r{"instruction": "c", "output": "d"}\r')
+    result = read_file(path)
+    (problem,) = result.problems  # not "Extra data (two JSON values on one line?)"
+    assert str(problem).startswith(f"{path}: line endings are CR only (classic Mac): convert to LF or CRLF")
+    assert sorted(result.rejected) == [1] and not result.examples
+    # One record ending in a CR has no CR between records: it reads.
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\r')
+    assert [e.response for e in load_jsonl(path)] == ["b"]
+
+
 def test_a_file_mixing_formats_names_the_lines_of_each(tmp_path):
     rows = [SPELLINGS["instruction"], SPELLINGS["instruction"], SPELLINGS["messages"], SPELLINGS["instruction"],
             SPELLINGS["sharegpt"], SPELLINGS["instruction"]]

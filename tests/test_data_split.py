@@ -186,3 +186,12 @@ def test_split_refuses_to_overwrite_its_input(tmp_path, capsys):
     before = path.read_bytes()
     assert main(["data", "split", str(path)]) == 2
     assert path.read_bytes() == before and "would overwrite the input" in capsys.readouterr().err
+
+
+def test_split_into_a_file_says_it_is_not_a_directory(tmp_path, capsys):
+    path = write(tmp_path, rows())
+    out = tmp_path / "out"
+    out.write_text("not a directory")
+    assert main(["data", "split", str(path), "--output-dir", str(out)]) == 2
+    assert f"--output-dir {out}: exists and is not a directory" in capsys.readouterr().err
+    assert out.read_text() == "not a directory"

@@ -432,3 +432,17 @@ def test_the_readme_eval_command_defaults_to_the_shipped_model(tmp_path, monkeyp
     expected = evaluate(reloaded, load_tokenizer(DEFAULT_MODEL), examples, get_template("plain"), max_new_tokens=1,
                         progress=False)
     assert report["metrics"]["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-6)  # loss: teacher-forced
+
+
+def test_replies_stop_at_the_models_context():
+    """max_new_tokens far past the context used to generate on (minutes, garbage past the trained
+    positions): replies stop where the batch's longest prompt + reply fills max_position_embeddings,
+    and a prompt that fills it alone is an error, not an empty reply."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16))
+    replies = ev.generate_replies(model, [[1] * 10, [1] * 7], stop_ids=[], pad_id=0, max_new_tokens=10 ** 5,
+                                  batch_size=2, progress=False)
+    assert [len(ids) for ids, _ in replies] == [6, 6] and not any(done for _, done in replies)
+    with pytest.raises(ValueError, match="a prompt of 16 tokens fills the model's context of 16 tokens"):
+        ev.generate_replies(model, [[1] * 16], stop_ids=[], pad_id=0, max_new_tokens=1, batch_size=1, progress=False)

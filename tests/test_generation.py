@@ -81,6 +81,18 @@ def test_sampling_respects_top_k_and_top_p():
     assert torch.equal(sample_next(logits, 0.0), torch.zeros(2000, dtype=torch.long))
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e-40, 5e-324])
+def test_a_tiny_temperature_draws_the_argmax(temperature):
+    """logits / 1e-40 overflowed to +-inf and softmax gave NaN (multinomial raised: a 500 from the
+    platform); shifted by their maximum first, the others go to -inf and the argmax is drawn, ties
+    evenly, as the limit temperature -> 0 says."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 4.0, -1.0]]).repeat(1000, 1)
+    drawn = sample_next(logits, temperature, top_p=1e-300, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0} and sample_next(logits, temperature, generator=torch.Generator()).max() <= 3
+    tied = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+    assert set(tied.tolist()) == {0, 3} and 400 < int((tied == 0).sum()) < 600
+
+
 def test_sampling_is_reproducible_with_a_generator():
     model = tiny_model("llama-mha")
     ids = torch.randint(0, 131, (2, 3))

@@ -459,3 +459,23 @@ def test_default_template_is_the_trainers_and_the_fine_tune_stops_replying(serve
                                                max_tokens=64).choices[0].finish_reason
                 for e in load_jsonl(REPO / task["test"])[:10]]
     assert finishes.count("stop") >= 9, finishes  # 10 of 10 here; one spare for other rounding
+
+
+@pytest.mark.parametrize("outcome", ["failed", "succeeded"])
+def test_a_cancel_landing_after_the_worker_ended_keeps_its_outcome(tmp_path, monkeypatch, outcome):
+    """The worker has exited (its result written) and a cancel lands before the scheduler reads it.
+    A failed job used to end CANCELED with no error: the failure was lost."""
+    store = _running_job(tmp_path)
+    result = {"error": "cannot split 16 examples"} if outcome == "failed" else {"train": {}, "eval": {}}
+    (tmp_path / "jobs" / "ft-live" / "result.json").write_text(json.dumps(result))
+    monkeypatch.setattr(scheduler, "publish", lambda *args: {"name": "tiny-ft-live"})
+    queue = scheduler.Scheduler(store, tmp_path)
+    queue._proc, queue._job_id = subprocess.Popen(["true" if outcome == "succeeded" else "false"]), "ft-live"
+    queue._proc.wait()
+    assert routes._cancel(SimpleNamespace(store=store), "ft-live")["status"] == "CANCELING"
+    queue._tick()
+    job = store.get("jobs", "ft-live")
+    assert job["status"] == outcome.upper() and job["finished_at"]
+    assert job["error"] == ("cannot split 16 examples" if outcome == "failed" else None)
+    assert "a cancel came after the training had ended and was not applied" in \
+        (tmp_path / "jobs" / "ft-live" / "logs.txt").read_text()

@@ -131,6 +131,8 @@ BAD_REQUESTS = [  # (id, method, path, JSON body or raw bytes, status, fragment)
     ("deploy-taken", "POST", "/api/v1/deployments", {"model": "{model}", "name": "bot"}, 409, "'bot' is taken"),
     ("deploy-base-name", "POST", "/api/v1/deployments", {"model": "{model}", "name": "tiny"}, 409, "taken"),
     ("deploy-bad-name", "POST", "/api/v1/deployments", {"model": "{model}", "name": "../x"}, 400, "name '../x'"),
+    ("deploy-empty-name", "POST", "/api/v1/deployments", {"model": "{model}", "name": ""}, 400,
+     "name '': expected 1-128 letters"),  # was taken as "no name given": a 409 about the model's own name
     ("undeploy-missing", "DELETE", "/api/v1/deployments/nope", None, 404, "deployment 'nope' not found"),
     ("chat-malformed", "POST", "/v1/chat/completions", b'{"model": "bot", "messages": [', 400, "malformed JSON"),
     ("chat-no-messages", "POST", "/v1/chat/completions", {"model": "bot"}, 400, "messages: required"),
@@ -159,6 +161,20 @@ BAD_REQUESTS = [  # (id, method, path, JSON body or raw bytes, status, fragment)
      chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), 400,
      "must end with a user turn"),
     ("chat-seed", "POST", "/v1/chat/completions", chat(seed=2 ** 70), 400, "seed"),
+    # an unpaired surrogate (JSON's "\ud83d" alone) was a 500 from sentencepiece's C++ cast
+    ("chat-surrogate", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": "a\ud83d"}]),
+     400, "content holds an unpaired surrogate '\\ud83d' at character 1"),
+    ("completion-surrogate", "POST", "/v1/completions", {"model": "bot", "prompt": "x\udc00"}, 400,
+     "prompt: the text holds an unpaired surrogate '\\udc00' at character 1"),
+    ("chat-system-only", "POST", "/v1/chat/completions", chat(messages=[{"role": "system", "content": "s"}]), 400,
+     "must end with a user turn; this conversation holds no turn after the system one"),
+    # types are strict, as in the fine-tune API: true was taken as max_tokens 1, "yes" as stream
+    ("completion-max-tokens-bool", "POST", "/v1/completions", {"model": "bot", "prompt": "a", "max_tokens": True},
+     400, "max_tokens: Input should be a valid integer"),
+    ("completion-max-tokens-string", "POST", "/v1/completions", {"model": "bot", "prompt": "a", "max_tokens": "5"},
+     400, "max_tokens: Input should be a valid integer"),
+    ("chat-stream-string", "POST", "/v1/chat/completions", chat(stream="yes"), 400,
+     "stream: Input should be a valid boolean"),
     ("chat-nan", "POST", "/v1/chat/completions", b'{"model": "bot", "messages": [], "temperature": NaN}', 400,
      "temperature"),
     ("hp-nan", "POST", "/api/v1/fine-tunes", b'{"model": "tiny", "training_file_ids": [], '
@@ -196,7 +212,8 @@ def test_prompts_too_long_for_the_context(server, base_dir):
     assert _refused(server.call("POST", "/v1/chat/completions", asked), 400,
                     f"exceeds the model's context of {context} tokens")
     flood = {"model": "tiny", "prompt": " ".join(["apple"] * (2 * context))}
-    assert _refused(server.call("POST", "/v1/completions", flood), 400, "fills the model's context")
+    code, answer = server.call("POST", "/v1/completions", flood)
+    assert _refused((code, answer), 400, "fills the model's context") and answer["error"]["param"] == "prompt"
 
 
 def test_oversized_and_chunked_bodies_are_refused_before_reading(server):

@@ -185,9 +185,9 @@ def test_truncation(tok, template_name):
     ([{"role": "assistant", "content": "hi"}], r"messages\[0\]: expected role 'user'"),
     ([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "user", "content": "u"}],
      r"messages\[2\]: expected role 'assistant'"),
-    ([{"role": "user", "content": "u"}], "must end with a assistant turn"),
+    ([{"role": "user", "content": "u"}], "must end with an assistant turn; this conversation ends with a 'user'"),
     ([{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}], r"messages\[0\]: expected"),
-    ([{"role": "system", "content": "s"}], "must end with a assistant turn"),
+    ([{"role": "system", "content": "s"}], "must end with an assistant turn; this conversation holds no turn after"),
 ])
 def test_bad_conversations(tok, messages, match):
     with pytest.raises(ValueError, match=match):

@@ -18,7 +18,7 @@ from typing import Optional
 from ..templates import ChatTemplate, get_template
 from ..tokenizer import CHAT_TOKENS
 from .formats import Example
-from .jsonl import PathLike, dumps_line, write_atomic
+from .jsonl import PathLike, check_not_input, dumps_line, write_atomic
 from .loader import LoadResult, read_file
 from .measure import DEFAULT_TEMPLATE, Encoder, measure
 from .problems import Problem
@@ -55,9 +55,12 @@ def special_tokens(tokenizer: Optional[Encoder]) -> tuple[str, ...]:
 
 def write_clean(result: LoadResult, output: PathLike, rejects: PathLike) -> tuple[int, int]:
     """Write the valid lines to `output` and the others, with reasons, to `rejects`.
-    Returns (valid, rejected) line counts, which add up to the input's lines."""
+    Returns (valid, rejected) line counts, which add up to the input's lines. Neither may be the
+    input file (UsageError, nothing written)."""
     if Path(output).resolve() == Path(rejects).resolve():
         raise ValueError(f"{output}: the clean file and the rejects file must differ")
+    check_not_input(output, result.path, "--output")
+    check_not_input(rejects, result.path, "--rejects")
     rejected = result.rejected
     write_atomic(output, (line.body + b"\n" for line in result.lines if line.number not in rejected))
     write_atomic(rejects, (dumps_line({"file": result.path, "line": line.number, "text": line.text,

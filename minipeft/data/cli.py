@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .. import files
 from ..argtypes import at_least
 from ..templates import TEMPLATES, get_template
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
@@ -113,6 +114,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     check_ratio(args.test_ratio, args.allow_any_ratio)
+    # A file there fails now, named as such, not at the first write as "File exists".
+    out_dir = files.check_output_dir(args.output_dir, "--output-dir") if args.output_dir else Path(args.file).parent
     result = read_file(args.file)
     if result.errors:
         _print_problems(result)
@@ -121,7 +124,7 @@ def run_split(args: argparse.Namespace) -> int:
         return 1
     print_warnings(result)  # they reject no line: every line is split
     train, test = split_examples(result.examples, args.test_ratio, args.seed, args.stratify)
-    train_path, test_path = write_split(result, train, test, args.output_dir or Path(args.file).parent)
+    train_path, test_path = write_split(result, train, test, out_dir)
     share = len(test) / len(result.examples)
     print(f"wrote {len(train)} examples to {train_path} and {len(test)} ({share:.1%}) to {test_path} "
           f"(seed {args.seed}{', stratified by label' if args.stratify else ''})")

@@ -12,6 +12,7 @@ Nothing here drops a line: every line comes back with the problems found on it.
 A UTF-16 or UTF-32 file (what Windows PowerShell 5's `>` writes) is recognized by its byte-order
 mark, or by NUL bytes around its first character (UTF-8 JSON holds no NUL byte); its lines are
 split on its own newline, so the file is reported once, as a whole, with how to re-encode it.
+So is a file whose lines end in a CR alone (classic Mac): split on LF, it is one line.
 """
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ def wide_encoding(data: bytes) -> Optional[tuple[str, int]]:
     name = {(False, True, True, True): "UTF-32LE", (True, True, True, False): "UTF-32BE",
             (False, True, False, True): "UTF-16LE", (True, False, True, False): "UTF-16BE"}.get(nul)
     return (name, 0) if name else None
+
+
+def cr_only(lines: list[RawLine]) -> bool:
+    """Whether a file's lines end in a CR alone (classic Mac OS, some old exporters): the file has
+    no LF, so it reads as one line, with a CR inside it that more text follows. A raw CR is never
+    part of a JSON string (that is written \\r), so it can only be a line end here."""
+    return len(lines) == 1 and b"\r" in lines[0].data.rstrip(b" \t\r")
 
 
 def _split(data: bytes) -> tuple[list[bytes], int]:
@@ -194,6 +202,14 @@ def write_atomic(path: PathLike, chunks: Iterable[bytes]) -> None:
         files.write_atomic(path, chunks)
     except OSError as e:
         raise UsageError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def check_not_input(path: PathLike, source: PathLike, flag: str) -> None:
+    """A UsageError naming `flag` (the option that chose `path`) if writing `path` would replace
+    the input file `source`, under any name (a symlink, another spelling): the input is read
+    before anything is written, so it would be lost silently."""
+    if Path(path).resolve() == Path(source).resolve():
+        raise UsageError(f"{path} would overwrite the input file; choose another {flag}")
 
 
 def dumps_line(record: Any) -> bytes:

@@ -4,8 +4,8 @@ the first: bytes -> lines (jsonl.py) -> JSON objects -> one format per file -> m
 
 The file's format is its most common one (ties: the first seen). A line in another format is an
 error naming both; one extra problem for the whole file lists which lines use which format, so a
-file concatenated from two sources is easy to untangle. A UTF-16/32 file is one problem of the
-whole file, which rejects every line (none is read).
+file concatenated from two sources is easy to untangle. A UTF-16/32 file, or one whose lines
+end in a CR alone, is one problem of the whole file, which rejects every line (none is read).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..tokenizer import CHAT_TOKENS
 from .formats import FORMATS, Example, detect_format, normalize, special_token_issues, typo_warnings
-from .jsonl import PathLike, RawLine, parse_line, read_lines, wide_encoding
+from .jsonl import PathLike, RawLine, cr_only, parse_line, read_lines, wide_encoding
 from .problems import DataError, Problem, line_ranges
 
 
@@ -73,10 +73,11 @@ def read_file(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> Lo
         encoding, bom = wide
         how = "byte-order mark" if bom else "no byte-order mark, NUL bytes between the characters"
         source = encoding[:-2] if bom else encoding  # "UTF-16": iconv reads the byte order from the BOM
-        result = LoadResult(name, lines, [], [], None)
-        result.add([Problem(name, None, None, f"{encoding} file ({how}); JSONL must be UTF-8: re-encode it "
-                            f"(iconv -f {source} -t UTF-8 FILE > NEW.jsonl)", kind="encoding")])
-        return result
+        return _unreadable(name, lines, f"{encoding} file ({how}); JSONL must be UTF-8: re-encode it "
+                           f"(iconv -f {source} -t UTF-8 FILE > NEW.jsonl)")
+    if cr_only(lines):  # else its records read as one line of "Extra data"
+        return _unreadable(name, lines, "line endings are CR only (classic Mac): convert to LF or CRLF "
+                           "(tr '\\r' '\\n' < FILE > NEW.jsonl)")
     problems: list[Problem] = []
     parsed, formats = [], {}
     for line in lines:
@@ -104,6 +105,13 @@ def read_file(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> Lo
     file_format, mixed = _one_format(name, formats)
     result = LoadResult(name, lines, parsed, [], file_format)
     result.add(problems + mixed)
+    return result
+
+
+def _unreadable(path: str, lines: list[RawLine], why: str) -> LoadResult:
+    """The result for a file read no further: one problem of the whole file, rejecting every line."""
+    result = LoadResult(path, lines, [], [], None)
+    result.add([Problem(path, None, None, why, kind="encoding")])
     return result
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from .dedup import near_duplicate_pairs, normalize_text, question_key
 from .formats import Example
-from .jsonl import PathLike, write_atomic
+from .jsonl import PathLike, check_not_input, write_atomic
 from .loader import LoadResult
 from .problems import UsageError
 from .quality import labels
@@ -107,10 +107,8 @@ def write_split(result: LoadResult, train: list[Example], test: list[Example], o
     """Write train.jsonl and test.jsonl into `out_dir` (never over the input file)."""
     out = Path(out_dir)
     paths = [out / "train.jsonl", out / "test.jsonl"]
-    source = Path(result.path).resolve()
     for p in paths:
-        if p.resolve() == source:
-            raise UsageError(f"{p} would overwrite the input file; choose another --output-dir")
+        check_not_input(p, result.path, "--output-dir")
     lines = {line.number: line for line in result.lines}
     for p, part in zip(paths, (train, test)):
         write_atomic(p, (lines[e.line].body + b"\n" for e in part))

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..argtypes import at_least
 from ..distributed import use_device
+from ..files import existing_file
 from ..job import DEFAULT_MODEL
 from .client import Client
 
@@ -78,18 +79,19 @@ def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def _file_id(client: Client, given: str, uploads: list[str]) -> str:
-    """The file id `given` stands for; a path is uploaded, and its new id appended to `uploads`."""
-    if Path(given).is_file():
-        uploaded = client.upload(Path(given))
-        uploads.append(uploaded["id"])
-        print(f"uploaded {given} as {uploaded['id']} ({uploaded['lines']} lines, {uploaded['format']} format)")
-        for warning in uploaded.get("warnings", []):
-            print(f"warning: {warning}", file=sys.stderr)
-        return uploaded["id"]
-    if given.startswith("file-"):
+def _file_id(client: Client, given: str, flag: str, uploads: list[str]) -> str:
+    """The file id `given` (the value of `flag`) stands for; a file is uploaded, and its new id
+    appended to `uploads`. Anything else is an id if it looks like one, else an error that says
+    what the path is: a directory, or missing."""
+    if not Path(given).is_file() and given.startswith("file-"):
         return given
-    raise ValueError(f"{given}: no such file (and not a file id, which starts with 'file-')")
+    path = existing_file(given, f"{flag} takes a JSONL file to upload, or the id of an uploaded file ('file-...')")
+    uploaded = client.upload(path)
+    uploads.append(uploaded["id"])
+    print(f"uploaded {given} as {uploaded['id']} ({uploaded['lines']} lines, {uploaded['format']} format)")
+    for warning in uploaded.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    return uploaded["id"]
 
 
 def _hyper_parameters(pairs: list[str]) -> dict[str, Any]:
@@ -133,8 +135,9 @@ def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
             "hyper_parameters": _hyper_parameters(args.hp or [])}  # a bad --hp fails before any upload
     uploads: list[str] = []
     try:
-        body["training_file_ids"] = [_file_id(client, f, uploads) for f in args.training_file]
-        body["validation_file_ids"] = [_file_id(client, f, uploads) for f in args.validation_file or []]
+        body["training_file_ids"] = [_file_id(client, f, "--training-file", uploads) for f in args.training_file]
+        body["validation_file_ids"] = [_file_id(client, f, "--validation-file", uploads)
+                                       for f in args.validation_file or []]
         return client.request("POST", JOBS, body)
     except BaseException:  # Ctrl-C too
         for file_id in uploads:

@@ -32,7 +32,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..templates import ChatTemplate
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, check_unicode
 from .errors import MODEL_NOT_FOUND, ApiError, error_body, not_found
 from .inference import Loaded, Sampling, StopText, TextStream, stream_tokens
 from .state import Platform
@@ -48,7 +48,7 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None]
     name: Optional[str] = None  # a participant's name: accepted, not rendered (no template here has a slot)
@@ -63,6 +63,7 @@ class Message(BaseModel):
                                  'parts only, {"type": "text", "text": ...}')
             if part.text is None:
                 raise ValueError(f"content.{i}.text: required")
+        check_unicode(self.turn()["content"], "content")  # where the client sent it, not the rendered prompt
         return self
 
     def turn(self) -> dict[str, str]:
@@ -73,11 +74,13 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # strict: true is no max_tokens, "5" no integer, "yes" no stream flag (JSON's 1 still is a float)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
     model: str = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -140,7 +143,8 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: i
     room = loaded.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens, which fills the model's context of "
-                       f"{loaded.context} tokens; shorten it", param="messages")
+                       f"{loaded.context} tokens; shorten it",
+                       param="prompt" if isinstance(req, CompletionRequest) else "messages")
     if asked is not None and asked > room:
         raise ApiError(400, f"the prompt ({prompt_tokens} tokens) + max_tokens ({asked}) exceeds the model's "
                        f"context of {loaded.context} tokens; lower max_tokens to {room} or less", param="max_tokens")
@@ -229,7 +233,10 @@ def openai_router(platform: Platform) -> APIRouter:
     @router.post("/v1/completions")
     def completions(req: CompletionRequest):
         loaded, adapter, template = platform.serve(req.model)
-        prompt = loaded.tokenizer.encode(req.prompt, bos=True)
+        try:
+            prompt = loaded.tokenizer.encode(req.prompt, bos=True)
+        except ValueError as e:
+            raise ApiError(400, f"prompt: {e}", param="prompt") from None
         reply = start(req, prompt, loaded, adapter, template)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": req.model,
                 "object": "text_completion"}

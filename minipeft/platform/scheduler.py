@@ -11,10 +11,11 @@ was RUNNING is re-queued and its worker resumes from the newest checkpoint (run_
 resume=True, the trainer's exact resume); a CANCELING one is CANCELED. The scheduler alone moves
 jobs from QUEUING on; request threads only cancel, with conditional updates (store.update).
 
-Cancel vs. the end of training: a cancel the scheduler sees while the worker runs, or before it
-takes up the worker's exit, cancels the job. Once it has taken it up (reading the result,
-publishing the model), the outcome stands: a cancel that lands then is too late, and the job still
-ends SUCCEEDED (or FAILED), its log saying the cancel was not applied. Every job ends in a final state.
+Cancel vs. the end of training: a cancel the scheduler sees while the worker runs cancels the job.
+Once the worker has exited, its outcome stands: a cancel that lands then (before the scheduler
+reads the result, or while it publishes the model) is too late, and the job still ends SUCCEEDED,
+or FAILED with the worker's error, its log saying the cancel was not applied. Every job ends in a
+final state.
 """
 from __future__ import annotations
 
@@ -100,13 +101,13 @@ class Scheduler:
                 self._launch(queued[0])
             return
         job = self.store.get("jobs", self._job_id)
-        if job["status"] == "CANCELING":
+        if self._proc.poll() is not None:  # ended: its outcome stands, a cancel landed meanwhile or not
+            returncode, self._proc, self._job_id = self._proc.returncode, None, None
+            self._finish(job, returncode)
+        elif job["status"] == "CANCELING":
             self._end_worker()
             self.store.update("jobs", job["id"], {"status": "CANCELED", "finished_at": int(time.time())})
             note(self.data_dir, job, "canceled")
-        elif self._proc.poll() is not None:
-            returncode, self._proc, self._job_id = self._proc.returncode, None, None
-            self._finish(job, returncode)
 
     def _prepare(self, job: dict[str, Any]) -> None:
         try:

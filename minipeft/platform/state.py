@@ -112,7 +112,7 @@ class Platform:
         loaded now, so a model that cannot be served is refused here rather than at first call."""
         if self.store.get("models", model) is None:
             raise not_found("fine-tuned model", model, "GET /api/v1/models lists them")
-        name = name or model
+        name = model if name is None else name  # "" is a name given, and refused below
         if not NAME.fullmatch(name):
             raise ApiError(400, f"name {name!r}: expected 1-128 letters, digits, '.', '_' or '-', starting with "
                            "a letter or digit", param="name")
