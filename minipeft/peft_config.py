@@ -27,7 +27,7 @@ _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
     "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
-    "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None),
+    "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None), "astra_config": (None,),
 }
 # Bookkeeping fields with no effect on the numbers (eva_config only parameterizes an initialization, which
 # a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself).

@@ -301,12 +301,11 @@ class PeftModel(nn.Module):
         return model
 
     def unload(self) -> Transformer:
-        """The base model back, every wrapper removed, nothing merged; a modules_to_save module
-        comes back as the active adapter's trained copy, as PEFT's unload() returns it."""
+        """The base model back, every wrapper removed, nothing merged: a modules_to_save module
+        comes back as the original, not the trained copy (PEFT 0.22; 0.21 returned the copy)."""
         for path, layer in list(self.tuner_layers()):
             layer.unmerge()
-            set_submodule(self.base_model, path, layer.unloaded() if isinstance(layer, ModulesToSave)
-                          else layer.base_layer)
+            set_submodule(self.base_model, path, layer.base_layer)
         return self.base_model
 
     # --- running --------------------------------------------------------------------------------

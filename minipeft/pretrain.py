@@ -50,7 +50,7 @@ from .model import Transformer
 from .peft_model import full_finetune
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .train_config import TrainConfig
-from .trainer import Trainer
+from .trainer import Trainer, read_metrics
 
 PathLike = Union[str, os.PathLike]
 # --- 2, 3. split and windows ------------------------------------------------------------------
@@ -308,6 +308,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
     # the induction probe at every evaluation: metrics.jsonl shows when in-context copying appears
     result = Trainer(cfg.train_config(output), model, train, [(w, w) for w in data.held_out], data.tok.pad_id,
                      compute_metrics=lambda m: {"induction_accuracy": induction_accuracy(m)}).train()
+    logged_losses = [r["loss"] for r in read_metrics(output / "metrics.jsonl") if "loss" in r]  # the last window's
     model.eval().save_pretrained(output)
     write_atomic(output / "generation_config.json", json_bytes(
         {"bos_token_id": data.tok.bos_id, "eos_token_id": data.tok.eos_id, "pad_token_id": data.tok.pad_id}))
@@ -317,7 +318,7 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         "epochs": (result.steps * cfg.batch_size - drills) / len(data.windows), "train_windows": len(data.windows),
         "train_tokens": len(data.windows) * cfg.context_length, "eval_windows": len(data.held_out),
         "train_documents": data.train_documents, "eval_documents": data.eval_documents,
-        "copy_exercises": data.exercises, "repeat_drills": drills, "final_train_loss": result.train_loss, **result.eval,
+        "copy_exercises": data.exercises, "repeat_drills": drills, "final_train_loss": logged_losses[-1], **result.eval,
         "train_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second, "wall_seconds": time.perf_counter() - t_start,
         "config": asdict(cfg), "machine": machine(device),

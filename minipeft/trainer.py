@@ -76,7 +76,7 @@ def pack_shuffled(examples: Sequence[Rendered], max_length: int, seed: int) -> l
 @dataclass
 class TrainResult:
     steps: int
-    train_loss: float
+    train_loss: float  # the mean of every step's loss over the run, resumed parts too (HF's training_loss)
     eval: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tokens_per_second: float = 0.0
@@ -114,6 +114,7 @@ class Trainer:
         # The progress the logs and diagnostics look back on, saved in checkpoints: the losses of
         # the last steps, the step last logged, (train, eval) loss pairs for the over-fitting check.
         self.losses: list[float] = []
+        self.loss_sum = 0.0  # of every step's loss: TrainResult.train_loss is its mean
         self.logged = 0
         self.evals: list[tuple[float, float]] = []
 
@@ -216,6 +217,7 @@ class Trainer:
                 loss, grad_norm, _ = self.train_step(batch)
                 tokens += sum(len(self.train_data[i][0]) for i in batch)  # every token the model reads
                 self.losses.append(loss)
+                self.loss_sum += loss
                 rate = tokens / (time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
@@ -236,14 +238,17 @@ class Trainer:
                     recent = self.losses[-self.steps_per_epoch:]
                     self.evals.append((sum(recent) / len(recent), result["eval_loss"]))
                     self._warn(overfitting(self.evals))
-                if (self.cfg.save_strategy == "steps" and self.step % self.cfg.save_steps == 0) or \
+                # steps: also at the last step (as HF), so a finished run resumes as complete, not retrained
+                last_step = self.step == self.total_steps
+                if (self.cfg.save_strategy == "steps" and (self.step % self.cfg.save_steps == 0 or last_step)) or \
                         (self.cfg.save_strategy == "epoch" and end_of_epoch):
                     self._save()
         bar.close()
         seconds = time.perf_counter() - t0
         final_eval = self._final_evaluation(metrics)
         metrics.close()
-        return TrainResult(self.step, self.losses[-1], final_eval, self.warnings, tokens / max(seconds, 1e-9), seconds)
+        return TrainResult(self.step, self.loss_sum / self.step, final_eval, self.warnings, tokens / max(seconds, 1e-9),
+                           seconds)
 
     def _log_evaluation(self, metrics: "MetricsLog") -> dict[str, Any]:
         result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
@@ -267,7 +272,7 @@ class Trainer:
         final_eval = self._final_evaluation(metrics)
         metrics.close()
         rates = [r["tokens_per_s"] for r in metrics.rows if "tokens_per_s" in r]
-        return TrainResult(self.step, self.losses[-1], final_eval, self.warnings, rates[-1] if rates else 0.0)
+        return TrainResult(self.step, self.loss_sum / self.step, final_eval, self.warnings, rates[-1] if rates else 0.0)
 
     def _warn(self, message: Optional[str]) -> None:
         if message and message not in self.warnings:
@@ -280,8 +285,8 @@ class Trainer:
         if self.rank == 0:
             # The losses the next log and evaluation average over, so a resumed run logs the same.
             recent = self.losses[-max(self.step - self.logged, self.steps_per_epoch):]
-            state = {"step": self.step, "warnings": self.warnings, "losses": recent, "logged": self.logged,
-                     "evals": self.evals, "config": self.cfg.to_dict()}
+            state = {"step": self.step, "warnings": self.warnings, "losses": recent, "loss_sum": self.loss_sum,
+                     "logged": self.logged, "evals": self.evals, "config": self.cfg.to_dict()}
             save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit, rng)
         dist.barrier()
 
@@ -292,14 +297,14 @@ class Trainer:
         if path is None:
             return
         state, where = read_trainer_state(path), path / "trainer_state.json"
-        missing = {"step", "warnings", "losses", "logged", "evals", "config"} - state.keys()
+        missing = {"step", "warnings", "losses", "loss_sum", "logged", "evals", "config"} - state.keys()
         if missing:
             raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume "
                              "(written by an older minipeft?): train into a new output_dir")
         check_resumable(state["config"], self.cfg.to_dict(), where)
         load_checkpoint(path, self.model, self.optimizer)
         self.step, self.warnings, self.logged = state["step"], state["warnings"], state["logged"]
-        self.losses, self.evals = state["losses"], [tuple(e) for e in state["evals"]]
+        self.losses, self.loss_sum, self.evals = state["losses"], state["loss_sum"], [tuple(e) for e in state["evals"]]
 
 
 def tensorboard_dir(cfg: TrainConfig) -> Optional[Path]:

@@ -119,7 +119,7 @@ def test_checkpoints_rotate_and_hold_everything(tmp_path):
     t = lora_trainer(tmp_path, save_strategy="steps", save_steps=3, save_total_limit=2)
     result = t.train()
     kept = list_checkpoints(tmp_path)
-    assert [p.name for p in kept] == ["checkpoint-15", "checkpoint-18"]
+    assert [p.name for p in kept] == ["checkpoint-18", "checkpoint-20"]  # 20: the last step, saved too
     assert {p.name for p in kept[-1].iterdir()} == {"adapter", "optimizer.safetensors", "optimizer.json",
                                                     "rng.safetensors", "trainer_state.json", "trainable.safetensors"}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from minipeft.train_state import list_checkpoints
 from minipeft.trainer import read_metrics
 from test_trainer import logged, lora_trainer, without_rates
 
@@ -36,10 +37,10 @@ def test_resumed_logs_equal_an_uninterrupted_run(tmp_path):
 
     options = dict(n_epochs=1, logging_steps=3, eval_steps=2, save_strategy="steps", save_steps=1)
     clean = lora_trainer(tmp_path / "clean", **options)
-    clean.train()
+    clean_result = clean.train()
     interrupted(tmp_path / "resumed", 4, n_epochs=1, logging_steps=3, eval_steps=2)
     resumed = lora_trainer(tmp_path / "resumed", **options)
-    resumed.train(resume=True)
+    assert resumed.train(resume=True).train_loss == clean_result.train_loss  # the mean over all 10 steps
     assert without_rates(logged(tmp_path / "resumed")) == without_rates(logged(tmp_path / "clean"))
     for a, b in zip(clean.params, resumed.params):
         assert torch.equal(a, b)
@@ -180,3 +181,21 @@ def test_checkpoint_directories_follow_the_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_UMASK", 0o022)  # read once at import; this umask gives 0755
     interrupted(tmp_path, 2)
     assert [p.stat().st_mode & 0o777 for p in sorted(tmp_path.glob("checkpoint-*"))] == [0o755, 0o755]
+
+
+def test_steps_checkpoints_include_the_last_step_and_train_loss_is_the_runs_mean(tmp_path, capsys):
+    """14 steps (40 examples, batch 3) at save_steps=5: checkpoints 5, 10 and 14, as HF saves the
+    last step too; without 14, resuming the finished run retrained steps 11-14. train_loss is the mean of every step's
+    loss (HF's training_loss), not the last step's (here a 1-example leftover batch)."""
+    t = lora_trainer(tmp_path, n_epochs=1, batch_size=3, logging_steps=1, save_strategy="steps", save_steps=5,
+                     save_total_limit=5, disable_tqdm=True)
+    result = t.train()
+    assert result.steps == 14 and [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-5", "checkpoint-10", "checkpoint-14"]
+    losses = [r["loss"] for r in logged(tmp_path) if "loss" in r]
+    assert len(losses) == 14 and result.train_loss == pytest.approx(sum(losses) / 14, rel=1e-12)
+    again = lora_trainer(tmp_path, n_epochs=1, batch_size=3, logging_steps=1, save_strategy="steps", save_steps=5,
+                         save_total_limit=5, disable_tqdm=True)
+    again.train_step = lambda batch: pytest.fail("a finished run trains again")
+    assert again.train(resume=True).train_loss == result.train_loss
+    assert "the run is already complete (14 of 14 steps" in capsys.readouterr().out
