@@ -234,10 +234,7 @@ class Trainer:
                 end_of_epoch = s == last - 1
                 if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
                                        or (end_of_epoch and not self.cfg.eval_steps)):
-                    result = self._log_evaluation(metrics)
-                    recent = self.losses[-self.steps_per_epoch:]
-                    self.evals.append((sum(recent) / len(recent), result["eval_loss"]))
-                    self._warn(overfitting(self.evals))
+                    self._log_evaluation(metrics)
                 # steps: also at the last step (as HF), so a finished run resumes as complete, not retrained
                 last_step = self.step == self.total_steps
                 if (self.cfg.save_strategy == "steps" and (self.step % self.cfg.save_steps == 0 or last_step)) or \
@@ -251,8 +248,13 @@ class Trainer:
                            seconds)
 
     def _log_evaluation(self, metrics: "MetricsLog") -> dict[str, Any]:
+        """Evaluate, log, and check for over-fitting against the last epoch's mean train loss
+        (the final evaluation too: the last eval loss is the one most likely to have risen)."""
         result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
         metrics.write(result)
+        recent = self.losses[-self.steps_per_epoch:]
+        self.evals.append((sum(recent) / len(recent), result["eval_loss"]))
+        self._warn(overfitting(self.evals))
         return result
 
     def _final_evaluation(self, metrics: "MetricsLog") -> dict[str, float]:

@@ -255,6 +255,18 @@ def test_diagnostics_read_the_curves():
     assert overfitting([(2.0, 2.0), (2.1, 2.1), (2.2, 2.3)]) is None  # both rise: not over-fitting
 
 
+def test_the_final_evaluation_enters_the_over_fitting_check(tmp_path, monkeypatch):
+    """10 steps at eval_steps=4: evaluations at 4, 8 and the final one at 10. The final one was
+    logged but left out of the check, though its eval loss is the one most likely to have risen."""
+    import minipeft.trainer as trainer_module
+
+    seen = []
+    monkeypatch.setattr(trainer_module, "overfitting", lambda evals: seen.append(list(evals)) or None)
+    lora_trainer(tmp_path, n_epochs=1, eval_steps=4).train()
+    assert [len(evals) for evals in seen] == [1, 2, 3]
+    assert seen[-1][-1][1] == [r for r in logged(tmp_path) if "eval_loss" in r][-1]["eval_loss"]
+
+
 def test_adam_betas_reach_the_optimizer(tmp_path):
     assert lora_trainer(tmp_path / "a").optimizer.defaults["betas"] == (0.9, 0.999)  # Hugging Face's defaults
     t = lora_trainer(tmp_path / "b", adam_beta1=0.8, adam_beta2=0.95)
