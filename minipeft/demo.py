@@ -40,8 +40,8 @@ RUN_FILES = {RECORD, "job_config.json", "adapter", "metrics.jsonl", "loss_curve.
 # learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of
 # this model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller).
 # Small batches: the updates, not the tokens, teach the copy. On json_extract, exact match was 81%
-# after 12 epochs at batch 8, 84% after 20; at batch 4, 86% after 12 epochs and 100% after 16 (98%
-# since the trainer's last layer skips the prompt: the same sums in another order, other roundings).
+# after 12 epochs at batch 8, 84% after 20; at batch 4, 86% after 12 epochs and 100% after 16 (98-99%,
+# by host, since the trainer's last layer skips the prompt: the same sums in another order, other roundings).
 DEMO_JOB = dict(template="plain", method="lora", lora_rank=8, lora_alpha=32, lora_dropout=0.1,
                 target_modules="all-linear", learning_rate=2e-3, n_epochs=16, batch_size=4, warmup_ratio=0.1,
                 weight_decay=0.01, lr_scheduler_type="cosine", max_length=128, logging_steps=5,
