@@ -9,11 +9,11 @@ from conftest import tiny_model
 from minipeft.linear4bit import quantize_model
 from minipeft.metrics import IGNORE_INDEX, head_loss
 from minipeft.param_count import method_config
-from minipeft.peft_model import get_peft_model
+from minipeft.peft_model import full_finetune, get_peft_model
 
 LORA = {"r": 4, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-OPTIONS = {"lora": LORA, "qlora": LORA,
-           "adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_tokens": 3}}
+OPTIONS = {"lora": LORA, "qlora": LORA, "adapter": {"bottleneck_size": 8}, "prefix": {"num_virtual_tokens": 3},
+           "prompt": {"num_virtual_tokens": 3}, "full": {}}
 B, T, KEEP = 3, 11, 6
 
 
@@ -30,7 +30,7 @@ def check(family: str, method: str, backend: str) -> None:
     base = tiny_model(family)
     if method == "qlora":  # NF4 weights dequantized in the forward and again in the backward, traced too
         quantize_model(base)
-    model = get_peft_model(base, method_config(method, **OPTIONS[method]))
+    model = full_finetune(base) if method == "full" else get_peft_model(base, method_config(method, **OPTIONS[method]))
     with torch.no_grad():  # LoRA's B starts at zero, where A's gradient is zero whatever the code does
         for n, p in model.named_parameters():
             if p.requires_grad:
