@@ -311,7 +311,9 @@ def test_cli_drop_invalid_refuses_to_overwrite_its_input(tmp_path, capsys, flag)
     same = os.path.join(tmp_path, ".", path.name)
     args = ["--output", same] if flag == "--output" else ["--output", str(tmp_path / "c.jsonl"), "--rejects", same]
     assert main(["data", "check", str(path), "--drop-invalid", *args]) == 2
-    assert f"{same} would overwrite the input file; choose another {flag}" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"{same} would overwrite the input file; choose another {flag}" in err
+    assert "invalid JSON" not in out + err  # refused before the check: line 2's problem is not reported
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 

@@ -17,6 +17,7 @@ from ..argtypes import at_least
 from ..templates import TEMPLATES, get_template
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
+from .jsonl import check_not_input
 from .loader import LoadResult, print_warnings, read_file
 from .measure import DEFAULT_TEMPLATE, Encoder
 from .problems import UsageError
@@ -70,6 +71,10 @@ def run_check(args: argparse.Namespace) -> int:
         raise UsageError("--output writes the clean copy of one FILE; check the files one at a time")
     if (args.max_length is None) != (args.tokenizer is None):
         raise UsageError("--max-length counts tokens with --tokenizer DIR: give both or neither")
+    rejects = args.rejects or (default_rejects_path(args.output) if args.output else None)
+    for out, flag in ((args.output, "--output"), (rejects, "--rejects")):
+        if out:  # refused before the check, which on a large file with a tokenizer takes a while
+            check_not_input(out, args.files[0], flag)
     tokenizer = _load_tokenizer(args.tokenizer)
     status = 0
     for path in args.files:
@@ -77,7 +82,6 @@ def run_check(args: argparse.Namespace) -> int:
         _print_problems(result)
         status = max(status, 1 if result.problems else 0)
     if args.output:
-        rejects = args.rejects or default_rejects_path(args.output)
         valid, rejected = write_clean(result, args.output, rejects)
         print(f"wrote {valid} valid line(s) to {args.output} and {rejected} rejected line(s) to {rejects}")
     return status
