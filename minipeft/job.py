@@ -22,6 +22,7 @@ from .data import load_jsonl, split_examples
 from .data.check import special_tokens
 from .model import Transformer
 from .files import check_output_dir, write_atomic
+from .linear4bit import METHODS
 from .lora import LoraConfig
 from .peft_config import CONFIG_NAME, PeftConfig
 from .peft_model import WEIGHTS_NAME, PeftModel, count_parameters, full_finetune, get_peft_model
@@ -200,7 +201,7 @@ def save_trained(model: nn.Module, tok: Tokenizer, template: ChatTemplate, out: 
     return target
 
 
-QUANTIZATIONS = ("auto", "none", "nf4")
+QUANTIZATIONS = ("auto", "none", *METHODS)  # --quantization: as recorded, full precision, or a 4-bit method
 
 
 def base_quantization(adapter: Optional[str], requested: str = "auto") -> Optional[str]:

@@ -147,8 +147,9 @@ class PeftModel(nn.Module):
     def set_adapter(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
-        if self._merged() not in ([], [name]):  # refused before any layer switches
-            raise ValueError(f"adapter {self._merged()} is merged; unmerge_adapter() before switching to {name!r}")
+        merged = self._merged()
+        if merged not in ([], [name]):  # refused before any layer switches
+            raise ValueError(f"adapter {merged} is merged; unmerge_adapter() before switching to {name!r}")
         for _, layer in self.tuner_layers():
             layer.set_adapter(name)
         self.active_adapter = name
