@@ -209,10 +209,14 @@ def test_text_stream_never_splits_a_character(base_dir):
 def test_job_commands_talk_to_the_server(server, trained, data_file, capsys):
     common = ["job", "--server", server.url, "--api-key", KEY]
     assert main(common + ["create", "--model", "tiny", "--training-file", str(data_file), "--hp", "n_epochs=1",
-                          "--hp", "max_length=128", "--hp", "lr_scheduler_type=cosine"]) == 0
+                          "--hp", "max_length=128", "--hp", "lr_scheduler_type=cosine", "--hp", "packing=true",
+                          "--hp", "use_rslora=true", "--hp", "gradient_accumulation_steps=2"]) == 0
     out = capsys.readouterr().out
     job = json.loads(out[out.index("{"):])
-    assert job["hyper_parameters"] == {"n_epochs": 1, "max_length": 128, "lr_scheduler_type": "cosine"}
+    given = {"n_epochs": 1, "max_length": 128, "lr_scheduler_type": "cosine", "packing": True, "use_rslora": True,
+             "gradient_accumulation_steps": 2}
+    assert job["hyper_parameters"] == given
+    assert job["effective_hyper_parameters"].items() >= given.items(), "the trainer's config carries them"
     assert main(common + ["cancel", job["id"]]) == 0
     assert capsys.readouterr().out.strip() in ("CANCELED", "CANCELING")
     assert main(common + ["list"]) == 0 and job["id"] in capsys.readouterr().out

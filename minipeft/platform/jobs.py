@@ -49,11 +49,14 @@ class HyperParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     n_epochs: Optional[int] = Field(None, le=MAX_EPOCHS)
     batch_size: Optional[int] = Field(None, le=MAX_BATCH)
+    gradient_accumulation_steps: Optional[int] = Field(None, le=MAX_BATCH)
     learning_rate: Optional[float] = None
     lr_scheduler_type: Optional[str] = None
     warmup_ratio: Optional[float] = None
     weight_decay: Optional[float] = None
+    max_grad_norm: Optional[float] = None
     max_length: Optional[int] = None
+    packing: Optional[bool] = None
     split: Optional[float] = None
     eval_steps: Optional[int] = None
     logging_steps: Optional[int] = None
@@ -63,6 +66,7 @@ class HyperParameters(BaseModel):
     lora_rank: Optional[int] = Field(None, le=MAX_RANK)
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
+    use_rslora: Optional[bool] = None
     template: Optional[str] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 

@@ -32,7 +32,7 @@ FAMILY = {"lora": "LORA", "qlora": "LORA", "adapter": "BOTTLENECK_ADAPTER", "pre
           "prompt": "PROMPT_TUNING", "full": "FULL"}
 # adapter kind -> {TrainConfig field: adapter_config.json field} a continued job must keep.
 INHERITED = {"LORA": {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                      "target_modules": "target_modules"},
+                      "use_rslora": "use_rslora", "target_modules": "target_modules"},
              "BOTTLENECK_ADAPTER": {"bottleneck_size": "bottleneck_size", "adapter_placement": "placement"},
              "PREFIX_TUNING": {"num_virtual_tokens": "num_virtual_tokens"},
              "PROMPT_TUNING": {"num_virtual_tokens": "num_virtual_tokens"}}
