@@ -97,6 +97,15 @@ def test_cr_only_line_endings_are_named_for_the_whole_file(tmp_path):
     assert [e.response for e in load_jsonl(path)] == ["b"]
 
 
+def test_a_cr_alone_inside_an_lf_file_is_named_as_a_line_ending(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\r{"instruction": "c", "output": "d"}\n'
+                     b'{"instruction": "e", "output": "f"} {"instruction": "g", "output": "h"}\n')
+    first, second = read_file(path).problems
+    assert first.line == 1 and "a CR alone ends a line here: the file mixes line endings" in str(first)
+    assert second.line == 2 and "two JSON values on one line?" in str(second)  # a space is not a line end
+
+
 def test_a_file_mixing_formats_names_the_lines_of_each(tmp_path):
     rows = [SPELLINGS["instruction"], SPELLINGS["instruction"], SPELLINGS["messages"], SPELLINGS["instruction"],
             SPELLINGS["sharegpt"], SPELLINGS["instruction"]]

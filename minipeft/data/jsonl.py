@@ -170,6 +170,8 @@ def _json_hint(text: str, e: json.JSONDecodeError) -> str:
         return " (JSON strings and keys need double quotes, not single quotes)"
     if e.msg.startswith("Expecting property name") and before.endswith(","):
         return " (a trailing comma before '}' is not allowed in JSON)"
+    if e.msg == "Extra data" and "\r" in text[len(before):e.pos]:
+        return " (a CR alone ends a line here: the file mixes line endings; convert them to LF or CRLF)"
     if e.msg == "Extra data":
         return " (two JSON values on one line? put each example on its own line)"
     return ""
