@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -21,12 +20,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import read_json, staging_dir
+from .files import read_json, staged_dir
 from .model import Transformer
 from .nf4 import quantize_nf4
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+WEIGHT_FILES = "model*.safetensors*"  # a save replaces all of these: an old shard left would be read
 PathLike = Union[str, os.PathLike]
 # Buffers that older transformers versions saved and now recompute: read and ignored, as transformers does.
 _DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -162,8 +162,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     shards = _split_shards(state, max_shard_size)
-    tmp = staging_dir(path)
-    try:
+    with staged_dir(path, stale=WEIGHT_FILES) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
@@ -176,10 +175,6 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -193,18 +188,3 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
         shards[-1][name] = t
         size += nbytes
     return shards
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished `tmp` into `path`. Other files already in `path` (a tokenizer) stay;
-    weight files of an earlier save that this one did not rewrite (old shards) are removed last."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    new = {f.name for f in tmp.iterdir()}
-    for f in tmp.iterdir():
-        os.replace(f, path / f.name)  # atomic per file on one filesystem
-    for old in path.glob("model*.safetensors*"):
-        if old.name not in new:
-            old.unlink()
-    tmp.rmdir()

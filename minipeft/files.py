@@ -4,7 +4,8 @@
   into place, so a reader or a crash never sees half a file; the old file stays until then. The
   data is fsynced before the rename and the directory after it: without that, a power loss can
   persist the rename but not the data, leaving an empty file where the old one was. A directory
-  is built in a staging directory beside it and renamed the same way.
+  is built in a staging directory beside it and renamed the same way, its files and itself
+  fsynced first (fsync_tree) and the parent after.
 - JSON reads fail with the file, line and column, and a missing file says what it was needed for.
 
 An output directory is checked before the expensive work (`check_output_dir`), so that a path that
@@ -12,11 +13,14 @@ cannot be written fails in a second rather than after a model has loaded.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 _UMASK = os.umask(0)
@@ -43,18 +47,93 @@ def write_atomic(path: PathLike, data: Union[str, bytes, Iterable[bytes]]) -> No
     except BaseException:
         os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def staging_dir(path: PathLike) -> Path:
     """A new empty hidden directory beside `path` (its parents created) to build `path`'s contents
     in: being on the same filesystem, it can then be renamed into place. Its mode is a plain
     mkdir's (0777 less the umask), not mkdtemp's 0700, so the renamed directory is like any other."""
-    path = Path(path)
+    path = Path(path).resolve()  # "." has no name, and its parent is itself
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
+
+
+def replace_dir(tmp: Path, path: PathLike, stale: Optional[str] = None) -> None:
+    """Move the finished directory `tmp` (from staging_dir) into `path`. Other entries already in
+    `path` (a tokenizer, a model card, other adapters) stay, but for those matching the glob `stale`
+    that the new contents do not have (a model's old shards: checkpoint.WEIGHT_FILES).
+
+    The directory is swapped whole, not filled file by file: a crash between two per-file moves
+    left a mix that loads without an error, the new config.json beside the old weights, or an old
+    shard index (which loading prefers) beside the new model.safetensors. So what stays is linked
+    into `tmp` first, then two renames swap the directories; a crash between them leaves `path`
+    absent and its old contents whole in the hidden directory beside it, never half of each.
+    The working directory is the exception (save_pretrained("."), or a folder above it): renamed
+    away, the process and the shell would be left in a deleted directory, so it is filled file by
+    file. The files are fsynced before the rename and the parent directory after (write_atomic)."""
+    fsync_tree(tmp)
+    path = Path(path).resolve()  # a symlink swaps the directory it names; "." gets a name
+    if not path.exists():
+        os.replace(tmp, path)
+    elif Path.cwd().is_relative_to(path):
+        _move_into(tmp, path, stale)
+    else:
+        _swap(tmp, path, stale)
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def staged_dir(path: PathLike, stale: Optional[str] = None) -> Iterator[Path]:
+    """`with staged_dir(path) as tmp:` write the directory's files into tmp; at the end of the block
+    they replace `path` (replace_dir), and on an exception tmp is removed and `path` left as it was."""
+    tmp = staging_dir(path)
+    try:
+        yield tmp
+        replace_dir(tmp, path, stale)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap(tmp: Path, path: Path, stale: Optional[str]) -> None:
+    for entry in path.iterdir():
+        if not (tmp / entry.name).exists() and not (stale and fnmatch.fnmatch(entry.name, stale)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, tmp / entry.name)
+    old = staging_dir(path)  # an empty directory: a directory may be renamed over it
+    try:
+        os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if path.exists():  # the first rename failed
+            old.rmdir()
+        else:
+            os.replace(old, path)  # the previous contents back in place
+        raise
+    shutil.rmtree(old)
+
+
+def _move_into(tmp: Path, path: Path, stale: Optional[str]) -> None:
+    new = {f.name for f in tmp.iterdir()}
+    for f in tmp.iterdir():
+        os.replace(f, path / f.name)  # atomic per file on one filesystem
+    for old in path.glob(stale) if stale else ():
+        if old.name not in new:
+            old.unlink()
+    tmp.rmdir()
+
+
+def _link_or_copy(source: PathLike, target: PathLike) -> None:
+    """A hard link (no bytes copied: a kept file may be large), or a copy where links fail."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def check_output_dir(path: PathLike, name: str) -> Path:
@@ -81,7 +160,21 @@ def check_output_dir(path: PathLike, name: str) -> Path:
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_tree(directory: PathLike) -> None:
+    """fsync every file under `directory` and every directory, itself included: a staged directory's
+    data on disk before the rename that publishes it, as write_atomic's file (a checkpoint renamed
+    into place lets rotation delete the one before it: after a power loss it must not be empty)."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable. POSIX only: Windows cannot open a directory."""
     if not hasattr(os, "O_DIRECTORY"):
         return

@@ -25,7 +25,7 @@ from .checkpoint import check_state_dict, load_safetensors, open_safetensors
 from .linear4bit import Linear4bit, dequantize_model
 from .lora import LoraConfig, LoraLinear
 from .model import Transformer
-from .files import write_atomic
+from .files import staged_dir
 from .peft_config import PeftConfig
 from .prompt_learning import PrefixEncoder, PromptEmbedding
 from .targets import find_targets, set_submodule
@@ -360,8 +360,9 @@ class PeftModel(nn.Module):
             tensors = _unaliased({k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()})
             quantized = any(isinstance(m, Linear4bit) for m in self.base_model.modules())
             metadata = {"format": "pt", **({BASE_QUANTIZATION: "nf4"} if quantized else {})}
-            write_atomic(target / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
-            self.peft_config[name].save(target)
+            with staged_dir(target) as tmp:  # weights and config replace the old pair together
+                (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(tensors, metadata=metadata))
+                self.peft_config[name].save(tmp)
 
     @staticmethod
     def saved_base_quantization(directory: PathLike) -> Optional[str]:

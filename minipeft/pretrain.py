@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,12 +41,12 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import load_pretrained, read_config
+from .checkpoint import WEIGHT_FILES, load_pretrained, read_config
 from .config import ModelConfig
 from .corpus import write_corpus
 from .distributed import use_device
 from .exercises import copy_exercises, induction_accuracy, repeat_drill
-from .files import json_bytes, read_json, write_atomic
+from .files import check_output_dir, json_bytes, read_json, replace_dir, staging_dir, write_atomic
 from .model import Transformer
 from .peft_model import full_finetune
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -271,7 +272,11 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
              init: Optional[PathLike] = None, log=print) -> dict[str, Any]:
     """Train a tokenizer (unless given) and a LLaMA model from scratch on `docs`; write a Hugging
     Face directory (config.json, model.safetensors, tokenizer files, generation_config.json,
-    metrics.jsonl, pretrain_results.json) to `output`; return the results dict.
+    metrics.jsonl, pretrain_results.json) to `output`; return the results dict. The directory is
+    built beside `output` and swapped in whole when the run completes (files.replace_dir: other
+    files there, such as a model card, stay): a run that stops early, hours in, leaves a model
+    already at `output` as it was, not beside a new tokenizer. What it wrote (metrics.jsonl, the
+    evidence of what went wrong) is kept in `<output>.failed/`.
 
     Training length: cfg.steps, or `epochs` passes over the text's training windows (drills come on
     top, drill_fraction of each batch), or as many steps
@@ -282,9 +287,27 @@ def pretrain(docs: Sequence[str], output: PathLike, cfg: PretrainConfig, epochs:
         raise ValueError("give epochs or max_minutes, not both")
     if epochs is not None and cfg.drill_fraction == 1:
         raise ValueError("--epochs counts passes over the text, which --drill-fraction 1 does not train on: give --steps")
-    t_start, output = time.perf_counter(), Path(output)
+    t_start = time.perf_counter()
     device = use_device(cfg.device)  # before any output: a GPU the machine lacks is refused here
-    output.mkdir(parents=True, exist_ok=True)
+    output = check_output_dir(output, "output")
+    stage = staging_dir(output)
+    log(f"building the model in {stage} (metrics.jsonl, tensorboard/); it replaces {output} when the run completes")
+    try:
+        results = _pretrain(docs, stage, cfg, device, epochs, max_minutes, tokenizer_dir, init, log, t_start)
+        replace_dir(stage, output, stale=WEIGHT_FILES)
+    except BaseException:
+        failed = output.resolve().with_name(output.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)  # an older failure's
+        os.replace(stage, failed)
+        log(f"the run stopped early: {output} is unchanged; what it wrote (metrics.jsonl) is in {failed}")
+        raise
+    return results
+
+
+def _pretrain(docs: Sequence[str], output: Path, cfg: PretrainConfig, device: torch.device, epochs: Optional[float],
+              max_minutes: Optional[float], tokenizer_dir: Optional[PathLike], init: Optional[PathLike],
+              log, t_start: float) -> dict[str, Any]:
+    """pretrain's run, written into the new directory `output`."""
     if init is not None:
         start = load_pretrained(init, device=device)
         cfg = replace(cfg, **init_architecture(init))

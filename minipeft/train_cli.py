@@ -5,13 +5,12 @@ base + adapter's logits on a probe batch, else nothing is written unless --force
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained, replace_dir
-from .files import check_output_dir, staging_dir
+from .checkpoint import WEIGHT_FILES, load_pretrained
+from .files import check_output_dir, staged_dir
 from .job import QUANTIZATIONS, load_trained, run_job
 from .peft_model import format_trainable
 from .train_config import TrainConfig
@@ -55,8 +54,7 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
     with torch.no_grad():
         expected = peft_model(ids, attention_mask=mask)
     merged = peft_model.merge_and_unload()
-    staging = staging_dir(output_path)
-    try:
+    with staged_dir(output_path, stale=WEIGHT_FILES) as staging:  # a refused check writes nothing
         merged.save_pretrained(staging)
         tok.save_pretrained(staging)
         with torch.no_grad():  # the files, not the model in memory: saving is where a merge can be lost
@@ -70,9 +68,6 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
             raise ValueError(f"merged checkpoint differs from base + adapter (max |logit diff| {diff:.2e} > "
                              f"{max_diff:.0e} or agreement {agree:.2%} < 100%); nothing written "
                              f"(use --force to write anyway)")
-        replace_dir(staging, output_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"merged checkpoint written to {output}")
     return {"max_abs_logit_diff": diff, "greedy_token_agreement": agree}
 

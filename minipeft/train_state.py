@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from . import distributed as dist
 from .checkpoint import check_state_dict, load_safetensors, read_state_dict
-from .files import read_json, staging_dir
+from .files import fsync_dir, fsync_tree, read_json, staging_dir
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
@@ -93,12 +93,14 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
         (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        fsync_tree(tmp)  # on disk before the rename, and the rename before the rotation below
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(output_dir)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -138,7 +140,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     for key, value in flat.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    groups = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
+    groups = read_json(path / "optimizer.json", "it holds the optimizer's settings to resume with")["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     restore_rng(load_safetensors(path / "rng.safetensors"))
 

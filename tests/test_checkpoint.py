@@ -126,6 +126,74 @@ def test_save_into_new_parents_stages_beside_the_target(tmp_path, monkeypatch):
     assert isinstance(load_pretrained(target), Transformer)
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_save_over_a_model_that_crashes_leaves_the_old_model_whole(tmp_path, monkeypatch, crash_at):
+    """Saving over an existing model (merge --output, a pretraining run) and crashing at any rename:
+    the directory is still the old model, config and weights, as before. It was filled file by
+    file: a crash after config.json moved in left the new config over the old shards, which
+    loaded without an error and computed neither model; one while old shards were removed left
+    their index naming missing files. A save that completes keeps the other files (a model card)."""
+    import minipeft.checkpoint as ckpt
+
+    target = tmp_path / "m"
+    old = tiny_model(seed=0)
+    old.save_pretrained(target, max_shard_size=10_000)  # sharded: an index, which loading prefers
+    (target / "README.md").write_text("card")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    new = tiny_model(seed=1, rope_theta=10000.0)  # another config, of the same shapes
+    real, renames = ckpt.os.replace, []
+
+    def crash(src, dst):
+        renames.append(dst)
+        if len(renames) == crash_at:
+            raise KeyboardInterrupt  # as a kill: no chance to tidy up in between
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(target)
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging directory left
+    ids = torch.randint(0, 131, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(target)(ids), old(ids), atol=0, rtol=0)
+    new.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(target)(ids), new(ids), atol=0, rtol=0)
+
+
+def test_a_save_into_the_working_directory_stays_in_it(tmp_path, monkeypatch):
+    """save_pretrained(".") over a model: the working directory cannot be swapped (renamed away,
+    the process would sit in a deleted directory), so it is filled file by file, old shards removed."""
+    monkeypatch.chdir(tmp_path)
+    tiny_model(seed=0).save_pretrained(".", max_shard_size=10_000)
+    new = tiny_model(seed=1)
+    new.save_pretrained(".")
+    assert Path.cwd() == tmp_path and tmp_path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    ids = torch.randint(0, 131, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(".")(ids), new(ids), atol=0, rtol=0)
+
+
+def test_a_saved_directory_is_fsynced_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """As files.write_atomic: without it, a power loss can persist the rename but not the data."""
+    import os
+
+    import minipeft.checkpoint as ckpt
+
+    events, real_fsync, real_replace = [], os.fsync, ckpt.os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+    target = tmp_path / "m"
+    tiny_model().save_pretrained(target)
+    renamed = events.index(("replace",))
+    assert {("fsync", p.stat().st_ino) for p in [target, *target.iterdir()]} <= set(events[:renamed])
+    assert events[renamed + 1:] == [("fsync", tmp_path.stat().st_ino)]
+
+
 def test_tied_config_with_untied_weights_is_refused(tmp_path):
     model = tiny_model("qwen2")
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())

@@ -214,3 +214,37 @@ def test_unload_gives_modules_to_save_back_as_the_original_as_peft(tmp_path):
     theirs = peft.PeftModel.from_pretrained(_peft_reference("llama-gqa"), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours.eval().unload()(IDS), theirs.unload()(IDS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("crash_at", [2, 3])
+def test_saving_over_an_adapter_replaces_its_weights_and_config_together(tmp_path, monkeypatch, crash_at):
+    """Re-saving an adapter of the same shapes with another lora_alpha, cut short at any rename: the
+    old pair stays. Written as two files, a crash between them left the new weights under the old
+    config, which loads without an error at the wrong scaling. Other files in the folder stay."""
+    import os
+
+    target = tmp_path / "adapter"
+    trained(LoraConfig(r=4, lora_alpha=8))[0].save_pretrained(target)
+    (target / "model.safetensors").write_bytes(b"not the adapter's")  # a model saved beside it is kept
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    new = trained(LoraConfig(r=4, lora_alpha=32), steps=2)[0]
+    real, renames = os.replace, []
+
+    def crash(src, dst):
+        renames.append(dst)
+        if len(renames) == crash_at:  # 1: the config inside the staging folder; 2, 3: the swap
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(target)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    new.save_pretrained(target)
+    assert json.loads((target / "adapter_config.json").read_text())["lora_alpha"] == 32
+    assert (target / "model.safetensors").read_bytes() == b"not the adapter's"
+    reloaded = PeftModel.from_pretrained(tiny_model("llama-gqa"), target)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS), new(IDS), atol=0, rtol=0)

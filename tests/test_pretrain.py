@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from minipeft.exercises import copy_exercises, induction_accuracy
 from minipeft.pretrain import (PretrainConfig, make_windows, pretrain, schedule_windows, split_documents, spread,
                                steps_for_budget, token_stream)
 from minipeft.tokenizer import load_tokenizer, train_tokenizer
+from minipeft.trainer import read_metrics
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "minillama-10m"
 PATH_FLAGS = ("--corpus", "--html-dir", "--output", "--init")  # where a run read and wrote, not how
@@ -280,6 +282,43 @@ def test_init_continues_the_given_model(tiny_run, tmp_path):
     assert results["init"] == {"model": str(out), "results": parent} and parent["init"] is None
     assert pretrain_module.phases(results) == [parent, results]
     assert [r["steps"] for r in pretrain_module.phases(results)] == [30, 2]
+
+
+def test_a_run_cut_short_leaves_the_model_it_would_replace_as_it_was(tiny_run, tmp_path, monkeypatch, capsys):
+    """The card's recipe writes into an existing model directory (--output models/minillama-10m).
+    A run that stops early (it diverged, a crash, Ctrl-C: hours in) must leave that model whole:
+    the run wrote into it as it went, first a new tokenizer, then a metrics.jsonl emptied and
+    refilled, and stopped, the old weights sat beside a tokenizer they were not trained with.
+    A run that completes replaces the model and keeps the other files (the card)."""
+    from minipeft.trainer import Trainer, TrainingDiverged
+
+    d, out = tiny_run
+    target = tmp_path / "model"
+    shutil.copytree(out, target)
+    (target / "README.md").write_text("the card")
+
+    def files():
+        return {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    before, real_step = files(), Trainer.train_step
+
+    def diverges_at_step_2(self, batch):
+        if self.step == 1:
+            raise TrainingDiverged("loss became nan at step 2")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", diverges_at_step_2)
+    args = ["pretrain", "--corpus", str(d / "corpus.txt"), "--output", str(target), "--steps", "3", *TINY_ARGS,
+            "--vocab-size", "320"]  # another tokenizer than the model's
+    assert main(args) == 2 and "loss became nan" in capsys.readouterr().err
+    assert files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.failed"]  # no staging left behind
+    assert [r["step"] for r in read_metrics(tmp_path / "model.failed" / "metrics.jsonl") if "loss" in r] == [1]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(args) == 0
+    assert load_tokenizer(target).vocab_size == load_pretrained(target).config.vocab_size == 320
+    assert (target / "README.md").read_text() == "the card"
+    assert json.loads((target / "pretrain_results.json").read_text())["steps"] == 3
 
 
 def test_copy_fraction_adds_exercises_from_training_documents_only(tiny_run, tmp_path):

@@ -46,8 +46,10 @@ def test_resumed_logs_equal_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
     events = EventAccumulator(str(tmp_path / "resumed" / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 10]
-    assert [e.step for e in events.Scalars("eval/eval_loss")] == [2, 4, 6, 8, 10]
+    # Sorted: the files are read in name order, and in one process the writers' counter in their
+    # names goes 9 -> 10, which sorts first. A step logged twice would still show.
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [3, 6, 9, 10]
+    assert sorted(e.step for e in events.Scalars("eval/eval_loss")) == [2, 4, 6, 8, 10]
 
 
 def test_resume_with_a_changed_config_names_each_key(tmp_path):
@@ -174,6 +176,15 @@ def test_a_damaged_checkpoint_file_is_named_on_resume(tmp_path):
         lora_trainer(tmp_path, save_strategy="steps", save_steps=1).train(resume=True)
 
 
+def test_a_damaged_optimizer_json_is_named_on_resume(tmp_path):
+    """It was read with json.loads: "Expecting value: line 1 column 1 (char 0)", naming no file."""
+    interrupted(tmp_path, 2)
+    groups = tmp_path / "checkpoint-2" / "optimizer.json"
+    groups.write_text("")
+    with pytest.raises(ValueError, match=f"{groups}: invalid JSON at line 1 column 1"):
+        lora_trainer(tmp_path, save_strategy="steps", save_steps=1).train(resume=True)
+
+
 def test_checkpoint_directories_follow_the_umask(tmp_path, monkeypatch):
     """They were drwx------ (tempfile.mkdtemp's 0700) while every other output follows the umask."""
     from minipeft import files
@@ -199,3 +210,26 @@ def test_steps_checkpoints_include_the_last_step_and_train_loss_is_the_runs_mean
     again.train_step = lambda batch: pytest.fail("a finished run trains again")
     assert again.train(resume=True).train_loss == result.train_loss
     assert "the run is already complete (14 of 14 steps" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_on_disk_before_rotation_deletes_the_one_before(tmp_path, monkeypatch):
+    """As write_atomic: every file's data is fsynced before the rename that publishes the checkpoint,
+    and the directory after it, before save_total_limit deletes the previous checkpoint. The files
+    were left in the page cache: a power loss could persist the rename and the deletion but not the
+    data, leaving an unreadable newest checkpoint and no other one."""
+    import os
+
+    import minipeft.train_state as train_state
+
+    events = []
+    real_fsync, real_rmtree = os.fsync, train_state.shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(train_state.shutil, "rmtree",
+                        lambda path, **k: events.append(("rmtree", os.path.basename(path))) or real_rmtree(path, **k))
+    interrupted(tmp_path, 3, save_total_limit=1)  # checkpoint-3 rotates checkpoint-2 out
+    deleted = events.index(("rmtree", "checkpoint-2"))
+    newest = tmp_path / "checkpoint-3"
+    synced = {ino for what, ino in events[:deleted] if what == "fsync"}
+    assert {p.stat().st_ino for p in newest.rglob("*")} <= synced  # each file and directory
+    last_file = max(i for i, (what, ino) in enumerate(events) if what == "fsync" and ino == newest.stat().st_ino)
+    assert ("fsync", tmp_path.stat().st_ino) in events[last_file:deleted]  # the rename, then the deletion
