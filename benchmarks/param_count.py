@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 from minipeft import PRESETS
 from minipeft.param_count import METHODS, count_method, frozen_weight_bytes
+
+from provenance import git_commit  # benchmarks/provenance.py, beside this script
 
 OUT = Path(__file__).parent / "results"
 
@@ -28,7 +29,7 @@ def main() -> None:
             rows.append({"preset": preset, "method": label, "trainable": trainable, "all": total,
                          "trainable_pct": 100 * trainable / total})
     memory = {preset: frozen_weight_bytes(preset) for preset in PRESETS}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
 
     lines = [f"# Parameter counts (meta device; commit {commit}, {platform.machine()})", "",
              "| preset | method | trainable | all | trainable % |", "| --- | --- | ---: | ---: | ---: |"]

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import git_commit  # benchmarks/provenance.py, beside this script
+
 OUT = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
@@ -188,7 +190,12 @@ def cpu_name() -> str:
 
 
 def p20_p80(xs: list[float]) -> list[float]:
-    q = statistics.quantiles(xs, n=10)
+    """The 20th and 80th percentiles of xs, interpolated between its values (as numpy and triton's
+    do_bench do): the default method, "exclusive", extrapolates past the smallest and largest of 2 or 3
+    values, and raises on one (--steps 1)."""
+    if len(xs) == 1:
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
     return [q[1], q[7]]
 
 
@@ -204,7 +211,9 @@ def main() -> None:
     ap.add_argument("--base", help=argparse.SUPPRESS)  # internal: the checkpoint QLoRA loads
     args = ap.parse_args()
     batch, seq = (2, 128) if args.quick else (4, 256)
-    steps = args.steps or (5 if args.quick else 30)
+    steps = (5 if args.quick else 30) if args.steps is None else args.steps
+    if steps < 1:  # checked before any worker starts: an empty timing would fail only at the end
+        ap.error(f"--steps must be at least 1, got {args.steps}")
     if args.worker:
         return worker(args.worker, args.device, batch, seq, args.base)
     providers = [p for p in PROVIDERS if p in args.providers]
@@ -228,7 +237,7 @@ def main() -> None:
         r["training_bytes"] = r["peak_bytes"] - r["libraries_bytes"]  # model, activations, gradients, optimizer
         r["memory_vs_hf_peft"] = r["training_bytes"] / by_name[ref]["training_bytes"]
     rows = list(by_name.values())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     meta = {"device": args.device, "machine": machine, "torch": torch.__version__, "commit": commit,

@@ -32,13 +32,14 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from provenance import git_commit  # benchmarks/provenance.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -188,15 +189,7 @@ def run_benchmarks(plan: dict) -> list[dict]:
 def metadata() -> dict:
     import triton
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "HEAD") or "no commit"
-    if git("status", "--porcelain"):
-        commit += " (dirty)"
+    commit = git_commit()
     bnb = importlib.util.find_spec("bitsandbytes") and importlib.import_module("bitsandbytes").__version__
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, bitsandbytes=bnb, git_commit=commit,

@@ -166,7 +166,7 @@ def lora_matmul(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, scaling: f
                 mask_on_output: bool = False, keep_scale: float = 1.0,
                 u: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, U) with out = x w^T + s (D(x) a^T) b^T + bias and U = D(x) a^T, for 2-D x (M, K), w (N, K),
-    a (R, K), b (N, R), any strides. `w` is a tensor or an NF4Weight (dequantized tile by tile to x's
+    a (R, K), b (N, R), bias (N,), any strides. `w` is a tensor or an NF4Weight (dequantized tile by tile to x's
     dtype). `mask` (bool) drops the LoRA input (M, K), or with mask_on_output its output (M, N); kept
     values are scaled by keep_scale. If `u` (M, R) is given it is used as U instead of being computed in
     the K loop.
@@ -192,6 +192,9 @@ def lora_matmul(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, scaling: f
             check_operand(name, t, shape, dtype if not (nf4 and name == "w") else None, x.device)
     # Allocate.
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # The kernel reads bias[n] at bias_ptr + n: a strided (N,) view would give other elements. Copying N
+    # values is free next to the GEMM, and only happens for such a view.
+    bias = None if bias is None else bias.contiguous()
     xa_in_loop = u is None
     if xa_in_loop:
         u = torch.empty((m, r), dtype=a.dtype, device=x.device)

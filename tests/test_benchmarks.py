@@ -16,6 +16,8 @@ ROWS = ["hf+peft lora", "minipeft lora", "hf+peft lora, all scored", "minipeft l
 
 
 def load_script(name):
+    if str(BENCHMARKS) not in sys.path:  # as running it does: its folder first, for provenance.py
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -52,11 +54,41 @@ def test_each_row_is_paired_with_its_hf_peft_twin():
     assert all(bench.reference(p) in bench.PROVIDERS for p in bench.PROVIDERS)
 
 
+def test_train_throughput_spread_of_few_steps():
+    """--steps 1 crashed after every step had run (statistics.quantiles needs two values), and with 2 or 3
+    steps the reported p20/p80 lay outside the times measured; --steps 0 silently meant the default."""
+    bench = load_script("train_throughput")
+    assert bench.p20_p80([0.5]) == [0.5, 0.5]
+    for xs in ([1.0, 2.0], [3.0, 1.0, 2.0]):
+        p20, p80 = bench.p20_p80(xs)
+        assert min(xs) <= p20 <= p80 <= max(xs), (xs, p20, p80)
+    assert bench.p20_p80([float(i) for i in range(11)]) == [2.0, 8.0]  # the 20th and 80th percentiles
+    run = subprocess.run([sys.executable, str(BENCH), "--steps", "0", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--steps must be at least 1, got 0" in run.stderr, run.stderr
+
+
+def test_results_name_the_commit_when_run_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """The scripts record the commit they ran at; run from outside the repository (python
+    /path/to/benchmarks/param_count.py) they asked git in the caller's directory and wrote 'commit ,'."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS, capture_output=True,
+                          text=True).stdout.strip()
+    count = load_script("param_count")
+    monkeypatch.setattr(count, "OUT", tmp_path)
+    monkeypatch.chdir(tmp_path)  # no repository here
+    count.main()
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "param_count.json").read_text())["commit"].split()[0] == head  # maybe " (dirty)"
+    saved = (tmp_path / "param_count.md").read_text()
+    assert saved.startswith(f"# Parameter counts (meta device; commit {head}") and saved in printed
+
+
 def test_script_names_shadow_no_module():
     """A script's folder comes first on sys.path: benchmarks/kernels.py was imported by transformers
     and bitsandbytes in place of the `kernels` package they probe for."""
     for script in BENCHMARKS.glob("*.py"):
-        assert script.stem != "kernels" and importlib.util.find_spec(script.stem) is None, script
+        spec = importlib.util.find_spec(script.stem)  # None, or the script itself (its folder on sys.path)
+        assert script.stem != "kernels" and (spec is None or Path(spec.origin) == script), script
 
 
 def test_triton_kernels_without_cuda_checks_the_kernels():

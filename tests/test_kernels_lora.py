@@ -159,6 +159,18 @@ def test_leading_dims_and_empty_batch():
     assert empty.shape == (2, 0, 40)
 
 
+def test_strided_operands_bias_included():
+    """Any strides: transposed views of W, A, B, a non-contiguous x, and a bias that is a strided (N,) view
+    (every other element of a larger tensor), which the kernel once read as if contiguous."""
+    x, weight, b, lora_A, lora_B = make_inputs(37, 33, 40, 8, True, F32, F32)
+    want = reference(*(t.double() for t in (x, weight, b, lora_A, lora_B)), 2.0)
+    views = (torch.stack([x, -x], 2)[:, :, 0], weight.t().contiguous().t(), torch.stack([b, -b], 1)[:, 0],
+             lora_A.t().contiguous().t(), lora_B.t().contiguous().t())
+    assert not any(v.is_contiguous() for v in views)
+    for in_loop in (True, False):
+        assert rel_err(klora.lora_linear(*views, 2.0, xa_in_loop=in_loop), want) <= TOL[F32]
+
+
 def test_kernels_folder_imports_as_minipeft_kernels_only():
     """kernels/ must not be importable as a top-level `kernels`: bitsandbytes (on AVX512-BF16 CPUs) and
     transformers import the PyPI package of that name, and got our folder when the repository root was on
