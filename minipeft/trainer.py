@@ -199,8 +199,14 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
+        """Train for the configured steps; resume: continue from output_dir's newest checkpoint."""
         if resume:
             self.resume()
+        elif self.step == 0 and (earlier := latest_checkpoint(self.out)) is not None:  # not resume()d already
+            # A fresh run among another run's checkpoints: rotation (by step) would delete its own
+            # newer-run checkpoints first, and a later resume would continue the other run.
+            raise ValueError(f"{self.out} holds checkpoints of an earlier run ({earlier.name}): train(resume=True) "
+                             "continues it; or train into another output_dir")
         self.model.train()
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.rank == 0,
                              tensorboard=tensorboard_dir(self.cfg))

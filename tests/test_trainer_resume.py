@@ -233,3 +233,17 @@ def test_a_checkpoint_is_on_disk_before_rotation_deletes_the_one_before(tmp_path
     assert {p.stat().st_ino for p in newest.rglob("*")} <= synced  # each file and directory
     last_file = max(i for i, (what, ino) in enumerate(events) if what == "fsync" and ino == newest.stat().st_ino)
     assert ("fsync", tmp_path.stat().st_ino) in events[last_file:deleted]  # the rename, then the deletion
+
+
+def test_a_fresh_run_among_another_runs_checkpoints_is_refused(tmp_path):
+    """Trained into a folder holding an earlier run's checkpoints, a fresh run would lose its own:
+    rotation goes by step (the earlier run's checkpoint-10 outlives a new checkpoint-2), and a
+    later resume would continue the earlier run."""
+    lora_trainer(tmp_path, n_epochs=1, save_strategy="steps", save_steps=5).train()  # checkpoint-5, -10
+    before = sorted(p.name for p in tmp_path.iterdir())
+    fresh = lora_trainer(tmp_path, n_epochs=1, save_strategy="steps", save_steps=2, save_total_limit=1)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-10\): "
+                                         r"train\(resume=True\) continues it"):
+        fresh.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert lora_trainer(tmp_path, n_epochs=1, save_strategy="steps", save_steps=5).train(resume=True).steps == 10
