@@ -266,3 +266,29 @@ def test_the_server_never_answered_500_and_is_alive(server):
     assert server.call("GET", "/v1/models")[0] == 200
     log = server.log.read_text(errors="replace")
     assert '" 500' not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_publish_over_the_leftover_of_one_cut_short_keeps_none_of_it(tmp_path, base_dir):
+    """A crash mid-publish (before the copy was staged) can leave the model's folder half-copied: the
+    next publish replaces it whole, nothing of it stays, and no staging folder is left beside it."""
+    from minipeft.platform.models import _copy_atomic
+
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "adapter_model.safetensors").write_bytes(b"weights")
+    dest = tmp_path / "models" / "bot"
+    dest.mkdir(parents=True)
+    (dest / "adapter_model.safetensors").write_bytes(b"half")
+    (dest / "stale.bin").write_bytes(b"from another copy")
+    _copy_atomic(source, dest, "chatml", base_dir)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["adapter_model.safetensors", TEMPLATE_FILE, *(p.name for p in _tokenizer_files(base_dir, tmp_path))])
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert load_template(dest) == get_template("chatml")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["bot"]
+
+
+def _tokenizer_files(base_dir, tmp_path):
+    out = tmp_path / "tokenizer"
+    load_tokenizer(base_dir).save_pretrained(out)
+    return list(out.iterdir())

@@ -11,7 +11,6 @@ values (alpha and dropout are not in the weights; a changed alpha would silently
 """
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import staging_dir
+from ..files import staged_dir
 from ..peft_config import PeftConfig
 from ..templates import TEMPLATE_FILE, get_template, load_template, save_template
 from ..tokenizer import load_tokenizer
@@ -102,18 +101,13 @@ def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[
 
 
 def _copy_atomic(source: Path, dest: Path, template: str, tokenizer_dir: Path) -> None:
-    tmp = staging_dir(dest)
-    try:
+    # stale="*": nothing of a leftover at dest (a publish a crash cut short) is kept
+    with staged_dir(dest, stale="*") as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if not (tmp / TEMPLATE_FILE).is_file():  # a checkpoint saves weights only
             save_template(tmp, get_template(template))
         if not (tmp / "tokenizer.model").is_file():
             load_tokenizer(tokenizer_dir).save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)  # the leftover of a publish a crash cut short
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def publish(store: Store, data_dir: Path, job: dict[str, Any], checkpoint: Optional[str] = None) -> dict[str, Any]:
