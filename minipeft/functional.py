@@ -5,8 +5,9 @@
     dequantize_nf4(Wq, dtype)      = minipeft.nf4.dequantize_nf4, or its bit-exact kernel
     x (..., K) any leading dims,  W (N, K),  b (N,),  A = lora_A (r, K),  B = lora_B (N, r),
     s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)),  D = dropout on the LoRA branch's input only
-    (PEFT: lora_B(lora_A(dropout(x))) * scaling). The LoRA branch runs in lora_A's dtype and is cast back
-    to the output's dtype, as PEFT does when it keeps float32 adapters under a 16-bit base.
+    (PEFT: lora_B(lora_A(dropout(x))) * scaling). The LoRA branch runs in lora_A's dtype, is added to the
+    base output in the wider dtype and the sum cast to the output's, as PEFT does when it keeps float32
+    adapters under a 16-bit base.
 
 Dropout: the mask is drawn here, by torch (bernoulli_, so torch.manual_seed reproduces it), and handed to
 either path as a bool tensor of x's shape; the kernel does not generate it. Why: (1) the eager twin and
@@ -184,11 +185,18 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: Optional[torch.Tensor] 
 def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: Optional[torch.Tensor],
                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       dropout_mask: Optional[torch.Tensor] = None, keep_scale: float = 1.0) -> torch.Tensor:
-    """The eager twin (the spec): F.linear(x, W, b) + (s * (D(x) A^T) B^T in lora_A's dtype), cast to x W^T's.
-    An NF4 W runs through nf4_linear (the same values, in x's dtype; W not kept for the backward)."""
+    """The eager twin (the spec): add_lora(F.linear(x, W, b), ...). An NF4 W runs through nf4_linear
+    (the same values, in x's dtype; W not kept for the backward)."""
     y = nf4_linear(x, weight, bias) if isinstance(weight, NF4Tensor) else F.linear(x, weight, bias)
+    return add_lora(y, x, lora_A, lora_B, scaling, dropout_mask, keep_scale)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+             dropout_mask: Optional[torch.Tensor] = None, keep_scale: float = 1.0) -> torch.Tensor:
+    """y + s (D(x) A^T) B^T, y the base layer's output: the branch in lora_A's dtype, the sum in the wider
+    of the two, cast to y's dtype once (PEFT's order: a bfloat16 y plus a float32 branch is rounded once)."""
     x_lora = apply_dropout_mask(x.to(lora_A.dtype), dropout_mask, keep_scale)
-    return y + (F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(y.dtype)
+    return (y + F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(y.dtype)
 
 
 def _lora_linear_eager(x: torch.Tensor, weight: torch.Tensor | NF4Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

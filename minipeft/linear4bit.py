@@ -61,6 +61,8 @@ class Linear4bit(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"Linear4bit bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
         self.blocksize = weight.blocksize
+        # The dtype the Linear's weight had (the model's): to_linear() returns a Linear of it, which may
+        # differ from compute_dtype (a float32 model quantized with compute_dtype=bfloat16).
         self.weight_dtype = weight.dtype
         self.compute_dtype = _check_compute_dtype(compute_dtype or weight.dtype)
         self.register_buffer("weight_packed", weight.data)
@@ -94,24 +96,26 @@ class Linear4bit(nn.Module):
         return functional.dequantize_nf4(self.quantized_weight, self.compute_dtype)  # a bit-exact kernel on CUDA
 
     def to_linear(self, weight: Optional[torch.Tensor] = None) -> nn.Linear:
-        """A frozen nn.Linear in compute_dtype with `weight` (out_features, in_features), default
-        dequantize(), and this layer's bias: what forward computes, or a merged weight."""
+        """A frozen nn.Linear in weight_dtype (the model's, which its other layers compute in; compute_dtype
+        would give a bfloat16 Linear a float32 model cannot call) with `weight` (out_features, in_features),
+        default dequantize(), and this layer's bias: what forward computes, or a merged weight."""
         weight = self.dequantize() if weight is None else weight
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=self.compute_dtype, device=weight.device)
+                        dtype=self.weight_dtype, device=weight.device)
         out.weight.data.copy_(weight)
         if self.bias is not None:
             out.bias.data.copy_(self.bias)
         return out.requires_grad_(False)
 
     def _apply(self, fn, recurse: bool = True):
-        """A floating cast of the model (model.to(torch.bfloat16)) moves compute_dtype with it, as it
-        would a Linear's weight, so that to_linear() (merge_and_unload, dequantize_model) returns a
+        """A floating cast of the model (model.to(torch.bfloat16)) moves compute_dtype and weight_dtype with
+        it, as it would a Linear's weight, so that to_linear() (merge_and_unload, dequantize_model) returns a
         layer of the model's dtype; the 4-bit buffers hold integers, which no cast touches."""
         super()._apply(fn, recurse)
-        cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
-        if cast in FLOAT_DTYPES:
-            self.compute_dtype = cast
+        for attr in ("compute_dtype", "weight_dtype"):
+            cast = fn(torch.empty(0, dtype=getattr(self, attr))).dtype
+            if cast in FLOAT_DTYPES:
+                setattr(self, attr, cast)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

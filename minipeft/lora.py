@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .functional import lora_linear, nf4_lora_linear
+from .functional import add_lora, dropout_mask, lora_linear, nf4_lora_linear
 from .peft_config import PeftConfig
 from .tuner_layer import TunerLayer
 
@@ -136,8 +136,15 @@ class LoraLinear(TunerLayer):
                 self.training)
         if isinstance(base, nn.Linear):
             return lora_linear(x, base.weight, base.bias, *lora)
+        if x.dtype != base.compute_dtype:
+            # A float32 model quantized with compute_dtype=bfloat16 (QLoRA's usual setup). As PEFT over
+            # bitsandbytes: the 4-bit matmul runs in compute_dtype and comes back in x's dtype, and the LoRA
+            # branch (functional.add_lora), from x itself, is added there. Fused in compute_dtype, the update
+            # would be rounded to bfloat16's step of the base output (|y|/256), most of a small one lost.
+            A, B, scaling, p, training = lora
+            return add_lora(base(x), x, A, B, scaling, *dropout_mask(x, p, training))
         bias = None if base.bias is None else base.bias.to(base.compute_dtype)  # QLoRA: compute in compute_dtype
-        return nf4_lora_linear(x.to(base.compute_dtype), base.quantized_weight, bias, *lora).to(x.dtype)
+        return nf4_lora_linear(x, base.quantized_weight, bias, *lora)
 
     def merge(self, name: Optional[str] = None) -> None:
         """W <- W + s·B·A in float32, cast back. Merging an already merged adapter does nothing."""

@@ -248,3 +248,21 @@ def test_saving_over_an_adapter_replaces_its_weights_and_config_together(tmp_pat
     reloaded = PeftModel.from_pretrained(tiny_model("llama-gqa"), target)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS), new(IDS), atol=0, rtol=0)
+
+
+def test_a_bfloat16_layer_with_float32_adapters_equals_peft_bit_for_bit():
+    """PEFT keeps adapters in float32 under a 16-bit base and adds the float32 branch to the bfloat16
+    base output before casting once. Casting the branch to bfloat16 first rounds twice: 1-ulp
+    differences in part of the outputs."""
+    ours = get_peft_model(tiny_model("qwen2").to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8)).eval()
+    ref = peft.get_peft_model(to_hf(tiny_model("qwen2")).to(torch.bfloat16),
+                              peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8)).eval()
+    layer = ours.base_model.model.layers[0].self_attn.q_proj
+    ref_layer = ref.base_model.model.model.layers[0].self_attn.q_proj
+    assert ref_layer.lora_A["default"].weight.dtype == layer.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        for ab in ("lora_A", "lora_B"):
+            getattr(layer, ab)["default"].weight.normal_(std=0.3)
+            getattr(ref_layer, ab)["default"].weight.copy_(getattr(layer, ab)["default"].weight)
+        x = torch.randn(3, 7, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        assert torch.equal(layer(x), ref_layer(x))
