@@ -18,14 +18,15 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from .argtypes import at_least
 from .checkpoint import load_pretrained
 from .data import load_jsonl
 from .distributed import use_device
 from .evaluate import evaluate, write_report
 from .job import REPO, DEFAULT_MODEL, run_job
-from .files import write_atomic
+from .files import check_output_dir, write_atomic
 from .peft_model import PeftModel
 from .templates import get_template
 from .tokenizer import load_tokenizer
@@ -36,9 +37,10 @@ RECORD = "demo.json"
 # What a run writes in its directory, besides checkpoint-N: a directory with anything else is not replaced.
 RUN_FILES = {RECORD, "job_config.json", "adapter", "metrics.jsonl", "loss_curve.png", "tensorboard", "eval_before",
              "eval_after", "samples.md", "report.md"}
-# The shipped model has 5 layers of d=256: adapting q and v alone leaves too little capacity to
-# learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of
-# this model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller).
+# Why all seven projections (report.md says it too):
+TARGETS_WHY = ("the shipped model has 5 layers of d=256: adapting q and v alone leaves too little capacity to "
+               "learn a new output format in a few hundred steps; all seven projections at r=8 are 3.8% of this "
+               "model (the outline's ~0.1% is for 7B models, where d=4096 makes r/d 16x smaller)")
 # Small batches: the updates, not the tokens, teach the copy. On json_extract, exact match was 81%
 # after 12 epochs at batch 8, 84% after 20; at batch 4, 86% after 12 epochs and 100% after 16 (98-99%,
 # by host, since the trainer's last layer skips the prompt: the same sums in another order, other roundings).
@@ -58,11 +60,15 @@ def demo_config(task: str, output_dir: str) -> tuple[TrainConfig, dict[str, Any]
     return cfg, spec
 
 
-def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples: int):
+def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples: int,
+              adapter: Optional[Path] = None):
     tok = load_tokenizer(cfg.model)
     result = evaluate(model, tok, load_jsonl(cfg.test_file), get_template(cfg.template), max_new_tokens=64,
                       batch_size=32, task=spec["task"])
-    write_report(result, out, samples=samples, sources={"model": cfg.model, "data": cfg.test_file})
+    # The adapter too, as `minipeft eval` records it: without it the fine-tuned model's samples.md
+    # and metrics.json would name the base model alone, as the "before" files do.
+    sources = {"model": cfg.model, "adapter": str(adapter) if adapter else None, "data": cfg.test_file}
+    write_report(result, out, samples=samples, sources=sources)
     return result.metrics
 
 
@@ -88,6 +94,9 @@ def claim_output_dir(out: Path) -> None:
         raise ValueError(f"--output-dir {out}: exists and is not a previous demo run (a {RECORD} record and only "
                          "the files a run writes); the demo replaces only its own runs: choose a new or empty "
                          "directory")
+    # A path that cannot be a directory (under a file, not writable) is a one-line error, as for `minipeft
+    # train`, rather than write_atomic's OSError traceback.
+    check_output_dir(out, "--output-dir")
     write_atomic(out / RECORD, json.dumps({"finished": False}) + "\n")
 
 
@@ -100,7 +109,7 @@ def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples:
     before = _evaluate(load_pretrained(cfg.model, device=device), cfg, spec, out / "eval_before", samples)
     job = run_job(cfg)
     tuned = PeftModel.from_pretrained(load_pretrained(cfg.model, device=device), out / "adapter")
-    after = _evaluate(tuned, cfg, spec, out / "eval_after", samples)
+    after = _evaluate(tuned, cfg, spec, out / "eval_after", samples, adapter=out / "adapter")
     shutil.copy2(out / "eval_after" / "samples.md", out / "samples.md")
     summary = {"task": task, "metrics": spec["metrics"], "before": before, "after": after,
                "trainable": job.trainable, "total": job.total, "train_seconds": job.result.seconds,
@@ -109,6 +118,7 @@ def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples:
     table = summary_table(summary)
     print(table)
     write_atomic(out / "report.md", f"# minipeft demo: LoRA on {task}\n\n{spec['description']}\n\n{table}\n"
+                 f"{setup(cfg, job.result.warnings)}\n"
                  f"Job directory: `{out}`. Loss curve: `loss_curve.png`. Spot check: `samples.md`.\n")
     write_atomic(out / RECORD, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -123,6 +133,21 @@ def summary_table(s: dict[str, Any]) -> str:
         f"whole demo {s['wall_seconds']:.0f} s", ""])
 
 
+def setup(cfg: TrainConfig, warnings: list[str]) -> str:
+    """report.md's account of how the table was made: the method, its targets and why, the training
+    settings, what tokens/s counts, and the trainer's diagnostics."""
+    lines = ["## Setup", "",
+             f"- LoRA r={cfg.lora_rank}, lora_alpha={cfg.lora_alpha:g}, lora_dropout={cfg.lora_dropout:g} (the "
+             f"outline's config) on {cfg.target_modules} (q k v o gate up down): {TARGETS_WHY}.",
+             f"- learning_rate {cfg.learning_rate:g}, {cfg.n_epochs} epochs, batch_size {cfg.batch_size}, "
+             f"{cfg.lr_scheduler_type} schedule, warmup_ratio {cfg.warmup_ratio:g}, weight_decay "
+             f"{cfg.weight_decay:g}, max_length {cfg.max_length}, seed {cfg.seed}.",
+             "- tokens/s: every token the model reads (prompt and reply, no padding) per second of the training "
+             "run, its evaluations and checkpoints included (as Hugging Face's train_tokens_per_second).",
+             "- The trainer's diagnostics: " + ("; ".join(warnings) if warnings else "none") + ".", ""]
+    return "\n".join(lines)
+
+
 def _demo(args: argparse.Namespace) -> int:
     run_demo(args.task, args.output_dir, args.samples)
     return 0
@@ -132,5 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the main job: LoRA fine-tune of the shipped model on a bundled task")
     d.add_argument("--task", default="json_extract", help="a task of datasets/tasks.json")
     d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--samples", type=int, default=20, help="examples in samples.md for the human spot check")
+    # Checked as parsed: write_report refuses a negative count only after the base model's evaluation.
+    d.add_argument("--samples", type=at_least(0), default=20, metavar="N",
+                   help="examples in samples.md for the human spot check")
     d.set_defaults(func=_demo)

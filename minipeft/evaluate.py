@@ -15,7 +15,8 @@ Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match)
     classification  accuracy                            exact match of the label
                     invalid_label_rate                  predictions equal to no reference label
     json            exact_match                         compared as parsed JSON
-                    valid_json_rate                     predictions that parse as a JSON object
+                    valid_json_rate                     predictions that parse as a strict JSON object
+                                                        (RFC 8259: no NaN or Infinity; no key twice)
                     required_fields_present             among examples whose reference is an object:
                                                         the prediction is an object holding all its keys
     generation      exact_match, bleu (0-100, sacrebleu's 13a, or "zh" when lang="zh"),
@@ -23,11 +24,16 @@ Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match)
 
 Task detection (task=None), on the reference replies:
     json            every reference parses as a JSON object
-    classification  at most 20 distinct references, each at most 3 whitespace-separated words,
-                    and fewer distinct references than examples (some label repeats: unique short
+    classification  at most 20 distinct references, each at most 3 whitespace-separated words
+                    and 6 CJK characters (Chinese has no spaces: a sentence is one "word"), and
+                    fewer distinct references than examples (some label repeats: unique short
                     answers are a QA set, not labels)
     generation      otherwise
-Language detection (lang=None): "zh" when more than half the references hold a CJK ideograph.
+Language detection (lang=None): "zh" when any reference holds a CJK ideograph or kana. "en"
+tokenization (rouge-score's) deletes every such character and 13a leaves a Chinese sentence one
+token, so in a bilingual set identical Chinese replies scored ROUGE 0 and no BLEU n-gram. "zh"
+splits English as "en" does: ROUGE exactly; BLEU (sacrebleu's zh) but for 13a's entity and
+line-break rules and a "." or "," at a line's very start or end beside a digit ("costs 5.").
 
 `write_report` writes metrics.json and samples.md, a seeded random sample of (prompt, reference,
 prediction, exact match) for the human spot check (人工抽样评估). tests/test_evaluate.py checks
@@ -51,6 +57,7 @@ from .batching import collate, pad_rows
 from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
+from .metrics.exact_match import parse_json
 from .files import write_atomic
 from .templates import ChatTemplate, Rendered
 from .tokenizer import Tokenizer
@@ -59,7 +66,8 @@ TASKS = ("classification", "json", "generation")
 LANGS = ("en", "zh")
 MAX_LABELS = 20
 MAX_LABEL_WORDS = 3
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+MAX_LABEL_CJK = 6  # characters: 正面, 非常满意 are labels; a sentence is not
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # kana, ideographs
 
 
 @dataclass
@@ -82,8 +90,10 @@ class EvalResult:
 
 
 def _json_object(text: str) -> Optional[dict]:
+    """`text` parsed as a strict JSON object (metrics.exact_match.parse_json: no NaN or Infinity,
+    no key given twice), else None."""
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -97,14 +107,15 @@ def detect_task(references: Sequence[str]) -> str:
         return "json"
     labels = {normalize_answer(r) for r in references}
     if len(labels) <= MAX_LABELS and len(labels) < len(references) and \
-            all(len(label.split()) <= MAX_LABEL_WORDS for label in labels):
+            all(len(label.split()) <= MAX_LABEL_WORDS and len(_CJK.findall(label)) <= MAX_LABEL_CJK
+                for label in labels):
         return "classification"
     return "generation"
 
 
 def detect_lang(references: Sequence[str]) -> str:
-    """"zh" when more than half the references hold a CJK ideograph, else "en"."""
-    return "zh" if 2 * sum(bool(_CJK.search(r)) for r in references) > len(references) else "en"
+    """"zh" when any reference holds a CJK ideograph or kana, else "en" (module docstring: why any)."""
+    return "zh" if any(_CJK.search(r) for r in references) else "en"
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):

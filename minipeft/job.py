@@ -187,7 +187,7 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     if dist.rank() == 0:
         save_trained(model, tok, template, out)
         plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss_curve.png",
-                    title=f"{cfg.method} on {Path(cfg.train_file).name}")
+                    title=f"{cfg.method} on {'/'.join(Path(cfg.train_file).parts[-2:])}")  # the task's folder too
     dist.barrier()  # the other ranks return once the job directory is complete
     return JobResult(out, result, *count_parameters(model))
 

@@ -44,7 +44,21 @@ def splits(tasks: dict) -> dict:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != "README.md")
+    """The files under root but README.md and the folders `minipeft data report FILE` writes beside FILE
+    (FILE.report/, untracked): running the README's report command must not fail the byte comparison."""
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != "README.md"
+                  and not any(part.endswith(".report") for part in p.relative_to(root).parts[:-1]))
+
+
+def test_a_data_report_beside_the_files_is_not_a_dataset_file(tmp_path: Path):
+    # `minipeft data report datasets/sentiment/train.jsonl` (datasets/README.md) writes
+    # datasets/sentiment/train.report/; the byte comparison then failed on files the build never writes.
+    (tmp_path / "sentiment").mkdir()
+    lines = (DATASETS / "sentiment" / "train.jsonl").read_text().splitlines(keepends=True)[:5]
+    (tmp_path / "sentiment" / "train.jsonl").write_text("".join(lines))
+    assert data_cli.main(["data", "report", str(tmp_path / "sentiment" / "train.jsonl")]) == 0
+    assert (tmp_path / "sentiment" / "train.report").is_dir()
+    assert _files(tmp_path) == [Path("sentiment/train.jsonl")]
 
 
 def test_build_gives_the_committed_bytes(built: Path):

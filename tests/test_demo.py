@@ -52,6 +52,17 @@ def test_a_directory_that_is_not_a_demo_run_is_refused_untouched(tmp_path, capsy
     assert a_file.read_text() == "keep"
 
 
+def test_an_output_dir_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    # It was write_atomic's NotADirectoryError traceback (PermissionError for an unwritable place).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    assert main(["demo", "--output-dir", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minipeft demo: error: --output-dir {blocker / 'run'}: cannot be created")
+    assert "\n" not in err
+    assert blocker.read_text() == "keep"
+
+
 @pytest.mark.parametrize("record", [json.dumps({"name": "my app demo"}), "not json", None])
 def test_a_demo_json_alone_does_not_make_a_demo_run(tmp_path, record):
     """Only the demo's record beside only what a run writes: a user's folder with a demo.json of its own,
@@ -123,4 +134,22 @@ def test_a_one_step_demo_runs_the_whole_flow_where_device_says(two_gpus, tmp_pat
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     table = summary_table(summary)
-    assert table in capsys.readouterr().out and table in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert table in capsys.readouterr().out and table in report
+    assert "LoRA r=8, lora_alpha=32, lora_dropout=0.1 (the outline's config) on all-linear" in report
+    assert demo.TARGETS_WHY in report and "The trainer's diagnostics: " in report
+    # The fine-tuned model's files name its adapter; the base model's name none.
+    assert json.loads((out / "eval_before" / "metrics.json").read_text())["adapter"] is None
+    assert json.loads((out / "eval_after" / "metrics.json").read_text())["adapter"] == str(out / "adapter")
+    assert f"adapter: `{out / 'adapter'}`" in (out / "samples.md").read_text()
+    assert "adapter" not in (out / "eval_before" / "samples.md").read_text()
+
+
+def test_a_negative_samples_count_is_refused_before_any_work(tmp_path, capsys):
+    # It was refused only by write_report, after the base model's whole evaluation, the output
+    # directory already claimed.
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as raised:
+        main(["demo", "--samples", "-1", "--output-dir", str(out)])
+    assert raised.value.code == 2 and "--samples: must be >= 0, got -1" in capsys.readouterr().err
+    assert not out.exists()

@@ -235,6 +235,27 @@ def test_json_task_metrics(monkeypatch, tmp_path, tok, model):
     assert "bleu" not in result.metrics
 
 
+def test_json_task_counts_nan_and_infinity_as_invalid_json():
+    """Python's json.loads reads NaN/Infinity, JSON's grammar (RFC 8259) has neither: such a reply is
+    not the strict JSON the json task asks for, nor an object holding the required fields."""
+    ref = '{"name": "Anna Berg", "age": 74, "city": "Manila"}'
+    replies = ['{"name": "Anna Berg", "age": NaN, "city": "Manila"}',
+               '{"name": "Anna Berg", "age": -Infinity, "city": "Manila"}', ref]
+    metrics = ev.task_metrics("json", replies, [ref] * 3, "en")
+    assert metrics == {"exact_match": 1 / 3, "valid_json_rate": 1 / 3, "required_fields_present": 1 / 3}
+    assert detect_task(['{"a": NaN}', '{"a": 1}']) == "generation"  # a reference with NaN is not JSON either
+
+
+def test_json_task_counts_a_key_given_twice_as_invalid_json():
+    """json.loads keeps the last of a repeated key (other parsers the first, or refuse), so
+    '{"name": "X", "name": "Anna Berg", ...}' counted as an exact match of the reference."""
+    ref = '{"name": "Anna Berg", "age": 74}'
+    twice = '{"name": "X", "name": "Anna Berg", "age": 74}'
+    assert ev.task_metrics("json", [twice, ref], [ref] * 2, "en") == {
+        "exact_match": 0.5, "valid_json_rate": 0.5, "required_fields_present": 0.5}
+    assert exact_match_accuracy(['{"b": 2, "a": 1}', twice], ['{"a": 1, "b": 2}', twice]) == 1.0  # text alike
+
+
 def test_classification_task_metrics(monkeypatch, tmp_path, tok, model):
     refs = ["positive", "negative", "positive", "neutral", "negative"]
     replies = ["positive", "positive", "Positive", "neutral", "I think negative"]
@@ -264,6 +285,8 @@ def test_task_given_overrides_detection(monkeypatch, tok, model, examples):
     ([f"label{i}" for i in range(21)] * 2, "generation"),  # 21 distinct labels > 20
     ([f"label{i}" for i in range(20)] * 2, "classification"),
     (["42"], "generation"),
+    (["正面", "负面", "非常满意", "正面"], "classification"),  # Chinese labels: a few characters
+    (["今天天气很好，我们去公园散步吧。"] * 2 + ["明天会下雨，记得带伞出门。"], "generation"),  # sentences, no spaces
 ])
 def test_detect_task(refs, task):
     assert detect_task(refs) == task
@@ -271,7 +294,22 @@ def test_detect_task(refs, task):
 
 def test_detect_lang():
     assert detect_lang(["你好 world", "中文", "english"]) == "zh"
-    assert detect_lang(["你好 world", "english"]) == "en"  # exactly half is not more than half
+    assert detect_lang(["你好 world", "english", "more english"]) == "zh"  # a minority of Chinese replies
+    assert detect_lang(["ありがとう", "こんにちは"]) == "zh"  # kana: no spaces between words either
+    assert detect_lang(["english", "café, naïve"]) == "en"
+
+
+def test_mixed_language_references_score_perfect_predictions_as_perfect():
+    """A bilingual test set (here a minority of Chinese and Japanese replies): "en" tokenization
+    drops every CJK character (rouge-score's default), so identical replies were scored on what
+    ASCII they hold, or not at all (rouge1 0.8, rouge2 0.6 here); "zh" scores English as "en" does."""
+    english = ["The weather is nice today.", "We fine-tuned the model with LoRA.", "It works well."]
+    cjk = ["我们用LoRA微调了模型。", "ありがとうございます"]
+    refs = english + cjk
+    metrics = ev.task_metrics("generation", refs, refs, detect_lang(refs))
+    assert metrics["exact_match"] == 1.0 and metrics["bleu"] == pytest.approx(100.0)
+    assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == 1.0
+    assert rouge(english[:2], english[1:], lang="zh") == rouge(english[:2], english[1:], lang="en")
 
 
 @pytest.mark.parametrize("kwargs, message", [

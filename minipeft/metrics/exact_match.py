@@ -7,12 +7,13 @@ matches "STRASSE"). Nothing else is removed: punctuation and articles count, unl
 Structured outputs: when both strings parse as a JSON object or array, they are compared as
 data instead (key order and whitespace ignored, values compared exactly and case-sensitively;
 true is not 1, and 1 is not 1.0, because the canonical serialisations differ). JSON scalars
-such as "42" or "true" stay on the text path, so ignore_case applies to them.
+such as "42" or "true" stay on the text path, so ignore_case applies to them. Parsing is strict
+(parse_json): NaN, Infinity and a key given twice make a string text, not JSON data.
 """
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ._inputs import check_same_length
 
@@ -23,10 +24,27 @@ def normalize_answer(text: str, ignore_case: bool = False) -> str:
     return text.casefold() if ignore_case else text
 
 
+def parse_json(text: str) -> Any:
+    """`text` as strict JSON (RFC 8259), else ValueError. Python's json.loads also reads NaN, Infinity
+    and -Infinity, which JSON's grammar lacks and strict parsers (JavaScript's JSON.parse) refuse, and
+    keeps the last of a key given twice, where other parsers keep the first or refuse: a reply holding
+    either is not the JSON a program downstream can rely on."""
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            raise ValueError("a key given twice in one object")
+        return obj
+
+    def not_json(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, object_pairs_hook=no_repeats, parse_constant=not_json)
+
+
 def _canonical_json(text: str) -> Optional[str]:
     """Canonical serialisation of a JSON object/array, or None if `text` is not one."""
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except (ValueError, RecursionError):
         return None
     if not isinstance(value, (dict, list)):
