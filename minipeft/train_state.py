@@ -23,7 +23,6 @@ not hold, so that the resumed steps would change nothing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 
 from . import distributed as dist
 from .checkpoint import check_state_dict, load_safetensors, read_state_dict
-from .files import fsync_dir, fsync_tree, read_json, staging_dir
+from .files import read_json, staged_dir
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
@@ -80,8 +79,9 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
     """Write checkpoint-<step> atomically, then delete all but the newest `keep` checkpoints; rng:
     rng_states()."""
     final = output_dir / f"{PREFIX}{step}"
-    tmp = staging_dir(final)  # hidden: list_checkpoints skips it until it is renamed into place
-    try:
+    # Staged hidden (list_checkpoints skips it until it is renamed into place) and on disk before the
+    # rename, so the rotation below never deletes the last checkpoint that a power loss would leave whole.
+    with staged_dir(final, stale="*") as tmp:
         if isinstance(model, PeftModel):
             model.save_pretrained(tmp / "adapter")
             save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -93,14 +93,6 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
         (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        fsync_tree(tmp)  # on disk before the rename, and the rename before the rotation below
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(output_dir)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
     return final
