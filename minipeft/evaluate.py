@@ -20,7 +20,8 @@ Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match)
                     required_fields_present             among examples whose reference is an object:
                                                         the prediction is an object holding all its keys
     generation      exact_match, bleu (0-100, sacrebleu's 13a, or "zh" when lang="zh"),
-                    rouge1 / rouge2 / rougeL F1 (0-1, characters as tokens for Chinese when lang="zh")
+                    rouge1 / rouge2 / rougeL F1 (0-1, characters as tokens for Chinese when lang="zh",
+                    words of any script when lang="intl": metrics.rouge)
 
 Task detection (task=None), on the reference replies:
     json            every reference parses as a JSON object
@@ -34,6 +35,9 @@ tokenization (rouge-score's) deletes every such character and 13a leaves a Chine
 token, so in a bilingual set identical Chinese replies scored ROUGE 0 and no BLEU n-gram. "zh"
 splits English as "en" does: ROUGE exactly; BLEU (sacrebleu's zh) but for 13a's entity and
 line-break rules and a "." or "," at a line's very start or end beside a digit ("costs 5.").
+Else "intl" when a reference holds a letter of another script than Latin (Cyrillic, Hangul,
+Greek, ...), which "en" deletes as well: identical Russian replies scored ROUGE 0. Accented Latin
+letters stay "en", as rouge-score scores them ("café" -> "caf").
 
 `write_report` writes metrics.json and samples.md, a seeded random sample of (prompt, reference,
 prediction, exact match) for the human spot check (人工抽样评估). tests/test_evaluate.py checks
@@ -58,16 +62,18 @@ from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
 from .metrics.exact_match import parse_json
+from .metrics.rouge import CJK
 from .files import write_atomic
 from .templates import ChatTemplate, Rendered
 from .tokenizer import Tokenizer
 
 TASKS = ("classification", "json", "generation")
-LANGS = ("en", "zh")
+LANGS = ("en", "zh", "intl")
 MAX_LABELS = 20
 MAX_LABEL_WORDS = 3
 MAX_LABEL_CJK = 6  # characters: 正面, 非常满意 are labels; a sentence is not
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # kana, ideographs
+_CJK = re.compile(f"[{CJK}]")
+_NON_LATIN = re.compile(r"[^\W\d_\u0000-\u024f\u1e00-\u1eff]")  # a letter outside the Latin blocks
 
 
 @dataclass
@@ -114,8 +120,11 @@ def detect_task(references: Sequence[str]) -> str:
 
 
 def detect_lang(references: Sequence[str]) -> str:
-    """"zh" when any reference holds a CJK ideograph or kana, else "en" (module docstring: why any)."""
-    return "zh" if any(_CJK.search(r) for r in references) else "en"
+    """"zh" when any reference holds a CJK ideograph or kana, else "intl" when one holds a letter of
+    another non-Latin script, else "en" (module docstring: why any)."""
+    if any(_CJK.search(r) for r in references):
+        return "zh"
+    return "intl" if any(_NON_LATIN.search(r) for r in references) else "en"
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):

@@ -296,7 +296,18 @@ def test_detect_lang():
     assert detect_lang(["你好 world", "中文", "english"]) == "zh"
     assert detect_lang(["你好 world", "english", "more english"]) == "zh"  # a minority of Chinese replies
     assert detect_lang(["ありがとう", "こんにちは"]) == "zh"  # kana: no spaces between words either
-    assert detect_lang(["english", "café, naïve"]) == "en"
+    assert detect_lang(["english", "café, naïve"]) == "en"  # accented Latin: rouge-score's tokens
+    assert detect_lang(["english", "Привет, мир"]) == detect_lang(["안녕하세요"]) == detect_lang(["Γειά"]) == "intl"
+    assert detect_lang(["Привет", "模型"]) == "zh"  # CJK decides BLEU's tokenizer
+
+
+def test_replies_in_other_scripts_score_as_words():
+    """rouge-score's tokenizer (lang="en") deletes Cyrillic or Hangul: identical replies scored 0."""
+    refs = ["Привет, мир!", "Модель работает хорошо.", "안녕하세요 세계"]
+    metrics = ev.task_metrics("generation", refs, refs, detect_lang(refs))
+    assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == 1.0
+    assert metrics["bleu"] == pytest.approx(100.0) and metrics["exact_match"] == 1.0
+    assert ev.task_metrics("generation", refs, refs, "en")["rouge1"] == 0.0
 
 
 def test_mixed_language_references_score_perfect_predictions_as_perfect():

@@ -145,6 +145,8 @@ def test_corpus_bleu_rejects_bad_input():
         corpus_bleu(["a"], ["a"], tokenize="intl")
     with pytest.raises(ValueError, match="empty"):
         corpus_bleu([], [])
+    assert rouge_tokenize("Модель LoRA-2 и 模型, café", lang="intl") == ["модель", "lora", "2", "и", "模", "型",
+                                                                       "café"]
     with pytest.raises(ValueError, match=r"references\[0\] is empty"):
         corpus_bleu(["a"], [[]])
     with pytest.raises(ValueError, match="takes no smooth_value"):
@@ -213,6 +215,32 @@ def test_rouge_chinese_matches_rouge_score_on_spaced_characters():
     default = rouge_scorer.RougeScorer(TYPES).score("今天天气很好", "今天天气很好")
     assert default["rouge1"].fmeasure == 0.0
     assert rouge(["今天天气很好"], ["今天天气很好"], lang="zh")["rouge1"] == 1.0
+
+
+INTL_PAIRS = [("Привет, мир! Это тест модели.", "привет мир, это простой тест"),
+              ("안녕하세요 세계 모델을 미세 조정했습니다", "안녕하세요 모델을 조정했습니다"),
+              ("Η γάτα κάθεται στο χαλί", "η γάτα στο χαλί"),
+              ("Модель LoRA-2 и 模型 v2", "модель lora 2 и 模 型")]
+
+
+def _space_intl(text: str) -> str:
+    """Independent spelling of lang="intl": lowercase, letters and digits of any script form words,
+    kana and CJK ideographs are single tokens, everything else is a separator."""
+    out = []
+    for c in text.lower():
+        cjk = any(lo <= c <= hi for lo, hi in (("\u3040", "\u30ff"), ("\u3400", "\u4dbf"), ("\u4e00", "\u9fff"),
+                                               ("\uf900", "\ufaff")))
+        out.append(f" {c} " if cjk else c if c.isalnum() else " ")
+    return "".join(out)
+
+
+def test_rouge_intl_matches_rouge_score_on_spaced_words():
+    scorer = rouge_scorer.RougeScorer(TYPES, tokenizer=_WhitespaceTokenizer())
+    for h, r in INTL_PAIRS + ZH_PAIRS + EN_PAIRS:
+        _assert_rouge_pair_equal(rouge_pair(h, r, lang="intl"), scorer.score(_space_intl(r), _space_intl(h)))
+    # Why lang="intl" exists: rouge-score's default tokenizer drops Cyrillic, Hangul, Greek ...
+    assert rouge_scorer.RougeScorer(TYPES).score(*INTL_PAIRS[0])["rouge1"].fmeasure == 0.0
+    assert rouge([INTL_PAIRS[1][0]], [INTL_PAIRS[1][0]], lang="intl")["rouge2"] == 1.0
 
 
 def test_rouge_tokenizers():

@@ -17,7 +17,11 @@ dropped. lang="zh": Chinese has no spaces between words, and rouge-score's token
 drop every Chinese character, leaving empty token lists and scores of 0. So each non-ASCII
 letter or digit (str.isalnum: Chinese characters, kana, ...) is its own token, ASCII [a-z0-9]
 runs stay whole words (so "LoRA" in a Chinese sentence is one token), and punctuation is dropped
-as in English. No stemming option is offered: matching NLTK's Porter stemmer exactly is out of scope.
+as in English. lang="intl", for the scripts written with spaces that rouge-score would also drop
+(Cyrillic, Greek, Hangul, Arabic, ...): every maximal run of letters and digits of any script is
+a word, lowercased, but for Chinese characters and kana, one token each as in "zh". Scripts
+written without spaces other than those (Thai, ...) are not segmented. No stemming option is
+offered: matching NLTK's Porter stemmer exactly is out of scope.
 tests/test_metrics.py checks parity with rouge_score.rouge_scorer.RougeScorer.
 """
 from __future__ import annotations
@@ -29,9 +33,11 @@ from typing import NamedTuple
 from ._inputs import References, as_reference_lists
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana and CJK ideographs
 _TOKEN_PATTERNS = {
     "en": re.compile(r"[a-z0-9]+"),
     "zh": re.compile(r"[a-z0-9]+|[^\W_]"),  # [^\W_] is one str.isalnum() character
+    "intl": re.compile(rf"[{CJK}]|[^\W_{CJK}]+"),
 }
 
 
