@@ -71,14 +71,16 @@ def replace_dir(tmp: Path, path: PathLike, stale: Optional[str] = None) -> None:
     shard index (which loading prefers) beside the new model.safetensors. So what stays is linked
     into `tmp` first, then two renames swap the directories; a crash between them leaves `path`
     absent and its old contents whole in the hidden directory beside it, never half of each.
-    The working directory is the exception (save_pretrained("."), or a folder above it): renamed
-    away, the process and the shell would be left in a deleted directory, so it is filled file by
-    file. The files are fsynced before the rename and the parent directory after (write_atomic)."""
+    Two kinds of folder are filled file by file instead: the working directory (save_pretrained("."),
+    or a folder above it: renamed away, the process and the shell would be left in a deleted one),
+    and a folder holding subfolders the new contents do not replace (a folder of other work, not a
+    model's: its trees would have to be relinked). The files are fsynced before the rename and the
+    parent directory after (write_atomic)."""
     fsync_tree(tmp)
     path = Path(path).resolve()  # a symlink swaps the directory it names; "." gets a name
     if not path.exists():
         os.replace(tmp, path)
-    elif Path.cwd().is_relative_to(path):
+    elif Path.cwd().is_relative_to(path) or any(e.is_dir() and not (tmp / e.name).exists() for e in path.iterdir()):
         _move_into(tmp, path, stale)
     else:
         _swap(tmp, path, stale)
@@ -99,12 +101,12 @@ def staged_dir(path: PathLike, stale: Optional[str] = None) -> Iterator[Path]:
 
 
 def _swap(tmp: Path, path: Path, stale: Optional[str]) -> None:
-    for entry in path.iterdir():
+    for entry in path.iterdir():  # files only (replace_dir): a hard link, or a copy where links fail
         if not (tmp / entry.name).exists() and not (stale and fnmatch.fnmatch(entry.name, stale)):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(entry, tmp / entry.name)
+            try:
+                os.link(entry, tmp / entry.name, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
     old = staging_dir(path)  # an empty directory: a directory may be renamed over it
     try:
         os.replace(path, old)
@@ -126,14 +128,6 @@ def _move_into(tmp: Path, path: Path, stale: Optional[str]) -> None:
         if old.name not in new:
             old.unlink()
     tmp.rmdir()
-
-
-def _link_or_copy(source: PathLike, target: PathLike) -> None:
-    """A hard link (no bytes copied: a kept file may be large), or a copy where links fail."""
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def check_output_dir(path: PathLike, name: str) -> Path:

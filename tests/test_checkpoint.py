@@ -178,6 +178,23 @@ def test_a_save_into_the_working_directory_stays_in_it(tmp_path, monkeypatch):
         torch.testing.assert_close(load_pretrained(".")(ids), new(ids), atol=0, rtol=0)
 
 
+def test_a_save_into_a_folder_of_other_work_leaves_its_subfolders_in_place(tmp_path):
+    """A folder holding subfolders the save does not write (other runs, a dataset) is not swapped:
+    that would relink every file of them. It is filled file by file, its subfolders untouched."""
+    target = tmp_path / "work"
+    tiny_model(seed=0).save_pretrained(target, max_shard_size=10_000)
+    (target / "runs" / "old").mkdir(parents=True)
+    (target / "runs" / "old" / "log.txt").write_text("kept")
+    inode = (target / "runs").stat().st_ino
+    new = tiny_model(seed=1)
+    new.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "runs"]
+    assert (target / "runs").stat().st_ino == inode and (target / "runs" / "old" / "log.txt").read_text() == "kept"
+    ids = torch.randint(0, 131, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(target)(ids), new(ids), atol=0, rtol=0)
+
+
 def test_a_saved_directory_is_fsynced_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
     """As files.write_atomic: without it, a power loss can persist the rename but not the data."""
     import os
