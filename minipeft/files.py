@@ -80,10 +80,14 @@ def replace_dir(tmp: Path, path: PathLike, stale: Optional[str] = None) -> None:
     path = Path(path).resolve()  # a symlink swaps the directory it names; "." gets a name
     if not path.exists():
         os.replace(tmp, path)
-    elif Path.cwd().is_relative_to(path) or any(e.is_dir() and not (tmp / e.name).exists() for e in path.iterdir()):
-        _move_into(tmp, path, stale)
     else:
-        _swap(tmp, path, stale)
+        new = {e.name for e in tmp.iterdir()}
+        dropped = [e for e in path.iterdir() if e.name not in new and stale and fnmatch.fnmatch(e.name, stale)]
+        kept = [e for e in path.iterdir() if e.name not in new and e not in dropped]
+        if Path.cwd().is_relative_to(path) or any(e.is_dir() for e in kept):
+            _move_into(tmp, path, dropped)
+        else:
+            _swap(tmp, path, kept)
     fsync_dir(path.parent)
 
 
@@ -100,13 +104,12 @@ def staged_dir(path: PathLike, stale: Optional[str] = None) -> Iterator[Path]:
         raise
 
 
-def _swap(tmp: Path, path: Path, stale: Optional[str]) -> None:
-    for entry in path.iterdir():  # files only (replace_dir): a hard link, or a copy where links fail
-        if not (tmp / entry.name).exists() and not (stale and fnmatch.fnmatch(entry.name, stale)):
-            try:
-                os.link(entry, tmp / entry.name, follow_symlinks=False)
-            except OSError:
-                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+def _swap(tmp: Path, path: Path, kept: list[Path]) -> None:
+    for entry in kept:  # files only (replace_dir): a hard link, or a copy where links fail
+        try:
+            os.link(entry, tmp / entry.name, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
     old = staging_dir(path)  # an empty directory: a directory may be renamed over it
     try:
         os.replace(path, old)
@@ -120,12 +123,15 @@ def _swap(tmp: Path, path: Path, stale: Optional[str]) -> None:
     shutil.rmtree(old)
 
 
-def _move_into(tmp: Path, path: Path, stale: Optional[str]) -> None:
-    new = {f.name for f in tmp.iterdir()}
+def _move_into(tmp: Path, path: Path, dropped: list[Path]) -> None:
     for f in tmp.iterdir():
+        if (path / f.name).is_dir() and not (path / f.name).is_symlink():
+            shutil.rmtree(path / f.name)  # os.replace cannot put a folder over a non-empty one
         os.replace(f, path / f.name)  # atomic per file on one filesystem
-    for old in path.glob(stale) if stale else ():
-        if old.name not in new:
+    for old in dropped:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
             old.unlink()
     tmp.rmdir()
 

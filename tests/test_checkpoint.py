@@ -312,3 +312,21 @@ def test_saved_directories_follow_the_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "_UMASK", 0o022)  # read once at import; this umask gives 0755, not 0700
     tiny_model().save_pretrained(tmp_path / "m")
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_filled_folder_takes_new_subfolders_over_old_ones(tmp_path, monkeypatch):
+    """Filled file by file (here the working directory), a subfolder the new contents also hold
+    (a pretraining run's tensorboard/) replaces the old one; os.replace alone refused a non-empty one."""
+    from minipeft.files import replace_dir, staging_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "old.events").write_text("old")
+    (tmp_path / "model-00001-of-00002.safetensors").write_text("old shard")
+    stage = staging_dir(tmp_path)
+    (stage / "tensorboard").mkdir()
+    (stage / "tensorboard" / "new.events").write_text("new")
+    (stage / "model.safetensors").write_text("new")
+    replace_dir(stage, tmp_path, stale="model*.safetensors*")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "model.safetensors", "tensorboard", "tensorboard/new.events"]
