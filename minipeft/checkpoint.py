@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import read_json, staged_dir
+from .files import json_bytes, read_json, staged_dir
 from .model import Transformer
 from .nf4 import quantize_nf4
 
@@ -163,7 +163,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
     hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
     shards = _split_shards(state, max_shard_size)
     with staged_dir(path, stale=WEIGHT_FILES) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_bytes(json_bytes(hf))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
         else:
@@ -174,7 +174,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (tmp / INDEX_NAME).write_bytes(json_bytes(index))
 
 
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ from .data import load_jsonl
 from .distributed import use_device
 from .evaluate import evaluate, write_report
 from .job import REPO, DEFAULT_MODEL, run_job
-from .files import check_output_dir, write_atomic
+from .files import check_output_dir, json_bytes, write_atomic
 from .peft_model import PeftModel
 from .templates import get_template
 from .tokenizer import load_tokenizer
@@ -97,7 +97,7 @@ def claim_output_dir(out: Path) -> None:
     # A path that cannot be a directory (under a file, not writable) is a one-line error, as for `minipeft
     # train`, rather than write_atomic's OSError traceback.
     check_output_dir(out, "--output-dir")
-    write_atomic(out / RECORD, json.dumps({"finished": False}) + "\n")
+    write_atomic(out / RECORD, json_bytes({"finished": False}))
 
 
 def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples: int = 20) -> dict[str, Any]:
@@ -120,12 +120,17 @@ def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples:
     write_atomic(out / "report.md", f"# minipeft demo: LoRA on {task}\n\n{spec['description']}\n\n{table}\n"
                  f"{setup(cfg, job.result.warnings)}\n"
                  f"Job directory: `{out}`. Loss curve: `loss_curve.png`. Spot check: `samples.md`.\n")
-    write_atomic(out / RECORD, json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / RECORD, json_bytes(summary))  # an overflowed perplexity as null
     return summary
 
 
+# Rows whose scale is not 0-1 (rates, accuracies, ROUGE F1) say theirs: sacrebleu's BLEU is a percentage.
+SCALES = {"bleu": "bleu (0-100)"}
+
+
 def summary_table(s: dict[str, Any]) -> str:
-    rows = [f"| {m} | {s['before'][m]:.3f} | {s['after'][m]:.3f} |" for m in s["metrics"] + ["loss", "perplexity"]]
+    rows = [f"| {SCALES.get(m, m)} | {s['before'][m]:.3f} | {s['after'][m]:.3f} |"
+            for m in s["metrics"] + ["loss", "perplexity"]]
     return "\n".join([
         "| metric (held-out test split) | base model | + LoRA |", "| --- | ---: | ---: |", *rows, "",
         f"trainable params: {s['trainable']:,} of {s['total']:,} ({100 * s['trainable'] / s['total']:.2f}%) | "

@@ -6,7 +6,8 @@
   persist the rename but not the data, leaving an empty file where the old one was. A directory
   is built in a staging directory beside it and renamed the same way, its files and itself
   fsynced first (fsync_tree) and the parent after.
-- JSON reads fail with the file, line and column, and a missing file says what it was needed for.
+- JSON is strict both ways: written without NaN or Infinity (strict_json), read failing with the
+  file, line and column, and a missing file says what it was needed for.
 
 An output directory is checked before the expensive work (`check_output_dir`), so that a path that
 cannot be written fails in a second rather than after a model has loaded.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -185,9 +187,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """obj as strict JSON (RFC 8259), the text of every JSON file and JSONL line written here: a float
+    that is not finite becomes null. Python's json writes NaN and Infinity by default, which other
+    readers (JavaScript, jq, a FastAPI response) reject; a perplexity past float64's range is one."""
+    return json.dumps(_finite(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def json_bytes(obj: Any) -> bytes:
-    """Indented UTF-8 JSON with a final newline: the format of every JSON file written here."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    """Indented strict JSON (strict_json) in UTF-8 with a final newline: a JSON file written here."""
+    return (strict_json(obj) + "\n").encode("utf-8")
 
 
 def existing_file(path: PathLike, needed_for: str) -> Path:

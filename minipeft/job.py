@@ -8,7 +8,6 @@ full fine-tune writes `model/`), `metrics.jsonl`, `loss_curve.png`, and the chec
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -21,7 +20,7 @@ from .checkpoint import load_pretrained, read_config
 from .data import load_jsonl, split_examples
 from .data.check import special_tokens
 from .model import Transformer
-from .files import check_output_dir, write_atomic
+from .files import check_output_dir, json_bytes, write_atomic
 from .linear4bit import METHODS
 from .lora import LoraConfig
 from .peft_config import CONFIG_NAME, PeftConfig
@@ -182,7 +181,7 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
     # Every rank has checked for an existing job before rank 0 writes one; only rank 0 writes.
     dist.barrier()
     if dist.rank() == 0:
-        write_atomic(out / "job_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_atomic(out / "job_config.json", json_bytes(cfg.to_dict()))
     result = trainer.train()
     if dist.rank() == 0:
         save_trained(model, tok, template, out)

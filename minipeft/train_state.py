@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from . import distributed as dist
 from .checkpoint import check_state_dict, load_safetensors, read_state_dict
-from .files import read_json, staged_dir
+from .files import json_bytes, read_json, staged_dir, strict_json
 from .peft_model import PeftModel
 
 PREFIX = "checkpoint-"
@@ -90,9 +90,9 @@ def save_checkpoint(output_dir: Path, step: int, model: torch.nn.Module, optimiz
             model.save_pretrained(tmp / "model")
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(groups, indent=1), encoding="utf-8")
+        (tmp / "optimizer.json").write_bytes(json_bytes(groups))
         save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        (tmp / "trainer_state.json").write_bytes(json_bytes(state))
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -168,7 +168,7 @@ def check_resumable(saved: dict[str, Any], config: dict[str, Any], where: Path) 
     resuming would silently mix two runs (another schedule, batch or data order; AdamW's settings
     would even be replaced by the checkpoint's). Paths are compared resolved (against the current
     directory)."""
-    config = json.loads(json.dumps(config))  # compare as saved: tuples become lists
+    config = json.loads(strict_json(config))  # compare as saved: tuples become lists
     changed = [f"{key} {saved.get(key, '(absent)')!r} -> {config.get(key, '(absent)')!r}"
                for key in sorted(saved.keys() | config.keys())
                if key not in RESUMABLE and _comparable(key, saved.get(key)) != _comparable(key, config.get(key))]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .batching import PackedRow, collate, collate_packed, pack
 from .diagnostics import overfitting, unstable_loss
-from .files import write_atomic
+from .files import strict_json, write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .schedule import lr_factor
 from .train_config import TrainConfig
@@ -356,7 +356,7 @@ class MetricsLog:
         if path.exists() and resume_step:
             self.rows = [r for r in read_metrics(path) if r["step"] <= resume_step]
         if enabled:
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            write_atomic(path, "".join(strict_json(r, indent=None) + "\n" for r in self.rows))
         self.writer = None
         if enabled and tensorboard is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -368,7 +368,7 @@ class MetricsLog:
         self.rows.append(row)
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(strict_json(row, indent=None) + "\n")  # an eval perplexity past float64 as null
         if self.writer is not None:
             group = "eval" if any(k.startswith("eval_") for k in row) else "train"
             for key, value in row.items():

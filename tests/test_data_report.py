@@ -170,6 +170,29 @@ def test_report_without_matplotlib_writes_no_png_and_says_so(tmp_path, capsys, m
     assert "no histogram image" in (out / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_rewritten_report_replaces_the_whole_set(tmp_path, monkeypatch):
+    """report.json, report.md and the histogram are swapped in together: a histogram of earlier data
+    does not outlive a report that draws none, and a crash while writing keeps the previous set."""
+    out = tmp_path / "rep"
+    path = write(tmp_path, planted_rows())
+    assert main(["data", "report", str(path), "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "length_histogram.png" in before
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minipeft.data.report_render.render_markdown", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(["data", "report", str(write(tmp_path, planted_rows()[:10], "other.jsonl")), "--output", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["data", "report", str(path), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+
+
 def test_report_covers_valid_lines_and_counts_the_rest(tmp_path, capsys):
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n{broken\n", encoding="utf-8")

@@ -34,6 +34,11 @@ def test_summary_table_lists_every_metric():
          "train_seconds": 60, "tokens_per_s": 900, "wall_seconds": 100, "steps": 50}
     table = summary_table(s)
     assert "| exact_match | 0.000 | 0.900 |" in table and "(1.00%)" in table and "50 steps" in table
+    s["metrics"] = ["rougeL", "bleu"]  # the style task's: BLEU is 0-100 beside 0-1 metrics, and says so
+    s["before"].update(rougeL=0.1, bleu=12.5)
+    s["after"].update(rougeL=0.8, bleu=61.0)
+    table = summary_table(s)
+    assert "| rougeL | 0.100 | 0.800 |" in table and "| bleu (0-100) | 12.500 | 61.000 |" in table
 
 
 def test_a_directory_that_is_not_a_demo_run_is_refused_untouched(tmp_path, capsys):

@@ -292,3 +292,28 @@ def _tokenizer_files(base_dir, tmp_path):
     out = tmp_path / "tokenizer"
     load_tokenizer(base_dir).save_pretrained(out)
     return list(out.iterdir())
+
+
+def test_a_job_whose_eval_perplexity_overflowed_is_still_served(tmp_path):
+    """A perplexity past float64 (exp of a loss above ~709 nats) is written as null: Python's json
+    wrote Infinity, which the API's JSON responses refuse (a 500 for the job and its metrics)."""
+    from fastapi.responses import JSONResponse
+
+    from minipeft.platform.jobs import job_view
+    from minipeft.platform.store import Store
+    from minipeft.trainer import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", resume_step=0)
+    log.write({"step": 1, "eval_loss": 800.0, "eval_perplexity": float("inf"), "grad": [float("nan"), 1.0]})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "eval_loss": 800.0, "eval_perplexity": None,
+                                                         "grad": [None, 1.0]}]
+    job = {"id": "ft-x", "status": "SUCCEEDED", "config": {"output_dir": str(tmp_path), "test_ratio": 0.1,
+                                                           "method": "lora", "learning_rate": 1e-3}}
+    body = json.loads(JSONResponse(job_view(job, detail=True)).body)
+    assert body["metrics"][0]["eval_perplexity"] is None
+
+    store = Store(tmp_path / "db.sqlite")
+    store.insert("jobs", {"id": "ft-y", "status": "SUCCEEDED", "config": {"eval": {"perplexity": float("inf")}}})
+    assert store.get("jobs", "ft-y")["config"] == {"eval": {"perplexity": None}}
+    store.close()

@@ -4,12 +4,12 @@ length_histogram.png. Markdown lists are cut at SHOWN items; report.json keeps t
 from __future__ import annotations
 
 import io
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .jsonl import PathLike, write_atomic
+from ..files import json_bytes, staged_dir
+from .jsonl import PathLike
 from .problems import line_ranges
 
 SHOWN = 20
@@ -23,16 +23,18 @@ CRITERIA = {"size": "Size (适量性)", "accuracy": "Accuracy (准确性, 标注
 
 
 def write_report(report: dict[str, Any], out_dir: PathLike) -> list[Path]:
-    """Write the report files into `out_dir`; returns the paths written."""
+    """Write the report files into `out_dir`, staged and swapped in together (files.staged_dir: a
+    crash leaves the previous report whole, and a histogram of earlier data is removed when none is
+    drawn now); returns the paths written."""
     out = Path(out_dir)
     png = histogram_png(report["representativeness"]["lengths"])
-    written = [out / "report.json", out / "report.md"]
-    write_atomic(written[0], [json.dumps(report, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"])
-    write_atomic(written[1], [render_markdown(report, png is not None).encode("utf-8")])
+    contents = {"report.json": json_bytes(report), "report.md": render_markdown(report, png is not None).encode("utf-8")}
     if png is not None:
-        write_atomic(out / PNG_NAME, [png])
-        written.append(out / PNG_NAME)
-    return written
+        contents[PNG_NAME] = png
+    with staged_dir(out, stale=PNG_NAME) as tmp:
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+    return [out / name for name in contents]
 
 
 def histogram_png(lengths: dict[str, Any]) -> Optional[bytes]:

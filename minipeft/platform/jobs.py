@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..checkpoint import read_config
 from ..data import load_jsonl
 from ..data.jsonl import dumps_line, write_atomic
+from ..files import json_bytes
 from ..templates import get_template
 from ..tokenizer import load_tokenizer
 from ..train_config import MAX_SEED, TrainConfig
@@ -140,7 +141,7 @@ def prepare_job(store: Store, data_dir: Path, job: dict[str, Any]) -> None:
                 _combine([file_path(store, data_dir, i) for i in ids], Path(cfg[key]))
             except ApiError as e:
                 raise ValueError(f"{e.message} (it was deleted before the job started)") from None
-    write_atomic(job_dir(data_dir, job) / "train_config.json", [json.dumps(cfg, indent=2).encode() + b"\n"])
+    write_atomic(job_dir(data_dir, job) / "train_config.json", json_bytes(cfg))
 
 
 def job_dir(data_dir: Path, job: dict[str, Any]) -> Path:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import strict_json
+
 # table -> columns (the first is the key). Columns in JSON_COLUMNS hold JSON text.
 TABLES: dict[str, tuple[str, ...]] = {
     "files": ("id", "filename", "purpose", "bytes", "lines", "format", "created_at"),
@@ -52,7 +54,7 @@ class Store:
         unknown = set(row) - set(TABLES[table])
         if unknown:
             raise KeyError(f"{table} has no column(s) {sorted(unknown)}")
-        return {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in row.items()}
+        return {k: strict_json(v, indent=None) if k in JSON_COLUMNS and v is not None else v for k, v in row.items()}
 
     @staticmethod
     def _decode(table: str, values: tuple) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from ..data import load_jsonl, split_examples
 from ..distributed import use_device
 from ..evaluate import evaluate, write_report
 from ..job import load_base, run_job
-from ..files import write_atomic
+from ..files import json_bytes, write_atomic
 from ..peft_model import PeftModel
 from ..templates import load_template
 from ..tokenizer import load_tokenizer
@@ -126,12 +126,12 @@ def run(folder: Path) -> int:
         print(f"training done: {_format_row({k: v for k, v in train.items() if k != 'warnings'})}", flush=True)
         evaluation = evaluate_job(cfg)
         print(f"evaluation ({evaluation['task']}): {_format_row(evaluation['metrics'])}", flush=True)
-        write_atomic(result_file, json.dumps({"train": train, "eval": evaluation}))
+        write_atomic(result_file, json_bytes({"train": train, "eval": evaluation}))
         return 0
     except Exception as e:
         stop.set()
         traceback.print_exc()
-        write_atomic(result_file, json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        write_atomic(result_file, json_bytes({"error": f"{type(e).__name__}: {e}"}))
         return 1
 
 
