@@ -21,7 +21,8 @@ ratios of p50 to base and to eager for the same problem and mode (NF4 rows too: 
     bytes: each operand and result moved once (x, W, A, B, y; backward dY, W, x, A, B, dX, dA, dB), an NF4 W
     at 4.127 bits per weight.
 Writes <out>/kernels_<gpu>.json (rows + GPU, torch, triton, bitsandbytes versions, git commit), .md, .png.
-Without CUDA it says so, runs a small correctness pass of the kernels on Triton's interpreter, exits 0.
+Without CUDA it says so, runs a small correctness pass of the kernels on Triton's interpreter (each path, with and
+without a bias), exits 0.
 """
 from __future__ import annotations
 
@@ -61,30 +62,36 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def correctness_pass(device: str) -> None:
-    """Fused LoRA and QLoRA forward/backward against float64 autograd, NF4 dequantization bit for bit.
-    Small odd shapes, bfloat16; tolerance 2^-6 normwise (see tests/test_kernels_lora.py)."""
+    """NF4 dequantization bit for bit, then every path of the kernels, each without and with a (trained)
+    bias, forward and backward against float64 autograd: fused LoRA, fused QLoRA (NF4 tiles dequantized in
+    the K loop) and QLoRA's dequantize-then-GEMM (the dequantization kernel, then the dense kernel). Small odd
+    shapes, bfloat16; tolerance 2^-6 normwise (see tests/test_kernels_lora.py)."""
     klora, nf4 = importlib.import_module("minipeft.kernels.lora"), importlib.import_module("minipeft.nf4")
     knf4 = importlib.import_module("minipeft.kernels.nf4")
     g = torch.Generator().manual_seed(0)
     m, k, n, r = 19, 72, 40, 8
     t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, torch.bfloat16).requires_grad_()
-    x, w, a, b = t(m, k), t(n, k, scale=k ** -0.5), t(r, k, scale=k ** -0.5), t(n, r, scale=r ** -0.5)
+    x, w, a, b, bias = t(m, k), t(n, k, scale=k ** -0.5), t(r, k, scale=k ** -0.5), t(n, r, scale=r ** -0.5), t(n)
     q = nf4.quantize_nf4(w.detach())
     w_q = nf4.dequantize_nf4(q, torch.bfloat16)
     grad_out = torch.randn(m, n, generator=g).to(device, torch.bfloat16)
     if not torch.equal(knf4.dequantize_nf4(q, torch.bfloat16).view(torch.int16), w_q.view(torch.int16)):
         raise SystemExit("correctness pass FAILED: NF4 dequantization kernel differs from minipeft.nf4")
     print("  NF4 dequantization kernel: bit for bit equal to minipeft.nf4.dequantize_nf4")
+    paths = {"fused LoRA": (lambda x, a, b, c: klora.lora_linear(x, w, c, a, b, SCALING), w),
+             "fused QLoRA": (lambda x, a, b, c: klora.nf4_lora_linear(x, q, c, a, b, SCALING, fused=True), w_q),
+             "QLoRA dequantize + GEMM": (lambda x, a, b, c: klora.nf4_lora_linear(x, q, c, a, b, SCALING,
+                                                                                  fused=False), w_q)}
+    present = lambda *vs: [v for v in vs if v is not None]
     results = {}
-    for name, fn, weight in (("fused LoRA", lambda *i: klora.lora_linear(i[0], w, None, i[1], i[2], SCALING), w),
-                             ("fused QLoRA", lambda *i: klora.nf4_lora_linear(i[0], q, None, i[1], i[2], SCALING,
-                                                                               fused=True), w_q)):
-        y = fn(x, a, b)
-        got = [y, *torch.autograd.grad(y, (x, a, b), grad_out)]
-        x64, a64, b64 = (v.detach().double().requires_grad_() for v in (x, a, b))
-        y64 = eager_lora(x64, weight.detach().double(), a64, b64, SCALING)
-        want = [y64, *torch.autograd.grad(y64, (x64, a64, b64), grad_out.double())]
-        results[name] = max(rel_err(u, v) for u, v in zip(got, want))
+    for name, (fn, weight) in paths.items():
+        for c in (None, bias):
+            y = fn(x, a, b, c)
+            got = [y, *torch.autograd.grad(y, present(x, a, b, c), grad_out)]
+            x64, a64, b64, c64 = (None if v is None else v.detach().double().requires_grad_() for v in (x, a, b, c))
+            y64 = eager_lora(x64, weight.detach().double(), a64, b64, SCALING) + (0.0 if c is None else c64)
+            want = [y64, *torch.autograd.grad(y64, present(x64, a64, b64, c64), grad_out.double())]
+            results[f"{name}, {'no bias' if c is None else 'bias'}"] = max(rel_err(u, v) for u, v in zip(got, want))
     for name, err in results.items():
         print(f"  {name}: forward and backward within {err:.1e} (normwise) of float64 autograd")
     if any(err > 2 ** -6 for err in results.values()):

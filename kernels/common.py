@@ -126,12 +126,33 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     return fits or [min(regime, key=size)]
 
 
+# The kernels compute element offsets (row * stride + col, an NF4 weight's flat index) in int32, Triton's
+# type for program ids, aranges and integer arguments below 2**31, and int32 wraps silently: a load or store
+# past it would land elsewhere. 64-bit offsets would make the per-weight NF4 index arithmetic of the fused
+# K loop 64-bit too (not shown free on a GPU), and switching to them per launch adds a constexpr that every
+# caller must pass (minipeft.kernels.aot too); so operands reaching past MAX_SPAN are refused instead. The
+# margin below 2**31 covers indices up to a block past an operand's end (a last partial tile's rows, the
+# dequantization kernel's last block; blocks have at most 1024 elements), computed before masking.
+MAX_SPAN = 2**31 - 2**16
+
+
+def check_span(name: str, span: int) -> None:
+    """Raise a ValueError naming the operand when `span`, the elements from its first to one past its last
+    in memory, exceeds MAX_SPAN."""
+    if span > MAX_SPAN:
+        raise ValueError(f"{name}: its elements span {span} in memory, more than the kernels' int32 offsets allow "
+                         f"({MAX_SPAN}); use the PyTorch path (minipeft.functional.use_kernels('torch'))")
+
+
 def check_operand(name: str, t, shape: tuple, dtype, device: torch.device) -> None:
     """Raise a ValueError naming the operand when its shape, dtype (unless None) or device is not the
-    expected one."""
+    expected one, or when it spans more than MAX_SPAN elements: 1 + sum((size - 1) * stride), which is its
+    element count when contiguous, more for a strided view, 1 for an expanded one (stride 0)."""
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if all(shape):  # an empty operand is never read
+        check_span(name, 1 + sum((size - 1) * t.stride(dim) for dim, size in enumerate(shape)))

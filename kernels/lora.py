@@ -46,8 +46,8 @@ import triton.language as tl
 
 from ..functional import apply_dropout_mask
 from ..nf4 import NF4Tensor
-from .common import (INTERPRET, MATMUL_CONFIGS, SUPPORTED_DTYPES, check_operand, dot_precision, grouped_tile,
-                     m_bucket, mma, prune_configs, rank_pad, to_dtype)
+from .common import (INTERPRET, MATMUL_CONFIGS, SUPPORTED_DTYPES, check_operand, check_span, dot_precision,
+                     grouped_tile, m_bucket, mma, prune_configs, rank_pad, to_dtype)
 from .nf4 import NF4Weight, nf4_kernel_args, nf4_values
 
 # Tokens above which U = D(X) A^T is precomputed rather than recomputed per column tile (see above): near
@@ -185,11 +185,14 @@ def lora_matmul(x: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor, scaling: f
     if a.shape[0] != r:  # r is taken from b: say that they disagree, not that a alone is wrong
         raise ValueError(f"lora_matmul: the ranks of a and b disagree: a {tuple(a.shape)} has {a.shape[0]} rows, "
                          f"b {tuple(b.shape)} has {r} columns")
-    for name, t, shape, dtype in (("w", w, (n, k), x.dtype), ("bias", bias, (n,), x.dtype),
+    for name, t, shape, dtype in (("x", x, (m, k), x.dtype), ("w", w, (n, k), x.dtype), ("bias", bias, (n,), x.dtype),
                                   ("a", a, (r, k), a.dtype), ("b", b, (n, r), a.dtype), ("u", u, (m, r), a.dtype),
                                   ("mask", mask, (m, n) if mask_on_output else (m, k), torch.bool)):
         if t is not None:
             check_operand(name, t, shape, dtype if not (nf4 and name == "w") else None, x.device)
+    check_span("out", m * n)  # out, and U when the kernel computes it, are allocated contiguous below
+    if u is None:
+        check_span("u", m * r)
     # Allocate.
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # The kernel reads bias[n] at bias_ptr + n: a strided (N,) view would give other elements. Copying N

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor
-from .common import INTERPRET, to_dtype
+from .common import INTERPRET, check_span, to_dtype
 
 DEQUANT_BLOCK = 1024  # elements per program of the standalone dequantization
 NESTED = tl.constexpr(NESTED_BLOCKSIZE)  # a constexpr global: the only kind a @triton.jit body may read
@@ -72,12 +72,17 @@ _TABLES: dict = {}
 
 def nf4_kernel_args(q: NF4Tensor) -> tuple:
     """(data, absmax, nested_absmax, NF4 table, dynamic table, offset), the arguments of nf4_values; the
-    code tables are copied to q's device once. Without double quant, nested_absmax is a dummy pointer."""
+    code tables are copied to q's device once. Without double quant, nested_absmax is a dummy pointer.
+
+    nf4_values indexes every buffer as a flat array, while NF4Tensor accepts views (a slice of a larger
+    buffer, a strided one): those are copied contiguous here, at each call, and contiguous buffers (what
+    quantize_nf4 makes) are passed as they are."""
     device = q.data.device
     if device not in _TABLES:
-        _TABLES[device] = (NF4_CODE.to(device), DYNAMIC_CODE.to(device))
+        _TABLES[device] = (NF4_CODE.to(device).contiguous(), DYNAMIC_CODE.to(device).contiguous())
     nested = q.nested_absmax if q.nested_absmax is not None else q.absmax
-    return (q.data, q.absmax, nested, *_TABLES[device], 0.0 if q.offset is None else q.offset)
+    return (q.data.contiguous(), q.absmax.contiguous(), nested.contiguous(), *_TABLES[device],
+            0.0 if q.offset is None else q.offset)
 
 
 @dataclass(frozen=True)
@@ -123,8 +128,9 @@ def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     dtype = q.dtype if dtype is None else dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
-    out = torch.empty(q.shape, dtype=dtype, device=q.data.device)
     n = q.numel()
+    check_span("q", n)  # the flat indices of W, and of out, written contiguous
+    out = torch.empty(q.shape, dtype=dtype, device=q.data.device)
     data, absmax, nested, code, dyn, offset = nf4_kernel_args(q)
     grid = (triton.cdiv(n, DEQUANT_BLOCK),)
     _dequantize_nf4_kernel[grid](data, absmax, nested, code, dyn, out, n, offset,

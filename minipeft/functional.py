@@ -124,6 +124,11 @@ def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[tor
         return f"rank {lora_A.shape[0]}: the kernels need a rank of at least 1"
     if lora_A.shape[0] > max_rank:
         return f"rank {lora_A.shape[0]} is above the kernels' limit {max_rank}"
+    (n, r), k = lora_B.shape, lora_A.shape[1]
+    m = x.numel() // max(k, 1)
+    largest, limit = max(m * k, m * n, n * k, m * r), _kernels("common").MAX_SPAN
+    if largest > limit:  # auto takes PyTorch here rather than meet the kernels' refusal
+        return f"an operand of {largest} elements is past the kernels' int32 offsets ({limit})"
     # The kernels compute in the operands' dtypes; autocast's would be silently ignored.
     if torch.is_autocast_enabled(x.device.type):
         return (f"torch.autocast is on for {x.device.type} (dtype {torch.get_autocast_dtype(x.device.type)}), "

@@ -97,6 +97,10 @@ def test_triton_kernels_without_cuda_checks_the_kernels():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "No CUDA GPU" in run.stdout and "correctness pass OK" in run.stdout
+    # every path, each with and without a bias: LoRA, QLoRA fused, QLoRA dequantize-then-GEMM
+    for path in ("fused LoRA", "fused QLoRA", "QLoRA dequantize + GEMM"):
+        for bias in ("no bias", "bias"):
+            assert f"  {path}, {bias}: forward and backward within" in run.stdout, (path, bias, run.stdout)
 
 
 def test_gpu_check_selects_tests_and_providers_that_exist(tmp_path):

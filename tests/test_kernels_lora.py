@@ -192,6 +192,54 @@ def test_kernel_rejects_bad_operands_with_a_clear_error():
         klora.lora_matmul(x, weight, lora_A, lora_B[:, :3], 1.0)
 
 
+def test_operands_past_int32_offsets_are_refused():
+    """The kernels index in int32, which wraps silently: an operand whose elements reach past common.MAX_SPAN,
+    by their count or through its strides, or an output that would, is refused by name instead of being read
+    or written at wrapped offsets. Meta tensors: nothing is allocated, and the launch is never reached."""
+    from minipeft.kernels import common
+    meta = lambda *shape, dt=BF16: torch.empty(*shape, dtype=dt, device="meta")
+    x, weight, lora_A, lora_B = meta(3, 33), meta(40, 33), meta(8, 33), meta(40, 8)
+    big_x = meta(2 ** 20, 2 ** 11 + 1)  # 2**31 + 2**20 elements
+    with pytest.raises(ValueError, match=rf"x: its elements span {2 ** 31 + 2 ** 20} .*\({common.MAX_SPAN}\)"):
+        klora.lora_matmul(big_x, meta(40, 2 ** 11 + 1), meta(8, 2 ** 11 + 1), lora_B, 1.0)
+    spread_w = meta(2 ** 32).as_strided((40, 33), (2 ** 26, 1))  # 1320 elements, 39 * 2**26 + 33 apart
+    with pytest.raises(ValueError, match=rf"w: its elements span {39 * 2 ** 26 + 33} "):
+        klora.lora_matmul(x, spread_w, lora_A, lora_B, 1.0)
+    with pytest.raises(ValueError, match=rf"out: its elements span {2 ** 32} "):  # x, w small, out (2**16, 2**16)
+        klora.lora_matmul(meta(2 ** 16, 1), meta(2 ** 16, 1), meta(8, 1), meta(2 ** 16, 8), 1.0)
+    with pytest.raises(ValueError, match=rf"u: its elements span {2 ** 32} "):  # U (M, r) allocated, r > N
+        klora.lora_matmul(meta(2 ** 26, 1), meta(1, 1), meta(64, 1), meta(1, 64), 1.0)
+    spread_mask = meta(2 ** 32, dt=torch.bool).as_strided((3, 33), (2 ** 30, 1))  # a bool operand too
+    with pytest.raises(ValueError, match=rf"mask: its elements span {2 ** 31 + 33} "):
+        klora.lora_matmul(x, weight, lora_A, lora_B, 1.0, mask=spread_mask)
+
+
+def test_operands_past_int32_offsets_take_the_pytorch_path(kernel_calls):
+    """The dispatcher knows the limit: auto (on CUDA) takes PyTorch for such operands instead of meeting
+    lora_matmul's refusal, and forced triton says why it cannot (the reason auto acts on)."""
+    from minipeft.kernels import common
+    meta = lambda *shape: torch.empty(*shape, dtype=BF16, device="meta")
+    with MF.use_kernels("triton"), pytest.raises(ValueError, match=rf"kernels cannot run: an operand of {2 ** 32} "
+                                                                   rf"elements is past .*\({common.MAX_SPAN}\)"):
+        MF.lora_linear(meta(2 ** 16, 1), meta(2 ** 16, 1), None, meta(8, 1), meta(2 ** 16, 8), 1.0)
+    assert kernel_calls == []
+
+
+def test_int32_span_limit_is_exact():
+    """check_operand's limit at its edge, without memory: a view reaching exactly MAX_SPAN elements passes, one
+    more is refused; an expanded (stride 0) operand spans one element however large its shape."""
+    from minipeft.kernels import common
+    limit = common.MAX_SPAN
+    check = lambda t: common.check_operand("t", t, t.shape, None, t.device)
+    base = torch.empty(limit + 1, dtype=torch.uint8, device="meta")
+    check(base[:limit])
+    check(base.as_strided((2, 2), (limit - 2, 1)))  # last element at offset limit - 1
+    with pytest.raises(ValueError, match=rf"t: its elements span {limit + 1} in memory, more than the kernels' "
+                                         rf"int32 offsets allow \({limit}\)"):
+        check(base.as_strided((2, 2), (limit - 1, 1)))
+    check(torch.zeros(1, 1).expand(2 ** 20, 2 ** 12))
+
+
 def test_gpu_autotune_pruning(monkeypatch):
     """The GPU-only config pruning, run here by pretending not to interpret, with an A100's 163 KB of shared
     memory: bfloat16 keeps every config of M's regime; float32 tiles are twice as large, so only those that

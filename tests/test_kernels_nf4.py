@@ -85,6 +85,39 @@ def test_dequantize_kernel_equals_bitsandbytes(dtype):
     assert bitwise_equal(knf4.dequantize_nf4(q, dtype).cpu(), want)
 
 
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
+def test_strided_nf4_buffers_read_like_contiguous_ones(double_quant):
+    """NF4Tensor accepts views as buffers (a slice of a larger one, every other element of one), while the
+    kernels index them as flat arrays: the same codes held strided must dequantize, and multiply in the fused
+    GEMM, exactly like the contiguous ones (a kernel reading a stride-2 view flat gets other codes and scales)."""
+    g = torch.Generator().manual_seed(0)
+    q = nf4.quantize_nf4((torch.randn(131, 135, generator=g) * 0.05).to(DEVICE, BF16), double_quant=double_quant)
+    every_other = lambda t: None if t is None else torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+    qs = nf4.NF4Tensor(every_other(q.data), every_other(q.absmax), every_other(q.nested_absmax), q.offset,
+                       q.shape, q.blocksize, q.dtype)
+    assert not any(t.is_contiguous() for t in (qs.data, qs.absmax, qs.nested_absmax) if t is not None)
+    want = nf4.dequantize_nf4(q, BF16)
+    assert bitwise_equal(nf4.dequantize_nf4(qs, BF16), want)  # the reference reads views as views
+    assert bitwise_equal(knf4.dequantize_nf4(qs, BF16), want)
+    x, lora_A, lora_B = (torch.randn(*s, generator=g).to(DEVICE, BF16) for s in ((3, 135), (8, 135), (131, 8)))
+    fused = lambda q: klora.nf4_lora_linear(x, q, None, lora_A * 0.1, lora_B * 0.1, 2.0, fused=True)
+    assert bitwise_equal(fused(qs), fused(q))
+
+
+def test_nf4_weight_past_int32_offsets_is_refused():
+    """A weight of 2**31 elements (meta buffers: nothing allocated) would index its codes past int32: both
+    kernels refuse it by name (see tests/test_kernels_lora.py for the dense operands)."""
+    n, meta = 2 ** 31, lambda numel, dt: torch.empty(numel, dtype=dt, device="meta")
+    q = nf4.NF4Tensor(meta(n // 2, torch.uint8), meta(n // 64, torch.uint8), meta(n // 64 // 256, F32), 0.0,
+                      (2 ** 16, 2 ** 15), 64, BF16)
+    limit = common.MAX_SPAN
+    with pytest.raises(ValueError, match=rf"q: its elements span {n} in memory, .*\({limit}\)"):
+        knf4.dequantize_nf4(q, BF16)
+    x, lora_A, lora_B = (torch.empty(*s, dtype=BF16, device="meta") for s in ((1, 2 ** 15), (8, 2 ** 15), (2 ** 16, 8)))
+    with pytest.raises(ValueError, match=rf"w: its elements span {n} in memory"):
+        klora.lora_matmul(x, knf4.NF4Weight(q), lora_A, lora_B, 2.0)
+
+
 # --- the QLoRA linear -----------------------------------------------------------------------------------
 
 # Normwise tolerances against float64, as in tests/test_kernels_lora.py (same arithmetic once W is
