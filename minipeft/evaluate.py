@@ -20,7 +20,8 @@ Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match)
                     required_fields_present             among examples whose reference is an object:
                                                         the prediction is an object holding all its keys
     generation      exact_match, bleu (0-100, sacrebleu's 13a, or "zh" when lang="zh"),
-                    rouge1 / rouge2 / rougeL F1 (0-1, characters as tokens for Chinese when lang="zh",
+                    rouge1 / rouge2 / rougeL / rougeLsum F1 (0-1; rougeLsum: LCS over the lines of
+                    each reply, as summaries are scored; characters as tokens for Chinese when lang="zh",
                     words of any script when lang="intl": metrics.rouge)
 
 Task detection (task=None), on the reference replies:
@@ -45,8 +46,6 @@ prompts, batching, stopping and every metric against direct calls of minipeft.me
 """
 from __future__ import annotations
 
-import json
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
 from .metrics.exact_match import parse_json
 from .metrics.rouge import CJK
-from .files import write_atomic
+from .files import json_bytes, staged_dir
 from .templates import ChatTemplate, Rendered
 from .tokenizer import Tokenizer
 
@@ -193,7 +192,7 @@ def task_metrics(task: str, predictions: list[str], references: list[str], lang:
     scores = rouge(predictions, references, lang=lang)
     return {"exact_match": exact_match_accuracy(predictions, references),
             "bleu": corpus_bleu(predictions, references, tokenize="zh" if lang == "zh" else "13a").score,
-            **{k: scores[k] for k in ("rouge1", "rouge2", "rougeL")}}
+            **{k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}}
 
 
 def _check_args(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], task: Optional[str],
@@ -251,11 +250,6 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example]
 
 
 # --- files ------------------------------------------------------------------------------------
-def _finite(value: Any) -> Any:
-    """Strict JSON has no Infinity/NaN: a perplexity beyond float64 is written as null."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def _fenced(text: str) -> str:
     """A Markdown code block that no backtick run inside `text` can close early."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
@@ -281,7 +275,9 @@ def _samples_markdown(result: EvalResult, picked: list[int], seed: int, sources:
 
 def write_report(result: EvalResult, output_dir: Union[str, Path], samples: int = 20, seed: int = 0,
                  sources: Optional[dict[str, Any]] = None) -> tuple[Path, Path]:
-    """Write output_dir/metrics.json and output_dir/samples.md (each atomically); return their paths.
+    """Write output_dir/metrics.json and output_dir/samples.md; return their paths. The two are
+    staged and swapped in together (files.staged_dir): a crash leaves the previous pair, never the
+    new metrics beside the old samples.
 
     samples.md holds min(samples, N) examples drawn with random.Random(seed), in file order.
     sources (e.g. {"model": ..., "adapter": ..., "data": ...}) is recorded in both files.
@@ -291,9 +287,10 @@ def write_report(result: EvalResult, output_dir: Union[str, Path], samples: int 
     sources = dict(sources or {})
     out = Path(output_dir)
     report = {"task": result.task, "lang": result.lang, **sources,
-              "metrics": {k: _finite(v) for k, v in result.metrics.items()}, "counts": result.counts,
+              "metrics": result.metrics, "counts": result.counts,
               **result.settings, "samples": samples, "seed": seed}
     picked = sorted(random.Random(seed).sample(range(len(result.examples)), min(samples, len(result.examples))))
-    write_atomic(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    write_atomic(out / "samples.md", _samples_markdown(result, picked, seed, sources))
+    with staged_dir(out) as tmp:
+        (tmp / "metrics.json").write_bytes(json_bytes(report))  # a perplexity beyond float64 as null
+        (tmp / "samples.md").write_text(_samples_markdown(result, picked, seed, sources), encoding="utf-8")
     return out / "metrics.json", out / "samples.md"

@@ -201,11 +201,11 @@ def test_generation_metrics_equal_direct_metric_calls(monkeypatch, tok, model, e
     assert result.metrics["exact_match"] == exact_match_accuracy(replies, refs) == 2 / 5
     assert result.metrics["bleu"] == corpus_bleu(replies, refs).score
     scores = rouge(replies, refs)
-    for key in ("rouge1", "rouge2", "rougeL"):
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert result.metrics[key] == scores[key]
     assert result.matches == [True, False, False, False, True]
     assert set(result.metrics) == {"loss", "perplexity", "token_accuracy", "exact_match", "bleu",
-                                   "rouge1", "rouge2", "rougeL"}
+                                   "rouge1", "rouge2", "rougeL", "rougeLsum"}
 
 
 def test_chinese_references_use_zh_tokenization(monkeypatch, tmp_path, tok, model):
@@ -305,7 +305,7 @@ def test_replies_in_other_scripts_score_as_words():
     """rouge-score's tokenizer (lang="en") deletes Cyrillic or Hangul: identical replies scored 0."""
     refs = ["Привет, мир!", "Модель работает хорошо.", "안녕하세요 세계"]
     metrics = ev.task_metrics("generation", refs, refs, detect_lang(refs))
-    assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == 1.0
+    assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == metrics["rougeLsum"] == 1.0
     assert metrics["bleu"] == pytest.approx(100.0) and metrics["exact_match"] == 1.0
     assert ev.task_metrics("generation", refs, refs, "en")["rouge1"] == 0.0
 
@@ -381,6 +381,25 @@ def test_infinite_perplexity_is_written_as_null(monkeypatch, tmp_path, tok, mode
     result.metrics["perplexity"] = math.inf
     write_report(result, tmp_path, samples=1)
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["perplexity"] is None
+
+
+def test_a_report_cut_short_leaves_the_previous_pair(monkeypatch, tmp_path, tok, model, examples):
+    """metrics.json and samples.md are swapped in together: a crash before the second was written
+    left the new metrics beside the old samples."""
+    script(monkeypatch, tok, ChatML(), examples, [e.response for e in examples])
+    result = evaluate(model, tok, examples, ChatML(), max_new_tokens=64, progress=False)
+    write_report(result, tmp_path / "out", samples=1, seed=0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minipeft.evaluate._samples_markdown", crash)
+    result.metrics["loss"] += 1.0
+    with pytest.raises(KeyboardInterrupt):
+        write_report(result, tmp_path / "out", samples=1, seed=0)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 # --- command line ---------------------------------------------------------------------------------
