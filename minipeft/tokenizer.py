@@ -25,7 +25,11 @@ Known differences from transformers (not bugs here): for a text that starts with
 with a special token, SentencePiece still adds the dummy "▁" and `transformers`' Metaspace
 pre-tokenizer does not; and a literal "<s>" or "</s>" in the text stays characters here, where
 transformers reads it as the control token (training data holding the chat tokens is refused by
-the data checks, which is where such text would do harm).
+the data checks, which is where such text would do harm). Decoding: with skip_special_tokens=False
+the text after a control token loses its leading "▁" here ("<s>Hello</s>next") and keeps it as a
+space in transformers ("<s> Hello</s> next"); and a run of byte pieces that is not valid UTF-8
+becomes one U+FFFD per invalid byte here, keeping any valid byte in it (<0xE4><0xB8><0x41> -> "��A"),
+where transformers replaces every byte of the run ("���").
 """
 from __future__ import annotations
 

@@ -83,6 +83,15 @@ def test_transformers_llama_tokenizer_parity(tok, hf, text):
     assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
 
 
+def test_the_documented_decoding_differences_from_transformers(tok, hf, sp):
+    """The two decode differences minipeft/tokenizer.py's docstring states, exactly as stated."""
+    ids = [tok.bos_id, *tok.encode("Hello"), tok.eos_id, *tok.encode("next")]
+    assert tok.decode(ids, skip_special_tokens=False) == "<s>Hello</s>next"
+    assert hf.decode(ids, skip_special_tokens=False) == "<s> Hello</s> next"
+    run = [sp.piece_to_id(p) for p in ("<0xE4>", "<0xB8>", "<0x41>")]  # a cut 3-byte character, then "A"
+    assert (tok.decode(run), hf.decode(run)) == ("\ufffd\ufffdA", "\ufffd" * 3)
+
+
 def test_transformers_reads_the_special_tokens(tok, hf):
     hf_ids = (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
     assert hf_ids == (0, tok.bos_id, tok.eos_id, tok.pad_id)
