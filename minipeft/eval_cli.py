@@ -1,6 +1,7 @@
 """`minipeft eval`: generate replies for a test JSONL file and score them (minipeft/evaluate.py).
 
     minipeft eval [--model DIR] [--adapter DIR] --data TEST.jsonl [--template NAME] [--task TASK]
+                  [--lang en|zh|intl] [--rouge-stemmer]
                   [--max-new-tokens N] [--batch-size N] [--output DIR] [--samples N] [--seed N]
 
 Where things come from: the base model from --model, else the shipped one (models/minillama-10m,
@@ -63,7 +64,7 @@ def _eval(args: argparse.Namespace) -> int:
     template, template_source = _template(args.template, args.adapter, args.model)
     print(f"template {template.name} from {template_source}")
     result = evaluate(_load_model(args), tokenizer, examples, template, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, task=args.task, lang=args.lang)
+                      batch_size=args.batch_size, task=args.task, lang=args.lang, rouge_stemmer=args.rouge_stemmer)
     sources = {"model": str(args.model), "adapter": args.adapter, "data": args.data}
     _print_table(result, write_report(result, args.output, samples=args.samples, seed=args.seed, sources=sources))
     return 0
@@ -81,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chat template (default: the adapter's chat_template.json, else plain)")
     p.add_argument("--task", choices=TASKS, help="which metrics (default: detected from the references)")
     p.add_argument("--lang", choices=LANGS, help="BLEU/ROUGE tokenization (default: detected)")
+    p.add_argument("--rouge-stemmer", action="store_true",
+                   help="ROUGE compares Porter stems, as rouge-score's use_stemmer (default: off, as there)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, metavar="N")
     p.add_argument("--batch-size", type=at_least(1), default=8, metavar="N")
     p.add_argument("--output", default="eval_results", metavar="DIR",

@@ -172,8 +172,10 @@ def reference_metrics(model: nn.Module, rendered: Sequence[Rendered], pad_id: in
     return acc.compute()
 
 
-def task_metrics(task: str, predictions: list[str], references: list[str], lang: str) -> dict[str, float]:
-    """The metrics of one task (module docstring) on decoded predictions."""
+def task_metrics(task: str, predictions: list[str], references: list[str], lang: str,
+                 rouge_stemmer: bool = False) -> dict[str, float]:
+    """The metrics of one task (module docstring) on decoded predictions; rouge_stemmer: ROUGE compares
+    Porter stems (rouge-score's use_stemmer, off by default there and in Hugging Face evaluate)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}, expected one of {TASKS}")
     if task == "classification":
@@ -189,7 +191,7 @@ def task_metrics(task: str, predictions: list[str], references: list[str], lang:
             metrics["required_fields_present"] = sum(p is not None and ref.keys() <= p.keys()
                                                      for p, ref in objects) / len(objects)
         return metrics
-    scores = rouge(predictions, references, lang=lang)
+    scores = rouge(predictions, references, lang=lang, use_stemmer=rouge_stemmer)
     return {"exact_match": exact_match_accuracy(predictions, references),
             "bleu": corpus_bleu(predictions, references, tokenize="zh" if lang == "zh" else "13a").score,
             **{k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}}
@@ -222,7 +224,7 @@ def _render(template: ChatTemplate, tokenizer: Tokenizer, example: Example) -> t
 
 def evaluate(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], template: ChatTemplate,
              max_new_tokens: int = 256, batch_size: int = 8, task: Optional[str] = None,
-             lang: Optional[str] = None, progress: bool = True) -> EvalResult:
+             lang: Optional[str] = None, progress: bool = True, rouge_stemmer: bool = False) -> EvalResult:
     """Generate a reply to every example's prompt and score it (module docstring); the model is
     put in eval mode for the run and restored after."""
     _check_args(model, tokenizer, examples, task, lang, max_new_tokens, batch_size)
@@ -239,12 +241,12 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example]
         model.train(was_training)
     predictions = [tokenizer.decode(ids).strip() for ids, _ in replies]
     metrics = {k: lm[k] for k in ("loss", "perplexity", "token_accuracy")}
-    metrics.update(task_metrics(chosen_task, predictions, references, chosen_lang))
+    metrics.update(task_metrics(chosen_task, predictions, references, chosen_lang, rouge_stemmer))
     finished = [done for _, done in replies]
     counts = {"examples": len(examples), "reference_tokens": lm["num_tokens"],
               "unfinished": finished.count(False), "empty_predictions": predictions.count("")}
     settings = {"template": template.to_dict(), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "task_detected": task is None, "lang_detected": lang is None}
+                "task_detected": task is None, "lang_detected": lang is None, "rouge_stemmer": rouge_stemmer}
     return EvalResult(chosen_task, chosen_lang, metrics, counts, list(examples), predictions,
                       [exact_match(p, r) for p, r in zip(predictions, references)], finished, settings)
 

@@ -301,6 +301,13 @@ def test_detect_lang():
     assert detect_lang(["Привет", "模型"]) == "zh"  # CJK decides BLEU's tokenizer
 
 
+def test_rouge_stemmer_compares_stems():
+    refs, replies = ["the model runs quickly"], ["the models running quickly"]
+    plain, stemmed = (ev.task_metrics("generation", replies, refs, "en", stem) for stem in (False, True))
+    assert plain["rouge1"] == pytest.approx(0.5) and stemmed["rouge1"] == 1.0
+    assert stemmed["rouge1"] == rouge(replies, refs, use_stemmer=True)["rouge1"]
+
+
 def test_replies_in_other_scripts_score_as_words():
     """rouge-score's tokenizer (lang="en") deletes Cyrillic or Hangul: identical replies scored 0."""
     refs = ["Привет, мир!", "Модель работает хорошо.", "안녕하세요 세계"]
@@ -427,8 +434,11 @@ def test_cli_through_register(tmp_path, model_dir, capsys):
     assert "template plain from default" in printed and "loss" in printed and "bleu" in printed
     report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert report["template"]["name"] == "plain" and report["counts"]["examples"] == 5
-    assert report["data"] == str(data) and report["max_new_tokens"] == 4
+    assert report["data"] == str(data) and report["max_new_tokens"] == 4 and report["rouge_stemmer"] is False
     assert (out / "samples.md").read_text(encoding="utf-8").count("\n## ") == 2
+    assert run_register(["--model", str(model_dir), "--data", str(data), "--output", str(out), "--task", "generation",
+                         "--max-new-tokens", "4", "--rouge-stemmer"]) == 0
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["rouge_stemmer"] is True
 
 
 def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
