@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .rope_scaling import check_rope_scaling
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -25,6 +27,7 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None means hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # None: plain RoPE; "linear" or "llama3" (rope_scaling.py)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
     attention_bias: bool = False  # bias on q/k/v (Qwen2: always; LLaMA: on o_proj too)
@@ -48,6 +51,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
 
     @property
     def o_proj_bias(self) -> bool:
@@ -65,14 +69,16 @@ class ModelConfig:
             )
         # transformers 4.x writes rope_theta (+ rope_scaling); 5.x nests both in rope_parameters.
         rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"config.json: rope scaling {rope!r} is not supported (only plain RoPE)")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses 'silu')")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
+        try:
+            kwargs["rope_scaling"] = check_rope_scaling(rope)
+        except ValueError as e:
+            raise ValueError(f"config.json: {e}") from None
         if model_type == "qwen2":
             kwargs["attention_bias"] = True  # Qwen2 hard-codes q/k/v bias; its config has no such field
             if hf.get("use_sliding_window", False):
@@ -86,7 +92,7 @@ class ModelConfig:
         """The `config.json` dict that `transformers.AutoConfig` reads back to an equal model."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         hf = dataclasses.asdict(self)
-        hf.update(architectures=[arch[self.model_type]], hidden_act="silu", rope_scaling=None, initializer_range=0.02)
+        hf.update(architectures=[arch[self.model_type]], hidden_act="silu", initializer_range=0.02)
         if self.model_type == "qwen2":
             del hf["attention_bias"]
             hf["use_sliding_window"] = self.sliding_window is not None
@@ -115,6 +121,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    # meta-llama/Llama-3.2-1B: grouped-query attention, tied embeddings, "llama3" RoPE scaling (rope_scaling.py)
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+                         eos_token_id=128001, rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 8192}),
     # HuggingFaceTB/SmolLM2-135M
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .fused import rms_norm, rope, swiglu
+from .rope_scaling import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -36,14 +37,16 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # backward derived by hand: minipeft.fused
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim/2) for angles pos / theta^(2i/head_dim), i < head_dim/2.
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: Optional[dict] = None):
+    """cos, sin of shape (B, T, head_dim/2) for angles pos · f_i, f_i = theta^(-2i/head_dim), i < head_dim/2
+    (f_i rescaled by `scaling`, config.rope_scaling: minipeft.rope_scaling).
 
     Computed in float32 from the positions each call (no buffer: a model built on the meta device
     needs nothing re-initialized after loading). Pair i is (x_i, x_{i+hd/2}), Hugging Face's
     "rotate_half" layout, whose cos/sin repeat these halves twice.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, scaling, position_ids.device)
     angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -245,7 +248,8 @@ class Transformer(nn.Module):
 
     def _run(self, x: torch.Tensor, position_ids: torch.Tensor, mask: Optional[torch.Tensor],
              cache: Optional[KVCache], return_hidden: bool, keep: int) -> torch.Tensor:
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_scaling)
         last = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
             k = keep if i == last else 0

@@ -14,6 +14,7 @@ from conftest import tiny_model
     ("llama-2-7b", 6_738_415_616),
     ("qwen2-0.5b", 494_032_768),  # tied embeddings counted once
     ("tinyllama-1.1b", 1_100_048_384),
+    ("llama-3.2-1b", 1_235_814_400),  # the 1.24B of its model card, tied embeddings counted once
 ])
 def test_preset_parameter_counts(name, expected):
     with torch.device("meta"):
@@ -46,7 +47,7 @@ def test_bad_configs_say_what_is_wrong():
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         ModelConfig.from_hf_config({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope scaling"):
-        ModelConfig.from_hf_config({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}})
+        ModelConfig.from_hf_config({"model_type": "llama", "rope_scaling": {"type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelConfig(num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(KeyError, match="available"):

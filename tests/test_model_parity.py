@@ -97,3 +97,51 @@ def test_all_ones_mask_takes_the_causal_kernel_with_equal_logits(family):
         # the same terms summed in another order: float32 rounding only
         torch.testing.assert_close(model(ids, attention_mask=ones), model(ids, attention_mask=explicit,
                                    position_ids=pos), atol=1e-5, rtol=0)
+
+
+ROPE_SCALINGS = {  # head_dim 16, theta 1e4: wavelengths 6.3 .. 19869, so with a context L of 64 the llama3
+    # bands all hold frequencies (unchanged below L/4 = 16, interpolated above L = 64, blended between)
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(kind, tmp_path):
+    """Llama 3.x checkpoints scale RoPE ("llama3"); older long-context ones "linear". Logits equal
+    transformers' for both, padded too, and differ from plain RoPE's (the scaling is applied, both sides)."""
+    from minipeft import load_pretrained
+    model = tiny_model("llama-mha", hidden_size=64, rope_theta=10000.0, rope_scaling=ROPE_SCALINGS[kind])
+    assert model.config.head_dim == 16
+    hf = to_hf(model)
+    ids, mask = padded_batch(T=29)
+    with torch.no_grad():
+        ours, ref = model(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
+        plain = tiny_model("llama-mha", hidden_size=64, rope_theta=10000.0)(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
+    assert (ours[real] - plain[real]).abs().max() > 1e-3  # 3e-3 to 6e-3 here; parity holds to ~1e-7
+    model.save_pretrained(tmp_path / "m")  # config.json round trip, through transformers too
+    assert load_pretrained(tmp_path / "m").config.rope_scaling == ROPE_SCALINGS[kind]
+    import transformers
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "m")
+    hf_rope = getattr(hf_cfg, "rope_parameters", None) or hf_cfg.rope_scaling
+    assert {k: hf_rope[k] for k in ROPE_SCALINGS[kind]} == ROPE_SCALINGS[kind]
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "rope scaling type 'yarn' is not supported"),
+    ({"rope_type": "llama3", "factor": 8.0}, r"missing \['low_freq_factor', 'high_freq_factor', "
+                                             r"'original_max_position_embeddings'\]"),
+    ({"type": "linear", "factor": 0.5}, "factor must be >= 1"),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, r"unsupported key\(s\) \['partial_rotary"),
+])
+def test_unsupported_rope_scaling_is_named(rope, message):
+    from minipeft import ModelConfig
+    hf = {**ModelConfig(**TINY_LLAMA).to_hf_config(), "rope_scaling": rope}
+    with pytest.raises(ValueError, match=f"config.json: .*{message}"):
+        ModelConfig.from_hf_config(hf)
+
+
+TINY_LLAMA = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
