@@ -48,7 +48,10 @@ def _generate(args: argparse.Namespace) -> int:
                          top_p=args.top_p, eos_token_id=model.config.eos_token_id,
                          generator=torch.Generator(device).manual_seed(args.seed))  # draws where the logits are
     new = out[0, ids.shape[1]:].tolist()
-    print(tok.decode(new) if tok is not None else ",".join(map(str, new)))
+    if tok is None:
+        print(",".join(map(str, new)))
+    else:  # what the tokens add to the prompt's text: decoded alone, the first word would lose its space
+        print(tok.decode(prompt + new)[len(tok.decode(prompt)):])
     return 0
 
 

@@ -91,7 +91,7 @@ def generate(
     the Transformer's signature (a PeftModel works: prefix tuning fills the cache first).
     presence_penalty and frequency_penalty: see `apply_penalties`; each row counts its own tokens.
     """
-    if temperature < 0:
+    if not temperature >= 0:  # not `< 0`: NaN passes that, and fails later inside torch.multinomial
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

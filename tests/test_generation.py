@@ -167,3 +167,27 @@ def test_a_large_presence_penalty_stops_repeats():
     assert all(len(set(reply)) < len(reply) for reply in free)
     penalized = generate(model, ids, 12, presence_penalty=2.0)[:, 5:].tolist()
     assert all(len(set(reply)) == len(reply) for reply in penalized), penalized
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), -0.5])
+def test_a_temperature_that_is_not_a_number_above_or_at_0_is_refused(temperature):
+    """NaN passed the `temperature < 0` check and failed later inside torch.multinomial ("probability
+    tensor contains either inf, nan or element < 0"): `minipeft generate --temperature nan` was a traceback."""
+    model = tiny_model("llama-mha")
+    with pytest.raises(ValueError, match=f"temperature must be >= 0, got {temperature}"):
+        generate(model, torch.tensor([[1, 2, 3]]), 2, temperature=temperature)
+
+
+def test_the_cli_prints_a_continuation_with_its_leading_space(capsys):
+    """`minipeft generate --prompt` prints what the reply adds to the prompt's text: decoded alone, its
+    first piece ("▁value") lost its space, and prompt + output read "...thevalue"."""
+    from minipeft.cli import main
+    from minipeft.job import DEFAULT_MODEL
+    from minipeft import load_pretrained, load_tokenizer
+    prompt = "The function returns the"
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.removesuffix("\n")
+    tok, model = load_tokenizer(DEFAULT_MODEL), load_pretrained(DEFAULT_MODEL)
+    ids = tok.encode(prompt, bos=True)
+    new = generate(model, torch.tensor([ids]), 6, eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
+    assert printed == tok.decode(ids + new)[len(prompt):] and printed.startswith(" ")

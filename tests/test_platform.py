@@ -62,7 +62,10 @@ def reference(base, adapter, messages=None, prompt=None, max_tokens=16, **penalt
     out = generate(model, torch.tensor([ids]), max_tokens, eos_token_id=stops, **penalties)[0, len(ids):].tolist()
     cut = next((i for i, t in enumerate(out) if t in stops), None)
     reply = out if cut is None else out[:cut]
-    return tok.decode(reply), len(reply), "length" if cut is None else "stop"
+    # A completion continues its prompt: its text is what the reply adds to the prompt's (its first
+    # word's space included, which decoding the reply alone drops); a chat reply starts a new text.
+    text = tok.decode(reply) if messages is not None else tok.decode(ids + reply)[len(tok.decode(ids)):]
+    return text, len(reply), "length" if cut is None else "stop"
 
 
 @pytest.fixture

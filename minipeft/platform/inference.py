@@ -170,10 +170,17 @@ def stream_tokens(loaded: Loaded, adapter: Optional[str], prompt: Sequence[int],
 
 class TextStream:
     """Token ids in, text deltas out: decode everything so far and emit what is new, holding back
-    a trailing U+FFFD (a character whose UTF-8 bytes are split across byte-fallback tokens)."""
+    a trailing U+FFFD (a character whose UTF-8 bytes are split across byte-fallback tokens).
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+    context: ids the text continues (a completion's prompt), decoded with it and not emitted.
+    SentencePiece drops the leading space of a text's first piece ("▁value" alone is "value"),
+    right for a new text (a chat reply) but not for a continuation: after "returns the" the reply
+    is " value". Its last id is enough context: decoding is piece by piece, and a prompt ends
+    with a whole character."""
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
+        self.tokenizer, self.ids = tokenizer, list(context[-1:])
+        self.sent = tokenizer.decode(self.ids)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -184,7 +191,7 @@ class TextStream:
         return delta
 
     def finish(self) -> str:
-        """The rest (call once, at the end): the deltas then add up to decode(all ids)."""
+        """The rest (call once, at the end): the deltas then add up to the text of all ids."""
         text = self.tokenizer.decode(self.ids)
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent = text

@@ -13,11 +13,13 @@ top_p is nucleus sampling, seed makes sampling repeatable, presence_penalty and 
 (in [-2, 2]) penalize tokens the reply already has, by OpenAI's formula (greedy replies too),
 max_tokens (or max_completion_tokens) caps the reply, which also ends at the template's stop ids
 and before the first of the `stop` strings (up to 4; finish_reason "stop"; a stream holds back
-text that may begin one); null, for any setting, is its default, and a message's name is accepted
-and not rendered. Refused with 400 and the reason: a prompt that leaves no room in the model's
-context, max_tokens over the server's limit or the room left, n > 1, a `stop` of another shape,
-and any other field this server does not implement (rather than ignoring it and answering
-something else than was asked for).
+text that may begin one); null, for any field of the request or of a message, is its default (for
+a field not implemented here: absent), and a message's name is accepted and not rendered. A
+completion's text continues its prompt's: prompt + text is the text of all the tokens. Refused
+with 400 and the reason: a prompt that leaves no room in the model's context, max_tokens over the
+server's limit or the room left, n > 1, a `stop` of another shape, and any other field this
+server does not implement (rather than ignoring it and answering something else than was asked
+for).
 Streaming sends `data: {chunk}` events and a final `data: [DONE]`, as OpenAI does.
 """
 from __future__ import annotations
@@ -40,6 +42,16 @@ from .state import Platform
 IGNORED_FIELDS = {"user", "metadata", "store"}  # bookkeeping that does not change the answer
 
 
+def _without_nulls(data: Any, keep: Sequence[str] = ()) -> Any:
+    """OpenAI's API takes null for any optional field, meaning its default, and clients send it:
+    those that serialize every field, and a reply sent back as `message.model_dump()` (refusal,
+    tool_calls, ... null). A null asks for nothing, so it is dropped, also where this server does
+    not implement the field; `keep`: fields whose null the model itself judges."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None or k in keep}
+    return data
+
+
 class ContentPart(BaseModel):
     """A part of a message's content; any type parses, so that Message can name the one refused."""
     model_config = ConfigDict(extra="allow")
@@ -52,6 +64,11 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None]
     name: Optional[str] = None  # a participant's name: accepted, not rendered (no template here has a slot)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_nothing(cls, data: Any) -> Any:
+        return _without_nulls(data, keep=("content",))  # null content: an empty reply, or refused below
 
     @model_validator(mode="after")
     def _text_only(self) -> "Message":
@@ -97,10 +114,7 @@ class SamplingRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:
-        """OpenAI's API takes null for any optional setting, meaning its default; clients send it."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
-        return data
+        return _without_nulls(data)
 
 
 class ChatRequest(SamplingRequest):
@@ -113,10 +127,12 @@ class CompletionRequest(SamplingRequest):
 
 class Reply:
     """Text deltas of a token stream, cut before the first stop string, then its finish_reason and
-    token count (the one that completed a stop string included: it was generated)."""
+    token count (the one that completed a stop string included: it was generated). context: the
+    ids the reply continues (TextStream's)."""
 
-    def __init__(self, tokens: Iterator[int], tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = ()):
-        self.tokens, self.text, self.stop = tokens, TextStream(tokenizer), StopText(stop)
+    def __init__(self, tokens: Iterator[int], tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] = (),
+                 context: Sequence[int] = ()):
+        self.tokens, self.text, self.stop = tokens, TextStream(tokenizer, context), StopText(stop)
         self.max_tokens, self.count, self.finish_reason = max_tokens, 0, None
 
     def __iter__(self) -> Iterator[str]:
@@ -137,17 +153,18 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: i
         raise ApiError(400, f"unsupported field(s) {sorted(unknown)}: this server implements model, messages/prompt, "
                        "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stop, presence_penalty, "
                        "frequency_penalty, stream, stream_options", param=sorted(unknown)[0])
-    asked = req.max_completion_tokens or req.max_tokens
+    field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"  # the one obeyed: name it
+    asked = getattr(req, field)
     if asked is not None and asked > limit:
-        raise ApiError(400, f"max_tokens={asked} is over this server's limit of {limit}", param="max_tokens")
+        raise ApiError(400, f"{field}={asked} is over this server's limit of {limit}", param=field)
     room = loaded.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens, which fills the model's context of "
                        f"{loaded.context} tokens; shorten it",
                        param="prompt" if isinstance(req, CompletionRequest) else "messages")
     if asked is not None and asked > room:
-        raise ApiError(400, f"the prompt ({prompt_tokens} tokens) + max_tokens ({asked}) exceeds the model's "
-                       f"context of {loaded.context} tokens; lower max_tokens to {room} or less", param="max_tokens")
+        raise ApiError(400, f"the prompt ({prompt_tokens} tokens) + {field} ({asked}) exceeds the model's "
+                       f"context of {loaded.context} tokens; lower {field} to {room} or less", param=field)
     return Sampling(asked or min(limit, room), req.temperature, req.top_p, req.seed, req.presence_penalty,
                     req.frequency_penalty)
 
@@ -194,8 +211,10 @@ def openai_router(platform: Platform) -> APIRouter:
         sampling = _sampling(req, len(prompt), loaded, platform.settings.max_tokens)
         stop = [] if req.stop is None else _stop_strings(req.stop)
         stop_ids = template.stop_token_ids(loaded.tokenizer)
+        # a completion continues its prompt's text (prompt + text is the whole); a chat reply is a text of its own
+        context = prompt if isinstance(req, CompletionRequest) else ()
         return Reply(stream_tokens(loaded, adapter, prompt, sampling, stop_ids), loaded.tokenizer,
-                     sampling.max_tokens, stop)
+                     sampling.max_tokens, stop, context)
 
     def stream(reply: Reply, prompt_tokens: int, req: SamplingRequest, head: dict[str, Any], kind: str):
         def events() -> Iterator[dict[str, Any]]:
