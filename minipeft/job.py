@@ -150,8 +150,7 @@ def load_base(cfg: TrainConfig, device: Optional[torch.device] = None) -> tuple[
     model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None,
                             device=device or dist.use_device(cfg.device),
                             quantization="nf4" if cfg.method == "qlora" else None)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path)  # gradient checkpointing: the Trainer switches it on
 
 
 def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def _conform(value: Any, hint: Any) -> Any:
         elif kind is int:  # 1e3 (YAML, JSON) and "42" mean an integer; 2.5 and True do not
             if type(value) is int:
                 return value  # as given: a float would round a large seed
-            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):  # as int() reads; "²" is no \d
                 return int(value)
             number = _finite_float(value)
             if number is not None and number.is_integer():
@@ -145,6 +146,8 @@ class TrainConfig:
     disable_tqdm: bool = False  # no progress bar (logs, services)
 
     def __post_init__(self) -> None:
+        if self.save_strategy is False:  # YAML 1.1 (PyYAML) reads `save_strategy: no`, the documented value, as false
+            self.save_strategy = "no"
         hints, bad = typing.get_type_hints(type(self)), []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -7,8 +7,9 @@
         optimizer.json           its param_groups (learning rates, betas, weight decay)
         rng.safetensors          torch's CPU (and CUDA) generator states, every rank's: dropout
                                  resumes identically
-        trainer_state.json       global step, the config, and the progress the logs and warnings
-                                 look back on (losses since the last log, evaluations)
+        trainer_state.json       global step, the config, the number of processes, and the progress
+                                 the logs and warnings look back on (losses since the last log,
+                                 evaluations)
 
 The learning-rate schedule is a pure function of the step and the data order a pure function of
 (seed, epoch), so the step is all the position they need. A checkpoint is written into a hidden

@@ -36,6 +36,7 @@ from .batching import PackedRow, collate, collate_packed, pack
 from .diagnostics import overfitting, unstable_loss
 from .files import strict_json, write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
+from .model import Transformer
 from .schedule import lr_factor
 from .train_config import TrainConfig
 from .train_state import (check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state, rng_states,
@@ -102,6 +103,10 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.out = Path(config.output_dir)
         self.device = next(model.parameters()).device
+        if config.gradient_checkpointing:  # as HF's Trainer, in the model it is given (a PeftModel's base too)
+            for module in model.modules():
+                if isinstance(module, Transformer):
+                    module.gradient_checkpointing = True
         self.global_batch = config.batch_size * config.gradient_accumulation_steps * self.world
         self.steps_per_epoch = math.ceil(len(self.train_data) / self.global_batch)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.n_epochs
@@ -110,7 +115,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.step, self.warnings = 0, []
+        self.step = 0
+        self.warnings: dict[str, str] = {}  # diagnostic -> its warning: each warns once a run (_warn)
         # The progress the logs and diagnostics look back on, saved in checkpoints: the losses of
         # the last steps, the step last logged, (train, eval) loss pairs for the over-fitting check.
         self.losses: list[float] = []
@@ -236,7 +242,7 @@ class Trainer:
                                    "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                                    "tokens_per_s": rate})
                     if epoch == 0:
-                        self._warn(unstable_loss([r["loss"] for r in metrics.rows if "loss" in r]))
+                        self._warn(unstable_loss, [r["loss"] for r in metrics.rows if "loss" in r])
                 end_of_epoch = s == last - 1
                 if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
                                        or (end_of_epoch and not self.cfg.eval_steps)):
@@ -250,8 +256,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         final_eval = self._final_evaluation(metrics)
         metrics.close()
-        return TrainResult(self.step, self.loss_sum / self.step, final_eval, self.warnings, tokens / max(seconds, 1e-9),
-                           seconds)
+        return TrainResult(self.step, self.loss_sum / self.step, final_eval, list(self.warnings.values()),
+                           tokens / max(seconds, 1e-9), seconds)
 
     def _log_evaluation(self, metrics: "MetricsLog") -> dict[str, Any]:
         """Evaluate, log, and check for over-fitting against the last epoch's mean train loss
@@ -260,7 +266,7 @@ class Trainer:
         metrics.write(result)
         recent = self.losses[-self.steps_per_epoch:]
         self.evals.append((sum(recent) / len(recent), result["eval_loss"]))
-        self._warn(overfitting(self.evals))
+        self._warn(overfitting, self.evals)
         return result
 
     def _final_evaluation(self, metrics: "MetricsLog") -> dict[str, float]:
@@ -280,11 +286,17 @@ class Trainer:
         final_eval = self._final_evaluation(metrics)
         metrics.close()
         rates = [r["tokens_per_s"] for r in metrics.rows if "tokens_per_s" in r]
-        return TrainResult(self.step, self.loss_sum / self.step, final_eval, self.warnings, rates[-1] if rates else 0.0)
+        return TrainResult(self.step, self.loss_sum / self.step, final_eval, list(self.warnings.values()),
+                           rates[-1] if rates else 0.0)
 
-    def _warn(self, message: Optional[str]) -> None:
-        if message and message not in self.warnings:
-            self.warnings.append(message)
+    def _warn(self, check: Callable[..., Optional[str]], *args: Any) -> None:
+        """Run diagnostic `check` on args, and warn with its message, unless it has warned already:
+        its message quotes the latest numbers, so it would otherwise warn anew at every log."""
+        if check.__name__ in self.warnings:
+            return
+        message = check(*args)
+        if message:
+            self.warnings[check.__name__] = message
             if self.rank == 0:
                 warnings.warn(message, stacklevel=2)
 
@@ -294,13 +306,15 @@ class Trainer:
             # The losses the next log and evaluation average over, so a resumed run logs the same.
             recent = self.losses[-max(self.step - self.logged, self.steps_per_epoch):]
             state = {"step": self.step, "warnings": self.warnings, "losses": recent, "loss_sum": self.loss_sum,
-                     "logged": self.logged, "evals": self.evals, "config": self.cfg.to_dict()}
+                     "logged": self.logged, "evals": self.evals, "config": self.cfg.to_dict(),
+                     "world_size": self.world}
             save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit, rng)
         dist.barrier()
 
     def resume(self) -> None:
         """Continue from the newest checkpoint in output_dir, if any; its config must match this
-        one but for the settings train_state.RESUMABLE names (an error lists each difference)."""
+        one but for the settings train_state.RESUMABLE names (an error lists each difference), and
+        it must have been written by as many processes."""
         path = latest_checkpoint(self.out)
         if path is None:
             return
@@ -309,9 +323,19 @@ class Trainer:
         if missing:
             raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume "
                              "(written by an older minipeft?): train into a new output_dir")
+        # The global batch is batch_size x gradient_accumulation_steps x processes: on another number of
+        # processes the same config steps through other batches, by another schedule, from the same step.
+        # (Checkpoints written before it was recorded do not say: not checked.)
+        if state.get("world_size", self.world) != self.world:
+            processes = f"process{'es' if state['world_size'] > 1 else ''}"
+            raise ValueError(f"{where}: written by {state['world_size']} {processes}, resumed on {self.world}: the "
+                             "global batch (batch_size x gradient_accumulation_steps x processes), and with it the data "
+                             f"position and the schedule, would change; resume on {state['world_size']} {processes}")
         check_resumable(state["config"], self.cfg.to_dict(), where)
         load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.warnings, self.logged = state["step"], state["warnings"], state["logged"]
+        self.step, self.logged = state["step"], state["logged"]
+        warned = state["warnings"]  # a list of messages in checkpoints written before each check warned once
+        self.warnings = warned if isinstance(warned, dict) else {message: message for message in warned}
         self.losses, self.loss_sum, self.evals = state["losses"], state["loss_sum"], [tuple(e) for e in state["evals"]]
 
 

@@ -1,4 +1,6 @@
 """Presets and the Hugging Face config round trip; TrainConfig's checks of a job file."""
+import re
+
 import pytest
 import torch
 import yaml
@@ -172,3 +174,21 @@ def test_full_fine_tuning_in_bf16_is_refused_because_its_updates_round_away(tmp_
     with pytest.raises(ValueError, match=r"bf16=True \(expected false with method='full'.*use bf16=false, or a PEFT"):
         TrainConfig(method="full", bf16=True)
     assert TrainConfig(method="lora", bf16=True).bf16
+
+
+def test_yaml_save_strategy_no_is_the_string_no(tmp_path):
+    """YAML 1.1 (PyYAML) reads the README's `save_strategy: no` as false: it was refused as
+    "save_strategy=False (expected a string)", though "no" is the documented (and HF's) value."""
+    (tmp_path / "job.yaml").write_text("save_strategy: no\n")
+    assert TrainConfig.load(tmp_path / "job.yaml").save_strategy == "no"
+    with pytest.raises(ValueError, match=r"save_strategy=True \(expected a string\)"):  # `yes` means nothing here
+        TrainConfig.from_dict({"save_strategy": True})
+
+
+@pytest.mark.parametrize("text", ["+-5", "²", "--1"])
+def test_text_that_is_no_integer_is_refused_by_name(text):
+    """str.isdigit() takes "²" and the check stripped every sign, so int() failed on these with
+    Python's own "invalid literal for int()", naming no key."""
+    with pytest.raises(ValueError, match=re.escape(f"seed={text!r} (expected an integer)")):
+        TrainConfig.from_dict({"seed": text})
+    assert TrainConfig.from_dict({"seed": " +7 "}).seed == 7

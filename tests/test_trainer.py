@@ -460,3 +460,35 @@ def test_compute_metrics_joins_every_evaluation(tmp_path):
     # the final evaluation is the last epoch's, logged and run once
     assert [r["probe"] for r in evals] == [1.0, 2.0] and result.eval["probe"] == 2.0
     assert seen == [False, False] and t.model.training  # run in eval mode, training mode restored
+
+
+def test_gradient_checkpointing_in_the_config_reaches_the_model(tmp_path, monkeypatch):
+    """As Hugging Face's Trainer, gradient_checkpointing=True turns recomputation on in the model it is
+    given: only job.load_base set it, so from Python the setting did nothing (and the memory it
+    should save was spent). Recomputation gives the very same weights, dropout included."""
+    import minipeft.model as model_module
+
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    weights = {}
+    for on in (False, True):
+        t = lora_trainer(tmp_path / str(on), max_steps=3, gradient_checkpointing=on, save_strategy="no",
+                         disable_tqdm=True, report_to="none")
+        t.train()
+        weights[on] = [p.detach().clone() for p in t.params]
+        assert bool(calls) == on
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
+
+
+def test_each_diagnostic_warns_once(tmp_path):
+    """The loss-rising message quotes the latest mean, so deduplicating by text warned again at
+    every log of the first epoch (4 times in 20 steps here; hundreds in a long epoch), and the
+    report listed each."""
+    cfg = TrainConfig(output_dir=str(tmp_path), batch_size=2, n_epochs=1, logging_steps=1, learning_rate=0.3,
+                      warmup_ratio=0.0, max_grad_norm=0.0, disable_tqdm=True, report_to="none")
+    torch.manual_seed(0)
+    t = Trainer(cfg, full_finetune(tiny_model()), ragged_data())
+    with pytest.warns(UserWarning, match="learning rate may be too large") as caught:
+        result = t.train()
+    assert len(caught) == 1 and len(result.warnings) == 1 and "rising early" in result.warnings[0]

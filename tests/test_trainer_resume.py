@@ -247,3 +247,17 @@ def test_a_fresh_run_among_another_runs_checkpoints_is_refused(tmp_path):
         fresh.train()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert lora_trainer(tmp_path, n_epochs=1, save_strategy="steps", save_steps=5).train(resume=True).steps == 10
+
+
+def test_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    """The global batch is batch_size x gradient_accumulation_steps x processes: resumed on 2
+    processes, a 1-process run's step 4 silently became another position in the data, of another
+    schedule (10 steps an epoch became 5), with the same config."""
+    from minipeft import distributed
+
+    interrupted(tmp_path, 4, n_epochs=1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    more = lora_trainer(tmp_path, save_strategy="steps", save_steps=1, n_epochs=1)
+    with pytest.raises(ValueError, match=r"checkpoint-4/trainer_state.json: written by 1 process, resumed on 2"):
+        more.train(resume=True)
+    assert more.step == 0  # nothing restored
