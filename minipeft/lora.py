@@ -11,6 +11,8 @@ Trainable parameters per layer: r · (in + out), e.g. 2 · d · r for a square d
 Merging folds ΔW = s · B A into W (computed in float32, cast back, refused if non-finite);
 unmerging subtracts it again. Names, shapes and files follow Hugging Face PEFT, and
 tests/test_lora_peft.py proves equal logits and loadable files in both directions.
+LoRA on an embedding table (`embed_tokens`) is minipeft.lora_embedding.LoraEmbedding; both share
+LoraLayer (scaling, merging into a dense weight), which picks the wrapper for each targeted module.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import torch
 from torch import nn
 
 from .functional import add_lora, dropout_mask, lora_linear, nf4_lora_linear
+from .linear4bit import Linear4bit
 from .peft_config import PeftConfig
+from .targets import is_linear
 from .tuner_layer import TunerLayer
 
 
@@ -76,7 +80,71 @@ def _orthogonal_init(in_features: int, r: int, out_features: int,
     return A.contiguous().to(device), B.contiguous().to(device)
 
 
-class LoraLinear(TunerLayer):
+class LoraLayer(TunerLayer):
+    """What LoRA shares over any base layer: a scaling s per adapter, ΔW = s · B A in the base weight's
+    layout (`delta_weight`), and merging ΔW into a dense (16/32-bit) base weight W, in place:
+    W <- W + ΔW computed in float32 and cast back (refused if non-finite), undone by W <- W - ΔW."""
+
+    wraps = "Linear or Embedding"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.scaling: dict[str, float] = {}
+
+    @classmethod
+    def layer_for(cls, module: nn.Module) -> Optional[type[TunerLayer]]:
+        """LoraEmbedding for an nn.Embedding, LoraLinear for a Linear or a 4-bit Linear, else None."""
+        from .lora_embedding import LoraEmbedding  # it builds on this module
+
+        if isinstance(module, nn.Embedding):
+            return LoraEmbedding
+        return LoraLinear if is_linear(module) else None
+
+    @property
+    def has_dense_weight(self) -> bool:
+        """Whether the base weight is a tensor a merge can write into (not NF4 buffers)."""
+        return not isinstance(self.base_layer, Linear4bit)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        del self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name`, the base weight's shape, in float32."""
+        raise NotImplementedError
+
+    def merge(self, name: Optional[str] = None) -> None:
+        """W <- W + ΔW in float32, cast back. Merging an already merged adapter does nothing."""
+        name = name or self.active_adapter
+        if name in self.merged_adapters:
+            return
+        if self.merged_adapters:
+            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged; unmerge it first")
+        if not self.has_dense_weight:
+            raise ValueError("a 4-bit base weight cannot take a reversible merge; use merge_and_unload(), "
+                             "which returns a 16/32-bit layer")
+        W = self.base_layer.weight
+        merged = W.float() + self.delta_weight(name)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+        W.data.copy_(merged.to(W.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W <- W - ΔW: restores W up to one rounding of its dtype."""
+        for name in self.merged_adapters:
+            W = self.base_layer.weight
+            W.data.copy_((W.float() - self.delta_weight(name)).to(W.dtype))
+        self.merged_adapters = []
+
+    def unloaded(self) -> nn.Module:
+        """The base layer with the active adapter merged in."""
+        if self.active_adapter is not None:
+            self.merge(self.active_adapter)
+        return self.base_layer
+
+
+class LoraLinear(LoraLayer):
     """A Linear (or 4-bit Linear) base layer with named LoRA adapters."""
 
     adapter_module_names = ("lora_A", "lora_B")
@@ -84,7 +152,6 @@ class LoraLinear(TunerLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}  # rate p per adapter (the mask: minipeft.functional)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
@@ -121,7 +188,7 @@ class LoraLinear(TunerLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
-        del self.scaling[name], self.lora_dropout[name]
+        del self.lora_dropout[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW = s · B A, shape (out, in), in float32."""
@@ -146,30 +213,6 @@ class LoraLinear(TunerLayer):
         bias = None if base.bias is None else base.bias.to(base.compute_dtype)  # QLoRA: compute in compute_dtype
         return nf4_lora_linear(x, base.quantized_weight, bias, *lora)
 
-    def merge(self, name: Optional[str] = None) -> None:
-        """W <- W + s·B·A in float32, cast back. Merging an already merged adapter does nothing."""
-        name = name or self.active_adapter
-        if name in self.merged_adapters:
-            return
-        if self.merged_adapters:
-            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged; unmerge it first")
-        if not isinstance(self.base_layer, nn.Linear):
-            raise ValueError("a 4-bit base weight cannot take a reversible merge; use merge_and_unload(), "
-                             "which returns a 16/32-bit layer")
-        W = self.base_layer.weight
-        merged = W.float() + self.delta_weight(name)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-        W.data.copy_(merged.to(W.dtype))
-        self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """W <- W - s·B·A: restores W up to one rounding of its dtype."""
-        for name in self.merged_adapters:
-            W = self.base_layer.weight
-            W.data.copy_((W.float() - self.delta_weight(name)).to(W.dtype))
-        self.merged_adapters = []
-
     def unloaded(self) -> nn.Module:
         """The base layer with the active adapter merged in, as a plain nn.Linear.
 
@@ -178,10 +221,8 @@ class LoraLinear(TunerLayer):
         sum to 4 bits would mostly erase the fine-tune, and unmerging could not recover it.
         """
         name = self.active_adapter
-        if isinstance(self.base_layer, nn.Linear):
-            if name is not None:
-                self.merge(name)
-            return self.base_layer
+        if self.has_dense_weight:
+            return super().unloaded()
         W = self.base_layer.dequantize().float()
         if name is not None:
             W = W + self.delta_weight(name)

@@ -23,7 +23,7 @@ from torch import nn
 from .adapter import BottleneckAdapter
 from .checkpoint import check_state_dict, load_safetensors, open_safetensors
 from .linear4bit import Linear4bit, dequantize_model
-from .lora import LoraConfig, LoraLinear
+from .lora import LoraConfig, LoraLayer, LoraLinear
 from .model import Transformer
 from .files import staged_dir
 from .peft_config import PeftConfig
@@ -37,7 +37,8 @@ PREFIX = "base_model.model."
 # weights, so inference and merging must load the base the same way (saved_base_quantization).
 BASE_QUANTIZATION = "minipeft.base_quantization"
 # peft_type -> the layer wrapper (layer methods) or the prompt encoder (prompt-learning methods).
-LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLinear, "BOTTLENECK_ADAPTER": BottleneckAdapter}
+# LoraLayer.layer_for picks LoraLinear or LoraEmbedding per module.
+LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLayer, "BOTTLENECK_ADAPTER": BottleneckAdapter}
 PROMPT_ENCODERS: dict[str, type[nn.Module]] = {"PREFIX_TUNING": PrefixEncoder, "PROMPT_TUNING": PromptEmbedding}
 PathLike = Union[str, os.PathLike]
 
@@ -117,7 +118,7 @@ class PeftModel(nn.Module):
                 self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
             else:
                 layer_cls = LAYER_TUNERS[config.peft_type]
-                for target in find_targets(self.base_model, config.target_modules):
+                for target in find_targets(self.base_model, config.target_modules, layer_cls):
                     self._wrap(target, layer_cls).add_adapter(name, config)
             for target in getattr(config, "modules_to_save", None) or []:
                 for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
@@ -137,7 +138,7 @@ class PeftModel(nn.Module):
         if isinstance(module, TunerLayer):
             raise ValueError(f"{target} is already wrapped by {type(module).__name__}; "
                              f"methods of different kinds cannot share a module")
-        wrapper = layer_cls(module)
+        wrapper = layer_cls.layer_for(module)(module)
         set_submodule(self.base_model, target, wrapper)
         return wrapper
 
@@ -241,12 +242,12 @@ class PeftModel(nn.Module):
                     layer.merge(n)
 
     # --- merging ------------------------------------------------------------------------------
-    def _tied_lora_layers(self) -> list[tuple[str, LoraLinear]]:
+    def _tied_lora_layers(self) -> list[tuple[str, LoraLayer]]:
         """The active LoRA layers whose base weight another module shares (lm_head tied to
-        embed_tokens): ΔW merged into that tensor would move the other module too."""
+        embed_tokens, either one targeted): ΔW merged into that tensor would move the other module too."""
         uses = Counter(id(p) for _, p in self.base_model.named_parameters(remove_duplicate=False))
-        return [(path, layer) for path, layer in self.tuner_layers() if isinstance(layer, LoraLinear)
-                and layer.active_adapter and isinstance(layer.base_layer, nn.Linear)
+        return [(path, layer) for path, layer in self.tuner_layers() if isinstance(layer, LoraLayer)
+                and layer.active_adapter and layer.has_dense_weight
                 and uses[id(layer.base_layer.weight)] > 1]
 
     def merge_adapter(self) -> None:
@@ -258,7 +259,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"{tied} share their weight with another module (tie_word_embeddings): merging ΔW into "
                              "it would change that module too; merge_and_unload() unties them first")
         for _, layer in self.tuner_layers():
-            if isinstance(layer, LoraLinear) and layer.active_adapter:
+            if isinstance(layer, LoraLayer) and layer.active_adapter:
                 layer.merge(layer.active_adapter)
 
     def unmerge_adapter(self) -> None:
@@ -273,8 +274,8 @@ class PeftModel(nn.Module):
         a merged weight, as PEFT does for bitsandbytes, would round most of ΔW away (LoraLinear.unloaded).
         A modules_to_save copy of lm_head or embed_tokens unties them: config.tie_word_embeddings
         is then cleared, as in PEFT, so that the checkpoint keeps both. So does LoRA on a tied
-        lm_head: its ΔW is merged into a copy of the shared weight, the embeddings keep theirs (PEFT
-        merges into the shared tensor, which moves the embeddings too).
+        lm_head or embed_tokens: its ΔW is merged into a copy of the shared weight, the other module
+        keeps the original (PEFT merges into the shared tensor, which moves the other one too).
 
         Inactive adapters are dropped, as PEFT drops them, even those that could not merge (a bottleneck
         adapter beside the active LoRA one). Every refusal comes before any layer changes.
@@ -285,9 +286,9 @@ class PeftModel(nn.Module):
         if not isinstance(config, LoraConfig):
             raise ValueError(f"{config.peft_type} adapter {self.active_adapter!r} cannot be merged: it is not a "
                              "linear function of the input; unload() removes it")
-        broken = [path for path, layer in self.tuner_layers() if isinstance(layer, LoraLinear) and layer.active_adapter
+        broken = [path for path, layer in self.tuner_layers() if isinstance(layer, LoraLayer) and layer.active_adapter
                   and not torch.isfinite(layer.delta_weight(layer.active_adapter)).all()]
-        if broken:  # LoraLinear.merge would refuse too, but only once it reached them
+        if broken:  # LoraLayer.merge would refuse too, but only once it reached them
             raise ValueError(f"merging adapter {self.active_adapter!r} gives non-finite weights in {broken}; "
                              "the adapter is broken")
         for _, layer in self._tied_lora_layers():
@@ -400,7 +401,7 @@ class PeftModel(nn.Module):
         # PEFT (save_embedding_layers="auto") also saves the base weight of a LoRA-targeted lm_head or
         # embed_tokens, for a resized vocabulary; like PEFT, load it into the base (unchanged otherwise).
         bases = {f"{PREFIX}{n}.base_layer.weight": m.base_layer.weight for n, m in self.tuner_layers()
-                 if isinstance(m, LoraLinear) and isinstance(m.base_layer, nn.Linear)
+                 if isinstance(m, LoraLayer) and m.has_dense_weight
                  and n.rsplit(".", 1)[-1] in ("lm_head", "embed_tokens")}
         targets = {**expected, **{k: bases[k] for k in found.keys() & bases.keys()}}
         check_state_dict({k: v.shape for k, v in targets.items()}, found, str(path))

@@ -3,14 +3,20 @@
 - a list of names: a module matches when its full name equals an entry or ends with "." + entry
   (so ["q_proj", "v_proj"] picks every layer's q and v projections);
 - a string: a regular expression that must match the full module name (`re.fullmatch`);
-- "all-linear": every Linear (4-bit ones too) except the output layer `lm_head`.
+- "all-linear": every Linear (4-bit ones too) except the output layer `lm_head` (never an embedding,
+  as in PEFT: name "embed_tokens" to adapt it).
+Each method says which modules it can wrap (`TunerLayer.layer_for`: LoRA takes Linear and Embedding);
+a name matching another kind of module is refused.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .tuner_layer import TunerLayer
 
 # PEFT's default targets for these architectures (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -22,14 +28,22 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Linear4bit))
 
 
-def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[str]]]) -> list[str]:
-    """Full names of the Linear modules selected by `target_modules` (see the module docstring)."""
+def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[str]]],
+                 wrapper: Optional[type["TunerLayer"]] = None) -> list[str]:
+    """Full names of the modules selected by `target_modules` (see the module docstring), each one that
+    `wrapper` (a TunerLayer class; default: Linear only) can wrap."""
     from .tuner_layer import TunerLayer
+
+    wrapper = wrapper or TunerLayer
+
+    def unwrapped(name: str) -> nn.Module:
+        module = model.get_submodule(name)
+        return getattr(module, "base_layer", module)
 
     # A module already wrapped (a second adapter) counts by its wrapper's name; its insides don't.
     wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
     names = [n for n, _ in model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
-    linears = [n for n in names if is_linear(getattr(model.get_submodule(n), "base_layer", model.get_submodule(n)))]
+    linears = [n for n in names if is_linear(unwrapped(n))]
     if target_modules is None:
         target_modules = list(DEFAULT_TARGETS)
     if target_modules == "all-linear":
@@ -42,9 +56,10 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
         leaf_names = sorted({n.split(".")[-1] for n in linears})
         raise ValueError(f"target_modules={target_modules!r} matched no module; the model's Linear modules are "
                          f"named {leaf_names} (e.g. {linears[:2]})")
-    not_linear = [n for n in found if n not in set(linears)]
-    if not_linear:
-        raise ValueError(f"target_modules={target_modules!r} matched modules that are not Linear layers: {not_linear}")
+    refused = [n for n in found if wrapper.layer_for(unwrapped(n)) is None]
+    if refused:
+        raise ValueError(f"target_modules={target_modules!r} matched modules that are not {wrapper.wraps} layers: "
+                         f"{refused}")
     return found
 
 

@@ -1,9 +1,10 @@
 """What every layer-wrapping method shares: a frozen `base_layer` plus named adapters.
 
-A wrapper keeps each adapter's modules in `nn.ModuleDict`s keyed by adapter name (the names in
-`adapter_module_names`), so several adapters live on one model and a server can switch between
-them per request. Exactly one adapter is active; `disabled` bypasses all of them. Adapter
-parameters are found structurally (walk the wrappers), never by matching a substring like "lora_".
+A wrapper keeps each adapter's modules in `nn.ModuleDict`s (or its bare tensors in `nn.ParameterDict`s)
+keyed by adapter name (the names in `adapter_module_names`), so several adapters live on one model and
+a server can switch between them per request. Exactly one adapter is active; `disabled` bypasses all
+of them. Adapter parameters are found structurally (walk the wrappers), never by matching a substring
+like "lora_". `layer_for` says which modules a method can wrap, and with which wrapper class.
 """
 from __future__ import annotations
 
@@ -13,9 +14,17 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from .targets import is_linear
+
 
 class TunerLayer(nn.Module):
     adapter_module_names: ClassVar[tuple[str, ...]] = ()
+    wraps: ClassVar[str] = "Linear"  # the kinds of module layer_for accepts, for targets.find_targets' error
+
+    @classmethod
+    def layer_for(cls, module: nn.Module) -> Optional[type["TunerLayer"]]:
+        """The wrapper class this method puts around `module`, None if it cannot wrap it."""
+        return cls if is_linear(module) else None
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -54,16 +63,24 @@ class TunerLayer(nn.Module):
             self.active_adapter = remaining[0] if remaining else None
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """This layer's tensors of adapter `name`, keyed as in PEFT files (`lora_A.weight`)."""
+        """This layer's tensors of adapter `name`, keyed as in PEFT files: `lora_A.weight` for a module,
+        the bare attribute for a parameter held in an nn.ParameterDict (`lora_embedding_A`)."""
         out = {}
         for attr in self.adapter_module_names:
-            for key, value in getattr(self, attr)[name].state_dict().items():
-                out[f"{attr}.{key}"] = value
+            entry = getattr(self, attr)[name]
+            if isinstance(entry, nn.Parameter):
+                out[attr] = entry.detach()  # a view of the parameter, as state_dict() gives
+            else:
+                out.update({f"{attr}.{key}": value for key, value in entry.state_dict().items()})
         return out
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         for attr in self.adapter_module_names:
             module = getattr(self, attr)[name]
+            if isinstance(module, nn.Parameter):
+                with torch.no_grad():
+                    module.copy_(tensors[attr])
+                continue
             sub = {k[len(attr) + 1:]: v for k, v in tensors.items() if k.startswith(attr + ".")}
             module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in sub.items()})
 
@@ -87,6 +104,11 @@ class ModulesToSave(TunerLayer):
     """
 
     adapter_module_names = ("modules_to_save",)
+    wraps = "any"
+
+    @classmethod
+    def layer_for(cls, module: nn.Module) -> Optional[type[TunerLayer]]:
+        return cls  # a copy of any module trains whole
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
