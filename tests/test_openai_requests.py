@@ -72,6 +72,19 @@ def test_null_is_the_default_for_fields_this_server_does_not_implement(api, kind
     assert nulls.json()["choices"] == plain.json()["choices"]
     refused = api.post(path, json={**ask, "logit_bias": {"5": 10}}).json()["error"]
     assert refused["param"] == "logit_bias" and "unsupported field(s) ['logit_bias']" in refused["message"]
+    # false for logprobs and echo is their default too (what a client serializing every field sends)
+    off = api.post(path, json={**ask, "logprobs": False, "echo": False})
+    assert off.status_code == 200 and off.json()["choices"] == plain.json()["choices"], off.text
+    assert api.post(path, json={**ask, "logprobs": True}).json()["error"]["param"] == "logprobs"
+
+
+def test_top_p_0_is_greedy(api):
+    """OpenAI's top_p takes 0..1; 0 keeps only the most likely token. It was refused (top_p > 0)."""
+    ask = {"model": "tiny", "max_tokens": 6, "prompt": "import"}
+    greedy = api.post("/v1/completions", json={**ask, "temperature": 0}).json()["choices"][0]["text"]
+    for seed in (1, 2):
+        answer = api.post("/v1/completions", json={**ask, "temperature": 1.5, "top_p": 0, "seed": seed})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == greedy, answer.text
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])

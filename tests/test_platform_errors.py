@@ -151,7 +151,7 @@ BAD_REQUESTS = [  # (id, method, path, JSON body or raw bytes, status, fragment)
      "max_tokens=100000 is over this server's limit of 64"),
     ("chat-max-tokens-zero", "POST", "/v1/chat/completions", chat(max_tokens=0), 400, "max_tokens"),
     ("chat-temperature", "POST", "/v1/chat/completions", chat(temperature=-1), 400, "temperature"),
-    ("chat-top-p", "POST", "/v1/chat/completions", chat(top_p=0), 400, "top_p"),
+    ("chat-top-p", "POST", "/v1/chat/completions", chat(top_p=1.5), 400, "top_p"),
     ("chat-role", "POST", "/v1/chat/completions", chat(messages=[{"role": "robot", "content": "x"}]), 400, "role"),
     ("chat-content-type", "POST", "/v1/chat/completions", chat(messages=[{"role": "user", "content": 3}]), 400,
      "content"),

@@ -9,17 +9,17 @@ talks to a fine-tuned model as it would to the cloud:
 take OpenAI's shapes: role "developer" is the system turn (OpenAI's newer name for it), content
 may be a list of text parts (concatenated, as Qwen2's template does), and an assistant turn's
 content may be null (an empty reply). Sampling: temperature 0 is greedy (OpenAI's default is 1),
-top_p is nucleus sampling, seed makes sampling repeatable, presence_penalty and frequency_penalty
-(in [-2, 2]) penalize tokens the reply already has, by OpenAI's formula (greedy replies too),
-max_tokens (or max_completion_tokens) caps the reply, which also ends at the template's stop ids
-and before the first of the `stop` strings (up to 4; finish_reason "stop"; a stream holds back
-text that may begin one); null, for any field of the request or of a message, is its default (for
-a field not implemented here: absent), and a message's name is accepted and not rendered. A
-completion's text continues its prompt's: prompt + text is the text of all the tokens. Refused
-with 400 and the reason: a prompt that leaves no room in the model's context, max_tokens over the
-server's limit or the room left, n > 1, a `stop` of another shape, and any other field this
-server does not implement (rather than ignoring it and answering something else than was asked
-for).
+top_p is nucleus sampling (0: the most likely token only), seed makes sampling repeatable,
+presence_penalty and frequency_penalty (in [-2, 2]) penalize tokens the reply already has, by
+OpenAI's formula (greedy replies too), max_tokens (or max_completion_tokens) caps the reply, which
+also ends at the template's stop ids and before the first of the `stop` strings (up to 4;
+finish_reason "stop"; a stream holds back text that may begin one); null, for any field of the
+request or of a message, is its default (for a field not implemented here: absent, as is false
+for logprobs and echo), and a message's name is accepted and not rendered. A completion's text
+continues its prompt's: prompt + text is the text of all the tokens. Refused with 400 and the
+reason: a prompt that leaves no room in the model's context, max_tokens over the server's limit or
+the room left, n > 1, a `stop` of another shape, and any other field this server does not
+implement (rather than ignoring it and answering something else than was asked for).
 Streaming sends `data: {chunk}` events and a final `data: [DONE]`, as OpenAI does.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ from .inference import Loaded, Sampling, StopText, TextStream, stream_tokens
 from .state import Platform
 
 IGNORED_FIELDS = {"user", "metadata", "store"}  # bookkeeping that does not change the answer
+# Fields not implemented here whose default asks for nothing: sent as that default they are taken.
+OFF_BY_DEFAULT = {"logprobs", "echo"}  # false: no log-probabilities, the prompt not repeated
 
 
 def _without_nulls(data: Any, keep: Sequence[str] = ()) -> Any:
@@ -102,7 +104,7 @@ class SamplingRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0: only the most likely token (greedy), as OpenAI allows
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)  # torch.Generator's range
     stream: bool = False
@@ -148,7 +150,8 @@ class Reply:
 
 
 def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: int) -> Sampling:
-    unknown = set(req.model_extra or {}) - IGNORED_FIELDS
+    unknown = {k for k, v in (req.model_extra or {}).items()
+               if k not in IGNORED_FIELDS and not (k in OFF_BY_DEFAULT and v is False)}
     if unknown:
         raise ApiError(400, f"unsupported field(s) {sorted(unknown)}: this server implements model, messages/prompt, "
                        "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stop, presence_penalty, "
