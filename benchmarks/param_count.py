@@ -9,11 +9,11 @@ LoRA ~0.1%, adapters ~3%, prefix tuning < 1%.
 """
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 from minipeft import PRESETS
+from minipeft.files import json_bytes, write_atomic
 from minipeft.param_count import METHODS, count_method, frozen_weight_bytes
 
 from provenance import git_commit  # benchmarks/provenance.py, beside this script
@@ -48,8 +48,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "param_count.md").write_text(text)
-    (OUT / "param_count.json").write_text(json.dumps({"commit": commit, "rows": rows, "memory": memory}, indent=1))
+    write_atomic(OUT / "param_count.md", text)
+    write_atomic(OUT / "param_count.json", json_bytes({"commit": commit, "rows": rows, "memory": memory}))
 
 
 if __name__ == "__main__":

@@ -263,8 +263,10 @@ def main() -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (args.out / f"train_throughput{suffix}.md").write_text(text)
-    (args.out / f"train_throughput{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    from minipeft.files import json_bytes, write_atomic  # here: a worker's imports are measured
+
+    write_atomic(args.out / f"train_throughput{suffix}.md", text)
+    write_atomic(args.out / f"train_throughput{suffix}.json", json_bytes({"meta": meta, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -30,16 +30,15 @@ import argparse
 import datetime
 import importlib
 import importlib.util
-import json
-import os
+import io
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minipeft.files import json_bytes, write_atomic
 from provenance import git_commit  # benchmarks/provenance.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,19 +202,6 @@ def metadata() -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def write_atomic(path: Path, write) -> None:
-    """write(file_path) into a temp file beside `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def markdown(meta: dict, rows: list[dict]) -> str:
     """One table per (mode, shape): rows (M, r), a column per method: 'p50 ms (x base)'."""
     methods = list(dict.fromkeys(row["method"] for row in rows))
@@ -237,8 +223,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """p50 / base against M, one panel per (mode, shape), one line per method, at the middle rank."""
+def plot(rows: list[dict]) -> bytes:
+    """p50 / base against M, one panel per (mode, shape), one line per method, at the middle rank: a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -261,18 +247,19 @@ def plot(rows: list[dict], path: str) -> None:
             ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    return png.getvalue()
 
 
 def save(rows: list[dict], out: Path) -> None:
     meta = metadata()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / ("kernels_" + re.sub(r"[^a-z0-9]+", "-", meta["gpu"].lower()).strip("-"))
-    write_atomic(stem.with_suffix(".json"),
-                 lambda p: Path(p).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)))
-    write_atomic(stem.with_suffix(".md"), lambda p: Path(p).write_text(markdown(meta, rows)))
-    write_atomic(stem.with_suffix(".png"), lambda p: plot(rows, p))
+    write_atomic(stem.with_suffix(".json"), json_bytes({"meta": meta, "rows": rows}))
+    write_atomic(stem.with_suffix(".md"), markdown(meta, rows))
+    write_atomic(stem.with_suffix(".png"), plot(rows))
     print(f"wrote {stem}.json, .md, .png")
 
 
