@@ -216,13 +216,16 @@ def _quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nearest of 65536 grid points, i = floor((y + 1) * 0.5 * 65535 + 0.5), and the code is the
     dynamic value nearest that grid point (so values within ~1.5e-5 of a midpoint, and tiny
     values where the map is finer than the grid, can land one code off the true nearest).
-    A block of zeros stores absmax 0 and codes 0. Returns (codes uint8, absmax float32).
+    A block of zeros stores absmax 0 and codes 0. A subnormal absmax (< 2.9e-38) has an infinite
+    float32 reciprocal: its nonzero values scale to +-inf (clamped to +-1) and its zeros to
+    0 * inf = NaN, which bitsandbytes stores as code 0 (the grid's first point), and so do we.
+    Returns (codes uint8, absmax float32).
     """
     blocks = -(-x.numel() // NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(x, (0, blocks * NESTED_BLOCKSIZE - x.numel())).view(blocks, -1)
     absmax = padded.abs().amax(dim=1)
     zero = absmax == 0
-    y = (padded * (1.0 / absmax.masked_fill(zero, 1.0))[:, None]).clamp(-1, 1)
+    y = (padded * (1.0 / absmax.masked_fill(zero, 1.0))[:, None]).clamp(-1, 1).nan_to_num(nan=-1.0)
     grid = ((y + 1.0) * 0.5 * (GRID_POINTS - 1) + 0.5).to(torch.int64)
     codes = _grid_to_dynamic_index().to(x.device)[grid].masked_fill(zero[:, None], 0)
     return codes.reshape(-1)[: x.numel()], absmax
@@ -247,6 +250,9 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     nested, offset = None, None
     if double_quant:
         offset_t = absmax.mean()
+        if not torch.isfinite(offset_t):  # bitsandbytes goes on, and every weight dequantizes to NaN
+            raise ValueError("quantize_nf4: double quantization's offset, the float32 mean of the block absmax "
+                             "values, overflows float32 (weights near 3.4e38); quantize with double_quant=False")
         absmax, nested = _quantize_dynamic(absmax - offset_t)
         offset = offset_t.item()
     return NF4Tensor(data, absmax, nested, offset, tensor.shape, blocksize, tensor.dtype)

@@ -28,11 +28,14 @@ _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
     "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None), "astra_config": (None,),
+    # PEFT 0.2 (alpaca-lora's era): LoRA on slices of a fused qkv Linear; gone since, and None there.
+    "enable_lora": (None,),
 }
 # Bookkeeping fields with no effect on the numbers (eva_config only parameterizes an initialization, which
-# a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself).
+# a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself; PEFT 0.2's
+# merge_weights merged LoRA into W on eval(), the same function).
 _IGNORED = {"eva_config", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
-            "qalora_group_size"}
+            "qalora_group_size", "merge_weights"}
 
 
 @dataclasses.dataclass

@@ -145,6 +145,26 @@ def test_nested_quantizer_snaps_to_bitsandbytes_grid():
     assert (exact != q.absmax.long()).sum() > 10
 
 
+def test_subnormal_nested_absmax_matches_bitsandbytes():
+    """Block absmaxes within ~1e-38 of their mean: the nested absmax is subnormal and its float32
+    reciprocal inf, so an absmax equal to the mean scales to 0 * inf = NaN. bitsandbytes' CPU kernel
+    stores code 0 for it; this used to raise an IndexError (NaN cast to a grid index)."""
+    w = torch.zeros(6, 64)
+    w[:, 5] = torch.tensor([1.0, 2, 3, 3, 2, 1]) * 1e-39  # mean 2e-39: two blocks sit on it
+    w[:, 9] = -w[:, 5] / 3
+    assert_same_as_bnb(w)
+
+
+def test_double_quant_refuses_an_absmax_mean_that_overflows():
+    """Finite weights near float32's limit: the float32 mean of the absmax (the offset) overflows to inf.
+    bitsandbytes then dequantizes every weight to NaN, silently; we refuse, naming the way out."""
+    w = torch.full((4, 64), 3e38)
+    _, state = bnb_quantize(w, 64, True)
+    assert state.offset.isinf()  # the reference's own result
+    with pytest.raises(ValueError, match="overflows float32.*double_quant=False"):
+        quantize_nf4(w)
+    assert torch.equal(dequantize_nf4(quantize_nf4(w, double_quant=False)), w)  # absmax alone is finite
+
 def test_nibble_order_and_padding():
     q = quantize_nf4(torch.tensor([-1.0, 1.0, 0.0]), double_quant=False)
     assert q.data.tolist() == [0x0F, 0x77]  # element 0 in the high nibble; pad nibble = code of 0.0

@@ -1,0 +1,38 @@
+"""adapter_config.json fields from other PEFT versions: accepted while they cannot change the numbers."""
+import json
+
+import pytest
+
+from minipeft.peft_config import PeftConfig
+import minipeft.peft_model  # noqa: F401  (registers every method's config)
+
+import peft
+
+# The adapter_config.json of tloen/alpaca-lora-7b, written by PEFT 0.2 (early 2023) and still common on the Hub.
+PEFT_0_2_LORA = {
+    "base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None,
+    "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 16, "lora_dropout": 0.05,
+    "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 16,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "task_type": "CAUSAL_LM",
+}
+
+
+def write(tmp_path, fields):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")
+def test_a_peft_0_2_lora_config_loads(tmp_path):
+    """PEFT 0.2's enable_lora (None: no fused-qkv slicing) and merge_weights (merge on eval(): the same
+    function) are gone from PEFT; today's PEFT loads such files, ignoring them, and so must we."""
+    write(tmp_path, PEFT_0_2_LORA)
+    ref = peft.PeftConfig.from_pretrained(str(tmp_path))
+    ours = PeftConfig.load(tmp_path)
+    for field in ("r", "lora_alpha", "lora_dropout", "bias", "modules_to_save"):
+        assert getattr(ours, field) == getattr(ref, field), field
+    assert set(ours.target_modules) == ref.target_modules  # PEFT holds a set
+    # enable_lora=[True, False, True] put LoRA on the q and v slices of a fused qkv projection only.
+    write(tmp_path, {**PEFT_0_2_LORA, "enable_lora": [True, False, True]})
+    with pytest.raises(ValueError, match=r"not supported by minipeft: enable_lora=\[True, False, True\]"):
+        PeftConfig.load(tmp_path)
