@@ -54,9 +54,8 @@ class AdapterConfig(PeftConfig):
             raise ValueError("AdapterConfig: give exactly one of bottleneck_size and reduction_factor, got "
                              f"bottleneck_size={self.bottleneck_size}, reduction_factor={self.reduction_factor}")
         for field in ("bottleneck_size", "reduction_factor"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"AdapterConfig: {field} must be a positive integer, got {value!r}")
+            if getattr(self, field) is not None:
+                self._check_positive_int(field)
         if self.placement not in PLACEMENTS:
             raise ValueError(f"AdapterConfig: placement must be one of {sorted(PLACEMENTS)}, got {self.placement!r}")
         if self.activation not in ACTIVATIONS:

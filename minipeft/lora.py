@@ -49,8 +49,7 @@ class LoraConfig(PeftConfig):
     peft_type = "LORA"
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r}")
+        self._check_positive_int("r")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):

@@ -50,6 +50,13 @@ class PeftConfig:
         if cls.peft_type:
             _REGISTRY[cls.peft_type] = cls
 
+    def _check_positive_int(self, field: str) -> None:
+        """A ValueError naming the field unless it holds a positive integer: True (an int to Python)
+        and 2.0 are refused, as they would be read as 1 and fail later inside torch."""
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(self).__name__}: {field} must be a positive integer, got {value!r}")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type

@@ -70,8 +70,7 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ValueError(f"{name}: num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        self._check_positive_int("num_virtual_tokens")
         if self.modules_to_save:
             raise ValueError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with prompt learning")
 

@@ -3,7 +3,10 @@ import json
 
 import pytest
 
+from minipeft.adapter import AdapterConfig
+from minipeft.lora import LoraConfig
 from minipeft.peft_config import PeftConfig
+from minipeft.prompt_learning import PrefixTuningConfig, PromptTuningConfig
 import minipeft.peft_model  # noqa: F401  (registers every method's config)
 
 import peft
@@ -36,3 +39,18 @@ def test_a_peft_0_2_lora_config_loads(tmp_path):
     write(tmp_path, {**PEFT_0_2_LORA, "enable_lora": [True, False, True]})
     with pytest.raises(ValueError, match=r"not supported by minipeft: enable_lora=\[True, False, True\]"):
         PeftConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda v: LoraConfig(r=v), "r"),
+    (lambda v: AdapterConfig(bottleneck_size=v), "bottleneck_size"),
+    (lambda v: AdapterConfig(reduction_factor=v), "reduction_factor"),
+    (lambda v: PrefixTuningConfig(num_virtual_tokens=v), "num_virtual_tokens"),
+    (lambda v: PromptTuningConfig(num_virtual_tokens=v), "num_virtual_tokens"),
+])
+@pytest.mark.parametrize("value", [True, 2.0, 0, -1, "8"])
+def test_sizes_must_be_positive_integers(make, field, value):
+    """True is an int to Python and was taken as a size of 1 (a bottleneck of True crashed inside
+    nn.Linear); 2.0 got as far as torch.empty. Each is refused, naming the field."""
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer, got {value!r}"):
+        make(value)
