@@ -170,8 +170,6 @@ def _check_input(tensor: torch.Tensor, blocksize: int) -> None:
         raise ValueError("quantize_nf4 needs real values; the tensor is on the meta device (load weights first)")
     if tensor.numel() == 0:
         raise ValueError(f"quantize_nf4 cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
-    if not torch.isfinite(tensor).all():
-        raise ValueError("quantize_nf4: the tensor contains NaN or infinite values")
 
 
 def _absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +241,10 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     absmaxes, packed = [], []
     for start in range(0, flat.numel(), step):
         absmax, scaled = _absmax_scale(flat[start:start + step].float(), blocksize)
+        # A NaN or an infinity makes its block's absmax one: checked here, chunk by chunk, rather than by
+        # isfinite over the whole weight, a bool temporary of half a bf16 weight's size.
+        if not torch.isfinite(absmax).all():
+            raise ValueError("quantize_nf4: the tensor contains NaN or infinite values")
         codes = _nearest_nf4(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))).to(torch.uint8)
         absmaxes.append(absmax)
         packed.append((codes[0::2] << 4) | codes[1::2])

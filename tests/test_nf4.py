@@ -214,6 +214,22 @@ def test_bad_input_is_refused(tensor, blocksize, message):
         quantize_nf4(tensor, blocksize=blocksize)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_found_chunk_by_chunk(monkeypatch, bad):
+    """Anywhere in a weight of several chunks (a full block or the short last one): refused, and no
+    temporary the size of the whole weight is made to find it (isfinite over all of it was)."""
+    from minipeft import nf4
+    sizes = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: sizes.append(t.numel()) or isfinite(t))
+    for where in (0, nf4.CHUNK + 5, 2 * nf4.CHUNK + 40):
+        w = torch.randn(2 * nf4.CHUNK + 50)
+        w[where] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            quantize_nf4(w)
+    assert max(sizes) <= nf4.CHUNK // 64
+
+
 def test_inconsistent_nf4tensor_is_refused():
     q = quantize_nf4(torch.randn(4, 64))
     with pytest.raises(ValueError, match=r"NF4Tensor.data: expected torch.uint8 with 128 elements"):
