@@ -36,6 +36,12 @@ MALFORMED = [
     ('{"instruction": "a", "output": "b", "history": [["q", ""]]}', "history[0][1]", "empty assistant turn"),
     ('{"instruction": "a", "output": "b", "messages": []}', None, "has both 'instruction' and 'messages'"),
     ('{"prompt": "a", "completion": "b"}', None, "unknown format (keys: 'prompt', 'completion')"),
+    # Keys in capitals are typos too, whichever side of the comparison they are on.
+    ('{"instruction": "a", "OUTPUT": "b"}', "output", "found 'OUTPUT': a typo for 'output'?"),
+    ('{"INSTRUCTION": "a", "OUTPUT": "b"}', None, "found 'INSTRUCTION': a typo for 'instruction'?"),
+    # Deeper than Python's recursion limit: json.loads raises RecursionError, not a ValueError.
+    ('{"instruction": "a", "output": "b", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", None,
+     "nested too deeply"),
 ]
 TURNS = [  # conversations, each malformed one way
     ([["user", "q"], ["bot", "a"]], "conversations[1].role", "'bot' is not a known role; expected one of 'system'"),

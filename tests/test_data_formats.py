@@ -119,6 +119,28 @@ def test_a_file_mixing_formats_names_the_lines_of_each(tmp_path):
     assert [e.line for e in result.examples] == [1, 2, 4, 6]
 
 
+
+def test_a_conversation_that_shows_no_spelling_does_not_mix_formats(tmp_path):
+    # An empty array, or turns that are not objects, could be ShareGPT or role/content: such a
+    # line is wrong for what it holds, not for a format it does not show.
+    rows = [SPELLINGS["sharegpt"], {"conversations": []}, SPELLINGS["sharegpt"], {"conversations": ["hi", "yo"]}]
+    result = read_file(write(tmp_path, rows))
+    assert result.format == "sharegpt"
+    assert [(p.line, p.field) for p in result.problems] == [(2, "conversations"), (4, "conversations[0]"),
+                                                            (4, "conversations[1]")], [str(p) for p in result.problems]
+    assert "empty array" in result.problems[0].message
+
+
+def test_role_and_value_is_a_role_content_turn_missing_its_content(tmp_path):
+    # The role key tells the spelling: a "value" typo in a role/content file is not a ShareGPT line
+    # (which would be answered with "from: missing" and "mixes formats").
+    rows = [SPELLINGS["conversations"], {"conversations": [{"role": "user", "value": Q1}, EXPECTED[2]]}]
+    result = read_file(write(tmp_path, rows))
+    assert result.format == "conversations"
+    (problem,) = result.problems
+    assert (problem.line, problem.field) == (2, "conversations[0].content"), str(problem)
+    assert [e.format for e in load_jsonl(write(tmp_path, [SPELLINGS["sharegpt"]]))] == ["sharegpt"]
+
 def test_load_jsonl_raises_a_data_error_listing_every_problem(tmp_path):
     path = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a"},
                             {"instruction": "", "output": "b"}])

@@ -47,14 +47,33 @@ def test_near_duplicates_match_brute_force_jaccard():
             words_[w * 3] = "zephyr"
         texts.append(" ".join(words_))
     texts = list(dict.fromkeys(normalize_text(t) for t in texts))
-    # LSH finds a pair of similarity J with probability 1 - (1 - J^4)^32: 1 - 5e-8 at 0.8, 0.988 at
-    # 0.6 (dedup.py), so both thresholds must reproduce brute force here; the edits leave 2 pairs
-    # >= 0.8 (one word changed) and 4 >= 0.6.
+    # LSH misses a pair at the threshold with probability <= 1e-6 (dedup.band_rows: 32 bands of 4
+    # rows at 0.8, 64 of 2 at 0.6), so both thresholds must reproduce brute force here; the edits
+    # leave 2 pairs >= 0.8 (one word changed) and 4 >= 0.6.
     for threshold, planted in ((0.8, 2), (0.6, 4)):
         expected = brute_force_pairs(texts, threshold)
         assert [(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold)] == expected
         assert len(expected) >= planted
 
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.4, 0.3, 0.2, 0.1])
+def test_near_duplicates_match_brute_force_at_a_lowered_threshold(threshold):
+    """--near-threshold below the default: the LSH bands must follow it, or pairs are missed
+    (32 bands of 4 rows find a pair at J = 0.3 with probability 0.23)."""
+    rng = random.Random(2)
+    texts = []
+    for _ in range(15):  # families of rewrites: pairs at every similarity from ~0.1 up
+        base = sentence(rng, 20).split()
+        for _ in range(4):
+            words_ = base[:]
+            for _ in range(rng.randint(2, 10)):
+                words_[rng.randrange(len(words_))] = rng.choice(VOCAB)
+            texts.append(" ".join(words_))
+    texts = list(dict.fromkeys(normalize_text(t) for t in texts))
+    expected = brute_force_pairs(texts, threshold)
+    assert len(expected) >= 10
+    assert [(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold)] == expected
 
 def planted_rows():
     """60 distinct classification rows, then an exact copy (case and spaces changed), a near copy
@@ -200,3 +219,17 @@ def test_report_covers_valid_lines_and_counts_the_rest(tmp_path, capsys):
     acc = json.loads((tmp_path / "r" / "report.json").read_text())["accuracy"]
     assert (acc["valid"], acc["rejected"]) == (1, 1) and "2:2: invalid JSON" in acc["problems"][0]
     assert "1 valid, 1 rejected" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, flag", [("train.report", None), ("train.jsonl", "report.md")])
+def test_a_report_directory_that_is_a_file_is_a_usage_error(tmp_path, capsys, name, flag):
+    # The default output of train.report is itself; --output report.md (read as a file name)
+    # may name an existing file: exit status 2 naming it, no traceback, the file left alone.
+    path = write(tmp_path, planted_rows()[:5], name)
+    target = path if flag is None else tmp_path / flag
+    target.write_bytes(before := target.read_bytes() if target.exists() else b"# old notes\n")
+    args = ["data", "report", str(path)] + ([] if flag is None else ["--output", str(target)])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{target}: exists and is not a directory" in err and "Traceback" not in err
+    assert target.read_bytes() == before

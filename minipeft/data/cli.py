@@ -90,6 +90,9 @@ def run_check(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     if not 0 < args.near_threshold <= 1:
         raise UsageError(f"--near-threshold is a Jaccard similarity in (0, 1], got {args.near_threshold}")
+    # A file there (--output report.md, or FILE.report's own name) fails now, named, not as a traceback at the swap.
+    out = files.check_output_dir(args.output or Path(args.file).with_suffix(".report"),
+                                 "--output" if args.output else "report directory (no --output given)")
     tokenizer = _load_tokenizer(args.tokenizer)
     train = read_file(args.file, special_tokens(tokenizer))
     test = read_file(args.test, special_tokens(tokenizer)) if args.test else None
@@ -99,7 +102,6 @@ def run_report(args: argparse.Namespace) -> int:
         return 1
     report = build_report(train, test, args.task, tokenizer, get_template(args.template),
                           args.near_threshold)
-    out = Path(args.output) if args.output else Path(args.file).with_suffix(".report")
     written = write_report(report, out)
     for result in filter(None, (train, test)):
         if result.problems:

@@ -90,11 +90,22 @@ def detect_format(record: dict[str, Any]) -> tuple[Optional[str], Optional[Issue
         keys = ", ".join(map(repr, record)) or "none"
         expected = "; ".join(FORMATS.values())
         return None, (None, f"unknown format (keys: {keys}){_typo_hint(record)}; expected one of: {expected}")
-    turns = record[found[0]]
-    if found[0] == "conversations" and isinstance(turns, list) and turns and isinstance(turns[0], dict) \
-            and ("from" in turns[0] or "value" in turns[0]):
-        return "sharegpt", None
+    if found[0] == "conversations":
+        return turn_spelling(record["conversations"]) or "conversations", None
     return found[0], None
+
+
+def turn_spelling(turns: Any) -> Optional[str]:
+    """How a "conversations" array is spelled: "sharegpt" or "conversations", told by the first
+    object turn with a role key ("from" or "role"), else a text key ("value" or "content"): the role
+    key decides, so {"role", "value"} is a role/content turn missing its content. None when no turn
+    tells (an empty array, no object in it): the line shows no format (loader.read_file)."""
+    for turn in turns if isinstance(turns, list) else ():
+        if isinstance(turn, dict):
+            for sharegpt, ours in (("from", "role"), ("value", "content")):
+                if ours in turn or sharegpt in turn:
+                    return "conversations" if ours in turn else "sharegpt"
+    return None
 
 
 def normalize(record: dict[str, Any], fmt: str) -> tuple[list[Message], list[Issue]]:
@@ -249,8 +260,10 @@ def _closest(word: str, candidates: Sequence[str]) -> Optional[str]:
     within one edit per TYPO_CHARS_PER_EDIT characters of the shorter of the two, at least one
     ("sytem" -> system, "inptu" -> input, "conversatons" -> conversations; not "conversation_id",
     3 edits from "conversations", nor "system_id" or "output_len", which only contain a known key)."""
-    scored = [(d, c) for c in candidates  # keys are case-sensitive: "SYSTEM" is a typo of system
-              if (d := edit_distance(word.lower(), c)) <= max(1, min(len(word), len(c)) // TYPO_CHARS_PER_EDIT)]
+    # Keys are case-sensitive, so "SYSTEM" is a typo of system; both sides are folded, as the
+    # unknown key is `word` for typo_warnings but a candidate for _typo_hint ("OUTPUT" for output).
+    scored = [(d, c) for c in candidates if (d := edit_distance(word.casefold(), c.casefold()))
+              <= max(1, min(len(word), len(c)) // TYPO_CHARS_PER_EDIT)]
     return min(scored, key=lambda dc: dc[0])[1] if scored else None
 
 

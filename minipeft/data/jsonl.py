@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -152,6 +153,9 @@ def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]],
         return None, Problem(path, number, None, message, column=e.colno, kind="json")
     except ValueError as e:
         return None, Problem(path, number, None, f"invalid JSON: {e}", kind="json")
+    except RecursionError:  # json.loads recurses once per level of [ or {: a line, not the process, fails
+        return None, Problem(path, number, None, "invalid JSON: arrays or objects nested too deeply to read "
+                             f"(Python's limit is about {sys.getrecursionlimit()} levels)", kind="json")
     if not isinstance(record, dict):
         return None, Problem(path, number, None, f"expected a JSON object {{...}}, got {json_type(record)}",
                              kind="json")

@@ -4,8 +4,10 @@ the first: bytes -> lines (jsonl.py) -> JSON objects -> one format per file -> m
 
 The file's format is its most common one (ties: the first seen). A line in another format is an
 error naming both; one extra problem for the whole file lists which lines use which format, so a
-file concatenated from two sources is easy to untangle. A UTF-16/32 file, or one whose lines
-end in a CR alone, is one problem of the whole file, which rejects every line (none is read).
+file concatenated from two sources is easy to untangle. A "conversations" array that shows no
+spelling (empty, or no object turn: formats.turn_spelling) counts as no format, only as the
+errors it has. A UTF-16/32 file, or one whose lines end in a CR alone, is one problem of the
+whole file, which rejects every line (none is read).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..tokenizer import CHAT_TOKENS
-from .formats import FORMATS, Example, detect_format, normalize, special_token_issues, typo_warnings
+from .formats import (FORMATS, Example, detect_format, normalize, special_token_issues, turn_spelling,
+                      typo_warnings)
 from .jsonl import PathLike, RawLine, cr_only, parse_line, read_lines, wide_encoding
 from .problems import DataError, Problem, line_ranges
 
@@ -89,7 +92,8 @@ def read_file(path: PathLike, special_tokens: Sequence[str] = CHAT_TOKENS) -> Lo
         if fmt is None:
             problems.append(Problem(name, line.number, *issue, kind="format"))
             continue
-        formats[line.number] = fmt
+        if fmt != "conversations" or turn_spelling(record[fmt]) is not None:
+            formats[line.number] = fmt  # an empty array is no more role/content than ShareGPT: no format
         messages, issues = normalize(record, fmt)
         problems += [Problem(name, line.number, field, message) for field, message in issues]
         if issues:  # the checks below only on a line that reads: its field errors already hint at typos
