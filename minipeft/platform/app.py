@@ -95,7 +95,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        message, param = validation_message(list(e.errors()))
+        errors = list(e.errors())
+        if any(err["loc"] == ("body",) and isinstance(err.get("input"), bytes) for err in errors):
+            # FastAPI parses a body as JSON only when its Content-Type says so; others arrive as bytes,
+            # and pydantic's "should be a valid dictionary" about the user's own JSON object misleads.
+            kind = request.headers.get("content-type")
+            message = ("send the body as JSON with the header 'Content-Type: application/json' (this request has "
+                       + (f"Content-Type {kind!r})" if kind else "no Content-Type)"))
+            return JSONResponse(error_body(400, message), status_code=400)
+        message, param = validation_message(errors)
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..argtypes import at_least
 from ..distributed import use_device
@@ -30,6 +31,7 @@ from ..job import DEFAULT_MODEL
 from .client import Client
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY = re.compile(r"[\x21-\x7e]+")  # visible ASCII
 JOBS = "/api/v1/fine-tunes"
 
 
@@ -46,7 +48,20 @@ def _base_model(text: str) -> tuple[str, Path]:
     return name, Path(folder).resolve()
 
 
+def _check_api_key(key: Optional[str]) -> None:
+    """Refuse a key no request could carry: the guard compares the header as sent, HTTP clients send
+    headers in ASCII (httpx, so the openai client, refuses others), and servers strip a value's outer
+    whitespace. Such a key was accepted, and every request then got 401. An empty one (an exported
+    but empty MINIPEFT_API_KEY) asked for an empty bearer token, which clients take for no key."""
+    if key == "":
+        raise ValueError("--api-key (or $MINIPEFT_API_KEY) is empty: give a key, or unset it to run without one")
+    if key is not None and not API_KEY.fullmatch(key):
+        raise ValueError("--api-key: use printable ASCII without spaces (letters, digits, punctuation), as clients "
+                         "send it in the Authorization header")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _check_api_key(args.api_key)  # before anything starts
     try:  # the server's packages are an extra: `make demo`'s environment has the runtime ones only
         import uvicorn
 

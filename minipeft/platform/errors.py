@@ -12,7 +12,7 @@ from typing import Any, Optional
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 409: "conflict_error", 411: "invalid_request_error",
          413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
-         503: "service_unavailable"}
+         503: "service_unavailable", 507: "server_error"}
 MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code for a `model` that names nothing served
 
 

@@ -113,8 +113,9 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
         cfg = TrainConfig(model=str(source.weights_dir), train_file=str(job_dir / "train.jsonl"),
                           test_file=str(job_dir / "validation.jsonl") if req.validation_file_ids else None,
                           output_dir=str(job_dir / "output"), method=method, device=device, **settings)
-    except ValueError as e:
-        raise ApiError(400, f"hyper_parameters: {e}", param="hyper_parameters") from None
+    except ValueError as e:  # TrainConfig names its test_ratio, which the request calls split
+        raise ApiError(400, f"hyper_parameters: {str(e).replace('test_ratio=', 'split=')}",
+                       param="hyper_parameters") from None
     _check_model_fit(cfg)
     return store.insert("jobs", {
         "id": job_id, "model": req.model, "base_model": source.base_model, "training_type": req.training_type,
@@ -185,9 +186,15 @@ def job_view(job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
 
 
 def read_logs(data_dir: Path, job: dict[str, Any], offset: int, line: int) -> dict[str, Any]:
-    """Lines offset .. offset + line - 1 of the job's log (Bailian's `offset` and `line`)."""
+    """Lines offset .. offset + line - 1 of the job's log (Bailian's `offset` and `line`). While the
+    job is not finished, a last line without its newline is left out: the worker may be writing it
+    (print writes the text and the newline apart), and a reader that counted it would ask for the
+    next page from past it, never seeing its end."""
     path = job_dir(data_dir, job) / "logs.txt"
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    data = path.read_bytes() if path.is_file() else b""
+    if job["status"] not in FINISHED:
+        data = data[:data.rfind(b"\n") + 1]
+    lines = data.decode("utf-8", errors="replace").splitlines()
     return {"job_id": job["id"], "offset": offset, "total": len(lines), "logs": lines[offset:offset + line]}
 
 

@@ -133,9 +133,13 @@ def _publish(store: Store, data_dir: Path, job: dict[str, Any], checkpoint: Opti
     cfg = job["config"]
     try:
         _copy_atomic(source / kind, dest, cfg["template"], Path(cfg["model"]))
-    except OSError as e:  # most likely a checkpoint rotated out (save_total_limit) while it was copied
+    except FileNotFoundError as e:  # most likely a checkpoint rotated out (save_total_limit) while it was copied
         raise ApiError(409, f"{checkpoint or 'the final model'} of job {job['id']} could not be copied ({e}); "
                        "if save_total_limit rotated it out meanwhile, list the checkpoints again") from None
+    except OSError as e:  # the server's disk (full, read-only, failing): no conflict, nothing the client can fix
+        raise ApiError(507, f"{checkpoint or 'the final model'} of job {job['id']} could not be stored on the "
+                       f"server ({e}); nothing was published, try again once the data directory can be written"
+                       ) from None
     return store.insert("models", {
         "name": name, "job_id": job["id"], "base_model": job["base_model"],
         "weights_dir": cfg["model"] if kind == "adapter" else str(dest),

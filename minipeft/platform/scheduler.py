@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -47,6 +48,18 @@ def note(data_dir: Path, job: dict[str, Any], text: str) -> None:
         f.write(f"[platform {time.strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
 
 
+def _exit_reason(returncode: int) -> str:
+    """Why a worker ended without a result, in words: Popen reports death by signal N as -N."""
+    if returncode >= 0:
+        return f"the training worker exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""
+    return f"the training worker was killed by {name}{hint}"
+
+
 class Scheduler:
     def __init__(self, store: Store, data_dir: Path, threads: Optional[int] = None):
         self.store, self.data_dir, self.threads = store, data_dir, threads
@@ -62,11 +75,14 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the queue; a running job goes back to QUEUING, to resume at the next start."""
+        """Stop the queue; a running job goes back to QUEUING, to resume at the next start. A worker
+        that has already exited, unseen by the last tick, is finished instead: its outcome stands."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._proc is not None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._reap()
+        elif self._proc is not None:
             job = self.store.get("jobs", self._job_id)
             self._end_worker()
             self._requeue(job, "the server stopped")
@@ -100,11 +116,11 @@ class Scheduler:
             if queued:
                 self._launch(queued[0])
             return
-        job = self.store.get("jobs", self._job_id)
         if self._proc.poll() is not None:  # ended: its outcome stands, a cancel landed meanwhile or not
-            returncode, self._proc, self._job_id = self._proc.returncode, None, None
-            self._finish(job, returncode)
-        elif job["status"] == "CANCELING":
+            self._reap()
+            return
+        job = self.store.get("jobs", self._job_id)
+        if job["status"] == "CANCELING":
             self._end_worker()
             self.store.update("jobs", job["id"], {"status": "CANCELED", "finished_at": int(time.time())})
             note(self.data_dir, job, "canceled")
@@ -124,14 +140,18 @@ class Scheduler:
                                  when_status=("QUEUING",)):
             return  # canceled in between
         folder = job_dir(self.data_dir, job)
-        note(self.data_dir, job, "starting the training worker")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.threads:  # read by torch when the worker starts
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        with open(folder / "logs.txt", "ab") as log:
-            self._proc = subprocess.Popen([sys.executable, "-m", "minipeft.platform.worker", str(folder)],
-                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, start_new_session=True)
+        try:
+            note(self.data_dir, job, "starting the training worker")
+            with open(folder / "logs.txt", "ab") as log:
+                self._proc = subprocess.Popen([sys.executable, "-m", "minipeft.platform.worker", str(folder)],
+                                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                              env=env, start_new_session=True)
+        except OSError as e:  # no process slot, no file descriptor, no disk: a RUNNING job with no worker
+            self._fail(job, f"the training worker could not be started: {e}", ENDING)  # would stay so for good
+            return
         self._job_id = job["id"]
 
     def _end_worker(self) -> None:
@@ -143,6 +163,12 @@ class Scheduler:
             self._proc.wait()
         self._proc = self._job_id = None
 
+    def _reap(self) -> None:
+        """Record the outcome of the worker, which has exited."""
+        job = self.store.get("jobs", self._job_id)
+        returncode, self._proc, self._job_id = self._proc.returncode, None, None
+        self._finish(job, returncode)
+
     def _finish(self, job: dict[str, Any], returncode: int) -> None:
         """The worker exited: record its outcome (a cancel landing from here on is too late)."""
         try:
@@ -150,7 +176,7 @@ class Scheduler:
         except (OSError, ValueError):  # none: the worker was killed (by the OS, say) before its end
             result = {}
         if returncode != 0 or "error" in result or not result:
-            self._fail(job, result.get("error") or f"the training worker exited with status {returncode}", ENDING)
+            self._fail(job, result.get("error") or _exit_reason(returncode), ENDING)
             return
         try:
             model = publish(self.store, self.data_dir, job)
