@@ -3,6 +3,7 @@ any work (loading a model can take minutes)."""
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
 
 
@@ -14,6 +15,19 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return integer
+
+
+def finite_float(low: float, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float >= low (> low if `above`). float() takes "nan" and "inf", which
+    pass or fail every comparison: a NaN threshold turns a check off, a NaN length crashes later."""
+    relation = ">" if above else ">="
+
+    def number(text: str) -> float:  # argparse names the function in its errors ("invalid number value")
+        value = float(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {relation} {low:g}, got {text}")
+        return value
+    return number
 
 
 def probability(text: str) -> float:

@@ -79,7 +79,9 @@ def frozen_weight_bytes(preset: str) -> dict[str, int]:
 def _count_params(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.method in ("lora", "qlora"):
-        targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+        # "q_proj, v_proj" as one writes a list: " v_proj" would match no module, and only q_proj be counted
+        names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+        targets = "all-linear" if names == ["all-linear"] else names
         options = {"r": args.r, "target_modules": targets}
     elif args.method == "adapter":
         options = {"bottleneck_size": args.bottleneck_size, "placement": args.placement}

@@ -140,12 +140,15 @@ class PretrainConfig:
         """Check the settings before any work (the corpus and the tokenizer can take minutes).
         The fields are `minipeft pretrain`'s flags, so the errors name them as flags."""
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                    "max_position_embeddings", "steps", "batch_size", "evaluations")
+                    "max_position_embeddings", "eval_windows", "steps", "batch_size", "evaluations")
         checks = [(name, getattr(self, name) >= 1, ">= 1") for name in positive] + [
             ("intermediate_size", self.intermediate_size >= 0, ">= 0 (0: the default)"),
             ("context_length", 2 <= self.context_length <= self.max_position_embeddings,
              f">= 2 and <= max_position_embeddings ({self.max_position_embeddings}): the model has no "
              "position past it"),
+            # the fractions are used only after the corpus is read and the tokenizer trained
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            *((name, 0 <= getattr(self, name) <= 1, "in [0, 1]") for name in ("copy_fraction", "drill_fraction")),
         ]
         bad = [f"--{name.replace('_', '-')} {getattr(self, name)} (expected {want})" for name, ok, want in checks
                if not ok]
@@ -221,15 +224,13 @@ def steps_for_budget(cfg: PretrainConfig, step_seconds: float, minutes: float) -
 def training_windows(windows: Sequence[list[int]], cfg: PretrainConfig, vocab_size: int,
                      bos_id: int) -> tuple[list[list[int]], int]:
     """(the steps x batch_size windows the run trains on, how many are drills): cfg.drill_fraction
-    of them fresh repeat drills, the rest text windows scheduled epoch by epoch (schedule_windows);
+    (in [0, 1]: PretrainConfig checks it) of them fresh repeat drills, the rest text windows scheduled epoch by epoch (schedule_windows);
     seeded shuffle.
 
     A drill opens with <s> only in a drills-only run (fraction 1), where <s> tells nothing and gives
     attention a fixed first token to rest on: this architecture formed induction heads from ~1,350
     steps with it, none in 1,800 without. Mixed with text, a drill must not look like a document: a
     model whose mixed drills opened with <s> read every prompt as a drill until something repeated."""
-    if not 0 <= cfg.drill_fraction <= 1:
-        raise ValueError(f"drill_fraction must be in [0, 1], got {cfg.drill_fraction}")
     n = cfg.steps * cfg.batch_size
     n_drills = round(cfg.drill_fraction * n)
     out = schedule_windows(windows, n - n_drills, cfg.seed)

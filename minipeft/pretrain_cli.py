@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import at_least, finite_float
 from .corpus import build_corpus, read_corpus, write_corpus
 from .distributed import use_device
-from .files import json_bytes, write_atomic
+from .files import check_output_dir, json_bytes, write_atomic
 from .pretrain import PretrainConfig, init_architecture, pretrain
 
 
@@ -23,6 +24,10 @@ def _command(args: argparse.Namespace) -> int:
         fields.update(init_architecture(args.init))
     cfg = PretrainConfig(**fields)  # bad settings fail here, before the corpus is read
     use_device(cfg.device)  # and a GPU the machine lacks
+    # and where the run writes: extracting the corpus takes seconds to minutes
+    check_output_dir(args.output, "--output")
+    if args.save_corpus:
+        _check_file_to_write(args.save_corpus, "--save-corpus")
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)
@@ -41,6 +46,14 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_file_to_write(path: str, flag: str) -> None:
+    """A ValueError naming `flag` unless `path` can be written as a file: not a directory, and a new
+    one's folder can be created and written (check_output_dir's test, on the file's own path)."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; expected a file to write")
+    check_output_dir(Path(path) if not Path(path).exists() else Path(path).parent, flag)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a small LLaMA model (and its tokenizer) from HTML pages or text")
     src = p.add_mutually_exclusive_group(required=True)
@@ -48,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--corpus", metavar="FILE", help="UTF-8 corpus file, documents separated by form-feed lines")
     p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to write")
     p.add_argument("--save-corpus", metavar="FILE", help="also write the extracted corpus here")
-    p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
-    p.add_argument("--init", metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
+    start = p.add_mutually_exclusive_group()  # --init brings its own tokenizer: a --tokenizer beside it went unused
+    start.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
+    start.add_argument("--init", metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
     d = PretrainConfig()
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
@@ -65,11 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"default {d.lr_scheduler_type} (any of the trainer's: linear, constant_with_warmup, ...)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
-    length.add_argument("--epochs", type=float, metavar="E", help="passes over the text's training windows (drills come on top)")
-    length.add_argument("--max-minutes", type=float, metavar="M", help="as many steps as fit M minutes (measured)")
+    length.add_argument("--epochs", type=finite_float(0.0, above=True), metavar="E", help="passes over the text's training windows (drills come on top)")
+    length.add_argument("--max-minutes", type=finite_float(0.0, above=True), metavar="M", help="as many steps as fit M minutes (measured)")
     p.add_argument("--device", metavar="NAME",
                    help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=at_least(1), metavar="N",
                    help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
                         "that wait for each other at every op were 3-5x slower than one thread there")
     p.set_defaults(func=_command)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import finite_float
 from .checkpoint import WEIGHT_FILES, load_pretrained
 from .files import check_output_dir, staged_dir
-from .job import QUANTIZATIONS, load_trained, run_job
+from .job import QUANTIZATIONS, default_model_dir, load_trained, run_job
 from .peft_model import format_trainable
+from .templates import TEMPLATE_FILE, load_template, save_template
 from .train_config import TrainConfig
 
 PROBE = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
@@ -47,8 +49,17 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
     base + adapter on PROBE; move it into place only if it agrees (or with force). Returns the comparison.
 
     The base loads as the adapter was trained (job.base_quantization): a QLoRA adapter merges into
-    the dequantized NF4 weights, so the checkpoint computes what was trained and evaluated."""
+    the dequantized NF4 weights, so the checkpoint computes what was trained and evaluated.
+    The adapter's chat template (chat_template.json) goes with it: eval and the platform prompt a
+    model directory with its own, so the merged model is prompted as the adapter was trained."""
     output_path = check_output_dir(output, "--output")  # before the model loads
+    # Over the base, the merge would replace the model the adapter applies to (the shipped one, by
+    # default); over the adapter, it would mix a model's files into the adapter's.
+    for flag, why, directory in (("--base", "replace the base model", default_model_dir(base_dir)),
+                                 ("--adapter", "mix a model into the adapter", Path(adapter_dir))):
+        if output_path.resolve() == directory.resolve():
+            raise ValueError(f"--output {output}: is the {flag} directory; the merge would {why}: "
+                             "choose another directory")
     peft_model, tok = load_trained(base_dir, adapter_dir, quantization=quantization, log=print)
     ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
     with torch.no_grad():
@@ -57,6 +68,8 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
     with staged_dir(output_path, stale=WEIGHT_FILES) as staging:  # a refused check writes nothing
         merged.save_pretrained(staging)
         tok.save_pretrained(staging)
+        if (Path(adapter_dir) / TEMPLATE_FILE).is_file():
+            save_template(staging, load_template(adapter_dir))
         with torch.no_grad():  # the files, not the model in memory: saving is where a merge can be lost
             got = load_pretrained(staging, device=expected.device)(ids, attention_mask=mask)
         real = mask.bool()
@@ -87,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--base", default="", help="base model directory (default: the shipped model)")
     m.add_argument("--adapter", required=True)
     m.add_argument("--output", required=True)
-    m.add_argument("--max-diff", type=float, default=1e-3,
+    m.add_argument("--max-diff", type=finite_float(0.0), default=1e-3,
                    help="largest |logit| difference accepted (float32 merges land ~1e-6)")
     m.add_argument("--force", action="store_true", help="write even if the check fails")
     m.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",

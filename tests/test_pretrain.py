@@ -345,8 +345,8 @@ def test_drill_fraction_mixes_fresh_drills_into_the_schedule():
     assert not any(w in windows for w in only)
     # <s> opens a drill only in a drills-only run; mixed with text, a drill must not look like a document
     assert all(w[0] == 1 and min(w[1:]) >= 300 for w in only) and all(w[0] != 1 for w in drills)
-    with pytest.raises(ValueError, match=r"drill_fraction must be in \[0, 1\]"):
-        pretrain_module.training_windows(windows, replace(cfg, drill_fraction=1.5), 1000, 1)
+    with pytest.raises(ValueError, match=r"--drill-fraction 1.5 \(expected in \[0, 1\]\)"):
+        replace(cfg, drill_fraction=1.5)  # PretrainConfig checks it, before any work
 
 
 def test_drill_phase_with_a_constant_rate(tiny_run, tmp_path):
@@ -389,6 +389,12 @@ def test_too_little_text_is_a_clear_error(tmp_path, tok_dir, capsys):
     (["--context-length", "1024"],
      "invalid pretraining settings: --context-length 1024 (expected >= 2 and <= max_position_embeddings (512)"),
     (["--context-length", "600", "--max-position-embeddings", "512"], "--context-length 600 (expected >= 2 and <="),
+    # these were checked only after the corpus was read and the tokenizer trained, named as fields; the
+    # eval windows, 0 or negative, silently meant all of them
+    (["--eval-fraction", "1.5"], "invalid pretraining settings: --eval-fraction 1.5 (expected in [0, 1))"),
+    (["--copy-fraction", "-0.5"], "invalid pretraining settings: --copy-fraction -0.5 (expected in [0, 1])"),
+    (["--drill-fraction", "nan"], "invalid pretraining settings: --drill-fraction nan (expected in [0, 1])"),
+    (["--eval-windows", "0"], "invalid pretraining settings: --eval-windows 0 (expected >= 1)"),
     # TrainConfig's check, run before any work too
     (["--learning-rate", "5"], "invalid training config: learning_rate=5.0 (expected in (0, 1))"),
 ])
