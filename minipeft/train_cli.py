@@ -13,6 +13,7 @@ from .argtypes import finite_float
 from .checkpoint import WEIGHT_FILES, load_pretrained
 from .files import check_output_dir, staged_dir
 from .job import QUANTIZATIONS, default_model_dir, load_trained, run_job
+from .linear4bit import Linear4bit
 from .peft_model import format_trainable
 from .templates import TEMPLATE_FILE, load_template, save_template
 from .train_config import TrainConfig
@@ -45,8 +46,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool,
                   quantization: str = "auto") -> dict[str, float]:
-    """Merge, write to a staging directory beside `output`, reload what was written and compare it with
-    base + adapter on PROBE; move it into place only if it agrees (or with force). Returns the comparison.
+    """Merge, write to a staging directory beside `output`, read it back and check it on PROBE; move
+    it into place only if both checks pass (or with force). Returns the comparisons.
+
+    Two checks, each of max |logit diff| <= max_diff and every greedy token the same, both computed
+    in float32 whatever the checkpoint's dtype (16-bit arithmetic alone moves logits by ~1e-2, which
+    would fail a right merge or hide a wrong one):
+        merge     the merged model in memory, before rounding, against base + adapter: the merge's math;
+        written   the checkpoint read back against the merged model rounded to the checkpoint's dtype,
+                  what was meant to be written: what saving lost (a tensor, a config field).
+    A 16-bit checkpoint also differs from base + adapter by the rounding of W + ΔW to 16 bits: that
+    is measured and printed (rounding), as the cost of the dtype, not a fault of the merge.
 
     The base loads as the adapter was trained (job.base_quantization): a QLoRA adapter merges into
     the dequantized NF4 weights, so the checkpoint computes what was trained and evaluated.
@@ -61,28 +71,46 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
             raise ValueError(f"--output {output}: is the {flag} directory; the merge would {why}: "
                              "choose another directory")
     peft_model, tok = load_trained(base_dir, adapter_dir, quantization=quantization, log=print)
+    dtype = peft_model.base_model.model.embed_tokens.weight.dtype  # the checkpoint's (never quantized)
+    if not any(isinstance(m, Linear4bit) for m in peft_model.modules()):
+        peft_model.float()  # a QLoRA base computes in its compute dtype; its merge is float32 already
     ids, mask = tok.batch_encode(PROBE, padding_side="right", bos=True)
-    with torch.no_grad():
-        expected = peft_model(ids, attention_mask=mask)
+    real = mask.bool()
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids, attention_mask=mask)[real].float()
+
+    expected = logits(peft_model)
     merged = peft_model.merge_and_unload()
+    checks = {"merge": _compare(logits(merged), expected)}
+    merged.to(dtype)  # what is written: W + ΔW rounded once to the checkpoint's dtype
     with staged_dir(output_path, stale=WEIGHT_FILES) as staging:  # a refused check writes nothing
         merged.save_pretrained(staging)
         tok.save_pretrained(staging)
         if (Path(adapter_dir) / TEMPLATE_FILE).is_file():
             save_template(staging, load_template(adapter_dir))
-        with torch.no_grad():  # the files, not the model in memory: saving is where a merge can be lost
-            got = load_pretrained(staging, device=expected.device)(ids, attention_mask=mask)
-        real = mask.bool()
-        diff = float((got - expected)[real].abs().max())
-        agree = float((got.argmax(-1) == expected.argmax(-1))[real].float().mean())
-        print(f"merge check of the written checkpoint on {int(real.sum())} probe tokens: max |logit diff| "
-              f"{diff:.2e}, greedy-token agreement {agree:.2%}")
-        if (diff > max_diff or agree < 1.0) and not force:
-            raise ValueError(f"merged checkpoint differs from base + adapter (max |logit diff| {diff:.2e} > "
-                             f"{max_diff:.0e} or agreement {agree:.2%} < 100%); nothing written "
-                             f"(use --force to write anyway)")
+        rounded = logits(merged.float())
+        del merged
+        # the files, not the model in memory: saving is where a merge can be lost
+        got = logits(load_pretrained(staging, dtype=torch.float32, device=expected.device))
+        checks["written"] = _compare(got, rounded)
+        checks["rounding"] = _compare(got, expected)
+        print(f"merge check on {int(real.sum())} probe tokens (float32; checkpoint {str(dtype).split('.')[-1]}): "
+              + "; ".join(f"{name} max |logit diff| {d:.2e}, greedy agreement {a:.2%}" for name, (d, a) in checks.items()))
+        failed = [name for name in ("merge", "written") if checks[name][0] > max_diff or checks[name][1] < 1.0]
+        if failed and not force:
+            raise ValueError(f"merged checkpoint fails the {' and '.join(failed)} check (max |logit diff| above "
+                             f"{max_diff:.0e} or a greedy token changed); nothing written (use --force to write anyway)")
     print(f"merged checkpoint written to {output}")
-    return {"max_abs_logit_diff": diff, "greedy_token_agreement": agree}
+    return {"max_abs_logit_diff": max(checks["merge"][0], checks["written"][0]),
+            "greedy_token_agreement": min(checks["merge"][1], checks["written"][1]),
+            "rounding_max_abs_logit_diff": checks["rounding"][0], "rounding_greedy_token_agreement": checks["rounding"][1]}
+
+
+def _compare(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max |logit diff|, share of tokens whose greedy choice agrees), over (tokens, vocab) logits."""
+    return float((got - expected).abs().max()), float((got.argmax(-1) == expected.argmax(-1)).float().mean())
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -101,7 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--adapter", required=True)
     m.add_argument("--output", required=True)
     m.add_argument("--max-diff", type=finite_float(0.0), default=1e-3,
-                   help="largest |logit| difference accepted (float32 merges land ~1e-6)")
+                   help="largest |logit| difference accepted by the merge and written checks, in float32 "
+                        "(a right merge lands ~1e-6)")
     m.add_argument("--force", action="store_true", help="write even if the check fails")
     m.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="how the base loads: auto (default: NF4 when the adapter records a QLoRA base), none, nf4")

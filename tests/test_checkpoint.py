@@ -10,7 +10,7 @@ from torch import nn
 from minipeft import Transformer, load_pretrained
 from minipeft.job import load_trained
 from minipeft.linear4bit import Linear4bit
-from minipeft.lora import LoraConfig
+from minipeft.lora import LoraConfig, LoraLinear
 from minipeft.peft_model import PeftModel, get_peft_model
 from minipeft.tokenizer import load_tokenizer
 from minipeft.train_cli import merge_checked
@@ -287,6 +287,39 @@ def test_merge_checks_the_written_checkpoint(base_and_adapter, tmp_path, monkeyp
     with pytest.raises(ValueError, match="nothing written"):
         merge_checked(str(base), str(adapter), str(tmp_path / "bad"), max_diff=1e-3, force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "base.txt", "new"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_merge_is_checked_in_float32(tmp_path, monkeypatch, capsys, dtype):
+    """A 16-bit checkpoint: its logits computed in 16 bits moved by ~4e-3 on this tiny model alone, so
+    every right merge was refused (> 1e-3) unless forced, which turned the check off. Both checks now
+    run in float32; the rounding of W + ΔW to 16 bits is measured and reported, and a wrong merge is
+    still refused."""
+    base = tmp_path / "base"
+    save_tiny_base(base)
+    load_pretrained(base, dtype=dtype).save_pretrained(base)  # the checkpoint itself 16-bit
+    peft_model = get_peft_model(load_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    report = merge_checked(str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"), max_diff=1e-3, force=False)
+    assert report["max_abs_logit_diff"] < 1e-5 and report["greedy_token_agreement"] == 1.0
+    assert 0 < report["rounding_max_abs_logit_diff"] < 0.1  # the 16-bit weights' cost, measured
+    assert "rounding max |logit diff|" in capsys.readouterr().out
+    assert load_pretrained(tmp_path / "merged").model.embed_tokens.weight.dtype == dtype  # written as it came
+
+    real_unloaded = LoraLinear.unloaded
+
+    def broken(self):  # a merge bug: a scale applied twice
+        layer = real_unloaded(self)
+        layer.weight.data.mul_(1.01)
+        return layer
+
+    monkeypatch.setattr(LoraLinear, "unloaded", broken)
+    with pytest.raises(ValueError, match="fails the merge check"):
+        merge_checked(str(base), str(tmp_path / "adapter"), str(tmp_path / "bad"), max_diff=1e-3, force=False)
 
 
 def test_a_damaged_weights_file_is_named(tmp_path):
