@@ -8,6 +8,7 @@ full fine-tune writes `model/`), `metrics.jsonl`, `loss_curve.png`, and the chec
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -20,7 +21,7 @@ from .checkpoint import load_pretrained, read_config
 from .data import load_jsonl, split_examples
 from .data.check import special_tokens
 from .model import Transformer
-from .files import check_output_dir, json_bytes, write_atomic
+from .files import check_output_dir, json_bytes, read_json, write_atomic
 from .linear4bit import METHODS
 from .lora import LoraConfig
 from .peft_config import CONFIG_NAME, PeftConfig
@@ -30,6 +31,7 @@ from .templates import ChatTemplate, TooLongError, get_template, save_template
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
 from .trainer import Trainer, TrainResult, read_metrics
+from .train_state import check_resumable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "minillama-10m"  # minipeft's own pretrained base model (its README: the card)
@@ -177,6 +179,13 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
                       render_all(test, tok, template, cfg, cfg.test_file or "test split"), pad_id=tok.pad_id)
     if resume:
         trainer.resume()  # a changed config is an error here, before job_config.json is replaced
+        if trainer.step == 0 and (out / "job_config.json").is_file():
+            # No checkpoint (save_strategy "no", or cut short before the first): the job starts again, but
+            # only as the job it was; a changed config would silently replace it, job_config.json included.
+            check_resumable(read_json(out / "job_config.json", "resuming the job"), cfg.to_dict(),
+                            out / "job_config.json")
+            warnings.warn(f"{out}: no checkpoint to resume from (save_strategy {cfg.save_strategy!r}): "
+                          "the job starts again from step 0")
     # Every rank has checked for an existing job before rank 0 writes one; only rank 0 writes.
     dist.barrier()
     if dist.rank() == 0:

@@ -42,6 +42,18 @@ def job_config(base_dir, data_file, out, **kw):
                           "max_length": 64, **kw})
 
 
+def test_resuming_a_job_without_checkpoints_restarts_it_only_unchanged(base_dir, data_file, tmp_path):
+    """save_strategy "no" leaves nothing to resume: --resume silently retrained, and with a changed
+    config replaced the job (job_config.json included). It now says so, and refuses a change."""
+    cfg = job_config(base_dir, data_file, tmp_path / "job", save_strategy="no")
+    run_job(cfg)
+    with pytest.raises(ValueError, match=r"cannot resume with a different config .*batch_size 8 -> 4"):
+        run_job(job_config(base_dir, data_file, tmp_path / "job", save_strategy="no", batch_size=4), resume=True)
+    assert json.loads((tmp_path / "job" / "job_config.json").read_text())["batch_size"] == 8
+    with pytest.warns(UserWarning, match="no checkpoint to resume from .* starts again from step 0"):
+        run_job(cfg, resume=True)
+
+
 def test_lora_job_writes_a_complete_job_directory(base_dir, data_file, tmp_path):
     job = run_job(job_config(base_dir, data_file, tmp_path / "job"))
     out = job.output_dir
