@@ -443,6 +443,9 @@ def test_shipped_model_is_small_and_described_by_its_card():
     assert card["steps"] == f"{sum(r['steps'] for r in runs):,}"
     assert card["tokens seen"] == f"{sum(r['tokens_seen'] for r in runs):,}"
     assert card["held-out perplexity"] == f"{results['eval_perplexity']:.2f}"
+    logging_steps = max(1, runs[-1]["steps"] // 100)  # pretrain logs every 1% of its steps
+    assert card["final training loss"] == (f"{results['final_train_loss']:.4f} (the mean over the last "
+                                           f"{logging_steps} phase-2 steps: the last logging window)")
     assert card["context length"] == str(results["config"]["context_length"])
     assert card["induction accuracy"] == f"{induction_accuracy(model):.2f}"
 
