@@ -113,6 +113,7 @@ class PeftModel(nn.Module):
         module another method wraps, an init a layer cannot take) undoes what was attached."""
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists")
+        self._check_bias(config)
         try:
             if config.is_prompt_learning:
                 self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
@@ -131,6 +132,16 @@ class PeftModel(nn.Module):
             layer.set_adapter(self.active_adapter)
         self._set_trainable(self.active_adapter)
 
+    def _check_bias(self, config: PeftConfig) -> None:
+        """As PEFT: at most one adapter trains biases. They are the base's own tensors, shared by every
+        adapter, so a second one would change the first one's output (and the base's)."""
+        if getattr(config, "bias", "none") == "none":
+            return
+        for other, cfg in self.peft_config.items():
+            if getattr(cfg, "bias", "none") != "none":
+                raise ValueError(f"adapter {other!r} already trains biases (bias={cfg.bias!r}); only 1 adapter "
+                                 "with bias is supported: give the others bias='none'")
+
     def _wrap(self, target: str, layer_cls: type[TunerLayer]) -> TunerLayer:
         module = self.base_model.get_submodule(target)
         if isinstance(module, layer_cls):
@@ -138,6 +149,12 @@ class PeftModel(nn.Module):
         if isinstance(module, TunerLayer):
             raise ValueError(f"{target} is already wrapped by {type(module).__name__}; "
                              f"methods of different kinds cannot share a module")
+        # A modules_to_save copy of a module holding a LoRA layer would copy the wrapper, its adapters and all
+        # (PEFT adapts no module inside a modules_to_save one).
+        inside = [f"{target}.{n}" for n, m in module.named_modules() if isinstance(m, TunerLayer)]
+        if inside:
+            raise ValueError(f"{target} contains adapted modules {inside}; a module in modules_to_save "
+                             "cannot hold a target_modules one")
         wrapper = layer_cls.layer_for(module)(module)
         set_submodule(self.base_model, target, wrapper)
         return wrapper
@@ -207,8 +224,9 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before deleting it")
         self._remove_modules(name)
         del self.peft_config[name]
+        self._frozen.discard(name)  # the name may be reused by a new, trainable adapter
         if self.active_adapter == name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+            self.set_adapter(min(self.peft_config))  # as PEFT's layers: the first remaining name, sorted
 
     def _remove_modules(self, name: str) -> None:
         """Adapter `name`'s modules out of every layer (a wrapper left with none is unwrapped) and
@@ -227,16 +245,17 @@ class PeftModel(nn.Module):
         merged = [(layer, list(layer.merged_adapters)) for _, layer in self.tuner_layers() if layer.merged_adapters]
         for layer, _ in merged:
             layer.unmerge()
-        layers = [layer for _, layer in self.tuner_layers()]
-        for layer in layers:
+        # Each layer gets its own state back: nested in another disable_adapter block, it stays disabled.
+        layers = [(layer, layer.disabled) for _, layer in self.tuner_layers()]
+        was_disabled, self._disabled = self._disabled, True
+        for layer, _ in layers:
             layer.disabled = True
-        self._disabled = True
         try:
             yield
         finally:
-            self._disabled = False
-            for layer in layers:
-                layer.disabled = False
+            self._disabled = was_disabled
+            for layer, disabled in layers:
+                layer.disabled = disabled
             for layer, names in merged:
                 for n in names:
                     layer.merge(n)
@@ -356,7 +375,11 @@ class PeftModel(nn.Module):
 
     def save_pretrained(self, directory: PathLike, selected_adapters: Optional[list[str]] = None) -> None:
         """The default adapter at `directory`, any other one at `directory/<name>` (PEFT's layout)."""
-        for name in selected_adapters or list(self.peft_config):
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:  # before anything is written
+            raise ValueError(f"no adapter named {unknown}; adapters: {sorted(self.peft_config)}")
+        for name in names:
             target = Path(directory) if name == "default" else Path(directory) / name
             tensors = _unaliased({k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict(name).items()})
             quantized = any(isinstance(m, Linear4bit) for m in self.base_model.modules())
@@ -379,8 +402,9 @@ class PeftModel(nn.Module):
         config = PeftConfig.load(directory)
         config.inference_mode = not is_trainable  # as PEFT: prompt tuning skips an init the file replaces
         peft_model = cls(model, _default_init(config), adapter_name)
-        peft_model.peft_config[adapter_name] = config
-        peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
+        with peft_model._removed_on_error(adapter_name):  # the caller's model, wrapped in place, comes back bare
+            peft_model.peft_config[adapter_name] = config
+            peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
         return peft_model.train(is_trainable)
 
     def load_adapter(self, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
@@ -388,8 +412,21 @@ class PeftModel(nn.Module):
         config = PeftConfig.load(directory)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, _default_init(config))
-        self.peft_config[adapter_name] = config
-        self.load_adapter_weights(directory, adapter_name, is_trainable)
+        with self._removed_on_error(adapter_name):
+            self.peft_config[adapter_name] = config
+            self.load_adapter_weights(directory, adapter_name, is_trainable)
+
+    @contextlib.contextmanager
+    def _removed_on_error(self, name: str) -> Iterator[None]:
+        """A load refused after adapter `name` was attached takes it off again: no half-loaded adapter
+        (its init weights) stays behind under a name a retry would find taken."""
+        try:
+            yield
+        except BaseException:
+            self._remove_modules(name)
+            self.peft_config.pop(name, None)
+            self._frozen.discard(name)
+            raise
 
     def load_adapter_weights(self, directory: PathLike, name: str, is_trainable: bool) -> None:
         """Copy `directory`'s tensors into adapter `name`, after checking every key and shape."""
