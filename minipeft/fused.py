@@ -13,7 +13,8 @@ RMSNorm, x (..., n), r = (mean(x²) + ε)^(-1/2) per row, y = w · (x r):
 
 RoPE, x (..., T, hd) split into halves (x₁, x₂), angles θ (T, hd/2): a rotation of each pair
     y = (x₁ cos θ - x₂ sin θ,  x₂ cos θ + x₁ sin θ)
-is orthogonal, so its backward is the inverse rotation, the same map at -θ: ∂L/∂x = rope(g, cos, -sin).
+is orthogonal, so its backward is the inverse rotation, the same map at -θ: ∂L/∂x = rope(g, cos, -sin),
+applied as the same Function, so that a create_graph backward is exact to any order.
 
 SwiGLU's product, gate a and up u (..., I), silu(a) = a σ(a):
     h = silu(a) · u,   ∂L/∂u = g · silu(a),   ∂L/∂a = silu'(a) · (g · u),   silu' = σ (1 + a (1 - σ))
@@ -27,11 +28,31 @@ from the ℓ kept by the forward (float32) in two passes, exp and the scale by t
 plus the N target entries; torch's nll_loss + log_softmax backward zero-fill an (N, V) gradient first.
 The backward writes the gradient over ℓ's buffer (one (N, V) float32 tensor fewer at its start)
 unless the graph is retained; a 16-bit input's float32 copy takes ℓ in place.
+
+RMSNorm, SwiGLU and cross-entropy are once differentiable: their backward passes read what the forward
+computed without a graph (r, ℓ), so autograd recording them (create_graph=True) would differentiate
+as if those were constants, a silently wrong second derivative (a gradient penalty, say). They refuse
+create_graph=True (_first_order). torch's once_differentiable would not do: it errs only where the
+incoming gradient has a graph, which misses the gradient's dependence on the inputs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _first_order(backward):
+    """backward, refusing create_graph=True: what it would record is not the derivative of the gradient."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine runs backward with grad mode on iff create_graph=True
+            raise RuntimeError("minipeft.fused: this backward is once differentiable, and create_graph=True "
+                               "would record a wrong derivative of it; use the eager formula for higher "
+                               "derivatives (the module docstring)")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return weight * (xf * r).to(x.dtype)
 
     @staticmethod
+    @_first_order
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
         xf = _wide(x)
@@ -88,12 +110,16 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return _rotate(g, cos, -sin), None, None
+        return _Rope.apply(g, cos, -sin), None, None  # the Function itself: its own backward is recorded
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_i, x_{i+hd/2}) of x (..., T, hd) by its angle; cos, sin (..., T, hd/2)
     broadcast against x's leading dims. cos and sin do not get gradients."""
+    half = (*x.shape[:-1], x.shape[-1] // 2)
+    if torch.broadcast_shapes(half, cos.shape, sin.shape) != half:  # out= would resize: a detached, garbage y
+        raise ValueError(f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must broadcast to x's "
+                         f"{tuple(x.shape)} with the last dim halved, {half}")
     return _Rope.apply(x, cos, sin)
 
 
@@ -104,6 +130,7 @@ class _SwiGLU(torch.autograd.Function):
         return F.silu(gate).mul_(up)  # in place: silu(a) is not kept
 
     @staticmethod
+    @_first_order
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
         dgate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None  # silu' · (g · u)
@@ -131,6 +158,7 @@ class _CrossEntropySum(torch.autograd.Function):
         return -logp.gather(1, targets[:, None]).sum()
 
     @staticmethod
+    @_first_order
     def backward(ctx, g):
         logp, targets = ctx.saved_tensors
         # softmax, in the saved buffer unless a retained graph will run backward again (as AOTAutograd decides)

@@ -222,6 +222,8 @@ class Transformer(nn.Module):
         A boolean (B, 1, T, S) attention_mask is used as it is (packed rows, with their
         position_ids: see minipeft.batching).
         """
+        if (input_ids is None) == (inputs_embeds is None):  # as transformers: both would leave one unused
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
@@ -262,6 +264,8 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, None, i, k, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i, k)
+        if keep and not self.model.layers:  # no last layer to drop the other positions
+            x = x[:, -keep:]
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 

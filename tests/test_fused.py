@@ -222,3 +222,60 @@ def test_cross_entropy_sum_gradcheck_empty_batch_and_retained_graph():
     last = torch.autograd.grad(loss, z)[0]  # the graph is not kept: the gradient takes ℓ's buffer
     assert first.data_ptr() != logp.data_ptr() and last.data_ptr() == logp.data_ptr()
     torch.testing.assert_close(last, first, rtol=0, atol=0)
+
+
+def _pair_rope(z):
+    """rope on z (N, 12) viewed as (N, 3, 4): T = 3 positions of head_dim 4, fixed angles."""
+    angles = torch.linspace(-2.0, 3.0, 6, dtype=z.dtype).view(3, 2)
+    return z.view(-1, 3, 4), angles.cos(), angles.sin()
+
+
+# (ours, eager float64 spec) of each Function on z (N, 12); a scalar out of each for the first gradient
+SECOND_ORDER = {
+    "rms_norm": (lambda z, w: (rms_norm(z, w, 1e-6) * w).sum(),
+                 lambda z, w: (eager_rms_norm(z, w, 1e-6) * w).sum()),
+    "rope": (lambda z, w: (rope(*_pair_rope(z)).reshape(z.shape) ** 2 * w).sum(),
+             lambda z, w: (eager_rope(*_pair_rope(z)).reshape(z.shape) ** 2 * w).sum()),
+    "swiglu": (lambda z, w: (swiglu(z[:, :6], z[:, 6:]) * w[:6]).sum(),
+               lambda z, w: (eager_swiglu(z[:, :6], z[:, 6:]) * w[:6]).sum()),
+    "cross_entropy": (lambda z, w: cross_entropy_sum(z * w, torch.tensor([0, 11, 5])),
+                      lambda z, w: F.cross_entropy(z * w, torch.tensor([0, 11, 5]), reduction="sum")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_ORDER))
+def test_create_graph_is_exact_or_refused(name):
+    """A gradient penalty: z = x A, g = ∂L/∂A with create_graph=True, then ∂|g|²/∂x, against float64 eager
+    autograd. RoPE's backward is itself a rotation: exact. The others' backward passes read statistics
+    (r, log-softmax) the forward kept without a graph, so a recorded backward treats them as constants:
+    a silently wrong second derivative. They must refuse create_graph instead."""
+    ours, eager = SECOND_ORDER[name]
+    g = torch.Generator().manual_seed(6)
+    x0, a0 = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(12, generator=g, dtype=torch.float64)
+
+    def penalty_grad(fn):
+        x, a = x0.clone().requires_grad_(), a0.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(fn(x @ a, w), a, create_graph=True)
+        return torch.autograd.grad(ga.pow(2).sum(), x)[0]
+
+    want = penalty_grad(eager)
+    if name != "rope":
+        with pytest.raises(RuntimeError, match="once differentiable"):
+            penalty_grad(ours)
+        x = x0.clone().requires_grad_()  # a first-order backward is unaffected
+        (got,) = torch.autograd.grad(ours(x @ a0, w), x)
+        (want,) = torch.autograd.grad(eager(x @ a0, w), x)
+    else:
+        got = penalty_grad(ours)
+    assert rel_err(got, want) <= TOL[torch.float64]
+
+
+def test_rope_refuses_cos_sin_wider_than_x():
+    """cos/sin broadcast against x's leading dims; ones wider than x (a batch of angles for one row of x)
+    would make the eager formula's output wider than x, which the rotation cannot write into x's shape."""
+    x = torch.randn(1, 2, 3, 4)
+    angles = torch.randn(2, 1, 3, 2)
+    with pytest.raises(ValueError, match="broadcast"):
+        rope(x, angles.cos(), angles.sin())
+    assert rope(x, angles[:1].cos(), angles[:1].sin()).shape == x.shape  # broadcasting up to x's shape is fine

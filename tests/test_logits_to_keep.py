@@ -141,3 +141,30 @@ def test_the_skipped_positions_cost_no_multiplies(n):
     want = (c.num_hidden_layers - 1) * (layer(B * T) + kv) + layer(rows) + kv + 2 * rows * d * c.vocab_size
     with torch.no_grad():
         assert matmul_flops(lambda: model(ids, logits_to_keep=n)) == want
+
+
+def test_exactly_one_of_input_ids_and_inputs_embeds():
+    """As transformers: both given is ambiguous (the ids were silently ignored, even of another batch
+    size), neither is an error naming them."""
+    model = tiny_model()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    embeds = model.model.embed_tokens(torch.ones(2, 3, dtype=torch.long))
+    for kwargs in ({"input_ids": ids, "inputs_embeds": embeds}, {}):
+        with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+            model(**kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeds), model(torch.ones(2, 3, dtype=torch.long)),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_model_without_layers_keeps_the_last_positions_too(n):
+    """With no decoder layer there is no last layer to drop the other positions: logits_to_keep must
+    still return (B, n, V), the last n of the full run (transformers: the same, by slicing)."""
+    model = tiny_model(num_hidden_layers=0)
+    ids, _ = padded_batch(T=T)
+    full, kept = full_and_kept(model, n, input_ids=ids)
+    assert full.shape[1] == T and kept.shape[1] == n
+    torch.testing.assert_close(kept, full[:, -n:], rtol=0, atol=1e-6)  # lm_head on fewer rows: other blocking
+    with torch.no_grad():
+        torch.testing.assert_close(kept, to_hf(model)(ids, logits_to_keep=n).logits, atol=1e-5, rtol=0)
