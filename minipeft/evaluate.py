@@ -13,10 +13,13 @@ the model's positions count real tokens only, so a batch gives the same replies 
 Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match):
     every task      loss, perplexity, token_accuracy    teacher-forced, token-weighted over all replies
     classification  accuracy                            exact match of the label
-                    invalid_label_rate                  predictions equal to no reference label
+                    invalid_label_rate                  predictions that exactly match no reference label
     json            exact_match                         compared as parsed JSON
                     valid_json_rate                     predictions that parse as a strict JSON object
-                                                        (RFC 8259: no NaN or Infinity; no key twice)
+                                                        (RFC 8259: no NaN or Infinity, nor 1e400 that
+                                                        reads as one; no key twice), as written: a
+                                                        reply in a Markdown code fence or with text
+                                                        around the object is not valid JSON
                     required_fields_present             among examples whose reference is an object:
                                                         the prediction is an object holding all its keys
     generation      exact_match, bleu (0-100, sacrebleu's 13a, or "zh" when lang="zh"),
@@ -60,7 +63,7 @@ from .batching import collate, pad_rows
 from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
-from .metrics.exact_match import parse_json
+from .metrics.exact_match import AnswerSet, parse_json
 from .metrics.rouge import CJK
 from .files import json_bytes, staged_dir
 from .templates import ChatTemplate, Rendered
@@ -96,7 +99,7 @@ class EvalResult:
 
 def _json_object(text: str) -> Optional[dict]:
     """`text` parsed as a strict JSON object (metrics.exact_match.parse_json: no NaN or Infinity,
-    no key given twice), else None."""
+    no number beyond a double's range, no key given twice), else None."""
     try:
         value = parse_json(text)
     except (ValueError, RecursionError):
@@ -179,9 +182,9 @@ def task_metrics(task: str, predictions: list[str], references: list[str], lang:
     if task not in TASKS:
         raise ValueError(f"task={task!r}, expected one of {TASKS}")
     if task == "classification":
-        labels = {normalize_answer(r) for r in references}
+        labels = AnswerSet(references)  # matched as accuracy matches: a correct reply is never an invalid label
         return {"accuracy": exact_match_accuracy(predictions, references),
-                "invalid_label_rate": sum(normalize_answer(p) not in labels for p in predictions) / len(predictions)}
+                "invalid_label_rate": sum(p not in labels for p in predictions) / len(predictions)}
     if task == "json":
         parsed = [_json_object(p) for p in predictions]
         objects = [(p, ref) for p, r in zip(parsed, references) if (ref := _json_object(r)) is not None]

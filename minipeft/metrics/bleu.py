@@ -58,6 +58,7 @@ class BleuScore:
     score: 0-100. precisions: the 4 (smoothed) n-gram precisions, 0-100. bp: brevity penalty.
     counts / totals: clipped matches m_n and hypothesis n-gram counts t_n (before smoothing).
     sys_len / ref_len: total hypothesis length c and effective reference length r, in tokens.
+    ratio: c / r (0 when r is 0).
     """
 
     score: float
@@ -68,9 +69,14 @@ class BleuScore:
     counts: tuple[int, ...]
     totals: tuple[int, ...]
 
-    def __str__(self) -> str:
+    @property
+    def ratio(self) -> float:
+        """sys_len / ref_len (0 when ref_len is 0), as sacrebleu's BLEUScore.ratio."""
+        return self.sys_len / self.ref_len if self.ref_len else 0
+
+    def __str__(self) -> str:  # sacrebleu's str(BLEUScore), character for character
         precisions = "/".join(f"{p:.1f}" for p in self.precisions)
-        return (f"BLEU = {self.score:.2f} {precisions} (BP = {self.bp:.3f} "
+        return (f"BLEU = {self.score:.2f} {precisions} (BP = {self.bp:.3f} ratio = {self.ratio:.3f} "
                 f"hyp_len = {self.sys_len} ref_len = {self.ref_len})")
 
 

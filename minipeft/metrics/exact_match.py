@@ -8,12 +8,17 @@ Structured outputs: when both strings parse as a JSON object or array, they are 
 data instead (key order and whitespace ignored, values compared exactly and case-sensitively;
 true is not 1, and 1 is not 1.0, because the canonical serialisations differ). JSON scalars
 such as "42" or "true" stay on the text path, so ignore_case applies to them. Parsing is strict
-(parse_json): NaN, Infinity and a key given twice make a string text, not JSON data.
+(parse_json): NaN, Infinity, a number beyond a double's range (1e400) and a key given twice make a
+string text, not JSON data.
+
+AnswerSet(answers) tests a prediction against many answers at once (a classification task's
+labels): `prediction in AnswerSet(answers)` == any(exact_match(prediction, a) for a in answers).
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Iterable, Optional, Sequence
 
 from ._inputs import check_same_length
 
@@ -28,7 +33,8 @@ def parse_json(text: str) -> Any:
     """`text` as strict JSON (RFC 8259), else ValueError. Python's json.loads also reads NaN, Infinity
     and -Infinity, which JSON's grammar lacks and strict parsers (JavaScript's JSON.parse) refuse, and
     keeps the last of a key given twice, where other parsers keep the first or refuse: a reply holding
-    either is not the JSON a program downstream can rely on."""
+    either is not the JSON a program downstream can rely on. A number beyond a double's range (1e400)
+    is refused too: json.loads (and JavaScript) read it as Infinity, so 1e400 and 2e400 were equal."""
     def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(pairs)
         if len(obj) < len(pairs):
@@ -38,7 +44,13 @@ def parse_json(text: str) -> Any:
     def not_json(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON")
 
-    return json.loads(text, object_pairs_hook=no_repeats, parse_constant=not_json)
+    def finite(number: str) -> float:
+        value = float(number)
+        if math.isinf(value):
+            raise ValueError(f"{number} is beyond a double's range")
+        return value
+
+    return json.loads(text, object_pairs_hook=no_repeats, parse_constant=not_json, parse_float=finite)
 
 
 def _canonical_json(text: str) -> Optional[str]:
@@ -53,13 +65,37 @@ def _canonical_json(text: str) -> Optional[str]:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _keys(text: str, ignore_case: bool, compare_json: bool) -> tuple[Optional[str], str]:
+    """(canonical JSON or None, normalized text): what exact_match compares of `text`."""
+    return (_canonical_json(text) if compare_json else None), normalize_answer(text, ignore_case)
+
+
 def exact_match(prediction: str, reference: str, ignore_case: bool = False, compare_json: bool = True) -> bool:
     """Whether one prediction matches its reference (JSON-aware unless compare_json=False)."""
-    if compare_json:
-        pred_json, ref_json = _canonical_json(prediction), _canonical_json(reference)
-        if pred_json is not None and ref_json is not None:
-            return pred_json == ref_json
-    return normalize_answer(prediction, ignore_case) == normalize_answer(reference, ignore_case)
+    pred_json, pred_text = _keys(prediction, ignore_case, compare_json)
+    ref_json, ref_text = _keys(reference, ignore_case, compare_json)
+    if pred_json is not None and ref_json is not None:
+        return pred_json == ref_json
+    return pred_text == ref_text
+
+
+class AnswerSet:
+    """`prediction in AnswerSet(answers)`: any(exact_match(prediction, a) for a in answers), with
+    each string's keys computed once (a test set's predictions against its labels: O(N), not O(N L))."""
+
+    def __init__(self, answers: Iterable[str], ignore_case: bool = False, compare_json: bool = True):
+        self.ignore_case, self.compare_json = ignore_case, compare_json
+        keys = [_keys(a, ignore_case, compare_json) for a in answers]
+        self._json = {j for j, _ in keys if j is not None}
+        self._text = {t for _, t in keys}
+        # exact_match compares a JSON prediction with a JSON answer as data only, with others as text
+        self._text_of_non_json = {t for j, t in keys if j is None}
+
+    def __contains__(self, prediction: str) -> bool:
+        pred_json, pred_text = _keys(prediction, self.ignore_case, self.compare_json)
+        if pred_json is None:
+            return pred_text in self._text
+        return pred_json in self._json or pred_text in self._text_of_non_json
 
 
 def exact_match_accuracy(predictions: Sequence[str], references: Sequence[str], ignore_case: bool = False,
