@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ..functional import apply_dropout_mask
 from ..nf4 import NF4Tensor
@@ -266,6 +267,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # dX comes from a kernel, outside autograd: refuse create_graph, never half a graph
     def backward(ctx, g: torch.Tensor):
         x, dense, lora_A, lora_B, mask, u = ctx.saved_tensors
         weight = dense if dense is not None else ctx.nf4_weight

@@ -136,6 +136,14 @@ def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[tor
     return None
 
 
+def _nf4_problem(q: NF4Tensor) -> Optional[str]:
+    """Why the dequantization kernel cannot take q, or None when it can."""
+    problem, n = _triton_problem(q.data.is_cuda), q.numel()
+    if problem is None and n > _kernels("common").MAX_SPAN:  # auto takes PyTorch here, as for LoRA
+        problem = f"a weight of {n} elements is past the kernels' int32 offsets ({_kernels('common').MAX_SPAN})"
+    return problem
+
+
 def _use_triton(is_cuda: bool, problem) -> bool:
     """The dispatch rule of the module docstring; `problem()` says why the kernel cannot run, or None."""
     mode = kernel_mode()
@@ -154,8 +162,9 @@ def dropout_mask(x: torch.Tensor, p: float, training: bool) -> tuple[Optional[to
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return None, 1.0
-    # uint8 0/1 draws viewed as bool: no copy, and bernoulli_ supports uint8 on every device.
-    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p).view(torch.bool)
+    # uint8 0/1 draws (bernoulli_ supports uint8 on every device) converted, not viewed, to bool: Inductor's CPU
+    # code for a uint8 -> bool view does not compile (torch.compile of training with dropout failed).
+    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1.0 - p).bool()
     return mask, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
@@ -228,7 +237,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def dequantize_nf4(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """minipeft.nf4.dequantize_nf4 (the spec), or the Triton kernel, equal to it bit for bit."""
-    if _use_triton(q.data.is_cuda, lambda: _triton_problem(q.data.is_cuda)):
+    if _use_triton(q.data.is_cuda, lambda: _nf4_problem(q)):
         return _kernels("nf4").dequantize_nf4(q, dtype)
     return nf4.dequantize_nf4(q, dtype)
 

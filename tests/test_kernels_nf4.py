@@ -116,6 +116,9 @@ def test_nf4_weight_past_int32_offsets_is_refused():
     x, lora_A, lora_B = (torch.empty(*s, dtype=BF16, device="meta") for s in ((1, 2 ** 15), (8, 2 ** 15), (2 ** 16, 8)))
     with pytest.raises(ValueError, match=rf"w: its elements span {n} in memory"):
         klora.lora_matmul(x, knf4.NF4Weight(q), lora_A, lora_B, 2.0)
+    # the dispatcher knows the limit: auto (on CUDA) takes PyTorch; forced triton says why it cannot
+    with MF.use_kernels("triton"), pytest.raises(ValueError, match=rf"cannot run: a weight of {n} elements"):
+        MF.dequantize_nf4(q, BF16)
 
 
 # --- the QLoRA linear -----------------------------------------------------------------------------------
