@@ -41,33 +41,37 @@ def default_model_dir(name: str = "") -> Path:
     return Path(name) if name else DEFAULT_MODEL
 
 
-def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
-    """The model with cfg.method attached (the base is frozen except for full fine-tuning)."""
+def method_config(cfg: TrainConfig) -> Optional[PeftConfig]:
+    """cfg.method's PEFT config, built from cfg's method block (no model needed); None for "full"."""
     if cfg.method == "full":
-        return full_finetune(model)
+        return None
     if cfg.method in ("lora", "qlora"):
-        from .lora import LoraConfig
-
-        method = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            use_rslora=cfg.use_rslora, target_modules=cfg.target_modules)
-    elif cfg.method == "adapter":
+        return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          use_rslora=cfg.use_rslora, target_modules=cfg.target_modules)
+    if cfg.method == "adapter":
         from .adapter import AdapterConfig
 
-        method = AdapterConfig(bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement)
-    elif cfg.method == "prefix":
-        from .prompt_learning import PrefixTuningConfig
+        return AdapterConfig(bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement)
+    from .prompt_learning import PrefixTuningConfig, PromptTuningConfig
 
-        method = PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
-    else:
-        from .prompt_learning import PromptTuningConfig
+    tuning = PrefixTuningConfig if cfg.method == "prefix" else PromptTuningConfig
+    return tuning(num_virtual_tokens=cfg.num_virtual_tokens)
 
-        method = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+
+def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
+    """The model with cfg.method attached (the base is frozen except for full fine-tuning)."""
+    method = method_config(cfg)
+    if method is None:
+        return full_finetune(model)
     method.base_model_name_or_path = str(default_model_dir(cfg.model))
     return get_peft_model(model, method)
 
 
+Rendered = list[tuple[list[int], list[int]]]  # (input_ids, labels) per example
+
+
 def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, cfg: TrainConfig,
-               what: str) -> list[tuple[list[int], list[int]]]:
+               what: str) -> Rendered:
     """Render examples to (input_ids, labels); longer than max_length -> dropped, and counted."""
     rendered, dropped = [], []
     for ex in examples:
@@ -85,54 +89,66 @@ def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, 
 
 def continue_from(model: nn.Module, adapter_dir: str) -> None:
     """Start from a saved adapter's weights, trainable: a continued fine-tune, not a fresh one.
-    Tensor names and shapes are checked against the attached method (a rank or method mismatch
-    names the file); lora_alpha and lora_dropout are not in the weights: check_continuation
-    compares those, before the model loads."""
-    if not isinstance(model, PeftModel):
-        raise ValueError(f"init_adapter={adapter_dir!r} continues a PEFT method; to continue a full "
-                         "fine-tune, pass its model directory as model")
+    Tensor names and shapes are checked against the attached method (a rank mismatch names the
+    file); the adapter's kind, lora_alpha and lora_dropout are not in the weights:
+    check_continuation compares those, before the model loads."""
     model.load_adapter_weights(adapter_dir, model.active_adapter, is_trainable=True)
 
 
 def check_continuation(cfg: TrainConfig) -> None:
-    """A LoRA job continuing cfg.init_adapter must keep the adapter's lora_alpha and use_rslora
-    (its adapter_config.json): the update B A is scaled by lora_alpha / r (rsLoRA: / sqrt(r)), so
-    another value changes what the saved weights compute before the first step. lora_dropout must match too, as the
-    platform requires (platform/models.py, INHERITED): dropout is not part of the learned function,
-    but a continuation trains as its start did, and the job and the platform agree on what it may
-    change. The rest (rank, target modules, other methods' sizes) shows in the weights' names and
-    shapes, which continue_from checks."""
-    if cfg.method not in ("lora", "qlora"):
-        return
+    """cfg.init_adapter must be an adapter (its adapter_config.json) of cfg.method's kind: another
+    kind's tensors were found out only after the model loaded, as every missing and unexpected
+    tensor name. A LoRA job must also keep the adapter's lora_alpha and use_rslora: the update B A
+    is scaled by lora_alpha / r (rsLoRA: / sqrt(r)), so another value changes what the saved weights
+    compute before the first step. lora_dropout must match too, as the platform requires
+    (platform/models.py, INHERITED): dropout is not part of the learned function, but a continuation
+    trains as its start did, and the job and the platform agree on what it may change. The rest
+    (rank, target modules, other methods' sizes) shows in the weights' names and shapes, which
+    continue_from checks."""
+    method = method_config(cfg)
+    if method is None:
+        raise ValueError(f"init_adapter={cfg.init_adapter!r} continues a PEFT method; to continue a full "
+                         "fine-tune, pass its model directory as model")
+    where = Path(cfg.init_adapter) / CONFIG_NAME
     saved = PeftConfig.load(cfg.init_adapter)
+    if saved.peft_type != method.peft_type:
+        raise ValueError(f"init_adapter {where}: a {saved.peft_type} adapter, but method={cfg.method!r} trains "
+                         f"{method.peft_type} adapters: continue it with the method that trained it, or leave "
+                         "init_adapter out to start a new adapter")
     if not isinstance(saved, LoraConfig):
-        return  # another method's tensors: continue_from names the mismatch
+        return
     changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {key}={getattr(saved, key)!r}"
                for key in ("lora_alpha", "lora_dropout", "use_rslora") if getattr(cfg, key) != getattr(saved, key)]
     if changed:
-        raise ValueError(f"init_adapter {Path(cfg.init_adapter) / CONFIG_NAME}: {'; '.join(changed)}; a continued "
+        raise ValueError(f"init_adapter {where}: {'; '.join(changed)}; a continued "
                          "adapter keeps the settings it was trained with: use the adapter's values")
 
 
-def check_context(max_length: int, model_dir: Path) -> None:
-    """max_length fits the model's context (max_position_embeddings in its config.json; no
-    weight is read): the base never saw later positions, so examples longer than it would train
-    and be served outside what the model learned, without an error."""
+def check_context(max_length: int, model_dir: Path, virtual_tokens: int = 0) -> None:
+    """max_length tokens, after virtual_tokens positions (prefix and prompt tuning put their
+    num_virtual_tokens before the real tokens, whose positions start there: prompt_learning), fit
+    the model's context (max_position_embeddings in its config.json; no weight is read): the base
+    never saw later positions, so examples reaching past it would train and be served outside what
+    the model learned, without an error."""
     context = read_config(model_dir).max_position_embeddings
-    if max_length > context:
-        raise ValueError(f"max_length={max_length} exceeds the model's context: {model_dir / 'config.json'} has "
-                         f"max_position_embeddings={context}; use max_length <= {context}")
+    if max_length + virtual_tokens > context:
+        what = f"max_length={max_length}" + (f" + num_virtual_tokens={virtual_tokens}" if virtual_tokens else "")
+        raise ValueError(f"{what} exceeds the model's context: {model_dir / 'config.json'} has "
+                         f"max_position_embeddings={context}; use max_length <= {context - virtual_tokens}")
 
 
 def check_job(cfg: TrainConfig) -> None:
     """What a job needs beyond TrainConfig's checks of each value, checked against the files
     before the model loads (seconds, not minutes, to an error): a train_file (TrainConfig leaves it
-    optional because pretraining has none), a writable output_dir, a max_length within the model's
-    context, and an init_adapter trained with the job's settings. Creates nothing."""
+    optional because pretraining has none), a writable output_dir, a max_length (after prefix or prompt
+    tuning's virtual tokens) within the model's context, and an init_adapter of the job's method,
+    trained with its settings. Creates nothing. run_job then reads the data, still before the model."""
     if not cfg.train_file:
         raise ValueError("train_file is required: the JSONL file (instruction or conversation lines) to fine-tune on")
     check_output_dir(cfg.output_dir, "output_dir")
-    check_context(cfg.max_length, default_model_dir(cfg.model))
+    method = method_config(cfg)
+    check_context(cfg.max_length, default_model_dir(cfg.model),
+                  method.num_virtual_tokens if method is not None and method.is_prompt_learning else 0)
     if cfg.init_adapter:
         check_continuation(cfg)
 
@@ -145,14 +161,29 @@ class JobResult:
     total: int
 
 
-def load_base(cfg: TrainConfig, device: Optional[torch.device] = None) -> tuple[Transformer, Tokenizer]:
+def load_model(cfg: TrainConfig, device: Optional[torch.device] = None) -> Transformer:
     """The base model as the job trains it (bf16, NF4 for QLoRA), on device (default: cfg.device
-    resolved), and its tokenizer."""
-    path = default_model_dir(cfg.model)
-    model = load_pretrained(path, dtype=torch.bfloat16 if cfg.bf16 else None,
-                            device=device or dist.use_device(cfg.device),
-                            quantization="nf4" if cfg.method == "qlora" else None)
-    return model, load_tokenizer(path)  # gradient checkpointing: the Trainer switches it on
+    resolved)."""
+    return load_pretrained(default_model_dir(cfg.model), dtype=torch.bfloat16 if cfg.bf16 else None,
+                           device=device or dist.use_device(cfg.device),
+                           quantization="nf4" if cfg.method == "qlora" else None)
+
+
+def load_base(cfg: TrainConfig, device: Optional[torch.device] = None) -> tuple[Transformer, Tokenizer]:
+    """load_model and the base's tokenizer (gradient checkpointing: the Trainer switches it on)."""
+    return load_model(cfg, device), load_tokenizer(default_model_dir(cfg.model))
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer, template: ChatTemplate) -> tuple[Rendered, Rendered]:
+    """(train, test) rendered: train_file, and test_file or the test_ratio split held out of train_file."""
+    specials = special_tokens(tok)  # content holding one would be encoded as that control token
+    train = load_jsonl(cfg.train_file, specials)
+    if cfg.test_file:
+        test = load_jsonl(cfg.test_file, specials)
+    else:
+        train, test = split_examples(train, cfg.test_ratio, seed=cfg.seed)
+    return (render_all(train, tok, template, cfg, cfg.train_file),
+            render_all(test, tok, template, cfg, cfg.test_file or "test split"))
 
 
 def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
@@ -163,20 +194,16 @@ def run_job(cfg: TrainConfig, resume: bool = False) -> JobResult:
         raise ValueError(f"{out} already holds a job: pass --resume to continue it, or choose another output_dir")
     check_job(cfg)
     template = get_template(cfg.template)  # an unknown name fails here, before the model loads
+    tok = load_tokenizer(default_model_dir(cfg.model))
+    # The data before the weights: a file that cannot train (malformed, too small to split, every
+    # example too long) is an error in seconds, not after a model load of minutes.
+    train, test = load_data(cfg, tok, template)
     device = dist.use_device(cfg.device)
     dist.init(device)  # under torchrun: join the other ranks (NCCL on GPUs)
-    base, tok = load_base(cfg, device)
-    specials = special_tokens(tok)  # content holding one would be encoded as that control token
-    train = load_jsonl(cfg.train_file, specials)
-    if cfg.test_file:
-        test = load_jsonl(cfg.test_file, specials)
-    else:
-        train, test = split_examples(train, cfg.test_ratio, seed=cfg.seed)
-    model = attach_method(base, cfg)
+    model = attach_method(load_model(cfg, device), cfg)
     if cfg.init_adapter:
         continue_from(model, cfg.init_adapter)
-    trainer = Trainer(cfg, model, render_all(train, tok, template, cfg, cfg.train_file),
-                      render_all(test, tok, template, cfg, cfg.test_file or "test split"), pad_id=tok.pad_id)
+    trainer = Trainer(cfg, model, train, test, pad_id=tok.pad_id)
     if resume:
         trainer.resume()  # a changed config is an error here, before job_config.json is replaced
         if trainer.step == 0 and (out / "job_config.json").is_file():
