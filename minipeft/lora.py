@@ -110,7 +110,7 @@ class LoraLayer(TunerLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW of adapter `name`, the base weight's shape, in float32."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: LoraLinear (s B A) and LoraEmbedding (s (B A)ᵀ) define it
 
     def merge(self, name: Optional[str] = None) -> None:
         """W <- W + ΔW in float32, cast back. Merging an already merged adapter does nothing."""
