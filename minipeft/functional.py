@@ -126,9 +126,9 @@ def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[tor
         return f"rank {lora_A.shape[0]} is above the kernels' limit {max_rank}"
     (n, r), k = lora_B.shape, lora_A.shape[1]
     m = x.numel() // max(k, 1)
-    largest, limit = max(m * k, m * n, n * k, m * r), _kernels("common").MAX_SPAN
-    if largest > limit:  # auto takes PyTorch here rather than meet the kernels' refusal
-        return f"an operand of {largest} elements is past the kernels' int32 offsets ({limit})"
+    too_large = _past_int32("an operand", max(m * k, m * n, n * k, m * r))
+    if too_large:
+        return too_large
     # The kernels compute in the operands' dtypes; autocast's would be silently ignored.
     if torch.is_autocast_enabled(x.device.type):
         return (f"torch.autocast is on for {x.device.type} (dtype {torch.get_autocast_dtype(x.device.type)}), "
@@ -138,10 +138,14 @@ def _lora_problem(x: torch.Tensor, weight_dtype: torch.dtype, bias: Optional[tor
 
 def _nf4_problem(q: NF4Tensor) -> Optional[str]:
     """Why the dequantization kernel cannot take q, or None when it can."""
-    problem, n = _triton_problem(q.data.is_cuda), q.numel()
-    if problem is None and n > _kernels("common").MAX_SPAN:  # auto takes PyTorch here, as for LoRA
-        problem = f"a weight of {n} elements is past the kernels' int32 offsets ({_kernels('common').MAX_SPAN})"
-    return problem
+    return _triton_problem(q.data.is_cuda) or _past_int32("a weight", q.numel())
+
+
+def _past_int32(what: str, n: int) -> Optional[str]:
+    """Why `what`, of n elements, is past the kernels' int32 offsets (common.MAX_SPAN), or None: auto
+    dispatch then takes PyTorch rather than meet the kernels' refusal."""
+    limit = _kernels("common").MAX_SPAN
+    return f"{what} of {n} elements is past the kernels' int32 offsets ({limit})" if n > limit else None
 
 
 def _use_triton(is_cuda: bool, problem) -> bool:
