@@ -133,7 +133,11 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 # caller must pass (minipeft.kernels.aot too); so operands reaching past MAX_SPAN are refused instead. The
 # margin below 2**31 covers indices up to a block past an operand's end (a last partial tile's rows, the
 # dequantization kernel's last block; blocks have at most 1024 elements), computed before masking.
+# The sizes are int32 too, and so is counting along them (the K loop runs to K + BLOCK_K - 1): an operand
+# expanded along a dimension (stride 0) spans one element however long the dimension, so sizes are held to
+# MAX_SPAN separately (x, w and A all expanded along K = 2**31 - 1 left the K loop empty: out = 0).
 MAX_SPAN = 2**31 - 2**16
+_TORCH_PATH = "use the PyTorch path (minipeft.functional.use_kernels('torch'))"
 
 
 def check_span(name: str, span: int) -> None:
@@ -141,13 +145,14 @@ def check_span(name: str, span: int) -> None:
     in memory, exceeds MAX_SPAN."""
     if span > MAX_SPAN:
         raise ValueError(f"{name}: its elements span {span} in memory, more than the kernels' int32 offsets allow "
-                         f"({MAX_SPAN}); use the PyTorch path (minipeft.functional.use_kernels('torch'))")
+                         f"({MAX_SPAN}); {_TORCH_PATH}")
 
 
 def check_operand(name: str, t, shape: tuple, dtype, device: torch.device) -> None:
     """Raise a ValueError naming the operand when its shape, dtype (unless None) or device is not the
-    expected one, or when it spans more than MAX_SPAN elements: 1 + sum((size - 1) * stride), which is its
-    element count when contiguous, more for a strided view, 1 for an expanded one (stride 0)."""
+    expected one, when it spans more than MAX_SPAN elements: 1 + sum((size - 1) * stride), which is its
+    element count when contiguous, more for a strided view, 1 for an expanded one (stride 0), or when one
+    of its dimensions is longer than MAX_SPAN, whatever its stride."""
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:
@@ -156,3 +161,6 @@ def check_operand(name: str, t, shape: tuple, dtype, device: torch.device) -> No
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
     if all(shape):  # an empty operand is never read
         check_span(name, 1 + sum((size - 1) * t.stride(dim) for dim, size in enumerate(shape)))
+        if max(shape) > MAX_SPAN:
+            raise ValueError(f"{name}: a dimension of {max(shape)} elements (shape {tuple(shape)}), more than the "
+                             f"kernels' int32 indices allow ({MAX_SPAN}); {_TORCH_PATH}")

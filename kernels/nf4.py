@@ -74,9 +74,9 @@ def nf4_kernel_args(q: NF4Tensor) -> tuple:
     """(data, absmax, nested_absmax, NF4 table, dynamic table, offset), the arguments of nf4_values; the
     code tables are copied to q's device once. Without double quant, nested_absmax is a dummy pointer.
 
-    nf4_values indexes every buffer as a flat array, while NF4Tensor accepts views (a slice of a larger
-    buffer, a strided one): those are copied contiguous here, at each call, and contiguous buffers (what
-    quantize_nf4 makes) are passed as they are."""
+    nf4_values indexes every buffer as a flat array. NF4Tensor makes its buffers contiguous when it is built,
+    so they are passed as they are; a buffer set to a strided view afterwards (the dataclass is mutable) is
+    copied contiguous here, at each call, rather than read wrong."""
     device = q.data.device
     if device not in _TABLES:
         _TABLES[device] = (NF4_CODE.to(device).contiguous(), DYNAMIC_CODE.to(device).contiguous())

@@ -75,7 +75,7 @@ class Linear4bit(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         # A Python copy of the offset, so forward never reads a device tensor back to the host.
         self._offset = weight.offset
-        self.register_load_state_dict_post_hook(_refresh_offset)
+        self.register_load_state_dict_post_hook(_after_load)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -128,7 +128,13 @@ class Linear4bit(nn.Module):
                 f"blocksize={self.blocksize}, double_quant={dq}, compute_dtype={self.compute_dtype}")
 
 
-def _refresh_offset(module: Linear4bit, incompatible_keys) -> None:
+def _after_load(module: Linear4bit, incompatible_keys) -> None:
+    """load_state_dict copies into the buffers, but with assign=True it takes the state dict's tensors, which
+    may be strided views: those are made contiguous here, once, or every forward would copy them
+    (quantized_weight's NF4Tensor). Then the Python copy of the offset is refreshed."""
+    for name, buffer in module.named_buffers(recurse=False):
+        if not buffer.is_contiguous():
+            setattr(module, name, buffer.contiguous())
     offset = _from_bits(module.weight_offset)
     module._offset = None if offset is None else offset.item()
 

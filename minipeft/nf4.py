@@ -128,6 +128,11 @@ class NF4Tensor:
                 found = "None" if t is None else f"{t.dtype} with {t.numel()} elements"
                 raise ValueError(f"NF4Tensor.{field}: expected {dtype} with {numel} elements for shape "
                                  f"{tuple(self.shape)} and blocksize {self.blocksize}, found {found}")
+        # The kernels read each buffer as a flat array: a strided view (of a larger buffer, or loaded so)
+        # is copied contiguous here, once, not at each kernel call; a contiguous buffer is kept as it is.
+        for field in ("data", "absmax", "nested_absmax"):
+            if getattr(self, field) is not None:
+                setattr(self, field, getattr(self, field).contiguous())
 
     def numel(self) -> int:
         return self.shape.numel()

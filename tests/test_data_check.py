@@ -114,6 +114,29 @@ def test_encoding_problems_give_the_byte_offset_in_the_file(tmp_path):
     assert sorted(result.rejected) == [3]  # the BOM line is kept (stripped in the clean copy)
 
 
+WIDE_LINE = '{"instruction": "caf\u00e9", "output": "b"}'.encode("utf-16-le")  # a PowerShell-written record
+NOT_UTF8 = [  # (bytes of line 2, fragments its message must hold, encodings it must not suggest)
+    ('{"instruction": "caf\u00e9", "output": "b"}'.encode("latin-1"),
+     ("it reads as CP1252 (Windows Latin-1) '", '"caf\u00e9"', "; re-encode the file: iconv -f CP1252 -t UTF-8"),
+     ("GB18030", "CP932")),
+    ('{"instruction": "\u4f60\u597d", "output": "b"}'.encode("gbk"),
+     ("it reads as GB18030 (GBK) '", '"\u4f60\u597d"', "CP932 (Shift-JIS) '",
+      "re-encode the file from the one that reads right: iconv -f ENCODING -t UTF-8"), ()),
+    (b"\xff\xfe" + WIDE_LINE, ("starts with a UTF-16LE byte-order mark: re-encode it (iconv -f UTF-16 -t UTF-8",),
+     ("GB18030", "CP932", "CP1252")),
+    (WIDE_LINE, ("holds NUL bytes, as UTF-16 and UTF-32 text does",), ("GB18030", "CP932", "CP1252")),
+    (b'{"instruction": "a\x81", "output": "b"}', ("unknown encoding (not GB18030, CP932 or CP1252 either)",), ()),
+]
+
+
+@pytest.mark.parametrize("line, words, wrong", NOT_UTF8, ids=["latin-1", "gbk", "utf-16-bom", "utf-16", "unknown"])
+def test_a_line_that_is_not_utf8_gets_only_an_encoding_that_reads_it(tmp_path, line, words, wrong):
+    (problem,) = check_file(write_bytes(tmp_path, [GOOD, line])).problems
+    assert problem.line == 2 and problem.message.startswith("not UTF-8: byte 0x")
+    assert all(w in problem.message for w in words), problem.message
+    assert not any(name in problem.message for name in wrong + ("GBK -t",)), problem.message
+
+
 def test_blank_lines_and_an_empty_file(tmp_path):
     result = check_file(write_bytes(tmp_path, [GOOD, "", "   ", GOOD]))
     assert sorted(result.rejected) == [2, 3] and all("blank line" in p.message for p in result.problems)

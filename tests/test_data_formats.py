@@ -224,3 +224,36 @@ def test_a_near_miss_of_a_whole_known_key_is_a_typo(tmp_path, key, known):
     (problem,) = read_file(write(tmp_path, [{"instruction": "q", "output": "a", key: "x"}])).problems
     assert (problem.field, problem.keep, problem.kind) == (key, True, "typo")
     assert problem.message == f"unknown key, ignored: a typo for {known!r}?"
+
+
+@pytest.mark.parametrize("fmt, null", [("instruction", "messages"), ("instruction", "conversations"),
+                                       ("messages", "instruction"), ("sharegpt", "messages")])
+def test_a_null_key_of_another_format_counts_as_absent(tmp_path, fmt, null):
+    # What a table exported with one column per key writes for the columns a row does not use.
+    (e,) = load_jsonl(write(tmp_path, [{**SPELLINGS[fmt], null: None}]))
+    assert (e.format, e.messages) == (fmt, EXPECTED)
+
+
+def test_a_null_format_key_alone_is_named_as_null(tmp_path):
+    (problem,) = read_file(write(tmp_path, [{"messages": None}])).problems
+    assert (problem.field, problem.message) == ("messages", "expected an array of turns, got null")
+
+
+@pytest.mark.parametrize("turn, field, message", [
+    ({"rol": "user", "content": Q1}, "messages[0].role",
+     "missing; expected one of 'system', 'user', 'assistant' (found 'rol': a typo for 'role'?)"),
+    ({"role": "user", "contnet": Q1}, "messages[0].content",
+     "expected a string, missing (found 'contnet': a typo for 'content'?)"),
+    ({"Role": "user", "content": Q1}, "messages[0].role",
+     "missing; expected one of 'system', 'user', 'assistant' (found 'Role': a typo for 'role'?)"),
+])
+def test_a_misspelled_turn_key_is_named_with_its_typo(tmp_path, turn, field, message):
+    (problem,) = read_file(write(tmp_path, [{"messages": [turn, EXPECTED[2]]}])).problems
+    assert (problem.field, problem.message) == (field, message)
+
+
+def test_a_misspelled_sharegpt_turn_key_is_named_with_its_typo(tmp_path):
+    turns = [{"form": "human", "value": Q1}, {"from": "gpt", "vaule": A1}]
+    first, second = read_file(write(tmp_path, [{"conversations": turns}])).problems
+    assert first.field == "conversations[0].from" and "(found 'form': a typo for 'from'?)" in first.message
+    assert second.field == "conversations[1].value" and "(found 'vaule': a typo for 'value'?)" in second.message

@@ -240,6 +240,23 @@ def test_int32_span_limit_is_exact():
     check(torch.zeros(1, 1).expand(2 ** 20, 2 ** 12))
 
 
+def test_a_dimension_past_int32_is_refused_even_when_expanded():
+    """x, w and a expanded (stride 0) along K each span one element in memory, but the K loop counts to
+    K + BLOCK_K - 1 in int32: at K = 2**31 - 1 that wrapped negative, the loop ran no iteration, and out was
+    0 instead of x w^T (seen on the interpreter). So every dimension is held to MAX_SPAN, whatever its stride."""
+    from minipeft.kernels import common
+    limit = common.MAX_SPAN
+    k = 2 ** 31 - 1
+    expanded = lambda rows, cols: torch.empty(1, 1, dtype=BF16, device="meta").expand(rows, cols)
+    with pytest.raises(ValueError, match=rf"x: a dimension of {k} elements \(shape \(1, {k}\)\), more than the "
+                                         rf"kernels' int32 indices allow \({limit}\)"):
+        klora.lora_matmul(expanded(1, k), expanded(3, k), expanded(8, k), expanded(3, 8), 1.0)
+    check = lambda t: common.check_operand("t", t, t.shape, None, t.device)
+    check(expanded(2, limit))
+    with pytest.raises(ValueError, match=rf"t: a dimension of {limit + 1} elements"):
+        check(expanded(2, limit + 1))
+
+
 def test_gpu_autotune_pruning(monkeypatch):
     """The GPU-only config pruning, run here by pretending not to interpret, with an A100's 163 KB of shared
     memory: bfloat16 keeps every config of M's regime; float32 tiles are twice as large, so only those that

@@ -87,14 +87,15 @@ def test_dequantize_kernel_equals_bitsandbytes(dtype):
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "nodq"])
 def test_strided_nf4_buffers_read_like_contiguous_ones(double_quant):
-    """NF4Tensor accepts views as buffers (a slice of a larger one, every other element of one), while the
-    kernels index them as flat arrays: the same codes held strided must dequantize, and multiply in the fused
-    GEMM, exactly like the contiguous ones (a kernel reading a stride-2 view flat gets other codes and scales)."""
+    """NF4Tensor makes its buffers contiguous when built, but is mutable: a buffer set to a view afterwards
+    (every other element of a larger one) must still dequantize, and multiply in the fused GEMM, exactly like
+    the contiguous one, as the kernels index buffers as flat arrays (read flat, a stride-2 view gives other
+    codes and scales)."""
     g = torch.Generator().manual_seed(0)
     q = nf4.quantize_nf4((torch.randn(131, 135, generator=g) * 0.05).to(DEVICE, BF16), double_quant=double_quant)
     every_other = lambda t: None if t is None else torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
-    qs = nf4.NF4Tensor(every_other(q.data), every_other(q.absmax), every_other(q.nested_absmax), q.offset,
-                       q.shape, q.blocksize, q.dtype)
+    qs = nf4.NF4Tensor(q.data, q.absmax, q.nested_absmax, q.offset, q.shape, q.blocksize, q.dtype)
+    qs.data, qs.absmax, qs.nested_absmax = (every_other(t) for t in (q.data, q.absmax, q.nested_absmax))
     assert not any(t.is_contiguous() for t in (qs.data, qs.absmax, qs.nested_absmax) if t is not None)
     want = nf4.dequantize_nf4(q, BF16)
     assert bitwise_equal(nf4.dequantize_nf4(qs, BF16), want)  # the reference reads views as views

@@ -120,6 +120,25 @@ def test_state_dict_round_trip(double_quant):
     assert set(source.state_dict()) == {"weight_packed", "weight_absmax", "bias"} | nested
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_strided_buffers_loaded_by_assignment_are_stored_contiguous(double_quant):
+    """load_state_dict(assign=True) takes the state dict's tensors as the buffers: views among them are made
+    contiguous at the load, once, so that every forward passes the kernels the buffers themselves, not copies."""
+    torch.manual_seed(5)
+    source = Linear4bit.from_linear(nn.Linear(96, 40), double_quant=double_quant)
+    target = Linear4bit.from_linear(nn.Linear(96, 40), double_quant=double_quant)
+    every_other = lambda t: torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+    views = {k: every_other(v) if k.startswith("weight") and v.dim() else v for k, v in source.state_dict().items()}
+    assert not views["weight_packed"].is_contiguous()
+    target.load_state_dict(views, assign=True)
+    assert all(b.is_contiguous() for b in target.buffers())
+    q = target.quantized_weight  # what forward hands to functional.nf4_linear
+    assert (q.data.data_ptr(), q.absmax.data_ptr()) == (target.weight_packed.data_ptr(),
+                                                        target.weight_absmax.data_ptr())
+    x = torch.randn(3, 96)
+    assert torch.equal(target(x), source(x))
+
+
 def test_quantize_model_replaces_all_linears_but_lm_head():
     model = tiny_transformer(attention_bias=True)
     twin = dequantized_twin(model)

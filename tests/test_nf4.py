@@ -240,6 +240,23 @@ def test_inconsistent_nf4tensor_is_refused():
         dequantize_nf4(q, torch.int8)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4tensor_stores_its_buffers_contiguous(double_quant):
+    # The kernels read the buffers as flat arrays: views given to NF4Tensor are copied contiguous once, at
+    # construction, rather than at every kernel call; contiguous buffers are kept as they are, not copied.
+    q = quantize_nf4(torch.randn(131, 135), double_quant=double_quant)  # 277 blocks: 2 nested absmax values
+    buffers = lambda q: [t for t in (q.data, q.absmax, q.nested_absmax) if t is not None]
+    every_other = lambda t: None if t is None else torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+    views = [every_other(t) for t in (q.data, q.absmax, q.nested_absmax)]
+    assert not any(t.is_contiguous() for t in views if t is not None)
+    qs = NF4Tensor(*views, q.offset, q.shape, q.blocksize, q.dtype)
+    assert all(t.is_contiguous() for t in buffers(qs))
+    assert all(torch.equal(a, b) for a, b in zip(buffers(qs), buffers(q)))
+    assert torch.equal(dequantize_nf4(qs), dequantize_nf4(q))
+    same = NF4Tensor(q.data, q.absmax, q.nested_absmax, q.offset, q.shape, q.blocksize, q.dtype)
+    assert [t.data_ptr() for t in buffers(same)] == [t.data_ptr() for t in buffers(q)]
+
+
 @pytest.mark.parametrize("numel", [1, 63, 64, 65, 64 * 256, 64 * 256 + 1, 100_003])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_nbytes_predicts_stored_bytes(numel, double_quant):

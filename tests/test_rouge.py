@@ -1,4 +1,4 @@
-"""ROUGE-Lsum and stemming (minipeft.metrics.rouge, .porter) against rouge-score and NLTK.
+"""ROUGE-Lsum and stemming (minipeft.metrics.rouge_metric, .porter) against rouge-score and NLTK.
 
 The Porter stemmer is compared word for word with nltk's PorterStemmer() (the mode rouge-score
 builds) and rouge-score's stemming tokenizer; ROUGE-Lsum and stemmed ROUGE with
@@ -180,3 +180,14 @@ def test_rouge_stemming_option():
                                                                       use_stemmer=True)
     assert plain["rouge1"] == 0.0 and stemmed["rouge1"] == stemmed["rougeLsum"] == 1.0
     assert set(stemmed) == {f"{t}{s}" for t in ROUGE_TYPES for s in ("", "_precision", "_recall")}
+
+
+def test_the_rouge_module_and_the_rouge_function_are_both_reachable():
+    # The package re-exports the function `rouge`; its module must have another name, or
+    # `import minipeft.metrics.<module> as m` (which reads the package's attribute) gives the function.
+    import importlib
+
+    import minipeft.metrics as metrics
+    module = importlib.import_module(rouge.__module__)
+    assert getattr(metrics, module.__name__.rpartition(".")[2]) is module
+    assert module.rouge is rouge and module.rouge_pair is rouge_pair and callable(rouge)

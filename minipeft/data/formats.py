@@ -19,7 +19,9 @@ computed on). That is what the chat templates render. Join rules, stated once:
 Unknown extra keys ("id", "category", ...) are kept in `Example.raw` and otherwise ignored; one that
 reads as a typo of a known key ("sytem", "inptu": _closest) gets a warning, since what it holds is
 lost (typo_warnings); a warning does not reject the line. A longer name that only contains a known
-key ("conversation_id", "system_id", "output_len") is metadata, not a typo, and is not flagged.
+key ("conversation_id", "system_id", "output_len") is metadata, not a typo, and is not flagged. A
+required field that is missing names such a near miss in its error, in a turn too ("rol", "contnet").
+A format's key holding null next to another format's counts as absent (detect_format).
 Content may not hold a special token's text ("<|im_end|>"): the tokenizer would encode it as the
 control token itself, and a reply would teach the model to stop midway (special_token_issues).
 """
@@ -41,6 +43,7 @@ FORMATS = {
     "sharegpt": '{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]} (ShareGPT)',
 }
 _KNOWN_KEYS = ("instruction", "input", "output", "system", "history", "conversations", "messages")
+_FORMAT_KEYS = ("instruction", "conversations", "messages")  # the key that tells each format
 TYPO_CHARS_PER_EDIT = 5  # a typo is within one edit per 5 characters of a known key (_closest)
 Issue = tuple[Optional[str], str]  # (field, message) found in one record
 Message = dict[str, str]
@@ -82,8 +85,11 @@ def _as_text(messages: list[Message]) -> str:
 
 
 def detect_format(record: dict[str, Any]) -> tuple[Optional[str], Optional[Issue]]:
-    """The format of one record (a key of FORMATS), or why it has none."""
-    found = [k for k in ("instruction", "conversations", "messages") if k in record]
+    """The format of one record (a key of FORMATS), or why it has none. A format key holding null
+    counts as absent next to another format's: a table exported with one column per key writes null
+    in the columns a row does not use. Alone, it is still that format's, whose checks name it null."""
+    found = ([k for k in _FORMAT_KEYS if record.get(k) is not None]
+             or [k for k in _FORMAT_KEYS if k in record])
     if len(found) > 1:
         return None, (None, f"has both {' and '.join(map(repr, found))}; an example uses exactly one format")
     if not found:
@@ -189,12 +195,16 @@ def _from_turns(turns: Any, key: str, role_key: str, content_key: str,
             issues.append((where, f"expected an object {{{role_key!r}, {content_key!r}}}, got {json_type(turn)}"))
             continue
         role, content = turn.get(role_key), turn.get(content_key)
+        # A key missing next to a near miss of it ("rol", "contnet") is named, as at the top level.
+        typo = lambda name: _typo_hint(turn, name, (role_key, content_key))
         known = isinstance(role, str) and role in role_names
         if not known:
             said = "missing" if role is None else f"{role!r} is not a known role"
-            issues.append((f"{where}.{role_key}", f"{said}; expected one of {', '.join(map(repr, role_names))}"))
+            hint = typo(role_key) if role is None else ""
+            issues.append((f"{where}.{role_key}", f"{said}; expected one of {', '.join(map(repr, role_names))}{hint}"))
         if not isinstance(content, str):
-            hint = "; join the text parts into one string" if isinstance(content, list) else ""
+            hint = ("; join the text parts into one string" if isinstance(content, list)
+                    else typo(content_key) if content is None else "")
             got = "missing" if content_key not in turn else f"got {json_type(content)}"
             issues.append((f"{where}.{content_key}", f"expected a string, {got}{hint}"))
         if known and isinstance(content, str):
@@ -245,10 +255,11 @@ def typo_warnings(record: dict[str, Any]) -> list[Issue]:
             if key not in _KNOWN_KEYS and (known := _closest(key, _KNOWN_KEYS))]
 
 
-def _typo_hint(record: dict[str, Any], name: Optional[str] = None) -> str:
-    """" (found 'ouput': a typo?)" when an unknown key is close to `name` (or to any known key)."""
-    unknown = [k for k in record if k not in _KNOWN_KEYS]
-    for target in [name] if name else _KNOWN_KEYS:
+def _typo_hint(record: dict[str, Any], name: Optional[str] = None, known: Sequence[str] = _KNOWN_KEYS) -> str:
+    """" (found 'ouput': a typo for 'output'?)" when a key of `record` not in `known` (the keys of a
+    record, or those of a turn) is close to `name` (or to any known key)."""
+    unknown = [k for k in record if k not in known]
+    for target in [name] if name else known:
         close = _closest(target, unknown)
         if close:
             return f" (found {close!r}: a typo for {target!r}?)"

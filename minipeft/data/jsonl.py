@@ -2,11 +2,12 @@
 and parse each one strictly, and write files atomically.
 
 A line is the bytes between two b"\\n" (a trailing "\\r" is JSON whitespace, so Windows files
-parse). Strict means: UTF-8 only (the first bad byte is reported by its offset in the file), no
-byte-order mark, no blank lines, one JSON object per line, no NaN/Infinity (not JSON, though
-Python's json accepts them), no key given twice (json.loads would silently keep the last) and no
-unpaired surrogate: json.loads accepts the escape "\\ud83d" alone (exporters that slice UTF-16
-strings write it), but it is not a character, and tokenizers and UTF-8 writers fail on it.
+parse). Strict means: UTF-8 only (the first bad byte is reported by its offset in the file, with
+the encodings that read the line instead: encoding_hint), no byte-order mark, no blank lines, one
+JSON object per line, no NaN/Infinity (not JSON, though Python's json accepts them), no key given
+twice (json.loads would silently keep the last) and no unpaired surrogate: json.loads accepts the
+escape "\\ud83d" alone (exporters that slice UTF-16 strings write it), but it is not a character,
+and tokenizers and UTF-8 writers fail on it.
 Nothing here drops a line: every line comes back with the problems found on it.
 
 A UTF-16 or UTF-32 file (what Windows PowerShell 5's `>` writes) is recognized by its byte-order
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -32,6 +34,11 @@ BOM = b"\xef\xbb\xbf"
 WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
              (b"\xfe\xff", "UTF-16BE"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What a line that is not UTF-8 is tried in, (Python codec, iconv name, what people call it): the usual
+# encodings of training text that is not UTF-8, from Chinese, Japanese and Western-European Windows.
+LEGACY_ENCODINGS = (("gb18030", "GB18030", "GBK"), ("cp932", "CP932", "Shift-JIS"),
+                    ("cp1252", "CP1252", "Windows Latin-1"))
+READING_CONTEXT = 8  # characters shown on each side of the bad byte, as each encoding reads them
 PathLike = Union[str, os.PathLike]
 
 
@@ -119,7 +126,7 @@ def parse_line(path: str, line: RawLine) -> tuple[Optional[dict[str, Any]], list
         bad = line.body[e.start]
         at = line.offset + (len(line.data) - len(line.body)) + e.start
         problems.append(Problem(path, line.number, None, f"not UTF-8: byte 0x{bad:02x} at byte offset {at}; "
-                                "re-encode the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`)", kind="encoding"))
+                                f"{encoding_hint(line.body, e.start)}", kind="encoding"))
         return None, problems
     if not text.strip():
         problems.append(Problem(path, line.number, None, "blank line; JSONL needs one JSON object on every line",
@@ -133,6 +140,48 @@ def parse_line(path: str, line: RawLine) -> tuple[Optional[dict[str, Any]], list
                     "the whole character", kind="encoding")
             for field, value in strings(record) if (m := _SURROGATE.search(value))]
     return (None if lone else record), problems + lone
+
+
+def encoding_hint(data: bytes, at: int) -> str:
+    """How to make UTF-8 of a line `data` whose byte `at` is not UTF-8, naming only an encoding that
+    reads it: a UTF-16/32 byte-order mark or NUL bytes, else each of LEGACY_ENCODINGS that decodes the
+    line to text, shown as it reads around the bad byte (the person who wrote it sees which is right:
+    GBK text also decodes as CP932 and CP1252, to nonsense), else none."""
+    for bom, name in WIDE_BOMS:
+        if data.startswith(bom):  # "UTF-16": iconv reads the byte order from the BOM
+            return (f"it starts with a {name} byte-order mark: re-encode it "
+                    f"(iconv -f {name[:-2]} -t UTF-8 FILE > NEW.jsonl)")
+    if b"\0" in data:
+        return ("it holds NUL bytes, as UTF-16 and UTF-32 text does: re-encode it from the one it is in "
+                "(e.g. iconv -f UTF-16LE -t UTF-8 FILE > NEW.jsonl)")
+    readings = [(name, f"{name} ({alias}) {text!r}") for codec, name, alias in LEGACY_ENCODINGS
+                if (text := _reading(data, at, codec)) is not None]
+    if not readings:
+        return (f"unknown encoding (not {_either([name for _, name, _ in LEGACY_ENCODINGS])} either): find the "
+                "one it was written in and convert it (iconv -f ENCODING -t UTF-8 FILE > NEW.jsonl)")
+    if len(readings) == 1:
+        (name, reading), = readings
+        return f"it reads as {reading}; re-encode the file: iconv -f {name} -t UTF-8 FILE > NEW.jsonl"
+    return (f"it reads as {_either([r for _, r in readings])}; re-encode the file from the one that reads "
+            "right: iconv -f ENCODING -t UTF-8 FILE > NEW.jsonl")
+
+
+def _either(items: list[str]) -> str:
+    """Two or more items as words: ["a", "b", "c"] -> "a, b or c"."""
+    return ", ".join(items[:-1]) + f" or {items[-1]}"
+
+
+def _reading(data: bytes, at: int, codec: str) -> Optional[str]:
+    """`data` decoded with `codec` around byte `at`, or None when it does not decode to text: a wrong
+    encoding meets bytes it has no character for, or gives control, unassigned or private-use ones."""
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError:
+        return None
+    if any(unicodedata.category(c) in ("Cc", "Cn", "Co") for c in text if c not in "\t\r"):  # JSON whitespace
+        return None
+    i = len(data[:at].decode(codec, "ignore"))  # the character the bad byte starts
+    return text[max(0, i - READING_CONTEXT):i + READING_CONTEXT + 1]
 
 
 def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]], Optional[Problem]]:

@@ -2,14 +2,16 @@
 
 Each file holds one metric family and states its formula and the reference it is tested
 against (sacrebleu, rouge-score, torch cross_entropy) in tests/test_metrics.py, and for ROUGE-Lsum
-and the Porter stemmer (rouge-score, NLTK) in tests/test_rouge.py.
+and the Porter stemmer (rouge-score, NLTK) in tests/test_rouge.py. ROUGE's file is rouge_metric.py:
+the function `rouge` exported here would hide a module named rouge (`import minipeft.metrics.rouge
+as m` reads this package's attribute, and would give the function).
 """
 from .bleu import BleuScore, bleu_tokenize, corpus_bleu
 from .exact_match import exact_match, exact_match_accuracy, normalize_answer
 from .lm import (IGNORE_INDEX, StreamingLMMetrics, causal_lm_loss, head_loss, perplexity, scored_suffix,
                  token_accuracy)
 from .porter import porter_stem
-from .rouge import ROUGE_TYPES, RougeScore, rouge, rouge_pair, rouge_tokenize
+from .rouge_metric import ROUGE_TYPES, RougeScore, rouge, rouge_pair, rouge_tokenize
 
 __all__ = [
     "IGNORE_INDEX", "causal_lm_loss", "head_loss", "scored_suffix", "perplexity", "token_accuracy", "StreamingLMMetrics",
