@@ -9,7 +9,8 @@ format), metrics.jsonl, loss_curve.png, eval_before/ and eval_after/ (metrics.js
 report.md and samples.md (the fine-tuned model's, for the outline's human spot check), and
 demo.json, the run's record: written first, completed with the summary at the end. A rerun
 replaces a previous demo run (a directory holding demo.json); any other non-empty directory is
-refused, so the demo only ever deletes what it created.
+refused, so the demo only ever deletes what it created. The hidden temporaries of a run's files
+that a run killed mid-write left (.demo.json.*.tmp, .checkpoint-N.tmp*) are removed, and said so.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from .checkpoint import load_pretrained
 from .data import load_jsonl
 from .distributed import use_device
 from .evaluate import evaluate, write_report
-from .job import REPO, DEFAULT_MODEL, run_job
-from .files import check_output_dir, json_bytes, write_atomic
+from .job import REPO, DEFAULT_MODEL, check_outside_model, run_job
+from .files import check_output_dir, json_bytes, temp_target, write_atomic
 from .peft_model import PeftModel
 from .templates import get_template
 from .tokenizer import load_tokenizer
@@ -72,28 +73,51 @@ def _evaluate(model, cfg: TrainConfig, spec: dict[str, Any], out: Path, samples:
     return result.metrics
 
 
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or name.startswith("checkpoint-")
+
+
+def _debris(out: Path) -> list[Path]:
+    """The temporaries of a run's files (files.temp_target) in the directory `out`: what a run
+    killed mid-write left. Any other hidden file is not the demo's to delete."""
+    if out.is_symlink() or not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if _is_run_file(temp_target(p.name) or ""))
+
+
 def _is_demo_run(out: Path) -> bool:
     """Whether `out` is a directory a demo run wrote: its record demo.json (a JSON object with
-    "finished") and nothing but what a run writes beside it."""
+    "finished") and nothing but what a run writes beside it (or left mid-write: _debris)."""
     if out.is_symlink() or not (out / RECORD).is_file():
         return False
     try:
         record = json.loads((out / RECORD).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return False
-    written = {p.name for p in out.iterdir()} - RUN_FILES
-    return isinstance(record, dict) and "finished" in record and all(n.startswith("checkpoint-") for n in written)
+    written = set(out.iterdir()) - set(_debris(out))
+    return isinstance(record, dict) and "finished" in record and all(_is_run_file(p.name) for p in written)
 
 
 def claim_output_dir(out: Path) -> None:
     """Make `out` a clean directory marked as a demo run (demo.json): a previous demo run is
-    removed, a new or empty directory is used, anything else is a ValueError (nothing deleted)."""
+    removed, a new or empty directory is used (the temporaries a killed run left in either are
+    removed, and said so), anything else is a ValueError (nothing deleted)."""
+    debris = _debris(out)
     if _is_demo_run(out):
-        shutil.rmtree(out)
-    elif out.exists() and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
+        shutil.rmtree(out)  # its debris with it
+    elif out.exists() and (out.is_symlink() or not out.is_dir() or set(out.iterdir()) - set(debris)):
         raise ValueError(f"--output-dir {out}: exists and is not a previous demo run (a {RECORD} record and only "
                          "the files a run writes); the demo replaces only its own runs: choose a new or empty "
                          "directory")
+    else:  # new, empty, or holding debris alone: a run killed at its first write
+        for path in debris:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if debris:
+        print(f"--output-dir {out}: removed temporary files of a run killed mid-write: "
+              f"{', '.join(p.name for p in debris)}")
     # A path that cannot be a directory (under a file, not writable) is a one-line error, as for `minipeft
     # train`, rather than write_atomic's OSError traceback.
     check_output_dir(out, "--output-dir")
@@ -103,6 +127,7 @@ def claim_output_dir(out: Path) -> None:
 def run_demo(task: str = "json_extract", output_dir: str = "runs/demo", samples: int = 20) -> dict[str, Any]:
     cfg, spec = demo_config(task, output_dir)
     out = Path(output_dir)
+    check_outside_model(output_dir, Path(cfg.model), "--output-dir")  # before the claim writes demo.json there
     claim_output_dir(out)
     t0 = time.perf_counter()
     device = use_device(cfg.device)  # where the job trains: the evaluations run there too

@@ -64,7 +64,7 @@ from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
 from .metrics.exact_match import AnswerSet, parse_json
-from .metrics.rouge import CJK
+from .metrics.rouge_metric import CJK
 from .files import json_bytes, staged_dir
 from .templates import ChatTemplate, Rendered
 from .tokenizer import Tokenizer
@@ -134,27 +134,38 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
         yield slice(start, min(start + batch_size, n))
 
 
+def virtual_tokens(model: nn.Module) -> int:
+    """The positions a prefix- or prompt-tuned model's active adapter puts before every input
+    (prompt_learning: the real tokens' positions start after them); 0 for any other model. Counted
+    under disable_adapter too, where they are not read: a room short by them, never past the context."""
+    config = getattr(model, "active_peft_config", None)
+    return config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
+
+
 @torch.no_grad()
 def generate_replies(model: nn.Module, prompts: Sequence[list[int]], stop_ids: Sequence[int], pad_id: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> list[tuple[list[int], bool]]:
     """Greedy replies (ids before the first stop id, whether a stop id came) in prompt order, of
     at most max_new_tokens, and never past the model's context (max_position_embeddings: the
-    positions it was trained on), counted from a batch's longest prompt.
+    positions it was trained on), counted from a batch's longest prompt after the virtual tokens
+    of prefix or prompt tuning.
 
     Longest prompts first: rows of a batch have similar lengths (little padding), and a batch
     too big for memory fails at once rather than at the end.
     """
     device, context = next(model.parameters()).device, model.config.max_position_embeddings
+    virtual = virtual_tokens(model)
+    after = f" after {virtual} virtual tokens" if virtual else ""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     for rows in _batches(len(order), batch_size, "eval: generate", progress):
         batch = [prompts[i] for i in order[rows]]
         ids = pad_rows(batch, pad_id, "left").to(device)
         mask = pad_rows([[1] * len(p) for p in batch], 0, "left").to(device)
-        room = context - ids.shape[1]
+        room = context - virtual - ids.shape[1]
         if room < 1:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens fills the model's context of {context} tokens: "
-                             "nothing can be generated after it")
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens{after} fills the model's context of {context} "
+                             "tokens: nothing can be generated after it")
         out = generate(model, ids, min(max_new_tokens, room), eos_token_id=list(stop_ids), attention_mask=mask,
                        pad_token_id=pad_id)
         for i, new in zip(order[rows], out[:, ids.shape[1]:].tolist()):

@@ -18,6 +18,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -61,6 +62,18 @@ def staging_dir(path: PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
+
+
+# write_atomic's file .NAME.XXXXXXXX.tmp and staging_dir's directory .NAME.tmpXXXXXXXX (XXXXXXXX: tempfile's
+# random characters).
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|tmp[a-z0-9_]{8})")
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The name of the file or directory that `name` is write_atomic's or staging_dir's temporary
+    for, else None: what a process killed mid-write leaves beside its target (no cleanup ran)."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match["name"] if match else None
 
 
 def replace_dir(tmp: Path, path: PathLike, stale: Optional[str] = None) -> None:

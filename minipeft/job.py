@@ -137,15 +137,35 @@ def check_context(max_length: int, model_dir: Path, virtual_tokens: int = 0) -> 
                          f"max_position_embeddings={context}; use max_length <= {context - virtual_tokens}")
 
 
+def check_outside_model(output_dir: str, model_dir: Path, name: str) -> None:
+    """output_dir (the setting or flag `name`) is neither the base model's folder nor inside it: a
+    job there would mix its files (adapter/, checkpoints) with the model's, and could alter the model."""
+    if Path(output_dir).resolve().is_relative_to(model_dir.resolve()):
+        raise ValueError(f"{name} {output_dir}: inside the base model's folder {model_dir}; the job's files would "
+                         "mix with the model's, and could alter it: choose a folder outside it")
+
+
+def warn_if_test_is_train(cfg: TrainConfig) -> None:
+    """A test_file that is train_file scores the examples the model trains on: its eval loss then
+    measures memorization, not generalization. A warning, not an error: a smoke test may mean it."""
+    if cfg.test_file and Path(cfg.test_file).resolve() == Path(cfg.train_file).resolve():
+        warnings.warn(f"test_file {cfg.test_file} is train_file {cfg.train_file}: the evaluation scores the "
+                      "training examples (memorization, not generalization); give held-out data, or leave "
+                      "test_file out to hold out test_ratio of train_file")
+
+
 def check_job(cfg: TrainConfig) -> None:
     """What a job needs beyond TrainConfig's checks of each value, checked against the files
     before the model loads (seconds, not minutes, to an error): a train_file (TrainConfig leaves it
-    optional because pretraining has none), a writable output_dir, a max_length (after prefix or prompt
-    tuning's virtual tokens) within the model's context, and an init_adapter of the job's method,
-    trained with its settings. Creates nothing. run_job then reads the data, still before the model."""
+    optional because pretraining has none), a writable output_dir outside the base model's folder, a
+    max_length (after prefix or prompt tuning's virtual tokens) within the model's context, and an
+    init_adapter of the job's method, trained with its settings; a test_file that is train_file is
+    warned of. Creates nothing. run_job then reads the data, still before the model."""
     if not cfg.train_file:
         raise ValueError("train_file is required: the JSONL file (instruction or conversation lines) to fine-tune on")
     check_output_dir(cfg.output_dir, "output_dir")
+    check_outside_model(cfg.output_dir, default_model_dir(cfg.model), "output_dir")
+    warn_if_test_is_train(cfg)
     method = method_config(cfg)
     check_context(cfg.max_length, default_model_dir(cfg.model),
                   method.num_virtual_tokens if method is not None and method.is_prompt_learning else 0)

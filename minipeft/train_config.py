@@ -5,7 +5,8 @@ The outline's core parameters (section 4.1) with its usual values: learning_rate
 weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key, a value of
 the wrong type (each key takes its annotation's type: `true` is no integer, `2.5` no batch size)
 or an out-of-range value is an error that names the key, before any work starts; so is a key
-given twice (YAML and JSON parsers keep the last one silently).
+given twice (YAML and JSON parsers keep the last one silently), and in `minipeft train`'s job file
+a key of another method's block (lora_rank in a prefix job: METHOD_BLOCKS), which would be ignored.
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ ALIASES = {"epochs": "n_epochs", "r": "lora_rank", "training_file": "train_file"
 _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
           list: "a list of strings", type(None): "null"}
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit (the trainer seeds seed + epoch); the platform API's bound too
+# Each method block: its name as errors say it -> (the methods that read it, its keys); another method
+# ignores them.
+METHOD_BLOCKS = {"a LoRA": (("lora", "qlora"), ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora",
+                                                 "target_modules")),
+                 "an adapter": (("adapter",), ("bottleneck_size", "adapter_placement")),
+                 "a prefix or prompt tuning": (("prefix", "prompt"), ("num_virtual_tokens",))}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -94,6 +101,18 @@ def _conform(value: Any, hint: Any) -> Any:
 def _refuse(bad: list[str]) -> None:
     if bad:
         raise ValueError("invalid training config: " + "; ".join(bad))
+
+
+def _refuse_other_methods(written: dict[str, str], method: str, where: str, default: bool) -> None:
+    """Refuse the keys (as written -> their field) of method blocks other than `method`'s;
+    default: the file sets no method, so `method` is TrainConfig's."""
+    bad = [f"{key} is {block} setting (method {' or '.join(map(repr, methods))})"
+           for key, name in written.items() for block, (methods, names) in METHOD_BLOCKS.items()
+           if name in names and method not in methods]
+    if bad:
+        them = "them" if len(bad) > 1 else "it"
+        raise ValueError(f"{where}: {'; '.join(bad)}; this job's method is {method!r}"
+                         f"{' (the default)' if default else ''}, which would ignore {them}")
 
 
 @dataclass
@@ -186,6 +205,9 @@ class TrainConfig:
             ("save_total_limit", self.save_total_limit >= 1, ">= 1"),
             ("num_virtual_tokens", self.num_virtual_tokens >= 1, ">= 1"),
             ("bottleneck_size", self.bottleneck_size >= 1, ">= 1"),
+            # find_targets would refuse it too, but only once the model has loaded
+            ("target_modules", self.target_modules not in ([], ""),
+             "a non-empty list of module names, a regular expression or 'all-linear'"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
             # The trainer updates weights in their own dtype, with no float32 master copy: a step below
             # half of bf16's spacing (2^-8 of the weight) rounds away; at lr 2e-5 norm gains never move.
@@ -201,24 +223,31 @@ class TrainConfig:
         _refuse([f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config", refuse_other_methods: bool = False) -> "TrainConfig":
+        """The config of settings `d`; errors name `where`. refuse_other_methods: a key of another
+        method's block (lora_rank in a prefix job) is an error, as the job would ignore it; a record
+        naming every setting (to_dict's: job_config.json) holds every block and is taken whole."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        written: dict[str, str] = {}  # key as written -> its field
         for key, value in d.items():
             name = ALIASES.get(key, key)
             if name not in names:
                 raise ValueError(f"{where}: unknown key {key!r}; known keys: {sorted(names | set(ALIASES))}")
             if name in kwargs:
                 raise ValueError(f"{where}: {key!r} given twice (it is an alias of {name!r})")
-            kwargs[name] = value
+            kwargs[name], written[key] = value, name
         try:
-            return cls(**kwargs)
+            cfg = cls(**kwargs)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        if refuse_other_methods and kwargs.keys() != names:
+            _refuse_other_methods(written, cfg.method, where, default="method" not in kwargs)
+        return cfg
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "TrainConfig":
-        """Read a JSON or YAML job file."""
+    def load(cls, path: Union[str, Path], refuse_other_methods: bool = False) -> "TrainConfig":
+        """Read a JSON or YAML job file; refuse_other_methods as from_dict's."""
         path = existing_file(path, "expected a JSON or YAML job file")
         if path.suffix in (".yaml", ".yml"):
             try:
@@ -231,7 +260,7 @@ class TrainConfig:
             d = read_json(path, "expected a JSON or YAML job file", unique_keys=True)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(d, where=str(path), refuse_other_methods=refuse_other_methods)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
