@@ -46,6 +46,10 @@ class LoraConfig(PeftConfig):
     init_lora_weights: Union[bool, str] = True
     bias: str = "none"  # "none" | "all" | "lora_only": which biases also train
     modules_to_save: Optional[list[str]] = None  # whole modules trained and saved too (e.g. ["lm_head"])
+    # LoRA only in these decoder layers (an index or a list; None or []: all), and the name(s) of the
+    # list holding them (None: any), for a list of target_modules, as PEFT (minipeft.targets)
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
     peft_type = "LORA"
 
     def __post_init__(self) -> None:
@@ -60,6 +64,22 @@ class LoraConfig(PeftConfig):
                              f"weights unchanged), got {self.init_lora_weights!r}")
         if isinstance(self.target_modules, (tuple, set)):
             self.target_modules = sorted(self.target_modules)
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """layers_to_transform holds layer indices; as in PEFT, both fields filter a list of target_modules
+        names (not a regular expression or "all-linear"), and layers_pattern needs layers_to_transform."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        indices = layers if isinstance(layers, list) else [layers]
+        if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise ValueError(f"LoraConfig: layers_to_transform must be an int or a list of ints, got {layers!r}")
+        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
+            raise ValueError(f"LoraConfig: layers_to_transform and layers_pattern need target_modules to be a list "
+                             f"of names, got target_modules={self.target_modules!r} with layers_to_transform="
+                             f"{layers!r}, layers_pattern={pattern!r}")
+        if pattern and layers is None:
+            raise ValueError(f"LoraConfig: layers_pattern needs layers_to_transform (the indices of the layers "
+                             f"in {pattern!r} to adapt), got None")
 
     @property
     def scaling(self) -> float:

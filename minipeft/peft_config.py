@@ -1,15 +1,17 @@
 """The base of every method's config and its `adapter_config.json`, in Hugging Face PEFT's format.
 
 A config is a dataclass; `peft_type` names the method ("LORA", "PREFIX_TUNING", ...). Reading a
-file written by PEFT, a field we do not implement is accepted only while it holds PEFT's default
-value: an adapter that relies on a feature we lack (DoRA, rank_pattern, ...) is refused with the
-field's name, rather than loaded and silently wrong.
+file written by PEFT, a field of PEFT's we do not implement is accepted only while it holds PEFT's
+default value: an adapter that relies on a feature we lack (DoRA, rank_pattern, ...) is refused with
+the field's name, rather than loaded and silently wrong. A field PEFT 0.22 does not know either (from
+a newer PEFT, or misspelt) is dropped with a warning naming it, as PEFT drops it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -21,9 +23,9 @@ _REGISTRY: dict[str, type["PeftConfig"]] = {}
 # PEFT fields we do not model, with the values under which ignoring them changes nothing.
 _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "alpha_pattern": ({}, None), "rank_pattern": ({}, None), "use_dora": (False, None),
-    "fan_in_fan_out": (False,), "layers_to_transform": (None,), "layers_pattern": (None,),
+    "fan_in_fan_out": (False,),
     "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "layer_replication": (None,), "exclude_modules": (None,), "use_qalora": (False,),
+    "layer_replication": (None,), "exclude_modules": (None, []), "use_qalora": (False,),
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
     "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
@@ -70,7 +72,7 @@ class PeftConfig:
             raise ValueError(f"{where}: peft_type {peft_type!r} is not supported; expected one of {sorted(_REGISTRY)}")
         klass = _REGISTRY[peft_type]
         names = {f.name for f in dataclasses.fields(klass)}
-        kwargs, unsupported = {}, []
+        kwargs, unsupported, unknown = {}, [], []
         for key, value in d.items():
             if key in names:
                 kwargs[key] = value
@@ -78,9 +80,12 @@ class PeftConfig:
                 if value not in _HARMLESS_DEFAULTS[key]:
                     unsupported.append(f"{key}={value!r}")
             elif key not in _IGNORED and key != "peft_type":
-                unsupported.append(f"{key}={value!r}")
+                unknown.append(key)
         if unsupported:
             raise ValueError(f"{where}: fields not supported by minipeft: {', '.join(unsupported)}")
+        if unknown:  # PEFT's own warning (PeftConfigMixin.from_peft_type), which assumes defaults are meant
+            warnings.warn(f"{where}: Unexpected keyword arguments {sorted(unknown)} for class {klass.__name__}, "
+                          "these are ignored (fields of a newer PEFT, or misspelt: PEFT 0.22 ignores them too)")
         try:
             return klass(**kwargs)
         except (TypeError, ValueError) as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -26,7 +27,7 @@ from .linear4bit import Linear4bit, dequantize_model
 from .lora import LoraConfig, LoraLayer, LoraLinear
 from .model import Transformer
 from .files import staged_dir
-from .peft_config import PeftConfig
+from .peft_config import CONFIG_NAME, PeftConfig
 from .prompt_learning import PrefixEncoder, PromptEmbedding
 from .targets import find_targets, set_submodule
 from .tuner_layer import ModulesToSave, TunerLayer
@@ -41,6 +42,8 @@ BASE_QUANTIZATION = "minipeft.base_quantization"
 LAYER_TUNERS: dict[str, type[TunerLayer]] = {"LORA": LoraLayer, "BOTTLENECK_ADAPTER": BottleneckAdapter}
 PROMPT_ENCODERS: dict[str, type[nn.Module]] = {"PREFIX_TUNING": PrefixEncoder, "PROMPT_TUNING": PromptEmbedding}
 PathLike = Union[str, os.PathLike]
+# Config fields that leave what loaded weights compute unchanged: where they came from, how they started.
+_PROVENANCE = ("base_model_name_or_path", "init_lora_weights")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -75,6 +78,11 @@ def _default_init(config: PeftConfig) -> PeftConfig:
     return config
 
 
+def _unordered(value: object) -> object:
+    """A list field compared as a set of entries: PEFT writes target_modules from a set, in any order."""
+    return sorted(value) if isinstance(value, list) else value
+
+
 def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`tensors` with each one that shares storage with an earlier one copied: safetensors refuses
     aliases, and PEFT's files hold some (a modules_to_save bias under two keys)."""
@@ -87,17 +95,31 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _trainability_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """On an error inside the block, each parameter of `model` gets its requires_grad back: a refused
+    get_peft_model or from_pretrained hands the caller's model back as it was, not frozen."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 class PeftModel(nn.Module):
     def __init__(self, model: Transformer, config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
-        self.base_model = model.requires_grad_(False)
         self.peft_config: dict[str, PeftConfig] = {}
         self.prompt_encoder = nn.ModuleDict()
         self.active_adapter = adapter_name
         self._disabled = False
         self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        with _trainability_restored_on_error(model):  # add_adapter undoes its own wrapping
+            self.base_model = model.requires_grad_(False)
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
         self.train(model.training)  # new dropout modules follow the model's mode
 
     @property
@@ -119,7 +141,8 @@ class PeftModel(nn.Module):
                 self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)
             else:
                 layer_cls = LAYER_TUNERS[config.peft_type]
-                for target in find_targets(self.base_model, config.target_modules, layer_cls):
+                layers = (getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
+                for target in find_targets(self.base_model, config.target_modules, layer_cls, *layers):
                     self._wrap(target, layer_cls).add_adapter(name, config)
             for target in getattr(config, "modules_to_save", None) or []:
                 for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
@@ -163,11 +186,13 @@ class PeftModel(nn.Module):
         return sorted({a for _, layer in self.tuner_layers() for a in layer.merged_adapters})
 
     def set_adapter(self, name: str) -> None:
+        """Make `name` the active adapter. As PEFT, a merged adapter (even `name`) is unmerged first,
+        with a warning, before any layer switches: `name` then runs unmerged."""
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
-        merged = self._merged()
-        if merged not in ([], [name]):  # refused before any layer switches
-            raise ValueError(f"adapter {merged} is merged; unmerge_adapter() before switching to {name!r}")
+        if self._merged():
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+            self.unmerge_adapter()
         for _, layer in self.tuner_layers():
             layer.set_adapter(name)
         self.active_adapter = name
@@ -197,8 +222,9 @@ class PeftModel(nn.Module):
                   if n.endswith("bias") and not n.startswith(in_copies + adapters)}
         if bias == "all":
             return params
-        if bias == "lora_only":
-            wrapped = {n + ".base_layer.bias" for n, m in self.tuner_layers() if isinstance(m, LoraLinear)}
+        if bias == "lora_only":  # the modules this adapter wraps, not those only another adapter wraps
+            wrapped = {n + ".base_layer.bias" for n, m in self.tuner_layers()
+                       if isinstance(m, LoraLinear) and name in m.adapter_names()}
             return {n: p for n, p in params.items() if n in wrapped}
         return {}
 
@@ -401,20 +427,42 @@ class PeftModel(nn.Module):
         """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
         config = PeftConfig.load(directory)
         config.inference_mode = not is_trainable  # as PEFT: prompt tuning skips an init the file replaces
-        peft_model = cls(model, _default_init(config), adapter_name)
-        with peft_model._removed_on_error(adapter_name):  # the caller's model, wrapped in place, comes back bare
-            peft_model.peft_config[adapter_name] = config
-            peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
+        # The caller's model, wrapped and frozen in place, comes back bare and as trainable as it was.
+        with _trainability_restored_on_error(model):
+            peft_model = cls(model, _default_init(config), adapter_name)
+            with peft_model._removed_on_error(adapter_name):
+                peft_model.peft_config[adapter_name] = config
+                peft_model.load_adapter_weights(directory, adapter_name, is_trainable)
         return peft_model.train(is_trainable)
 
     def load_adapter(self, directory: PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in `directory` under `adapter_name` (not made active)."""
+        """Add the adapter saved in `directory` under `adapter_name` (not made active).
+
+        As PEFT, an existing `adapter_name` takes the file's weights instead, its trainability kept
+        (is_trainable unused). Unlike PEFT, which keeps the adapter's config whatever the file's says,
+        a file whose config differs is refused: its weights would run under the wrong one (scaling)."""
         config = PeftConfig.load(directory)
+        if adapter_name in self.peft_config:
+            self._check_reloadable(adapter_name, config, directory)
+            self.load_adapter_weights(directory, adapter_name, is_trainable=adapter_name not in self._frozen)
+            return
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, _default_init(config))
         with self._removed_on_error(adapter_name):
             self.peft_config[adapter_name] = config
             self.load_adapter_weights(directory, adapter_name, is_trainable)
+
+    def _check_reloadable(self, name: str, config: PeftConfig, directory: PathLike) -> None:
+        """Refuse to load the weights in `directory` (config `config`) into existing adapter `name` when it
+        is merged (unmerging would then subtract the new ΔW, not the merged one) or configured otherwise."""
+        if name in self._merged():
+            raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before loading weights into it")
+        old, new = self.peft_config[name].to_dict(), config.to_dict()
+        differ = [f"{key} {old[key]!r} here, {new.get(key)!r} in the file" for key in old
+                  if key not in _PROVENANCE and _unordered(old[key]) != _unordered(new.get(key))]
+        if differ:
+            raise ValueError(f"{Path(directory) / CONFIG_NAME}: adapter {name!r} exists with another config: "
+                             f"{'; '.join(differ)}; delete_adapter({name!r}) first, or load it under another name")
 
     @contextlib.contextmanager
     def _removed_on_error(self, name: str) -> Iterator[None]:

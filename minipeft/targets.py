@@ -7,6 +7,12 @@
   as in PEFT: name "embed_tokens" to adapt it).
 Each method says which modules it can wrap (`TunerLayer.layer_for`: LoRA takes Linear and Embedding);
 a name matching another kind of module is refused.
+
+LoRA's `layers_to_transform` (an index or a list of them; None or []: every layer) keeps, of the
+modules a list of names selects by suffix, those inside the given layers, as PEFT: a module's layer
+is the first `<container>.<i>.` in its name, with `<container>` one of `layers_pattern` (regexes;
+None: any name after at least one parent, so "model.layers.3.mlp" is in layer 3, lm_head in none).
+As in PEFT, a list entry equal to a full module name is taken whatever its layer.
 """
 from __future__ import annotations
 
@@ -28,10 +34,26 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Linear4bit))
 
 
+def layer_index(name: str, layers_pattern: Optional[Union[str, Sequence[str]]] = None) -> Optional[int]:
+    """The index of the layer module `name` sits in (module docstring), None outside any layer."""
+    if not layers_pattern:
+        regexes = [r".*?\.[^.]*\.(?P<idx>\d+)\."]  # lazy: the first index, not an expert's inside it
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
+    for regex in regexes:
+        match = re.match(regex, name)
+        if match:
+            return int(match["idx"])
+    return None
+
+
 def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[str]]],
-                 wrapper: Optional[type["TunerLayer"]] = None) -> list[str]:
-    """Full names of the modules selected by `target_modules` (see the module docstring), each one that
-    `wrapper` (a TunerLayer class; default: Linear only) can wrap."""
+                 wrapper: Optional[type["TunerLayer"]] = None,
+                 layers_to_transform: Optional[Union[int, Sequence[int]]] = None,
+                 layers_pattern: Optional[Union[str, Sequence[str]]] = None) -> list[str]:
+    """Full names of the modules selected by `target_modules` in the layers `layers_to_transform` (see
+    the module docstring), each one that `wrapper` (a TunerLayer class; default: Linear only) can wrap."""
     from .tuner_layer import TunerLayer
 
     wrapper = wrapper or TunerLayer
@@ -44,6 +66,11 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
     wrappers = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
     names = [n for n, _ in model.named_modules() if n and not any(n.startswith(w + ".") for w in wrappers)]
     linears = [n for n in names if is_linear(unwrapped(n))]
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+
+    def in_layers(name: str) -> bool:
+        return not wanted or layer_index(name, layers_pattern) in wanted
+
     if target_modules is None:
         target_modules = list(DEFAULT_TARGETS)
     if target_modules == "all-linear":
@@ -51,11 +78,13 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
     elif isinstance(target_modules, str):
         found = [n for n in names if re.fullmatch(target_modules, n)]
     else:
-        found = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+        found = [n for n in names if n in target_modules
+                 or (any(n.endswith("." + t) for t in target_modules) and in_layers(n))]
     if not found:
         leaf_names = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(f"target_modules={target_modules!r} matched no module; the model's Linear modules are "
-                         f"named {leaf_names} (e.g. {linears[:2]})")
+        layers = "" if layers_to_transform is None else f" with layers_to_transform={layers_to_transform!r}"
+        raise ValueError(f"target_modules={target_modules!r}{layers} matched no module; the model's Linear modules "
+                         f"are named {leaf_names} (e.g. {linears[:2]})")
     refused = [n for n in found if wrapper.layer_for(unwrapped(n)) is None]
     if refused:
         raise ValueError(f"target_modules={target_modules!r} matched modules that are not {wrapper.wraps} layers: "

@@ -58,6 +58,17 @@ def to_hf(model: Transformer):
     return hf.to(next(model.parameters()).dtype).eval()
 
 
+
+@torch.no_grad()
+def same_random_adapter(ours, ref, std: float, only: str | None = None) -> None:
+    """Draw minipeft's trainable weights (or those whose name holds `only`, trainable or not) from
+    N(0, std^2) and copy each into PEFT's model `ref` (B != 0: the adapter shows in the output)."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if (only in name) if only is not None else p.requires_grad:
+            p.normal_(std=std)
+            ref_params[name.replace("base_model.", "base_model.model.", 1)].copy_(p)  # PEFT nests once more
+
 @pytest.fixture(params=sorted(TINY))
 def family(request) -> str:
     return request.param

@@ -7,7 +7,7 @@ import torch
 from minipeft import load_pretrained
 from minipeft.lora import LoraConfig
 from minipeft.peft_model import PeftModel, get_peft_model
-from conftest import tiny_model, to_hf
+from conftest import same_random_adapter, tiny_model, to_hf
 from test_lora import IDS, trained
 
 import peft
@@ -55,12 +55,7 @@ def test_same_weights_same_logits_and_parameter_counts():
     cfg = CASES["outline"]
     ours = get_peft_model(tiny_model("llama-gqa"), LoraConfig(**cfg))
     ref = peft.get_peft_model(_peft_reference("llama-gqa"), peft.LoraConfig(task_type="CAUSAL_LM", **cfg))
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                p.normal_(std=0.05)
-                ref_params[name.replace("base_model.", "base_model.model.", 1)].copy_(p)  # PEFT nests once more
+    same_random_adapter(ours, ref, std=0.05)
     ours.eval(), ref.eval()
     torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
     assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()

@@ -41,6 +41,30 @@ def test_a_peft_0_2_lora_config_loads(tmp_path):
         PeftConfig.load(tmp_path)
 
 
+def test_fields_peft_does_not_know_are_dropped_with_a_warning_as_peft(tmp_path):
+    """A config written by a newer PEFT holds fields PEFT 0.22 does not know: it drops them, warning with
+    their names, and loads (a misspelt field too: it cannot tell them apart). minipeft refused the file.
+    Fields PEFT knows and minipeft does not implement are still refused unless harmless (use_dora)."""
+    write(tmp_path, {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": ["q_proj"],
+                     "use_future_thing": True, "lora_alpah": 32})
+    for load in (lambda: peft.PeftConfig.from_pretrained(str(tmp_path)), lambda: PeftConfig.load(tmp_path)):
+        with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['lora_alpah', 'use_future_thing'\] "
+                                             "for class LoraConfig, these are ignored"):
+            config = load()
+        assert (config.r, config.lora_alpha) == (4, 16)
+
+
+def test_an_empty_exclude_modules_loads_as_peft(tmp_path):
+    """PEFT writes exclude_modules=[] for an empty set and excludes nothing with it (as None); minipeft
+    refused the file. A non-empty one is still refused: minipeft does not implement exclusion."""
+    peft.LoraConfig(r=4, target_modules=["q_proj"], exclude_modules=[]).save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exclude_modules"] == []
+    assert PeftConfig.load(tmp_path).target_modules == ["q_proj"]
+    write(tmp_path, {"peft_type": "LORA", "target_modules": ["q_proj"], "exclude_modules": ["layers.0.self_attn"]})
+    with pytest.raises(ValueError, match=r"not supported by minipeft: exclude_modules=\['layers.0.self_attn'\]"):
+        PeftConfig.load(tmp_path)
+
+
 @pytest.mark.parametrize("make, field", [
     (lambda v: LoraConfig(r=v), "r"),
     (lambda v: AdapterConfig(bottleneck_size=v), "bottleneck_size"),

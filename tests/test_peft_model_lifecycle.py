@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from minipeft.lora import LoraConfig
 from minipeft.peft_model import WEIGHTS_NAME, PeftModel, get_peft_model
 from minipeft.tuner_layer import TunerLayer
-from conftest import tiny_model, to_hf
+from conftest import same_random_adapter, tiny_model, to_hf
 
 IDS = torch.randint(0, 131, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -24,12 +24,7 @@ def both(first: tuple[str, dict], *more: tuple[str, dict], family="llama-gqa"):
     for name, cfg in more:
         ours.add_adapter(name, LoraConfig(**cfg))
         ref.add_adapter(name, peft.LoraConfig(**cfg))
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if ".lora_" in name:
-                p.normal_(std=0.05)
-                ref_params[name.replace("base_model.", "base_model.model.", 1)].copy_(p)  # PEFT nests once more
+    same_random_adapter(ours, ref, std=0.05, only=".lora_")
     return ours.eval(), ref.eval()
 
 
@@ -156,3 +151,84 @@ def test_nested_disable_adapter_keeps_the_outer_block_disabled_as_peft():
                         raise RuntimeError("a failing request")
                 torch.testing.assert_close(logits(), base, atol=1e-5, rtol=0)
             torch.testing.assert_close(logits(), adapted, atol=1e-5, rtol=0)
+
+
+def trainable_biases(model, prefix: str) -> list[str]:
+    """The trainable biases' module paths (`prefix`: "base_model." for minipeft, PEFT nests once more)."""
+    return sorted(n.removeprefix(prefix) for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
+
+
+def test_lora_only_trains_the_biases_of_its_own_layers_only_as_peft():
+    """bias="lora_only" trains the biases of the modules its adapter wraps. minipeft took every LoRA
+    wrapper's, so a second adapter on v_proj made the first one train v_proj's biases too (PEFT leaves
+    the parameters already there as they were when an adapter is added)."""
+    ours, ref = both(("default", dict(r=2, target_modules=["q_proj"], bias="lora_only")),
+                     ("b", dict(r=2, target_modules=["v_proj"])), family="qwen2")
+    assert trainable_biases(ours, "base_model.") == trainable_biases(ref, "base_model.model.") == [
+        f"model.layers.{i}.self_attn.q_proj.base_layer.bias" for i in range(2)]
+
+
+def test_a_failed_from_pretrained_or_get_peft_model_leaves_the_base_trainable_as_it_was(tmp_path):
+    """The caller's model came back unwrapped but frozen (requires_grad False everywhere): training it
+    in full next, or building another adapter's model from it, silently trained nothing of the base.
+    PEFT refuses an unknown target before it freezes anything."""
+    good, _ = both(("default", dict(r=2, target_modules=["q_proj"])))
+    good.save_pretrained(tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    base, ref_base = tiny_model(), to_hf(tiny_model())
+    base.model.norm.requires_grad_(False)  # a caller's own choice, kept as well
+    before = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == before
+    with pytest.raises(ValueError):
+        peft.get_peft_model(ref_base, peft.LoraConfig(r=2, target_modules=["nope"]))
+    with pytest.raises(ValueError, match="matched no module"):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["nope"]))
+    assert all(p.requires_grad for p in ref_base.parameters())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == before
+
+
+@pytest.mark.parametrize("switch_to", ["b", "default"])
+def test_set_adapter_while_merged_warns_and_unmerges_first_as_peft(switch_to):
+    """minipeft refused to switch while an adapter was merged; PEFT warns and unmerges, even to set the
+    merged adapter again, and the newly active adapter then runs unmerged."""
+    ours, ref = both(("default", dict(r=2, target_modules=["q_proj", "v_proj"])),
+                     ("b", dict(r=2, target_modules=["q_proj"])))
+    for model in (ours, ref):
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model"):
+            model.set_adapter(switch_to)
+    assert ours.active_adapter == ref.active_adapter == switch_to
+    assert not any(layer.merged_adapters for _, layer in ours.tuner_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_load_adapter_under_an_existing_name_loads_the_new_weights_as_peft(tmp_path):
+    """minipeft refused the name ("already exists"); PEFT loads the file's weights into that adapter, its
+    trainability kept. A file whose config differs is refused: PEFT keeps the adapter's config and would
+    apply the new weights at the old scaling (lora_alpha 4 here), silently."""
+    cfg = dict(r=2, target_modules=["q_proj", "v_proj"])
+    ours, ref = both(("default", cfg))
+    ours.save_pretrained(tmp_path / "old")
+    new, _ = both(("default", cfg))  # other random weights
+    new.save_pretrained(tmp_path / "new")
+    for model in (ours, ref):
+        model.load_adapter(str(tmp_path / "old"), "x", is_trainable=True)
+        model.load_adapter(str(tmp_path / "new"), "x")  # is_trainable=False
+        model.set_adapter("x")
+    assert ours.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    assert ours.get_nb_trainable_parameters()[0] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), new(IDS), atol=0, rtol=0)
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 4}))
+    with pytest.raises(ValueError, match=r"adapter 'x' exists with another config: lora_alpha 8 here, 4 in the file"):
+        ours.load_adapter(tmp_path / "old", "x")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), new(IDS), atol=0, rtol=0)
+    ours.merge_adapter()  # new weights under a merged ΔW: unmerging would subtract the wrong one
+    with pytest.raises(ValueError, match=r"adapter 'x' is merged; unmerge_adapter\(\) before loading weights"):
+        ours.load_adapter(tmp_path / "new", "x")

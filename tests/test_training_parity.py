@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model, to_hf
+from conftest import same_random_adapter, tiny_model, to_hf
 from minipeft.linear4bit import quantize_model
 from minipeft.lora import LoraConfig
 from minipeft.metrics import IGNORE_INDEX, causal_lm_loss
@@ -47,12 +47,7 @@ def pair(family: str, quantized: bool):
     ref = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", **CFG)).train()
     if quantized:
         assert isinstance(ref.base_model.model.model.layers[0].mlp.up_proj, peft.tuners.lora.bnb.Linear4bit)
-    ref_params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                p.normal_(std=0.1)  # B != 0: the adapter and its dropout show in the output
-                ref_params[name.replace("base_model.", "base_model.model.", 1)].copy_(p)  # PEFT nests once more
+    same_random_adapter(ours, ref, std=0.1)
     return ours, ref
 
 
