@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -58,6 +58,14 @@ def init(device: torch.device) -> None:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def join(device: torch.device) -> None:
+    """init(device) where torchrun started several processes: a Trainer built from Python joins
+    them as run_job does (a no-op once joined). Alone, or with --nproc_per_node 1, there is no
+    other rank to join, and a plain process that merely has WORLD_SIZE=1 set starts no group."""
+    if _env("WORLD_SIZE", 1) > 1:
+        init(device)
+
+
 def rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
 
@@ -99,18 +107,29 @@ def buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     return out
 
 
-def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor across ranks, in place, one collective per bucket rather than per tensor:
-    a LoRA model has a few small tensors per layer, and each collective costs tens of microseconds
-    whatever its size. Alone, no-op."""
+def _bucketed(tensors: Sequence[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """collective(flat), in place, on each bucket of tensors flattened into one: a LoRA model has a
+    few small tensors per layer, and each collective costs tens of microseconds whatever its size.
+    Alone, no-op."""
     if not tdist.is_initialized():
         return
     for bucket in buckets(tensors):
         flat = bucket[0] if len(bucket) == 1 else torch.cat([t.reshape(-1) for t in bucket])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        collective(flat)
         if len(bucket) > 1:
             for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
                 t.copy_(part.view_as(t))
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor across ranks, in place, one collective per bucket rather than per tensor."""
+    _bucketed(tensors, lambda flat: tdist.all_reduce(flat, op=tdist.ReduceOp.SUM))
+
+
+@torch.no_grad()
+def broadcast(tensors: Sequence[torch.Tensor]) -> None:
+    """Give each tensor rank 0's values, in place (parameters too), one collective per bucket."""
+    _bucketed(tensors, lambda flat: tdist.broadcast(flat, src=0))
 
 
 def backend_is_nccl() -> bool:

@@ -151,6 +151,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 RESUMABLE = frozenset({"output_dir", "logging_steps", "eval_steps", "eval_batch_size", "save_strategy",
                        "save_steps", "save_total_limit", "report_to", "disable_tqdm", "gradient_checkpointing",
                        "device"})
+# The run's length T, max_steps or else n_epochs epochs: a resumed run may lengthen it, to train on
+# past the end it was set for (a finished run too), as transformers' Trainer allows. The steps taken
+# do not depend on T (the data order is (seed, epoch)'s, the batches the config's); the steps to come
+# follow the schedule of the new length T' (the schedule is a function of step and T, warm-up
+# ceil(warmup_ratio T') included), so for linear and cosine the learning rate jumps back up from the
+# old schedule's end. So does transformers' Trainer, which rebuilds its scheduler for T' and restores
+# only its step count, but for its first resumed step, which takes the rate its optimizer saved (0 at
+# a finished run's end: tests/test_schedule.py). Shortening is refused (check_length): the steps
+# taken were scheduled for the longer run, and may already be past the shorter one's end.
+LENGTH = ("max_steps", "n_epochs")
 # Files and directories: the same one, however it is written (relative or absolute, "./", symlinks).
 # "" and None keep their meaning (the shipped base model; no file).
 PATHS = frozenset({"train_file", "test_file", "model", "init_adapter"})
@@ -165,14 +175,27 @@ def _comparable(key: str, value: Any) -> Any:
 
 
 def check_resumable(saved: dict[str, Any], config: dict[str, Any], where: Path) -> None:
-    """Raise if `config` differs from the checkpoint's `saved` config in a key outside RESUMABLE:
-    resuming would silently mix two runs (another schedule, batch or data order; AdamW's settings
-    would even be replaced by the checkpoint's). Paths are compared resolved (against the current
-    directory)."""
+    """Raise if `config` differs from the checkpoint's `saved` config in a key outside RESUMABLE
+    and LENGTH (check_length's): resuming would silently mix two runs (another schedule, batch or
+    data order; AdamW's settings would even be replaced by the checkpoint's). Paths are compared
+    resolved (against the current directory)."""
     config = json.loads(strict_json(config))  # compare as saved: tuples become lists
     changed = [f"{key} {saved.get(key, '(absent)')!r} -> {config.get(key, '(absent)')!r}"
-               for key in sorted(saved.keys() | config.keys())
-               if key not in RESUMABLE and _comparable(key, saved.get(key)) != _comparable(key, config.get(key))]
+               for key in sorted(saved.keys() | config.keys()) if key not in RESUMABLE and key not in LENGTH
+               and _comparable(key, saved.get(key)) != _comparable(key, config.get(key))]
     if changed:
         raise ValueError(f"{where}: cannot resume with a different config (checkpoint -> now): {'; '.join(changed)}; "
                          "restore these values, or train into a new output_dir")
+
+
+def check_length(saved: dict[str, Any], config: dict[str, Any], steps_per_epoch: int, where: Path) -> None:
+    """Raise if `config` runs fewer steps (max_steps, else steps_per_epoch x n_epochs) than the
+    checkpoint's `saved` config: a resumed run may be lengthened, not shortened (LENGTH)."""
+    def steps(c: dict[str, Any]) -> int:
+        return c["max_steps"] or steps_per_epoch * c["n_epochs"]
+
+    if steps(config) < steps(saved):
+        changed = ", ".join(f"{key} {saved[key]!r} -> {config[key]!r}" for key in LENGTH if saved[key] != config[key])
+        raise ValueError(f"{where}: {changed}: the run would end at step {steps(config)}, before the {steps(saved)} "
+                         "steps its checkpoint's config runs; a resumed run may be lengthened (a larger n_epochs or "
+                         "max_steps), not shortened: restore these values, or train into a new output_dir")

@@ -12,9 +12,10 @@ would weight a token by 1/len(its micro-batch): the gradient-accumulation bug th
 found in transformers (tests/test_trainer.py checks bs=2 x accum=4 == bs=8 on ragged data).
 Logits are computed only at the supervised positions (metrics.head_loss), and the last layer
 only from the first of them on (metrics.scored_suffix): the prompt's positions skip the vocabulary
-projection and most of a layer. With torchrun, every rank takes its slice of each
-micro-batch; gradients are summed across ranks (gloo on CPU, NCCL on GPU) and only rank 0
-writes files.
+projection and most of a layer. With torchrun, the Trainer joins the process group (built from
+Python too) and, as torch's DistributedDataParallel, starts every rank from rank 0's trainable
+weights; every rank takes its slice of each micro-batch; gradients are summed across ranks (gloo
+on CPU, NCCL on GPU) and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -39,15 +40,16 @@ from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .model import Transformer
 from .schedule import lr_factor
 from .train_config import TrainConfig
-from .train_state import (check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state, rng_states,
-                          save_checkpoint)
+from .train_state import (check_length, check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state,
+                          rng_states, save_checkpoint)
 
 Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite: the run stops before the step is
-    applied; the last good checkpoint is kept."""
+    applied, its gradients dropped; the last good checkpoint is kept, and train(resume=True), on
+    the same Trainer too, continues from it."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -100,9 +102,10 @@ class Trainer:
         self.train_data: list[Rendered | PackedRow] = (
             pack_shuffled(train_data, config.max_length, config.seed) if config.packing else list(train_data))
         self.eval_data = list(eval_data)
-        self.rank, self.world = dist.rank(), dist.world_size()
         self.out = Path(config.output_dir)
         self.device = next(model.parameters()).device
+        dist.join(self.device)  # under torchrun: run_job has joined the other ranks; from Python, join them here
+        self.rank, self.world = dist.rank(), dist.world_size()
         if config.gradient_checkpointing:  # as HF's Trainer, in the model it is given (a PeftModel's base too)
             for module in model.modules():
                 if isinstance(module, Transformer):
@@ -115,6 +118,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate,
                                            betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # As DistributedDataParallel: ranks whose adapters were drawn from other seeds would each
+        # apply the summed gradients to other weights. (The frozen base is read from the same files.)
+        dist.broadcast(self.params)
         self.step = 0
         self.warnings: dict[str, str] = {}  # diagnostic -> its warning: each warns once a run (_warn)
         # The progress the logs and diagnostics look back on, saved in checkpoints: the losses of
@@ -169,20 +175,24 @@ class Trainer:
         dist.sum_gradients(self.params, nll_sum)
         loss = nll_sum.item() / max(n_tokens, 1)
         if not math.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message("loss", loss))
+            raise self._diverged("loss", loss)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):  # clipping cannot rescue it: the step would write NaN weights
-            raise TrainingDiverged(self._diverged_message("gradient norm", grad_norm))
+            raise self._diverged("gradient norm", grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, grad_norm, n_tokens
 
-    def _diverged_message(self, what: str, value: float) -> str:
+    def _diverged(self, what: str, value: float) -> TrainingDiverged:
+        """The error for a non-finite `what`, once the step's gradients are dropped: left in .grad,
+        a resume on this Trainer would add every later step's gradients to them."""
+        self.optimizer.zero_grad(set_to_none=True)
         last = latest_checkpoint(self.out)
-        return (f"{what} became {value} at step {self.step + 1}: training stopped. The learning rate "
-                f"({self.cfg.learning_rate}) may be too large. Last good checkpoint: {last or 'none'}")
+        return TrainingDiverged(f"{what} became {value} at step {self.step + 1}: training stopped. The learning "
+                                f"rate ({self.cfg.learning_rate}) may be too large. Last good checkpoint: "
+                                f"{last or 'none'}")
 
     # --- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,12 +253,12 @@ class Trainer:
                                    "tokens_per_s": rate})
                     if epoch == 0:
                         self._warn(unstable_loss, [r["loss"] for r in metrics.rows if "loss" in r])
-                end_of_epoch = s == last - 1
+                end_of_epoch, last_step = s == last - 1, self.step == self.total_steps
+                # The final evaluation too, before the last checkpoint: its warnings are saved with it.
                 if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
-                                       or (end_of_epoch and not self.cfg.eval_steps)):
+                                       or (end_of_epoch and not self.cfg.eval_steps) or last_step):
                     self._log_evaluation(metrics)
                 # steps: also at the last step (as HF), so a finished run resumes as complete, not retrained
-                last_step = self.step == self.total_steps
                 if (self.cfg.save_strategy == "steps" and (self.step % self.cfg.save_steps == 0 or last_step)) or \
                         (self.cfg.save_strategy == "epoch" and end_of_epoch):
                     self._save()
@@ -270,8 +280,9 @@ class Trainer:
         return result
 
     def _final_evaluation(self, metrics: "MetricsLog") -> dict[str, float]:
-        """The evaluation at the last step: the one logged there if any (an eval step, or a run
-        resumed after it), else run now and logged, once."""
+        """The evaluation at the last step: the one the loop logged there, else (a finished run
+        resumed from a checkpoint written before the loop evaluated at its last step) run now and
+        logged, once."""
         if not self.eval_data:
             return {}
         done = [r for r in metrics.rows if r["step"] == self.step and "eval_loss" in r]
@@ -313,8 +324,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the newest checkpoint in output_dir, if any; its config must match this
-        one but for the settings train_state.RESUMABLE names (an error lists each difference), and
-        it must have been written by as many processes."""
+        one but for the settings train_state.RESUMABLE names (an error lists each difference) and a
+        longer run (train_state.LENGTH: its schedule), and it must have been written by as many
+        processes."""
         path = latest_checkpoint(self.out)
         if path is None:
             return
@@ -332,6 +344,7 @@ class Trainer:
                              "global batch (batch_size x gradient_accumulation_steps x processes), and with it the data "
                              f"position and the schedule, would change; resume on {state['world_size']} {processes}")
         check_resumable(state["config"], self.cfg.to_dict(), where)
+        check_length(state["config"], self.cfg.to_dict(), self.steps_per_epoch, where)
         load_checkpoint(path, self.model, self.optimizer)
         self.step, self.logged = state["step"], state["logged"]
         warned = state["warnings"]  # a list of messages in checkpoints written before each check warned once

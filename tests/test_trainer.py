@@ -290,14 +290,23 @@ def test_config_errors_name_the_key(tmp_path):
 DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
+import torch
 import minipeft.trainer as tr
+import test_trainer
 from minipeft import distributed
 from test_trainer import lora_trainer, ragged_data
 out, batch_size, examples, device, options = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-device = distributed.use_device(device)
-distributed.init(device)
 options = json.loads(options)
-crash_at, resume = options.pop("crash_at", 0), options.pop("resume", False)
+crash_at, resume, python = options.pop("crash_at", 0), options.pop("resume", False), options.pop("python", False)
+device = distributed.use_device(device)
+if python:  # a Trainer built from Python alone, with each rank's adapter drawn from a seed of its own
+    get_peft_model = test_trainer.get_peft_model
+    def seeded_by_rank(model, config):
+        torch.manual_seed(int(os.environ.get("RANK", 0)))
+        return get_peft_model(model, config)
+    test_trainer.get_peft_model = seeded_by_rank
+else:  # as run_job does
+    distributed.init(device)
 save = tr.Trainer._save
 def save_then_crash(self):  # every rank dies just after the checkpoint, as if killed: no clean-up
     save(self)
@@ -336,12 +345,18 @@ def ddp_job(tmp_path, out, ranks, device, check=True, **options):
 DDP_RANKS = {"cpu": 2, **({"cuda": min(2, torch.cuda.device_count())} if torch.cuda.is_available() else {})}
 
 
+@pytest.mark.parametrize("python", [False, True], ids=["run_job", "python"])
 @pytest.mark.parametrize("device", sorted(DDP_RANKS))
-def test_ddp_equals_one_process(tmp_path, device):
+def test_ddp_equals_one_process(tmp_path, device, python):
     """41 examples in global batches of 4: with 2 ranks the 11th holds one example, so rank 1's
-    slice is empty; it contributes zero gradients through the same collectives as rank 0."""
-    ddp_job(tmp_path, tmp_path / "ddp", DDP_RANKS[device], device)
-    ddp_job(tmp_path, tmp_path / "single", 0, device)
+    slice is empty; it contributes zero gradients through the same collectives as rank 0.
+
+    python: the script joins no process group and each rank draws another adapter initialization.
+    Only run_job joined torchrun's group: a Trainer built from Python ran as 2 unrelated
+    one-process runs (each all 41 examples in batches of 2), both writing rank 0's files; as torch's
+    DistributedDataParallel, the Trainer joins the group and starts every rank from rank 0's weights."""
+    ddp_job(tmp_path, tmp_path / "ddp", DDP_RANKS[device], device, python=python)
+    ddp_job(tmp_path, tmp_path / "single", 0, device, python=python)
     ddp = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
     single = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     for k in single:
@@ -492,3 +507,15 @@ def test_each_diagnostic_warns_once(tmp_path):
     with pytest.warns(UserWarning, match="learning rate may be too large") as caught:
         result = t.train()
     assert len(caught) == 1 and len(result.warnings) == 1 and "rising early" in result.warnings[0]
+
+
+def test_a_trainer_joins_only_a_group_of_several(monkeypatch):
+    """Built from Python, the Trainer joins torchrun's group when it started several processes; a
+    plain process that merely has WORLD_SIZE=1 set (some schedulers export it) starts none."""
+    joined = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.tdist, "init_process_group", joined.append)
+    for world in ("1", "2"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        distributed.join(torch.device("cpu"))
+    assert joined == ["gloo"]

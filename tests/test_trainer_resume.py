@@ -54,9 +54,9 @@ def test_resumed_logs_equal_an_uninterrupted_run(tmp_path):
 
 def test_resume_with_a_changed_config_names_each_key(tmp_path):
     lora_trainer(tmp_path, n_epochs=1, batch_size=4).train()  # checkpoint-10 (save_strategy "epoch")
-    changed = lora_trainer(tmp_path, n_epochs=2, batch_size=8, weight_decay=0.1)
+    changed = lora_trainer(tmp_path, n_epochs=2, batch_size=8, seed=1, weight_decay=0.1)
     with pytest.raises(ValueError, match=r"checkpoint-10/trainer_state.json: cannot resume with a different config"
-                                         r".*batch_size 4 -> 8; n_epochs 1 -> 2; weight_decay 0.01 -> 0.1"):
+                                         r".*batch_size 4 -> 8; seed 42 -> 1; weight_decay 0.01 -> 0.1; restore"):
         changed.train(resume=True)
     assert changed.step == 0  # nothing restored
     # logging, evaluation and saving cadence do not change the weights: allowed
@@ -261,3 +261,70 @@ def test_resume_on_another_number_of_processes_is_refused(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"checkpoint-4/trainer_state.json: written by 1 process, resumed on 2"):
         more.train(resume=True)
     assert more.step == 0  # nothing restored
+
+
+def test_a_finished_run_extends_to_more_epochs(tmp_path):
+    """As transformers' Trainer, a finished 1-epoch run resumed with n_epochs=2 trains epoch 2: its
+    steps, logs, evaluation and checkpoint follow on. The schedule is the new run's, 20 steps with
+    ceil(0.1 x 20) = 2 of warm-up: the learning rate climbs back from 0 to where the 20-step schedule
+    is at step 10. What changes the steps already run (learning_rate), or shortens the run, is refused."""
+    from minipeft.schedule import lr_factor
+
+    options = dict(warmup_ratio=0.1, disable_tqdm=True, report_to="none")
+    first = lora_trainer(tmp_path, n_epochs=1, **options).train()
+    rows = logged(tmp_path)
+    with pytest.raises(ValueError, match=r"learning_rate 0.01 -> 0.02"):
+        lora_trainer(tmp_path, n_epochs=2, learning_rate=2e-2, **options).train(resume=True)
+    longer = lora_trainer(tmp_path, n_epochs=2, **options)
+    result = longer.train(resume=True)
+    assert result.steps == 20 and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-20"]
+    extended = logged(tmp_path)
+    assert extended[:len(rows)] == rows and [r["step"] for r in extended if "loss" in r] == list(range(1, 21))
+    assert [r["step"] for r in extended if "eval_loss" in r] == [10, 20]
+    assert [r["epoch"] for r in extended if "eval_loss" in r] == [1.0, 2.0]
+    assert [r["lr"] for r in extended if "loss" in r][10:] == pytest.approx(
+        [1e-2 * lr_factor("linear", step, 20, 2) for step in range(10, 20)])
+    assert result.train_loss == pytest.approx(sum(r["loss"] for r in extended if "loss" in r) / 20)
+    assert first.steps == 10 and result.eval["eval_loss"] == extended[-1]["eval_loss"]
+    with pytest.raises(ValueError, match=r"checkpoint-20/trainer_state.json: max_steps 0 -> 15: the run would end "
+                                         r"at step 15, before the 20 steps its checkpoint's config runs"):
+        lora_trainer(tmp_path, n_epochs=2, max_steps=15, **options).train(resume=True)
+
+
+def test_a_resumed_finished_run_keeps_the_final_evaluations_warning(tmp_path, monkeypatch):
+    """eval_steps=4 over 10 steps: the final evaluation (step 10) ran after step 10's checkpoint was
+    written, so the warning it raised was in the run's result but not in its checkpoint, and
+    resuming the finished run returned its result without it."""
+    import minipeft.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "overfitting", lambda evals: "over-fitting" if len(evals) == 3 else None)
+    options = dict(n_epochs=1, eval_steps=4, disable_tqdm=True, report_to="none")
+    with pytest.warns(UserWarning, match="over-fitting"):
+        first = lora_trainer(tmp_path, **options).train()
+    assert first.warnings == ["over-fitting"]
+    assert lora_trainer(tmp_path, **options).train(resume=True).warnings == first.warnings
+
+
+def test_a_diverged_trainer_resumes_in_place(tmp_path):
+    """A non-finite step (here one micro-batch of 2, a transient NaN) left the gradients it had
+    accumulated in .grad: train(resume=True) on the same Trainer added every later step's to them,
+    and diverged again at once. Resumed, the run ends as if the NaN had never happened."""
+    from minipeft.trainer import TrainingDiverged
+
+    options = dict(save_strategy="steps", save_steps=2, batch_size=2, gradient_accumulation_steps=2,
+                   disable_tqdm=True, report_to="none")
+    clean = lora_trainer(tmp_path / "clean", **options)
+    clean.train()
+    t = lora_trainer(tmp_path / "resumed", **options)
+    real, calls = t._nll, []
+
+    def once_nan(examples):
+        calls.append(1)
+        return real(examples) * (float("nan") if len(calls) == 11 else 1.0)  # step 6's first micro-batch
+
+    t._nll = once_nan
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 6.*checkpoint-4"):
+        t.train()
+    assert t.train(resume=True).steps == 20
+    for a, b in zip(clean.params, t.params):
+        assert torch.equal(a, b)
