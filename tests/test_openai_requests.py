@@ -132,3 +132,43 @@ def test_a_completion_continuing_split_characters_streams_them_whole(base_dir): 
         deltas = [stream.push(i) for i in ids[k:]] + [stream.finish()]
         assert "".join(deltas) == tok.decode(ids)[len(head):], k
         assert not any("\ufffd" in d for d in deltas), (k, deltas)
+
+
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_without_stream_is_refused_as_openai_does(api, stream):
+    """OpenAI answers 400 (param "stream_options") when stream_options comes without stream: true;
+    it was taken and ignored, so a client asking for usage chunks silently got none."""
+    ask = {"model": "tiny", "prompt": "import", "max_tokens": 2, "stream_options": {"include_usage": True}}
+    answer = api.post("/v1/completions", json=ask if stream is None else {**ask, "stream": stream})
+    error = answer.json()["error"]
+    assert (answer.status_code, error["type"], error["param"]) == (400, "invalid_request_error", "stream_options")
+    assert "only allowed when stream is true" in error["message"], error
+    streamed = api.post("/v1/completions", json={**ask, "stream": True}).text  # with stream it is taken
+    assert '"usage"' in streamed and streamed.endswith("data: [DONE]\n\n")
+
+
+NOT_FOUND = [  # (method, path, body, param, code): every 404 the platform answers
+    ("POST", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "Hi"}]}, None,
+     "model_not_found"),
+    ("POST", "/v1/completions", {"model": "gpt-9", "prompt": "a"}, None, "model_not_found"),
+    ("GET", "/v1/models/gpt-9", None, None, "model_not_found"),
+    ("GET", "/api/v1/models/gpt-9", None, None, "model_not_found"),
+    ("POST", "/api/v1/deployments", {"model": "gpt-9"}, "model", "model_not_found"),
+    ("POST", "/api/v1/fine-tunes", {"model": "gpt-9", "training_file_ids": ["file-x"]}, "model", "model_not_found"),
+    ("GET", "/api/v1/files/file-x", None, None, None),
+    ("GET", "/api/v1/fine-tunes/ft-x", None, None, None),
+    ("GET", "/api/v1/deployments/nope", None, None, None),
+    ("GET", "/v2/anything", None, None, None),
+]
+
+
+@pytest.mark.parametrize("method,path,body,param,code", NOT_FOUND, ids=[f"{c[0]} {c[1]}" for c in NOT_FOUND])
+def test_a_404_has_openais_type_and_code(api, method, path, body, param, code):
+    """OpenAI answers an unknown model with type "invalid_request_error" and code "model_not_found"
+    (and any other 404 with type "invalid_request_error"); the type was "not_found_error", and the
+    management API's unknown models had no code."""
+    answer = api.request(method, path, json=body)
+    assert answer.status_code == 404, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code), error

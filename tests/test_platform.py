@@ -235,8 +235,9 @@ def test_job_commands_talk_to_the_server(server, trained, data_file, capsys):
 
 def _snapshot(server):
     """Everything but job statuses (which a restart changes on purpose)."""
-    found = {what: server.ok("GET", f"/api/v1/{what}")["data"] for what in ("files", "models", "deployments")}
-    return {**found, "jobs": [j["id"] for j in server.ok("GET", "/api/v1/fine-tunes")["data"]]}
+    found = {what: server.ok("GET", f"/api/v1/{what}")["data"] for what in ("files?page_size=100", "models",
+                                                                             "deployments")}
+    return {**found, "jobs": [j["id"] for j in server.ok("GET", "/api/v1/fine-tunes?page_size=100")["data"]]}
 
 
 def _create(server, file_id, training_type, **hyper_parameters):
@@ -318,7 +319,7 @@ def test_message_shapes_of_openai_clients(server, trained, base_dir, client):
 
 def test_a_failed_job_create_deletes_what_it_uploaded(server, data_file, capsys):
     """`job create` uploads its paths before the server checks the request: a refusal deletes them."""
-    files = lambda: [f["id"] for f in server.ok("GET", "/api/v1/files")["data"]]  # noqa: E731
+    files = lambda: [f["id"] for f in server.ok("GET", "/api/v1/files?page_size=100")["data"]]  # noqa: E731
     before = files()
     common = ["job", "--server", server.url, "--api-key", KEY, "create", "--training-file", str(data_file),
               "--validation-file", str(data_file)]

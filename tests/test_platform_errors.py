@@ -36,7 +36,7 @@ BAD_UPLOADS = [  # (name, content, status, fragment of the message)
 def test_bad_upload_is_refused_with_its_problems(server, name, content, status, fragment):
     code, answer = server.upload("bad.jsonl", content)
     assert code == status and fragment in answer["error"]["message"], answer
-    names = [f["filename"] for f in server.ok("GET", "/api/v1/files")["data"]]
+    names = [f["filename"] for f in server.ok("GET", "/api/v1/files?page_size=100")["data"]]
     assert "bad.jsonl" not in names
     assert not list((server.data_dir / "files").glob(".*")), "no partial upload is left behind"
 

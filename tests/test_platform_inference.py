@@ -1,9 +1,12 @@
 """The serving loop (minipeft.platform.inference) against minipeft.generation.generate, in process:
 for every adapter kind a deployment can hold, the streamed token ids equal generate()'s, greedy and
 seeded sampling alike, with presence and frequency penalties too, also when requests for different
-adapters interleave step by step."""
+adapters interleave step by step. The pool: an adapter that fails to load leaves the loaded model
+and its other adapters as they were, and a model goes when its last deployment does."""
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -92,3 +95,53 @@ def test_deployments_of_one_kind_share_the_loaded_base(base, adapters):
     assert a[0] is b[0] and pool.get(Target("c", base, adapters["prefix"]))[0] is not a[0]
     pool.remove("a")
     assert "a" not in b[0].model.peft_config and list(stream_tokens(b[0], "b", PROMPT, Sampling(2), []))
+
+
+def test_an_adapter_that_fails_to_load_leaves_the_others_loaded(base, adapters, tmp_path):
+    """A broken adapter (weights of another shape than its config says) dropped the whole loaded
+    model, and with it every other deployment's adapter, to be loaded again from disk."""
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["lora"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+    pool = ModelPool()
+    with pytest.raises(ValueError, match="shape"):
+        pool.get(Target("bad", base, broken))
+    assert not pool._loaded, "a base loaded for it alone is not kept"
+    loaded, _, _ = pool.get(Target("a", base, adapters["lora"]))
+    with pytest.raises(ValueError, match="shape"):
+        pool.get(Target("bad", base, broken))
+    again, _, _ = pool.get(Target("a", base, adapters["lora"]))
+    assert again is loaded and "bad" not in loaded.model.peft_config and "bad" not in loaded.templates
+    assert pool.get(Target("b", base, adapters["lora"]))[0] is loaded  # the next adapter joins it
+    reference = PeftModel.from_pretrained(load_pretrained(base), adapters["lora"]).eval()
+    with torch.no_grad():
+        expected = generate(reference, torch.tensor([PROMPT]), 4)[0, len(PROMPT):].tolist()
+    assert list(stream_tokens(loaded, "a", PROMPT, Sampling(4), [])) == expected
+
+
+def test_a_broken_chat_template_leaves_no_adapter_behind(base, adapters, tmp_path):
+    """The template was read after the adapter was attached: its error left the adapter in the
+    model under the deployment's name, and every later try failed with "already exists"."""
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["lora"], broken)
+    (broken / "chat_template.json").write_text("{not json")
+    pool = ModelPool()
+    loaded, _, _ = pool.get(Target("a", base, adapters["lora"]))
+    with pytest.raises(ValueError):
+        pool.get(Target("bad", base, broken))
+    assert "bad" not in loaded.model.peft_config
+    shutil.copy(adapters["lora"] / "chat_template.json", broken / "chat_template.json")
+    assert pool.get(Target("bad", base, broken))[0] is loaded  # repaired: it loads, into the same model
+
+
+def test_removing_the_last_name_of_a_model_without_adapter_unloads_it(base, adapters):
+    """A deployment of a full fine-tune has no adapter: removing it kept its model loaded for good
+    (only adapters were looked for), so every undeployed full model held its memory until restart."""
+    pool = ModelPool()
+    full = pool.get(Target("x", base))[0]
+    assert pool.get(Target("y", base))[0] is full  # a second deployment of the same weights
+    pool.remove("x")
+    assert pool.get(Target("y", base))[0] is full, "still used by y"
+    pool.remove("y")
+    assert not pool._loaded

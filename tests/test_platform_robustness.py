@@ -1,8 +1,9 @@
 """The platform under conditions a demanding user meets: a worker that cannot start or is killed, a
 log read while the worker writes it, a power loss after an upload, a full disk while publishing,
-API keys no client can send, and the usual curl mistakes. Unit-level: the scheduler, the store and
-the application (FastAPI's TestClient, no server process, no scheduler thread), so each runs in
-well under a second, no training involved."""
+API keys no client can send, a job that brings the server down at every start, uploads a crash cut
+short, a database of an older version, and the usual curl mistakes. Unit-level: the scheduler, the
+store and the application (FastAPI's TestClient, no server process, no scheduler thread), so each
+runs in well under a second, no training involved."""
 from __future__ import annotations
 
 import errno
@@ -10,6 +11,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from minipeft.cli import main  # noqa: E402
 from minipeft.platform import files, jobs, models, scheduler  # noqa: E402
 from minipeft.platform.app import create_app  # noqa: E402
 from minipeft.platform.state import Settings  # noqa: E402
-from minipeft.platform.store import Store  # noqa: E402
+from minipeft.platform.store import TABLES, Store  # noqa: E402
 from platform_fixtures import base_dir  # noqa: E402,F401
 
 GOOD = b'{"instruction": "Say hi.", "output": "hi"}\n' * 12
@@ -208,3 +210,69 @@ def test_a_worker_that_ended_just_before_the_server_stopped_keeps_its_outcome(tm
     assert (job["status"], job["fine_tuned_model"], job["resumes"]) == ("SUCCEEDED", "tiny-ft-a", 0), job
     assert "re-queued" not in _log(tmp_path, "ft-a")
     store.close()
+
+
+@pytest.mark.parametrize("header", [f"Bearer  {KEY}", f"Bearer\t{KEY}", f"bEaReR \t {KEY}", f" Bearer {KEY} "])
+def test_the_api_key_may_follow_the_scheme_after_any_spaces(app, header):
+    """RFC 6750 puts one or more spaces between "Bearer" and the token (RFC 9110: the scheme is
+    case-insensitive, outer whitespace is not part of the value), and servers split on any run of
+    spaces and tabs: "Bearer  KEY", with two spaces, was refused."""
+    client, _ = app
+    assert client.get("/v1/models", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize("header", [f"Bearer{KEY}", f"Bearer {KEY} {KEY}", f"Basic {KEY}", f"Bearer {KEY}\x0b"])
+def test_the_api_key_is_still_one_token_after_the_scheme(app, header):
+    client, _ = app
+    answer = client.get("/v1/models", headers={"Authorization": header})
+    assert answer.status_code == 401 and "API key" in answer.json()["error"]["message"], answer.text
+
+
+def test_a_job_the_server_went_down_under_three_times_is_failed_not_requeued(tmp_path):
+    """A job whose training brings the server down (the OOM killer taking the server, say) was
+    re-queued at every restart, and brought it down again, without end. Each such interruption is
+    counted in the job's state; the third fails it. A clean stop is no interruption."""
+    store = Store(tmp_path / "platform.db")
+    _job(store, tmp_path, "ft-a", "RUNNING")
+    queue = scheduler.Scheduler(store, tmp_path)
+    queue._proc, queue._job_id = subprocess.Popen(["sleep", "60"]), "ft-a"
+    queue.stop()  # a clean stop re-queues it, and counts nothing
+    assert (store.get("jobs", "ft-a")["status"], store.get("jobs", "ft-a")["interruptions"]) == ("QUEUING", 0)
+    for restart in (1, 2, 3):
+        store.update("jobs", "ft-a", {"status": "RUNNING"})  # launched, then the server died under it
+        scheduler.Scheduler(store, tmp_path)._recover()
+        job = store.get("jobs", "ft-a")
+        assert job["interruptions"] == restart, job
+        if restart < 3:
+            assert job["status"] == "QUEUING", job
+    assert job["status"] == "FAILED" and job["finished_at"], job
+    assert "interrupted 3 times" in job["error"] and "out of memory" in job["error"], job["error"]
+    assert f"failed: {job['error']}" in _log(tmp_path, "ft-a")
+    store.close()
+
+
+def test_a_database_of_an_older_platform_gets_the_new_columns(tmp_path):
+    """A column added to TABLES made an existing platform.db fail every query (no such column)."""
+    old = [c for c in TABLES["jobs"] if c != "interruptions"]
+    db = sqlite3.connect(tmp_path / "platform.db")
+    db.execute(f"CREATE TABLE jobs ({old[0]} TEXT PRIMARY KEY, {', '.join(old[1:])})")
+    db.execute("INSERT INTO jobs (id, status, created_at) VALUES ('ft-old', 'SUCCEEDED', 0)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "platform.db")
+    assert store.get("jobs", "ft-old")["interruptions"] == 0
+    store.close()
+
+
+def test_uploads_a_crash_cut_short_are_removed_at_start(tmp_path, base_dir):
+    """save_upload writes to files/.<id>.upload and renames it when checked; a server killed
+    meanwhile left the partial upload there for good (hidden, up to the upload limit each)."""
+    folder = tmp_path / "data" / "files"
+    folder.mkdir(parents=True)
+    partial = folder / ".file-20250101120000-0a1b2c3d.upload"
+    others = [folder / "file-20250101120000-0a1b2c3d.jsonl", folder / ".notes.upload", folder / "mine.upload"]
+    for path in [partial, *others]:
+        path.write_bytes(GOOD)
+    application = create_app(Settings(tmp_path / "data", {"tiny": Path(base_dir)}))
+    application.state.platform.close()
+    assert not partial.exists() and all(p.exists() for p in others), "only our own partial uploads go"

@@ -2,7 +2,8 @@
 (openai_api.py) behind one guard, with every error answered as JSON (errors.py).
 
 The guard runs before routing: with an API key set, a request without "Authorization: Bearer
-KEY" gets 401; a body larger than the limit (uploads: max_upload_bytes plus the multipart
+KEY" gets 401 (the scheme in any case, then one or more spaces or tabs, as RFC 6750 and common
+servers take it); a body larger than the limit (uploads: max_upload_bytes plus the multipart
 envelope; everything else: max_body_bytes) gets 413 before it is read, and a chunked body, whose
 size is unknown in advance, gets 411. Validation errors become 400 with each bad field named
 ("hyper_parameters.n_epochs: Input should be a valid integer (got 'three')"); malformed JSON says
@@ -11,6 +12,7 @@ where it broke. The scheduler starts and stops with the application (lifespan).
 from __future__ import annotations
 
 import hmac
+import re
 import traceback
 from contextlib import asynccontextmanager
 from typing import Any, Optional
@@ -28,6 +30,9 @@ from .state import Platform, Settings
 
 MULTIPART_ENVELOPE = 64 * 1024
 UPLOAD_PATH = "/api/v1/files"
+# RFC 6750's `Bearer 1*SP token`, the scheme case-insensitive (RFC 9110), any run of spaces and tabs
+# between, around the value too: a server strips them from a header value, a client may not.
+BEARER = re.compile(r"[ \t]*bearer[ \t]+([^ \t]+)[ \t]*", re.IGNORECASE)
 
 
 class Guard:
@@ -40,9 +45,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.settings.api_key
         if key is not None:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
-                                                                      key.encode()):
+            found = BEARER.fullmatch(headers.get("authorization", ""))
+            if found is None or not hmac.compare_digest(found[1].encode("utf-8", "surrogateescape"), key.encode()):
                 return 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", \
                     {"WWW-Authenticate": "Bearer"}
         limit = self.settings.max_body_bytes

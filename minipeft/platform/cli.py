@@ -5,7 +5,8 @@
                       [--device NAME] [--train-device NAME]
     minipeft job create --model NAME --training-file FILE|ID [...] [--validation-file FILE|ID]
                         [--training-type efficient_sft] [--hp n_epochs=3 --hp learning_rate=2e-4 ...]
-    minipeft job list [--status S] | status ID | logs ID [--offset N] [--lines N] | cancel ID
+    minipeft job list [--status S] [--page-no N] [--page-size N] | status ID | logs ID [--offset N]
+                 [--lines N] | cancel ID
     minipeft job deploy MODEL|JOB_ID [--name NAME]
 
 The client commands take --server (default $MINIPEFT_SERVER, else http://127.0.0.1:8000) and
@@ -127,9 +128,14 @@ def _job(args: argparse.Namespace) -> int:
     if args.action == "create":
         _print(_create(client, args))
     elif args.action == "list":
-        for job in client.request("GET", JOBS, query={"status": args.status})["data"]:
+        page = client.request("GET", JOBS, query={"status": args.status, "page_no": args.page_no,
+                                                  "page_size": args.page_size})
+        for job in page["data"]:
             print(f"{job['id']}  {job['status']:<10} {job['training_type']:<14} {job['model']}  "
                   f"{job['fine_tuned_model'] or ''}")
+        if (page["page_no"] - 1) * page["page_size"] + len(page["data"]) < page["total"]:
+            print(f"({len(page['data'])} of {page['total']} jobs, newest first; --page-no {page['page_no'] + 1} "
+                  "for more)", file=sys.stderr)
     elif args.action == "status":
         _print(client.request("GET", f"{JOBS}/{args.id}"))
     elif args.action == "logs":
@@ -185,7 +191,10 @@ def _register_job(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--training-type", default="efficient_sft",
                    choices=["sft", "efficient_sft", "qlora", "adapter", "prefix", "prompt"])
     c.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyper-parameter (repeatable)")
-    actions.add_parser("list", help="list jobs").add_argument("--status")
+    listing = actions.add_parser("list", help="list jobs, newest first, a page at a time")
+    listing.add_argument("--status")
+    listing.add_argument("--page-no", type=at_least(1), help="default: 1, the newest jobs")
+    listing.add_argument("--page-size", type=at_least(1), help="default: the server's (10; at most 100)")
     actions.add_parser("status", help="a job's status, metrics and evaluation").add_argument("id")
     logs = actions.add_parser("logs", help="a job's log lines")
     logs.add_argument("id")

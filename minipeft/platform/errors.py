@@ -3,14 +3,16 @@ was wrong and what was expected, in OpenAI's error shape so the `openai` client 
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-`code` is null but where OpenAI names the case, as "model_not_found" for an unknown model.
+`code` is null but where OpenAI names the case, as "model_not_found" for an unknown model. The
+types are OpenAI's where it has one: a 404 is an "invalid_request_error" too, as OpenAI answers an
+unknown model or route; `param` names the request body's field that named the missing thing.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 409: "conflict_error", 411: "invalid_request_error",
+         404: "invalid_request_error", 409: "conflict_error", 411: "invalid_request_error",
          413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
          503: "service_unavailable", 507: "server_error"}
 MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code for a `model` that names nothing served
@@ -34,5 +36,6 @@ def error_body(status: int, message: str, param: Optional[str] = None, detail: A
     return {"error": body}
 
 
-def not_found(kind: str, key: str, hint: str = "", code: Optional[str] = None) -> ApiError:
-    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""), code=code)
+def not_found(kind: str, key: str, hint: str = "", code: Optional[str] = None,
+              param: Optional[str] = None) -> ApiError:
+    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""), param=param, code=code)

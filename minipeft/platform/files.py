@@ -4,7 +4,8 @@ An upload is copied (at most `limit` bytes) to DATA_DIR/files/.<id>.upload, chec
 minipeft.data.check_file, and renamed to DATA_DIR/files/<id>.jsonl only if it is clean: a file
 that training would reject is rejected now, with the same file:line:field problems. The name the
 client sent is kept for display only (its last path component, control characters removed); it
-never becomes part of a path, so "../../etc/passwd" is just a label.
+never becomes part of a path, so "../../etc/passwd" is just a label. A server killed during an
+upload leaves its .<id>.upload behind: the next one removes such files when it starts.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .store import Store, new_id
 MAX_PROBLEMS_SHOWN = 50
 CHUNK = 1 << 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+PARTIAL = ".{}.upload"  # the name of an upload (by its id) not yet checked and renamed into place
 
 
 def display_name(filename: str) -> str:
@@ -54,7 +56,7 @@ def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, l
     file_id = new_id("file")
     folder = data_dir / "files"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{file_id}.upload"
+    tmp = folder / PARTIAL.format(file_id)
     try:
         size = _copy_bounded(source, tmp, limit)
         result = check_file(tmp)
@@ -73,6 +75,12 @@ def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, l
                                     "lines": len(result.lines), "format": result.format,
                                     "created_at": int(time.time())})
     return {**record, "warnings": [str(dataclasses.replace(p, path=name)) for p in result.warnings]}
+
+
+def remove_partial_uploads(data_dir: Path) -> None:
+    """Delete the uploads a crash cut short; only at start, when no upload can be under way."""
+    for path in (data_dir / "files").glob(PARTIAL.format("file-*")):  # ids are new_id("file")
+        path.unlink(missing_ok=True)
 
 
 def file_path(store: Store, data_dir: Path, file_id: str) -> Path:

@@ -86,20 +86,16 @@ class ModelPool:
         self._lock = threading.Lock()
 
     def get(self, target: Target) -> tuple[Loaded, Optional[str], ChatTemplate]:
-        """The loaded model serving `target` (loaded now if needed), its adapter name and template."""
+        """The loaded model serving `target` (loaded now if needed), its adapter name and template.
+        An adapter that fails to load raises and leaves the model as it was, serving the others."""
         adapter = target.name if target.adapter_dir else None
         with self._lock:
             key = self._where.get(target.name) or target.key()
-            loaded = self._loaded.get(key)
-            if loaded is None:
-                loaded = self._loaded[key] = self._load_base(target)
+            loaded = self._loaded.get(key) or self._load_base(target)
             if adapter is not None and adapter not in loaded.templates:
-                try:
-                    with loaded.lock:
-                        self._add_adapter(loaded, target)
-                except Exception:  # the model may be left half-wrapped: load it afresh next time
-                    del self._loaded[key]
-                    raise
+                with loaded.lock:
+                    self._add_adapter(loaded, target)
+            self._loaded[key] = loaded  # only now: a base loaded for an adapter that failed is not kept
             self._where[target.name] = key
             return loaded, adapter, loaded.templates[adapter]
 
@@ -110,26 +106,30 @@ class ModelPool:
 
     @staticmethod
     def _add_adapter(loaded: Loaded, target: Target) -> None:
+        """Attach `target`'s adapter, or raise with the model unchanged: the template is read first,
+        and PeftModel takes off an adapter whose load it refuses (the bare base comes back bare)."""
+        template = _template_of(target.adapter_dir)
         if isinstance(loaded.model, PeftModel):
             loaded.model.load_adapter(target.adapter_dir, target.name)
         else:
             loaded.model = PeftModel.from_pretrained(loaded.model, target.adapter_dir, adapter_name=target.name)
         loaded.model.eval()
-        loaded.templates[target.name] = _template_of(target.adapter_dir)
+        loaded.templates[target.name] = template
 
     def remove(self, name: str) -> None:
-        """Drop a deployment's adapter (the model goes when nothing uses it any more)."""
+        """Drop a deployment: its adapter, or the whole model when no other name uses it (a full
+        fine-tune's deployment has no adapter; requests still running keep their reference)."""
         with self._lock:
             key = self._where.pop(name, None)
             loaded = self._loaded.get(key)
-            if loaded is None or name not in loaded.templates:
+            if loaded is None:
                 return
-            with loaded.lock:
-                del loaded.templates[name]
-                if any(a is not None for a in loaded.templates):
+            if key not in self._where.values():
+                del self._loaded[key]
+            elif name in loaded.templates:
+                with loaded.lock:
+                    del loaded.templates[name]
                     loaded.model.delete_adapter(name)
-                else:  # requests still running keep their reference until they end
-                    del self._loaded[key]
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,8 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
         "id": job_id, "model": req.model, "base_model": source.base_model, "training_type": req.training_type,
         "hyper_parameters": req.hyper_parameters.model_dump(exclude_none=True),
         "training_file_ids": req.training_file_ids, "validation_file_ids": req.validation_file_ids,
-        "config": cfg.to_dict(), "status": "PENDING", "resumes": 0, "created_at": int(time.time())})
+        "config": cfg.to_dict(), "status": "PENDING", "resumes": 0, "interruptions": 0,
+        "created_at": int(time.time())})
 
 
 def _combine(paths: list[Path], target: Path) -> None:

@@ -23,7 +23,7 @@ from ..peft_config import PeftConfig
 from ..templates import TEMPLATE_FILE, get_template, load_template, save_template
 from ..tokenizer import load_tokenizer
 from ..train_state import list_checkpoints
-from .errors import ApiError, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, not_found
 from .store import Store
 
 # training method -> the kind of adapter it saves; a model continues only with its own kind.
@@ -60,7 +60,8 @@ def resolve(store: Store, bases: dict[str, Path], name: str) -> Source:
         return Source(name, bases[name])
     record = store.get("models", name)
     if record is None:
-        raise not_found("model", name, f"base models: {sorted(bases)}; fine-tuned models: GET /api/v1/models")
+        raise not_found("model", name, f"base models: {sorted(bases)}; fine-tuned models: GET /api/v1/models",
+                        code=MODEL_NOT_FOUND, param="model")
     return Source(record["base_model"], Path(record["weights_dir"]), record)
 
 

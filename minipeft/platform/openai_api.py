@@ -4,6 +4,8 @@ talks to a fine-tuned model as it would to the cloud:
     POST /v1/chat/completions   messages -> the deployment's chat template -> reply (stream: SSE)
     POST /v1/completions        raw prompt (bos + text) -> continuation (stream: SSE)
     GET  /v1/models             the base models and the deployments
+    DELETE /v1/models/{model}   a fine-tuned model, by its name (refused for a base model, a deployment
+                                or a model in use: state.py)
 
 `model` selects a base model or a deployment (404, code "model_not_found", otherwise). Messages
 take OpenAI's shapes: role "developer" is the system turn (OpenAI's newer name for it), content
@@ -18,8 +20,9 @@ request or of a message, is its default (for a field not implemented here: absen
 for logprobs and echo), and a message's name is accepted and not rendered. A completion's text
 continues its prompt's: prompt + text is the text of all the tokens. Refused with 400 and the
 reason: a prompt that leaves no room in the model's context, max_tokens over the server's limit or
-the room left, n > 1, a `stop` of another shape, and any other field this server does not
-implement (rather than ignoring it and answering something else than was asked for).
+the room left, n > 1, a `stop` of another shape, stream_options without stream: true (as OpenAI
+does), and any other field this server does not implement (rather than ignoring it and answering
+something else than was asked for).
 Streaming sends `data: {chunk}` events and a final `data: [DONE]`, as OpenAI does.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ..templates import ChatTemplate
 from ..tokenizer import Tokenizer, check_unicode
@@ -117,6 +120,14 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:
         return _without_nulls(data)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions, info: ValidationInfo) -> StreamOptions:
+        # OpenAI refuses them too: options for a stream that is not sent would be silently ignored
+        if not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
 
 
 class ChatRequest(SamplingRequest):
@@ -282,5 +293,10 @@ def openai_router(platform: Platform) -> APIRouter:
         platform.target(name)
         deployment = platform.store.get("deployments", name)
         return card(name, deployment["created_at"] if deployment else 0)
+
+    @router.delete("/v1/models/{name}")
+    def delete_model(name: str):
+        platform.delete_model(name)
+        return {"id": name, "object": "model", "deleted": True}
 
     return router

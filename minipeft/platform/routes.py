@@ -1,31 +1,42 @@
 """The management API under /api/v1, after the Bailian platform's fine-tuning API:
 
-    files         POST /files (multipart: file, purpose=fine-tune)   GET /files   GET|DELETE /files/{id}
-    fine-tunes    POST /fine-tunes   GET /fine-tunes[?status=]   GET|DELETE /fine-tunes/{id}
+    files         POST /files (multipart: file, purpose=fine-tune)   GET /files[?page_no=&page_size=]
+                  GET|DELETE /files/{id}
+    fine-tunes    POST /fine-tunes   GET /fine-tunes[?status=&page_no=&page_size=]   GET|DELETE /fine-tunes/{id}
                   POST /fine-tunes/{id}/cancel   GET /fine-tunes/{id}/logs?offset=&line=
                   GET /fine-tunes/{id}/checkpoints   POST /fine-tunes/{id}/checkpoints/{name}/publish
-    models        GET /models   GET /models/{name}          (base models and fine-tuned models)
+                  POST /fine-tunes/{id}/publish   (its final model again, after a failed publish: scheduler.py)
+    models        GET /models   GET|DELETE /models/{name}   (base and fine-tuned models; DELETE: a
+                                                              fine-tuned one nothing uses, state.py)
     deployments   POST /deployments {"model", "name"?}   GET /deployments   GET|DELETE /deployments/{name}
 
-Lists answer {"object": "list", "data": [...]}. Handlers are plain functions: FastAPI runs them
-in its thread pool, so a slow one (a model loading for a deployment) blocks no other request.
+Lists answer {"object": "list", "data": [...]}; the lists of files and of jobs are paged as
+Bailian's: newest first, page page_no (from 1) of page_size (default 10, at most 100), with
+"page_no", "page_size" and "total" (of all pages) beside "data". Handlers are plain functions:
+FastAPI runs them in its thread pool, so a slow one (a model loading for a deployment) blocks no
+other request.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from . import jobs
-from .errors import ApiError, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, not_found
 from .files import delete_file, save_upload
 from .models import publish
-from .scheduler import note
+from .scheduler import note, publish_again
 from .state import Platform
+from .store import Store
+
+
+PAGE_SIZE, MAX_PAGE_SIZE = 10, 100  # Bailian's default and largest page_size
+MAX_PAGE_NO = 10 ** 6  # past any list's end; keeps the row offset within SQLite's integers
 
 
 class DeploymentRequest(BaseModel):
@@ -36,6 +47,19 @@ class DeploymentRequest(BaseModel):
 
 def listing(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": rows}
+
+
+def page(page_no: int = Query(1, ge=1, le=MAX_PAGE_NO),
+         page_size: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE)) -> tuple[int, int]:
+    """The page a list request asks for (a dependency: its checks name the query parameter)."""
+    return page_no, page_size
+
+
+def paged(store: Store, table: str, asked: tuple[int, int], **where: Any) -> dict[str, Any]:
+    """A listing of one page of `table`'s rows, newest first, with its place among all pages."""
+    page_no, page_size = asked
+    rows, total = store.page(table, (page_no - 1) * page_size, page_size, **where)
+    return {**listing(rows), "page_no": page_no, "page_size": page_size, "total": total}
 
 
 def _register_files(router: APIRouter, platform: Platform) -> None:
@@ -55,8 +79,8 @@ def _register_files(router: APIRouter, platform: Platform) -> None:
             await form.close()
 
     @router.get("/files")
-    def list_files():
-        return listing(platform.store.rows("files"))
+    def list_files(asked: tuple[int, int] = Depends(page)):
+        return paged(platform.store, "files", asked)
 
     @router.get("/files/{file_id}")
     def get_file(file_id: str):
@@ -99,9 +123,10 @@ def _register_jobs(router: APIRouter, platform: Platform) -> None:
         return jobs.job_view(jobs.create_job(store, platform.bases, data_dir, req, platform.settings.train_device))
 
     @router.get("/fine-tunes")
-    def list_jobs(status: Optional[str] = Query(None, pattern="^(" + "|".join(jobs.ACTIVE + jobs.FINISHED) + ")$")):
-        rows = store.rows("jobs", status=status) if status else store.rows("jobs")
-        return listing([jobs.job_view(j) for j in rows])
+    def list_jobs(status: Optional[str] = Query(None, pattern="^(" + "|".join(jobs.ACTIVE + jobs.FINISHED) + ")$"),
+                  asked: tuple[int, int] = Depends(page)):
+        found = paged(store, "jobs", asked, **({"status": status} if status else {}))
+        return {**found, "data": [jobs.job_view(j) for j in found["data"]]}
 
     @router.get("/fine-tunes/{job_id}")
     def get(job_id: str):
@@ -128,6 +153,10 @@ def _register_jobs(router: APIRouter, platform: Platform) -> None:
     def publish_checkpoint(job_id: str, checkpoint: str):
         return publish(store, data_dir, jobs.get_job(store, job_id), checkpoint)
 
+    @router.post("/fine-tunes/{job_id}/publish")
+    def publish_final(job_id: str):
+        return jobs.job_view(publish_again(store, data_dir, jobs.get_job(store, job_id)))
+
 
 def _register_models(router: APIRouter, platform: Platform) -> None:
     store = platform.store
@@ -144,7 +173,12 @@ def _register_models(router: APIRouter, platform: Platform) -> None:
     def get_model(name: str):
         if name in platform.bases:
             return base_card(name)
-        return _found(store.get("models", name), not_found("model", name))
+        return _found(store.get("models", name), not_found("model", name, code=MODEL_NOT_FOUND))
+
+    @router.delete("/models/{name}")
+    def delete_model(name: str):
+        platform.delete_model(name)
+        return {"name": name, "deleted": True}
 
     @router.post("/deployments")
     def deploy(req: DeploymentRequest):

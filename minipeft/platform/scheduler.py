@@ -8,14 +8,23 @@ cancel end the work at once (SIGTERM; checkpoints are written atomically, so non
 
 Restarts: the job table is the queue, so PENDING and QUEUING jobs simply wait again; a job that
 was RUNNING is re-queued and its worker resumes from the newest checkpoint (run_job with
-resume=True, the trainer's exact resume); a CANCELING one is CANCELED. The scheduler alone moves
-jobs from QUEUING on; request threads only cancel, with conditional updates (store.update).
+resume=True, the trainer's exact resume); a CANCELING one is CANCELED. A job the server went down
+under (not a clean stop) counts it in its `interruptions`; the MAX_INTERRUPTIONS-th fails it, as
+the job may be what brings the server down (its training taking the memory, so the OOM killer
+takes the server): re-queued at every restart, it would bring each one down again.
+
+The scheduler alone moves jobs from QUEUING on; request threads only cancel, and publish a model
+again (below), with conditional updates (store.update).
 
 Cancel vs. the end of training: a cancel the scheduler sees while the worker runs cancels the job.
 Once the worker has exited, its outcome stands: a cancel that lands then (before the scheduler
 reads the result, or while it publishes the model) is too late, and the job still ends SUCCEEDED,
 or FAILED with the worker's error, its log saying the cancel was not applied. Every job ends in a
 final state.
+
+Publishing the model of a job whose training succeeded can fail (a full disk: 507); the job is
+then FAILED, its trained output kept. POST /api/v1/fine-tunes/{id}/publish (publish_again) tries
+again, and the job becomes SUCCEEDED with its model, as it would have been.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..train_state import latest_checkpoint
+from .errors import ApiError
 from .jobs import job_dir, prepare_job
 from .models import publish
 from .store import Store
@@ -38,6 +48,7 @@ from .store import Store
 POLL = 0.2
 TERMINATE_GRACE = 5.0
 ENDING = ("RUNNING", "CANCELING")  # what a job whose worker exited may be in: a cancel can land meanwhile
+MAX_INTERRUPTIONS = 3
 
 
 def note(data_dir: Path, job: dict[str, Any], text: str) -> None:
@@ -58,6 +69,30 @@ def _exit_reason(returncode: int) -> str:
         name = f"signal {-returncode}"
     hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""
     return f"the training worker was killed by {name}{hint}"
+
+
+def read_result(data_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """The worker's result.json; {} when there is none (the worker was killed before its end)."""
+    try:
+        return json.loads((job_dir(data_dir, job) / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def publish_again(store: Store, data_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Publish the final model of a job whose training succeeded and whose publishing failed, and
+    make the job SUCCEEDED; a SUCCEEDED job is answered as it is. Returns the job as it is now."""
+    if job["status"] == "SUCCEEDED":
+        return job
+    result = read_result(data_dir, job)
+    if job["status"] != "FAILED" or not result or "error" in result:
+        raise ApiError(409, f"job {job['id']} is {job['status']}: only a job whose training succeeded and whose "
+                       "publishing failed has a model to publish again")
+    model = publish(store, data_dir, job)  # 507 again while the disk is full
+    if store.update("jobs", job["id"], {"status": "SUCCEEDED", "fine_tuned_model": model["name"], "error": None},
+                    when_status=("FAILED",)):
+        note(data_dir, job, f"succeeded: fine-tuned model {model['name']} (published again)")
+    return store.get("jobs", job["id"])
 
 
 class Scheduler:
@@ -88,15 +123,24 @@ class Scheduler:
             self._requeue(job, "the server stopped")
 
     def _recover(self) -> None:
-        for job in self.store.rows("jobs", status="RUNNING"):
-            self._requeue(job, "the server stopped while this job ran")
+        for job in self.store.rows("jobs", status="RUNNING"):  # the server went down under it
+            interruptions = job["interruptions"] + 1
+            if interruptions < MAX_INTERRUPTIONS:
+                self._requeue(job, "the server stopped while this job ran", interruptions=interruptions)
+                continue
+            error = (f"interrupted {MAX_INTERRUPTIONS} times: the server went down {MAX_INTERRUPTIONS} times while "
+                     "this job ran, and the job may be what brings it down (out of memory? lower batch_size or "
+                     "max_length), so it is not re-queued again; its checkpoints can still be published")
+            self._end(job, {"status": "FAILED", "error": error, "interruptions": interruptions}, f"failed: {error}",
+                      ("RUNNING",))
         for job in self.store.rows("jobs", status="CANCELING"):
             self.store.update("jobs", job["id"], {"status": "CANCELED", "finished_at": int(time.time())})
 
-    def _requeue(self, job: dict[str, Any], why: str) -> None:
+    def _requeue(self, job: dict[str, Any], why: str, **fields: Any) -> None:
+        """Back to QUEUING (with `fields` set too), to resume from its newest checkpoint."""
         last = latest_checkpoint(Path(job["config"]["output_dir"]))
         where = f"from {last.name}" if last else "from the start (no checkpoint yet)"
-        if self.store.update("jobs", job["id"], {"status": "QUEUING", "resumes": job["resumes"] + 1},
+        if self.store.update("jobs", job["id"], {"status": "QUEUING", "resumes": job["resumes"] + 1, **fields},
                              when_status=("RUNNING",)):
             note(self.data_dir, job, f"{why}; re-queued, it will resume {where}")
 
@@ -171,17 +215,15 @@ class Scheduler:
 
     def _finish(self, job: dict[str, Any], returncode: int) -> None:
         """The worker exited: record its outcome (a cancel landing from here on is too late)."""
-        try:
-            result = json.loads((job_dir(self.data_dir, job) / "result.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # none: the worker was killed (by the OS, say) before its end
-            result = {}
+        result = read_result(self.data_dir, job)
         if returncode != 0 or "error" in result or not result:
             self._fail(job, result.get("error") or _exit_reason(returncode), ENDING)
             return
         try:
             model = publish(self.store, self.data_dir, job)
         except Exception as e:  # a full disk, say: the job failed, the server goes on
-            self._fail(job, f"publishing the fine-tuned model failed: {e}", ENDING)
+            self._fail(job, f"publishing the fine-tuned model failed: {e}; POST /api/v1/fine-tunes/{job['id']}/publish "
+                       "tries again", ENDING)
             return
         self._end(job, {"status": "SUCCEEDED", "fine_tuned_model": model["name"]},
                   f"succeeded: fine-tuned model {model['name']}", ENDING)

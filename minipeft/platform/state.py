@@ -1,6 +1,11 @@
 """One running platform: its settings, state (store.py), job queue (scheduler.py) and model pool
 (inference.py), and the names requests use to call a model (a base model or a deployment).
 
+Deleting a fine-tuned model (its record and its folder) is refused while something uses it, with
+409 naming it: a deployment (undeploy it first: requests in flight are never cut off by a delete),
+a job not yet finished that trains from it, or another fine-tuned model that runs on its weights
+(an adapter trained on a full fine-tune). A base model is the server's own: never deleted.
+
 A platform owns its data directory: it holds an exclusive lock on DATA_DIR/platform.lock from
 before it reads any state until it closes (or its process ends). A second server on the same
 directory would otherwise run restart recovery on the first one's live jobs (re-queue the running
@@ -10,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +24,9 @@ from typing import IO, Any, Optional
 
 from ..templates import ChatTemplate
 from .errors import MODEL_NOT_FOUND, ApiError, not_found
+from .files import remove_partial_uploads
 from .inference import Loaded, ModelPool, Target
+from .jobs import ACTIVE
 from .scheduler import Scheduler
 from .store import Store
 
@@ -72,6 +80,7 @@ class Platform:
         self.settings = settings
         self.data_dir = settings.data_dir
         self._lock = lock_data_dir(settings.data_dir)  # first: before any state is read
+        remove_partial_uploads(settings.data_dir)  # ours alone now: no upload is under way
         self.store = Store(settings.data_dir / "platform.db")
         self.pool = ModelPool(settings.device)
         self.scheduler = Scheduler(self.store, settings.data_dir, settings.threads)
@@ -110,13 +119,14 @@ class Platform:
     def deploy(self, model: str, name: Optional[str]) -> dict[str, Any]:
         """Make fine-tuned `model` callable as `name` (default: the model's name). Its weights are
         loaded now, so a model that cannot be served is refused here rather than at first call."""
-        if self.store.get("models", model) is None:
-            raise not_found("fine-tuned model", model, "GET /api/v1/models lists them")
         name = model if name is None else name  # "" is a name given, and refused below
         if not NAME.fullmatch(name):
             raise ApiError(400, f"name {name!r}: expected 1-128 letters, digits, '.', '_' or '-', starting with "
                            "a letter or digit", param="name")
-        with self._naming:  # check-then-insert, so two requests cannot both take one name
+        with self._naming:  # check-then-insert, so two requests cannot both take one name (nor a deleted model)
+            if self.store.get("models", model) is None:
+                raise not_found("fine-tuned model", model, "GET /api/v1/models lists them", code=MODEL_NOT_FOUND,
+                                param="model")
             if name in self.bases or self.store.get("deployments", name) is not None:
                 raise ApiError(409, f"the name {name!r} is taken; choose another one", param="name")
             row = self.store.insert("deployments", {"name": name, "model": model, "created_at": int(time.time())})
@@ -131,3 +141,35 @@ class Platform:
         if not self.store.delete("deployments", name):
             raise not_found("deployment", name, "GET /api/v1/deployments lists them")
         self.pool.remove(name)
+
+    def delete_model(self, name: str) -> None:
+        """Delete fine-tuned model `name`: its record, then its folder (module docstring: when not)."""
+        if name in self.bases:
+            raise ApiError(400, f"model {name!r} is a base model (given to the server with --base-model); only "
+                           "fine-tuned models can be deleted")
+        with self._naming:  # no deployment of it can be created meanwhile
+            record = self.store.get("models", name)
+            if record is None:
+                deployment = self.store.get("deployments", name)
+                if deployment is not None:
+                    raise ApiError(409, f"{name!r} is a deployment of fine-tuned model {deployment['model']!r}: "
+                                   f"DELETE /api/v1/deployments/{name} removes it")
+                raise not_found("fine-tuned model", name, "GET /api/v1/models lists them", code=MODEL_NOT_FOUND)
+            if (use := self._use_of(record)) is not None:
+                raise ApiError(409, f"fine-tuned model {name!r} is in use: {use}")
+            self.store.delete("models", name)
+        shutil.rmtree(self.data_dir / "models" / name, ignore_errors=True)  # where publish put it
+
+    def _use_of(self, record: dict[str, Any]) -> Optional[str]:
+        """What keeps the model `record` from being deleted, in words; None if nothing does."""
+        name = record["name"]
+        if deployments := [d["name"] for d in self.store.rows("deployments", model=name)]:
+            return (f"deployed as {', '.join(map(repr, deployments))}: undeploy it first "
+                    f"(DELETE /api/v1/deployments/{deployments[0]})")
+        if jobs := self.store.rows("jobs", model=name, status=ACTIVE):
+            return f"job {jobs[0]['id']} ({jobs[0]['status']}) trains from it: cancel it, or wait until it ends"
+        if record["adapter_dir"] is None:  # a full fine-tune: adapters trained on it load its weights
+            if riders := [m["name"] for m in self.store.rows("models", weights_dir=record["weights_dir"])
+                          if m["name"] != name]:
+                return f"fine-tuned model(s) {riders} run on its weights: delete them first"
+        return None

@@ -23,16 +23,24 @@ TABLES: dict[str, tuple[str, ...]] = {
     "files": ("id", "filename", "purpose", "bytes", "lines", "format", "created_at"),
     "jobs": ("id", "model", "base_model", "training_type", "hyper_parameters", "training_file_ids",
              "validation_file_ids", "config", "status", "error", "fine_tuned_model", "resumes", "created_at",
-             "started_at", "finished_at"),
+             "started_at", "finished_at", "interruptions"),
     "models": ("name", "job_id", "base_model", "weights_dir", "adapter_dir", "method", "checkpoint", "created_at"),
     "deployments": ("name", "model", "created_at"),
 }
 JSON_COLUMNS = {"hyper_parameters", "training_file_ids", "validation_file_ids", "config"}
+# Columns added after the first release -> the value rows without one take (an integer: an SQL
+# literal as is). A platform.db written before gets them when opened, so a data directory survives
+# an upgrade; rows inserted without one get it too.
+ADDED = {"interruptions": 0}
 
 
 def new_id(prefix: str) -> str:
     """prefix-<timestamp>-<random>: sortable by creation, unguessable, safe as a file name."""
     return f"{prefix}-{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def _declared(column: str) -> str:
+    return f"{column} DEFAULT {ADDED[column]}" if column in ADDED else column
 
 
 class Store:
@@ -43,7 +51,11 @@ class Store:
         self._lock = threading.Lock()
         for table, columns in TABLES.items():
             self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns[0]} TEXT PRIMARY KEY, "
-                             + ", ".join(columns[1:]) + ")")
+                             + ", ".join(map(_declared, columns[1:])) + ")")
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {_declared(column)}")
 
     def close(self) -> None:
         with self._lock:
@@ -75,19 +87,34 @@ class Store:
                                      f"WHERE {TABLES[table][0]} = ?", (key,)).fetchone()
         return None if found is None else self._decode(table, found)
 
-    def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
-        """Rows whose columns equal `where` (a tuple value: any of them), oldest first."""
+    def _where(self, table: str, where: dict[str, Any]) -> tuple[str, list[Any]]:
+        """The WHERE clause (or "") and its parameters: columns equal to `where` (a tuple: any of them)."""
         self._encode(table, where)
         clauses, params = [], []
         for column, value in where.items():
             values = value if isinstance(value, tuple) else (value,)
             clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
             params += values
-        sql = f"SELECT {', '.join(TABLES[table])} FROM {table}"
-        sql += (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY created_at, rowid"
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
+        """Rows whose columns equal `where` (a tuple value: any of them), oldest first."""
+        clause, params = self._where(table, where)
         with self._lock:
-            found = self._db.execute(sql, params).fetchall()
+            found = self._db.execute(f"SELECT {', '.join(TABLES[table])} FROM {table}{clause} "
+                                     "ORDER BY created_at, rowid", params).fetchall()
         return [self._decode(table, r) for r in found]
+
+    def page(self, table: str, offset: int, limit: int, **where: Any) -> tuple[list[dict[str, Any]], int]:
+        """The rows rows() selects, newest first: `limit` of them from `offset` on, and their total
+        (read together, so a row added meanwhile cannot make them disagree)."""
+        clause, params = self._where(table, where)
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM {table}{clause}", params).fetchone()[0]
+            found = self._db.execute(f"SELECT {', '.join(TABLES[table])} FROM {table}{clause} "
+                                     "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                                     [*params, limit, offset]).fetchall()
+        return [self._decode(table, r) for r in found], total
 
     def update(self, table: str, key: str, fields: dict[str, Any], when_status: tuple[str, ...] = ()) -> bool:
         """Set `fields` on row `key` (only while its status is one of `when_status`, if given): a
