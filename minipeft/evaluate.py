@@ -10,7 +10,7 @@ For each test conversation (messages m_1..m_n, m_n the reference reply r):
 Prompts are generated in left-padded batches (sorted by length, so rows of a batch pad little);
 the model's positions count real tokens only, so a batch gives the same replies as one-by-one.
 
-Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match):
+Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match_metric):
     every task      loss, perplexity, token_accuracy    teacher-forced, token-weighted over all replies
     classification  accuracy                            exact match of the label
                     invalid_label_rate                  predictions that exactly match no reference label
@@ -63,7 +63,7 @@ from .batching import collate, pad_rows
 from .data.formats import Example
 from .generation import generate
 from .metrics import StreamingLMMetrics, corpus_bleu, exact_match, exact_match_accuracy, normalize_answer, rouge
-from .metrics.exact_match import AnswerSet, parse_json
+from .metrics.exact_match_metric import AnswerSet, parse_json
 from .metrics.rouge_metric import CJK
 from .files import json_bytes, staged_dir
 from .templates import ChatTemplate, Rendered
@@ -98,7 +98,7 @@ class EvalResult:
 
 
 def _json_object(text: str) -> Optional[dict]:
-    """`text` parsed as a strict JSON object (metrics.exact_match.parse_json: no NaN or Infinity,
+    """`text` parsed as a strict JSON object (metrics.exact_match_metric.parse_json: no NaN or Infinity,
     no number beyond a double's range, no key given twice), else None."""
     try:
         value = parse_json(text)
@@ -139,7 +139,7 @@ def virtual_tokens(model: nn.Module) -> int:
     (prompt_learning: the real tokens' positions start after them); 0 for any other model. Counted
     under disable_adapter too, where they are not read: a room short by them, never past the context."""
     config = getattr(model, "active_peft_config", None)
-    return config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
+    return config.virtual_tokens if config is not None else 0
 
 
 @torch.no_grad()

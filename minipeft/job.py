@@ -167,8 +167,7 @@ def check_job(cfg: TrainConfig) -> None:
     check_outside_model(cfg.output_dir, default_model_dir(cfg.model), "output_dir")
     warn_if_test_is_train(cfg)
     method = method_config(cfg)
-    check_context(cfg.max_length, default_model_dir(cfg.model),
-                  method.num_virtual_tokens if method is not None and method.is_prompt_learning else 0)
+    check_context(cfg.max_length, default_model_dir(cfg.model), method.virtual_tokens if method is not None else 0)
     if cfg.init_adapter:
         check_continuation(cfg)
 

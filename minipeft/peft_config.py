@@ -59,6 +59,12 @@ class PeftConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{type(self).__name__}: {field} must be a positive integer, got {value!r}")
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the method puts before every input, which the real tokens' positions follow
+        (prefix/prompt tuning: num_virtual_tokens); they count against the model's context. 0 here."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type

@@ -74,6 +74,10 @@ class PromptLearningConfig(PeftConfig):
         if self.modules_to_save:
             raise ValueError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with prompt learning")
 
+    @property
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
+
     def fill(self, **needed: int) -> None:
         """Set the model-derived fields that are None; refuse values that contradict the model."""
         for field, value in needed.items():

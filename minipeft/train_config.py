@@ -103,7 +103,7 @@ def _refuse(bad: list[str]) -> None:
         raise ValueError("invalid training config: " + "; ".join(bad))
 
 
-def _refuse_other_methods(written: dict[str, str], method: str, where: str, default: bool) -> None:
+def check_method_keys(written: dict[str, str], method: str, where: str, default: bool = False) -> None:
     """Refuse the keys (as written -> their field) of method blocks other than `method`'s;
     default: the file sets no method, so `method` is TrainConfig's."""
     bad = [f"{key} is {block} setting (method {' or '.join(map(repr, methods))})"
@@ -242,7 +242,7 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if refuse_other_methods and kwargs.keys() != names:
-            _refuse_other_methods(written, cfg.method, where, default="method" not in kwargs)
+            check_method_keys(written, cfg.method, where, default="method" not in kwargs)
         return cfg
 
     @classmethod

@@ -7,7 +7,7 @@ import sacrebleu
 
 import minipeft.evaluate as ev
 from minipeft.metrics import corpus_bleu, exact_match, exact_match_accuracy
-from minipeft.metrics.exact_match import AnswerSet
+from minipeft.metrics.exact_match_metric import AnswerSet
 
 
 # --- classification: invalid_label_rate must agree with the (JSON-aware) accuracy -------------------

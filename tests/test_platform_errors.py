@@ -123,6 +123,11 @@ BAD_REQUESTS = [  # (id, method, path, JSON body or raw bytes, status, fragment)
     ("hp-packing-prefix", "POST", "/api/v1/fine-tunes", {"model": "tiny", "training_file_ids": ["{file}"],
                                                          "training_type": "prefix",
                                                          "hyper_parameters": {"packing": True}}, 400, "packing"),
+    ("hp-other-method", "POST", "/api/v1/fine-tunes", {"model": "tiny", "training_file_ids": ["{file}"],
+                                                       "training_type": "prefix",
+                                                       "hyper_parameters": {"lora_rank": 8, "n_epochs": 1}}, 400,
+     "hyper_parameters: lora_rank is a LoRA setting (method 'lora' or 'qlora'); this job's method is 'prefix', "
+     "which would ignore it (training_type 'prefix')"),
     ("hp-packing-type", "POST", "/api/v1/fine-tunes", {"model": "tiny", "training_file_ids": ["{file}"],
                                                        "hyper_parameters": {"packing": "yes"}}, 400,
      "hyper_parameters.packing: Input should be a valid boolean"),

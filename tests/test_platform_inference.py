@@ -17,7 +17,9 @@ from minipeft.adapter import AdapterConfig
 from minipeft.generation import generate
 from minipeft.lora import LoraConfig
 from minipeft.peft_model import PeftModel, get_peft_model
+from minipeft.platform.errors import ApiError
 from minipeft.platform.inference import ModelPool, Sampling, Target, stream_tokens
+from minipeft.platform.openai_api import CompletionRequest, _sampling
 from minipeft.prompt_learning import PrefixTuningConfig, PromptTuningConfig
 from minipeft.templates import get_template, save_template
 from conftest import save_tiny_base
@@ -145,3 +147,19 @@ def test_removing_the_last_name_of_a_model_without_adapter_unloads_it(base, adap
     assert pool.get(Target("y", base))[0] is full, "still used by y"
     pool.remove("y")
     assert not pool._loaded
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_the_room_of_a_request_counts_its_adapters_virtual_tokens(base, adapters, kind):
+    """Prefix/prompt tuning puts num_virtual_tokens (3) before the request's tokens, whose positions
+    follow them: a prompt + reply that fits the bare context overflows it by 3 with the adapter."""
+    loaded, adapter, _ = ModelPool().get(Target(kind, base, adapters[kind]))
+    context, virtual = loaded.context, loaded.virtual_tokens(adapter)
+    assert virtual == 3 and loaded.virtual_tokens(None) == 0
+    request = CompletionRequest(model=kind, prompt="x", max_tokens=context - 10)
+    assert _sampling(request, 10, context, 0, limit=10**6).max_tokens == context - 10  # the bare model: it fits
+    with pytest.raises(ApiError, match=f"context of {context} tokens after 3 virtual tokens; lower max_tokens "
+                                       f"to {context - 13} or less"):
+        _sampling(request, 10, context, virtual, limit=10**6)
+    unasked = CompletionRequest(model=kind, prompt="x")  # the default reply fills the room that is left
+    assert _sampling(unasked, 10, context, virtual, limit=10**6).max_tokens == context - 13

@@ -182,12 +182,15 @@ def test_rouge_stemming_option():
     assert set(stemmed) == {f"{t}{s}" for t in ROUGE_TYPES for s in ("", "_precision", "_recall")}
 
 
-def test_the_rouge_module_and_the_rouge_function_are_both_reachable():
-    # The package re-exports the function `rouge`; its module must have another name, or
-    # `import minipeft.metrics.<module> as m` (which reads the package's attribute) gives the function.
+def test_every_metric_module_and_the_functions_exported_are_both_reachable():
+    # The package re-exports functions such as `rouge` and `exact_match`; a module of the same name would
+    # be hidden: `import minipeft.metrics.<module> as m` (which reads the package's attribute) gives the function.
     import importlib
+    import pkgutil
 
     import minipeft.metrics as metrics
-    module = importlib.import_module(rouge.__module__)
-    assert getattr(metrics, module.__name__.rpartition(".")[2]) is module
-    assert module.rouge is rouge and module.rouge_pair is rouge_pair and callable(rouge)
+    for info in pkgutil.iter_modules(metrics.__path__):
+        module = importlib.import_module(f"minipeft.metrics.{info.name}")
+        assert getattr(metrics, info.name) is module, info.name
+    assert importlib.import_module(rouge.__module__).rouge_pair is rouge_pair and callable(rouge)
+    assert callable(metrics.exact_match)

@@ -61,6 +61,11 @@ class Loaded:
     def context(self) -> int:
         return self.model.config.max_position_embeddings
 
+    def virtual_tokens(self, adapter: Optional[str]) -> int:
+        """Positions `adapter` (prefix or prompt tuning) puts before a request's tokens, in the context."""
+        config = self.model.peft_config.get(adapter) if adapter is not None else None
+        return config.virtual_tokens if config is not None else 0  # removed meanwhile: logits() says so
+
     @property
     def device(self) -> torch.device:
         return self.model.get_output_embeddings().weight.device

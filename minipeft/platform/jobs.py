@@ -31,7 +31,7 @@ from ..data.jsonl import dumps_line, write_atomic
 from ..files import json_bytes
 from ..templates import get_template
 from ..tokenizer import load_tokenizer
-from ..train_config import MAX_SEED, TrainConfig
+from ..train_config import MAX_SEED, TrainConfig, check_method_keys
 from ..train_state import list_checkpoints
 from .errors import ApiError, not_found
 from .files import file_path
@@ -100,6 +100,10 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
     source = resolve(store, bases, req.model)
     method = TRAINING_TYPES[req.training_type]
     settings = req.hyper_parameters.model_dump(exclude_none=True)
+    try:  # lora_rank for a prefix job would be ignored; continuation() then fills in inherited keys of any block
+        check_method_keys({key: key for key in settings}, method, "hyper_parameters")
+    except ValueError as e:
+        raise ApiError(400, f"{e} (training_type {req.training_type!r})", param="hyper_parameters") from None
     if "split" in settings:
         settings["test_ratio"] = settings.pop("split")
     settings.update(continuation(source, method, settings))

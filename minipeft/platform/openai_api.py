@@ -160,7 +160,9 @@ class Reply:
         self.finish_reason = "stop" if self.stop.stopped or self.count < self.max_tokens else "length"
 
 
-def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: int) -> Sampling:
+def _sampling(req: SamplingRequest, prompt_tokens: int, context: int, virtual: int, limit: int) -> Sampling:
+    """The request's sampling settings, checked: its prompt and reply fit the model's context after
+    the adapter's `virtual` tokens (prefix or prompt tuning)."""
     unknown = {k for k, v in (req.model_extra or {}).items()
                if k not in IGNORED_FIELDS and not (k in OFF_BY_DEFAULT and v is False)}
     if unknown:
@@ -171,14 +173,14 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, loaded: Loaded, limit: i
     asked = getattr(req, field)
     if asked is not None and asked > limit:
         raise ApiError(400, f"{field}={asked} is over this server's limit of {limit}", param=field)
-    room = loaded.context - prompt_tokens
+    room, after = context - virtual - prompt_tokens, f" after {virtual} virtual tokens" if virtual else ""
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens, which fills the model's context of "
-                       f"{loaded.context} tokens; shorten it",
+                       f"{context} tokens{after}; shorten it",
                        param="prompt" if isinstance(req, CompletionRequest) else "messages")
     if asked is not None and asked > room:
         raise ApiError(400, f"the prompt ({prompt_tokens} tokens) + {field} ({asked}) exceeds the model's "
-                       f"context of {loaded.context} tokens; lower {field} to {room} or less", param=field)
+                       f"context of {context} tokens{after}; lower {field} to {room} or less", param=field)
     return Sampling(asked or min(limit, room), req.temperature, req.top_p, req.seed, req.presence_penalty,
                     req.frequency_penalty)
 
@@ -222,7 +224,8 @@ def openai_router(platform: Platform) -> APIRouter:
 
     def start(req: SamplingRequest, prompt: list[int], loaded: Loaded, adapter: Optional[str],
               template: ChatTemplate) -> Reply:
-        sampling = _sampling(req, len(prompt), loaded, platform.settings.max_tokens)
+        sampling = _sampling(req, len(prompt), loaded.context, loaded.virtual_tokens(adapter),
+                             platform.settings.max_tokens)
         stop = [] if req.stop is None else _stop_strings(req.stop)
         stop_ids = template.stop_token_ids(loaded.tokenizer)
         # a completion continues its prompt's text (prompt + text is the whole); a chat reply is a text of its own
