@@ -231,41 +231,43 @@ class Trainer:
         t0, tokens = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.cfg.disable_tqdm,
                    desc="train", unit="step")
-        for epoch in range(self.step // self.steps_per_epoch, self.epochs):
-            order = self._order(epoch)
-            last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-            for s in range(self.step - epoch * self.steps_per_epoch, last):
-                batch = order[s * self.global_batch:(s + 1) * self.global_batch]
-                loss, grad_norm, _ = self.train_step(batch)
-                tokens += sum(len(self.train_data[i][0]) for i in batch)  # every token the model reads
-                self.losses.append(loss)
-                self.loss_sum += loss
-                rate = tokens / (time.perf_counter() - t0)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                tok_s=f"{rate:.0f}")
-                if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    # the mean since the last log, as HF
-                    window, self.logged = self.losses[-(self.step - self.logged):], self.step
-                    metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                                   "loss": sum(window) / len(window),
-                                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                                   "tokens_per_s": rate})
-                    if epoch == 0:
-                        self._warn(unstable_loss, [r["loss"] for r in metrics.rows if "loss" in r])
-                end_of_epoch, last_step = s == last - 1, self.step == self.total_steps
-                # The final evaluation too, before the last checkpoint: its warnings are saved with it.
-                if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
-                                       or (end_of_epoch and not self.cfg.eval_steps) or last_step):
-                    self._log_evaluation(metrics)
-                # steps: also at the last step (as HF), so a finished run resumes as complete, not retrained
-                if (self.cfg.save_strategy == "steps" and (self.step % self.cfg.save_steps == 0 or last_step)) or \
-                        (self.cfg.save_strategy == "epoch" and end_of_epoch):
-                    self._save()
-        bar.close()
-        seconds = time.perf_counter() - t0
-        final_eval = self._final_evaluation(metrics)
-        metrics.close()
+        try:
+            for epoch in range(self.step // self.steps_per_epoch, self.epochs):
+                order = self._order(epoch)
+                last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+                for s in range(self.step - epoch * self.steps_per_epoch, last):
+                    batch = order[s * self.global_batch:(s + 1) * self.global_batch]
+                    loss, grad_norm, _ = self.train_step(batch)
+                    tokens += sum(len(self.train_data[i][0]) for i in batch)  # every token the model reads
+                    self.losses.append(loss)
+                    self.loss_sum += loss
+                    rate = tokens / (time.perf_counter() - t0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                    tok_s=f"{rate:.0f}")
+                    if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+                        # the mean since the last log, as HF
+                        window, self.logged = self.losses[-(self.step - self.logged):], self.step
+                        metrics.write({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                       "loss": sum(window) / len(window),
+                                       "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                                       "tokens_per_s": rate})
+                        if epoch == 0:
+                            self._warn(unstable_loss, [r["loss"] for r in metrics.rows if "loss" in r])
+                    end_of_epoch, last_step = s == last - 1, self.step == self.total_steps
+                    # The final evaluation too, before the last checkpoint: its warnings are saved with it.
+                    if self.eval_data and ((self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0)
+                                           or (end_of_epoch and not self.cfg.eval_steps) or last_step):
+                        self._log_evaluation(metrics)
+                    # steps: also at the last step (as HF), so a finished run resumes as complete, not retrained
+                    if (self.cfg.save_strategy == "steps" and (self.step % self.cfg.save_steps == 0 or last_step)) or \
+                            (self.cfg.save_strategy == "epoch" and end_of_epoch):
+                        self._save()
+            seconds = time.perf_counter() - t0
+            final_eval = self._final_evaluation(metrics)
+        finally:  # a diverged run (TrainingDiverged) or Ctrl-C too: the bar ends its line, TensorBoard flushes
+            bar.close()
+            metrics.close()
         return TrainResult(self.step, self.loss_sum / self.step, final_eval, list(self.warnings.values()),
                            tokens / max(seconds, 1e-9), seconds)
 

@@ -231,6 +231,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
 
 
+
+def test_a_diverged_run_closes_its_progress_bar_and_tensorboard_writer(tmp_path, monkeypatch):
+    """TrainingDiverged left the tqdm bar open (its line never ended) and TensorBoard's writer and
+    its event thread running."""
+    from tqdm import tqdm
+
+    from minipeft.trainer import MetricsLog
+    closed = []
+    close = MetricsLog.close
+    monkeypatch.setattr(MetricsLog, "close", lambda self: closed.append(self.writer) or close(self))
+    t = lora_trainer(tmp_path, disable_tqdm=False, report_to="tensorboard")
+    real = t._nll
+    t._nll = lambda examples: real(examples) * float("nan")
+    bars = set(tqdm._instances)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        t.train()
+    assert set(tqdm._instances) == bars
+    assert len(closed) == 1 and closed[0] is not None
+
 def test_too_large_learning_rate_warns(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path), batch_size=2, n_epochs=1, logging_steps=1, learning_rate=0.3,
                       warmup_ratio=0.0, max_grad_norm=0.0)

@@ -145,7 +145,7 @@ class Platform:
     def delete_model(self, name: str) -> None:
         """Delete fine-tuned model `name`: its record, then its folder (module docstring: when not)."""
         if name in self.bases:
-            raise ApiError(400, f"model {name!r} is a base model (given to the server with --base-model); only "
+            raise ApiError(400, f"model {name!r} is a base model (one of models/ or a --base-model of the server); only "
                            "fine-tuned models can be deleted")
         with self._naming:  # no deployment of it can be created meanwhile
             record = self.store.get("models", name)
