@@ -8,9 +8,9 @@ so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -30,6 +30,7 @@ WEIGHT_FILES = "model*.safetensors*"  # a save replaces all of these: an old sha
 PathLike = Union[str, os.PathLike]
 # Buffers that older transformers versions saved and now recompute: read and ignored, as transformers does.
 _DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def read_config(path: PathLike) -> ModelConfig:
@@ -39,8 +40,16 @@ def read_config(path: PathLike) -> ModelConfig:
 
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
-        files = sorted(set(index["weight_map"].values()))
+        index = read_json(path / INDEX_NAME, "a sharded checkpoint lists its shards there")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX_NAME}: expected \"weight_map\", an object of tensor name -> shard file, "
+                             f"got {weight_map!r}")
+        files = sorted(set(weight_map.values()))
+        for f in files:  # the index is downloaded data: it must not make loading read files elsewhere
+            if Path(f).anchor or ".." in Path(f).parts:
+                raise ValueError(f"{path / INDEX_NAME}: weight_map names a shard outside the model directory, {f!r}; "
+                                 "expected a file name inside it")
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path / INDEX_NAME} names shard files that are missing: {missing}")
@@ -100,6 +109,23 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
         raise ValueError(f"{where}: " + " | ".join(problems))
 
 
+def _tie_as_transformers(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Read a tied config's pair of weights as transformers 5 does (PreTrainedModel.tie_weights): a file
+    with one of the two gives it to both; with both equal (an exporter's copy), the embedding. Both but
+    different means the config is wrong: the model is loaded untied, with a warning, and
+    cfg.tie_word_embeddings set false, so that it saves as what it is."""
+    if not cfg.tie_word_embeddings or _HEAD not in tensors:
+        return
+    if _EMBED not in tensors:
+        tensors[_EMBED] = tensors.pop(_HEAD)
+    elif torch.equal(tensors[_EMBED], tensors[_HEAD]):
+        del tensors[_HEAD]
+    else:
+        warnings.warn(f"{where}: config.json has tie_word_embeddings=true but {_HEAD} differs from {_EMBED}; "
+                      "loaded untied, as transformers does (set tie_word_embeddings=false)", stacklevel=3)
+        cfg.tie_word_embeddings = False
+
+
 def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
                     quantization: Optional[str] = None) -> Transformer:
     """Load a Hugging Face LLaMA / Mistral / Qwen2 directory into a `Transformer`.
@@ -129,11 +155,10 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
         return t.clone() if quantized and t.data_ptr() == stored.data_ptr() else t
 
     tensors = {k: v for k, v in read_state_dict(path, convert).items() if not _DERIVED_BUFFER.fullmatch(k)}
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy; it is the embedding
+    _tie_as_transformers(cfg, tensors, str(path))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop(_HEAD)
     check_state_dict(expected, tensors, str(path))
     weights = {name.removesuffix(".weight"): tensors.pop(name) for name in quantized}
     model.load_state_dict(tensors, strict=False, assign=True)  # the quantized Linears' weights stay on meta

@@ -14,6 +14,25 @@ from typing import Any, Optional
 from .rope_scaling import check_rope_scaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# What each family's transformers class hard-codes, whatever config.json says: LlamaForCausalLM has no
+# sliding window, MistralForCausalLM no biases, Qwen2ForCausalLM always q/k/v biases (its windows, per
+# layer, are refused). Any other value would be a model that its saved config.json does not describe.
+FAMILY_FIXED: dict[str, dict[str, Any]] = {
+    "llama": {"sliding_window": None},
+    "mistral": {"attention_bias": False},
+    "qwen2": {"attention_bias": True, "sliding_window": None},
+}
+# transformers' defaults for fields that a config.json leaves out, where they differ from ModelConfig's
+# (LlamaConfig, MistralConfig, Qwen2Config in transformers 5): a hand-written or converted config.json
+# must mean what it means there. Qwen2Config's num_key_value_heads (32 whatever the number of query heads)
+# is left out: under any other head count it builds a model that cannot run.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(intermediate_size=14336, num_key_value_heads=8, rms_norm_eps=1e-6,
+                    max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                  bos_token_id=None, eos_token_id=None),
+}
 
 
 @dataclass
@@ -30,7 +49,7 @@ class ModelConfig:
     rope_scaling: Optional[dict[str, Any]] = None  # None: plain RoPE; "linear" or "llama3" (rope_scaling.py)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False  # lm_head shares embed_tokens' weight
-    attention_bias: bool = False  # bias on q/k/v (Qwen2: always; LLaMA: on o_proj too)
+    attention_bias: bool = False  # bias on q/k/v (Qwen2: always; LLaMA: on o_proj too; Mistral: never)
     model_type: str = "llama"  # "llama" | "mistral" | "qwen2": decides the checkpoint's architecture name
     sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
     bos_token_id: Optional[int] = 1
@@ -51,6 +70,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for field, value in FAMILY_FIXED[self.model_type].items():
+            if getattr(self, field) != value:
+                raise ValueError(f"model_type {self.model_type!r}: {field} must be {value} (transformers' "
+                                 f"{self.model_type} class has no other), got {getattr(self, field)}")
         self.rope_scaling = check_rope_scaling(self.rope_scaling)
 
     @property
@@ -61,7 +84,9 @@ class ModelConfig:
     # --- Hugging Face config.json ------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a `config.json` dict (model_type llama, mistral or qwen2)."""
+        """Build from a `config.json` dict (model_type llama, mistral or qwen2), read as transformers reads
+        it: a missing key takes the family's default there (HF_DEFAULTS), a key the family's class ignores
+        is ignored (FAMILY_FIXED)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -72,18 +97,16 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses 'silu')")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if k in names}}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         try:
             kwargs["rope_scaling"] = check_rope_scaling(rope)
         except ValueError as e:
             raise ValueError(f"config.json: {e}") from None
-        if model_type == "qwen2":
-            kwargs["attention_bias"] = True  # Qwen2 hard-codes q/k/v bias; its config has no such field
-            if hf.get("use_sliding_window", False):
-                raise ValueError("config.json: use_sliding_window=true (Qwen2 per-layer windows) is not supported")
-            kwargs["sliding_window"] = None
+        if model_type == "qwen2" and hf.get("use_sliding_window", False):
+            raise ValueError("config.json: use_sliding_window=true (Qwen2 per-layer windows) is not supported")
+        kwargs.update(FAMILY_FIXED[model_type])  # keys the family's transformers class ignores
         if hf.get("mlp_bias"):
             raise ValueError("config.json: mlp_bias=true is not supported")
         return cls(**kwargs)
@@ -95,7 +118,7 @@ class ModelConfig:
         hf.update(architectures=[arch[self.model_type]], hidden_act="silu", initializer_range=0.02)
         if self.model_type == "qwen2":
             del hf["attention_bias"]
-            hf["use_sliding_window"] = self.sliding_window is not None
+            hf["use_sliding_window"] = False
         if self.model_type == "llama":
             hf.pop("sliding_window")
             hf["mlp_bias"] = False

@@ -234,6 +234,11 @@ class Transformer(nn.Module):
             if position_ids is None:
                 raise ValueError("a 4-D attention_mask (packed rows) needs position_ids")
             return self._run(x, position_ids, attention_mask, cache, return_hidden, keep)
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            # A mask of the new tokens only would broadcast over the cached keys (padding seen) and count
+            # positions from 0: wrong logits, no error.
+            raise ValueError(f"attention_mask must be (batch, cache.length + T) = {(B, past + T)}, covering the "
+                             f"cached positions too; got {tuple(attention_mask.shape)}")
         if attention_mask is not None and past == 0 and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: SDPA's causal kernel, ~1.4x faster than a mask tensor
         if position_ids is None:

@@ -363,3 +363,82 @@ def test_a_filled_folder_takes_new_subfolders_over_old_ones(tmp_path, monkeypatc
     replace_dir(stage, tmp_path, stale="model*.safetensors*")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "model.safetensors", "tensorboard", "tensorboard/new.events"]
+
+
+def test_a_damaged_shard_index_is_named(tmp_path):
+    """model.safetensors.index.json cut short, or without its weight_map: a ValueError naming the file
+    (and line, or field), not json's bare JSONDecodeError or a KeyError 'weight_map'."""
+    import re
+
+    tiny_model().save_pretrained(tmp_path, max_shard_size=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{index}: invalid JSON at line ")):
+        load_pretrained(tmp_path)
+    index.write_text(json.dumps({"metadata": json.loads(text)["metadata"]}))
+    with pytest.raises(ValueError, match=re.escape(f"{index}: expected \"weight_map\", an object of tensor name -> "
+                                                   "shard file, got None")):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("lm_head", ["different", "a copy", "alone"])
+def test_a_tied_config_reads_the_pair_of_weights_as_transformers_does(tmp_path, lm_head):
+    """tie_word_embeddings=true, and the file holds lm_head.weight: transformers 5 ties to the copy of the
+    embedding, and takes a different lm_head as the config being wrong, untying (with a warning); a file with
+    lm_head.weight alone ties the embedding to it. Dropping a different lm_head moved logits by ~30."""
+    import warnings
+
+    import transformers
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    embed = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = {"different": torch.randn_like(embed), "a copy": embed.clone(),
+                                 "alone": embed}[lm_head]
+    if lm_head == "alone":
+        del tensors["model.embed_tokens.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_pretrained(tmp_path)
+    untied = lm_head == "different"
+    assert [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)] == (
+        [f"{tmp_path}: config.json has tie_word_embeddings=true but lm_head.weight differs from "
+         "model.embed_tokens.weight; loaded untied, as transformers does (set tie_word_embeddings=false)"]
+        if untied else [])
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == (not untied) == ours.config.tie_word_embeddings
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight or untied
+    ids = torch.randint(0, 131, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)  # float32, as the parity tests
+        ours.save_pretrained(tmp_path / "again")  # an untied model saves as one, with both weights
+        torch.testing.assert_close(load_pretrained(tmp_path / "again")(ids), ours(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("escape", ["../outside/model-00001.safetensors", "/abs/model-00001.safetensors"])
+def test_a_shard_index_naming_a_file_outside_the_directory_is_refused(tmp_path, escape):
+    """A downloaded index is data: one whose shard names leave the directory (an absolute path, or "..")
+    would make loading read whatever safetensors file they name. transformers refuses it; so do we, even
+    when that file exists."""
+    import re
+    import shutil
+
+    import transformers
+    model_dir = tmp_path / "m"
+    tiny_model().save_pretrained(model_dir, max_shard_size=20_000)
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = index["weight_map"]["model.embed_tokens.weight"]
+    target = tmp_path / "outside" / "model-00001.safetensors" if escape.startswith("..") else Path(escape)
+    if escape.startswith(".."):
+        target.parent.mkdir()
+        shutil.copy(model_dir / first, target)
+    index["weight_map"] = {k: escape if v == first else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="points outside the model directory"):
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{index_path}: weight_map names a shard outside the model "
+                                                   f"directory, {escape!r}; expected a file name inside it")):
+        load_pretrained(model_dir)

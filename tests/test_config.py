@@ -56,6 +56,80 @@ def test_bad_configs_say_what_is_wrong():
         ModelConfig.from_preset("llama-9")
 
 
+def _hf_view(cfg) -> dict:
+    """The fields of ModelConfig as a transformers config object holds them (None where it has no such field:
+    LlamaConfig has no sliding_window, Qwen2Config no head_dim and no attention_bias)."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+             "sliding_window", "bos_token_id", "eos_token_id", "pad_token_id")
+    view = {n: getattr(cfg, n, None) for n in names}
+    rope = getattr(cfg, "rope_parameters", None)
+    view["rope_theta"] = rope["rope_theta"] if rope is not None else cfg.rope_theta
+    return view
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_fields_config_json_leaves_out_take_transformers_defaults(model_type):
+    """A config.json written by hand or another tool may leave fields out; each then means what
+    transformers' class for that model_type defaults it to (LlamaConfig's rms_norm_eps is 1e-6, and
+    MistralConfig's sliding_window 4096), not what ModelConfig's constructor defaults it to."""
+    import transformers
+    assert _hf_view(ModelConfig.from_hf_config({"model_type": model_type})) == _hf_view(
+        transformers.AutoConfig.for_model(model_type=model_type))
+
+
+def test_a_config_json_without_rms_norm_eps_gives_transformers_logits(tmp_path):
+    import json
+
+    import transformers
+    from conftest import to_hf
+    from minipeft import load_pretrained
+    model = tiny_model("llama-gqa")
+    with torch.no_grad():  # embeddings of mean square ~1e-6, so eps 1e-6 against 1e-5 shows in every layer
+        model.model.embed_tokens.weight.normal_(std=1e-3)
+    to_hf(model).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rms_norm_eps"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, 131, (2, 9))
+    with torch.no_grad():
+        # the same float32 model as the parity tests (~2e-7 apart); eps 1e-5 instead of 1e-6 moved them by ~0.15
+        torch.testing.assert_close(load_pretrained(tmp_path)(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family, key, value", [
+    ("llama-gqa", "sliding_window", 4),  # LlamaForCausalLM has no window: every query sees all its past
+    ("mistral", "attention_bias", True),  # MistralForCausalLM has no biases, whatever config.json says
+    ("qwen2", "attention_bias", False),  # Qwen2ForCausalLM always has q/k/v biases
+])
+def test_a_config_json_key_its_family_ignores_is_ignored_as_transformers_does(tmp_path, family, key, value):
+    import json
+
+    import transformers
+    from conftest import to_hf
+    from minipeft import load_pretrained
+    to_hf(tiny_model(family)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(0, 131, (2, 11))  # longer than the window of 4
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path)(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type, field, value", [
+    ("llama", "sliding_window", 5), ("qwen2", "sliding_window", 5),
+    ("mistral", "attention_bias", True), ("qwen2", "attention_bias", False),
+])
+def test_a_config_its_family_cannot_express_is_refused(model_type, field, value):
+    """Saved, such a model would not be the model: config.json could not say it (a llama window, a
+    biased mistral), or would say what transformers and load_pretrained refuse (a qwen2 window)."""
+    from minipeft.config import FAMILY_FIXED
+    with pytest.raises(ValueError, match=f"model_type {model_type!r}: {field} must be "):
+        ModelConfig(**{**FAMILY_FIXED[model_type], "model_type": model_type, field: value})  # the other fields fit
+
+
 # --- TrainConfig: a job file's types and ranges ---------------------------------------------------
 @pytest.mark.parametrize("settings,message", [
     ({"bf16": "false"}, "bf16='false' (expected true or false)"),  # a non-empty string would be truthy

@@ -145,3 +145,23 @@ def test_unsupported_rope_scaling_is_named(rope, message):
 
 
 TINY_LLAMA = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_a_decode_step_needs_the_mask_of_the_cached_positions_too(family):
+    """With a KV cache the 2-D attention_mask covers past + new tokens, as in transformers' generate.
+    One covering only the new token set it at position 0 and let it see every cached key, padding
+    included: silently wrong logits. It is refused, naming the expected shape; the full mask gives
+    transformers' logits."""
+    from minipeft.model import KVCache
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = to_hf(model)(ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        cache = KVCache(model.config.num_hidden_layers)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(batch, cache.length \+ T\) = \(3, 13\)"
+                                             r".*got \(3, 1\)"):
+            model(ids[:, -1:], attention_mask=mask[:, -1:], cache=cache)
+        step = model(ids[:, -1:], attention_mask=mask, cache=cache)[:, -1]
+    torch.testing.assert_close(step, ref, atol=1e-4, rtol=0)  # float32, as the parity tests above
