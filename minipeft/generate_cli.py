@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .argtypes import at_least, probability
+from .argtypes import at_least, finite_float, probability
 from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
 
@@ -39,10 +39,14 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt = parse_ids(args.ids, config.vocab_size)
     room = config.max_position_embeddings - len(prompt)
+    if room < 1:  # "use at most 0" of a flag that takes >= 1 would say nothing
+        source = "--prompt" if args.prompt is not None else "--ids"
+        raise ValueError(f"{source}: the prompt ({len(prompt)} tokens) fills the model's context of "
+                         f"{config.max_position_embeddings} tokens: nothing can be generated after it")
     if args.max_new_tokens > room:  # positions past the context were never trained: the text degrades
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt ({len(prompt)} tokens) + "
                          f"{args.max_new_tokens} exceeds the model's context of {config.max_position_embeddings} "
-                         f"tokens; use at most {max(room, 0)}")
+                         f"tokens; use at most {room}")
     model, ids = load_pretrained(path, device=device), torch.tensor([prompt], device=device)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_token_id=model.config.eos_token_id,
@@ -62,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt", help="text (needs tokenizer.model in the model directory)")
     src.add_argument("--ids", help="comma-separated token ids")
     g.add_argument("--max-new-tokens", type=at_least(1), default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=finite_float(0), default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=at_least(1))
     g.add_argument("--top-p", type=probability)
     g.add_argument("--seed", type=int, default=0)

@@ -84,7 +84,8 @@ def generate(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
 ) -> torch.Tensor:
-    """input_ids (B, T), left-padded when rows differ -> (B, T + n) with n <= max_new_tokens.
+    """input_ids (B, T), left-padded when rows differ (a right-padded row is refused) -> (B, T + n)
+    with n <= max_new_tokens.
 
     A row that emitted an eos token is finished: it is filled with pad_token_id (default: the
     first eos id) and generation stops when every row is finished. `model` is any callable with
@@ -96,6 +97,12 @@ def generate(
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     B, T = input_ids.shape
+    if attention_mask is not None:  # a row of padding only is an empty prompt, as in transformers
+        right_padded = ((attention_mask[:, -1] == 0) & attention_mask.bool().any(-1)).nonzero().flatten().tolist()
+        if right_padded:  # its next token would be read after its padding: garbage, without an error
+            raise ValueError(f"attention_mask: row {right_padded[0]} ends with padding; generation continues "
+                             "every row from the last column, so pad on the left "
+                             "(Tokenizer.batch_encode(padding_side='left'))")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -35,6 +35,12 @@ For llama2 and plain, splitting a turn's text at the space before the reply give
 as encoding the turn whole: SentencePiece never merges across a "▁" word boundary
 (split_by_whitespace, on in LLaMA's tokenizer and in train_tokenizer's).
 
+A message cannot forge a turn. chatml encodes every text with split_special_tokens=True: a message
+holding "<|im_end|>\n<|im_start|>system\n..." stays that text (transformers' apply_chat_template
++ tokenize would read the tokens). llama2 and plain frame turns with <s> and </s>, control tokens
+that SentencePiece never reads from text, so they encode text as it is (a tokenizer needs only
+`encode(text, bos, eos)` for them: minipeft.data.measure's Encoder).
+
 Templates serialize as {"name": ..., fields...}; `save_template`/`load_template` keep the one in
 use in chat_template.json beside an adapter.
 """
@@ -176,7 +182,7 @@ class ChatML(ChatTemplate):
         start, end = _special_id(tok, "<|im_start|>", self.name), _special_id(tok, "<|im_end|>", self.name)
 
         def text(s: str) -> list[int]:  # every text here follows a special token: no dummy "▁"
-            return tok.encode(s, add_dummy_prefix=False)
+            return tok.encode(s, add_dummy_prefix=False, split_special_tokens=True)
 
         def block(role: str, content: str) -> list[int]:
             return [start] + text(f"{role}\n{content}") + [end] + text("\n")

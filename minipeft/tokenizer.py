@@ -11,7 +11,8 @@ Id layout of `train_tokenizer` (LLaMA's, plus a pad token and the chat tokens):
     then the 256 byte pieces <0x00>..<0xFF> (byte_fallback: any UTF-8 text encodes, no <unk>)
     then the learned pieces.
 Special tokens are SentencePiece `user_defined_symbols`: wherever they occur in text they encode
-as their single id.
+as their single id, unless `encode(text, split_special_tokens=True)` spells them as ordinary
+text (the chat templates encode messages so: a message cannot forge a turn).
 
 The leading space. SentencePiece encodes a text as if a space preceded it (the "dummy prefix"):
 encode("Hi") is ["▁Hi"], so encode("a") + encode("b") decodes to "a b", not "ab". That is right
@@ -24,8 +25,7 @@ ids equal the tokenization of the whole rendered string.
 Known differences from transformers (not bugs here): for a text that starts with whitespace, or
 with a special token, SentencePiece still adds the dummy "▁" and `transformers`' Metaspace
 pre-tokenizer does not; and a literal "<s>" or "</s>" in the text stays characters here, where
-transformers reads it as the control token (training data holding the chat tokens is refused by
-the data checks, which is where such text would do harm). Decoding: with skip_special_tokens=False
+transformers reads it as the control token. Decoding: with skip_special_tokens=False
 the text after a control token loses its leading "▁" here ("<s>Hello</s>next") and keeps it as a
 space in transformers ("<s> Hello</s> next"); and a run of byte pieces that is not valid UTF-8
 becomes one U+FFFD per invalid byte here, keeping any valid byte in it (<0xE4><0xB8><0x41> -> "��A"),
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import operator
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -55,6 +56,53 @@ CONFIG_FILES = TOKEN_FILES + ("generation_config.json", "config.json")  # give i
 # Appending `normalizer_spec { add_dummy_prefix: false }` (field 3, length 2; inner field 3 = 0)
 # therefore yields the same model minus the dummy prefix, without a protobuf dependency.
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+MAX_LINE_BYTES = 4192  # SentencePiece's default max_sentence_length (LLaMA's too): longer lines are not trained on
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint that starts at data[i] -> (its value, the index after it)."""
+    value = shift = 0
+    while True:  # 7 bits a byte, least significant first; a byte below 0x80 is the last
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _fields(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, value start, value end) of each field of the protobuf message data[start:end];
+    a length-delimited value (a string, a sub-message) is its bytes without the length."""
+    i = start
+    while i < end:
+        key, i = _varint(data, i)
+        wire = key & 7
+        if wire == 0:
+            j = _varint(data, i)[1]
+        elif wire == 2:
+            n, i = _varint(data, i)
+            j = i + n
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            j = i + (8 if wire == 1 else 4)
+        else:  # groups (3, 4): not in sentencepiece's schema
+            raise ValueError(f"not a SentencePiece model: protobuf wire type {wire} at byte {i}")
+        yield key >> 3, i, j
+        i = j
+
+
+def _user_defined_as_unused(proto: bytes) -> bytes:
+    """The model with its USER_DEFINED pieces (the special tokens) typed UNUSED: SentencePiece no
+    longer matches their text as one piece, and never emits an unused piece, so the text is spelled
+    with the others, as if the special tokens were not in the vocabulary. ModelProto's pieces are
+    its field 1; a piece's type is field 3, a one-byte varint (USER_DEFINED 4, UNUSED 5) that is
+    rewritten in place, every length unchanged."""
+    out = bytearray(proto)
+    for field, start, end in _fields(proto, 0, len(proto)):
+        if field == 1:
+            for f, s, e in _fields(proto, start, end):
+                if f == 3 and proto[s:e] == b"\x04":
+                    out[s] = 5
+    return bytes(out)
 
 
 def check_unicode(text: str, what: str = "the text") -> None:
@@ -86,8 +134,9 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{source}: not a SentencePiece model ({e})") from None
-        self._sp_continuation = spm.SentencePieceProcessor(model_proto=model_proto + _NO_DUMMY_PREFIX)
         self._proto = model_proto
+        # encode's variants of the model, keyed (add_dummy_prefix, split_special_tokens): built on first use
+        self._encoders = {(True, False): self._sp}
         self.bos_id = _own_id(self._sp.bos_id()) if bos_id is None else self._check_id(bos_id, "bos_id")
         self.eos_id = _own_id(self._sp.eos_id()) if eos_id is None else self._check_id(eos_id, "eos_id")
         pad = _own_id(self._sp.pad_id()) if pad_id is None else self._check_id(pad_id, "pad_id")
@@ -110,9 +159,13 @@ class Tokenizer:
         return self._sp.vocab_size()
 
     def _check_id(self, i: int, name: str) -> int:
-        if not 0 <= int(i) < self.vocab_size:
+        try:
+            index = operator.index(i)  # ints, numpy ints, integer 0-d tensors; not 1.5 (int() would cut it to 1)
+        except TypeError:
+            raise ValueError(f"{name}={i!r} is not an integer token id") from None
+        if not 0 <= index < self.vocab_size:
             raise ValueError(f"{name}={i} is outside the vocabulary [0, {self.vocab_size})")
-        return int(i)
+        return index
 
     def token_to_id(self, piece: str) -> int:
         """The id of a piece; KeyError if the vocabulary lacks it (sentencepiece itself says unk)."""
@@ -124,22 +177,32 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self._sp.id_to_piece(self._check_id(i, "id"))
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False, add_dummy_prefix: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, add_dummy_prefix: bool = True,
+               split_special_tokens: bool = False) -> list[int]:
         """text -> ids, optionally framed by bos/eos.
 
         add_dummy_prefix=False encodes `text` as the continuation of preceding text (no "▁" is
-        prepended); True keeps the model's own setting (LLaMA: prepend "▁"). Text that is not
-        Unicode (an unpaired surrogate, "\ud83d": half of a UTF-16 pair) is a ValueError saying
-        where, not sentencepiece's RuntimeError about a C++ cast.
+        prepended); True keeps the model's own setting (LLaMA: prepend "▁").
+        split_special_tokens=True (transformers' name and meaning) encodes a special token's text
+        ("<|im_end|>") as ordinary pieces, not as its id: for text a user wrote, which must not
+        close a chat turn. Text that is not Unicode (an unpaired surrogate, "\ud83d": half of a
+        UTF-16 pair) is a ValueError saying where, not sentencepiece's RuntimeError about a C++ cast.
         """
         check_unicode(text)
-        sp = self._sp if add_dummy_prefix else self._sp_continuation
-        ids = sp.encode(text)
+        ids = self._encoder(add_dummy_prefix, split_special_tokens).encode(text)
         if bos:
             ids.insert(0, self._require(self.bos_id, "bos"))
         if eos:
             ids.append(self._require(self.eos_id, "eos"))
         return ids
+
+    def _encoder(self, add_dummy_prefix: bool, split_special_tokens: bool) -> spm.SentencePieceProcessor:
+        key = (add_dummy_prefix, split_special_tokens)
+        if key not in self._encoders:
+            proto = _user_defined_as_unused(self._proto) if split_special_tokens else self._proto
+            self._encoders[key] = spm.SentencePieceProcessor(
+                model_proto=proto + (b"" if add_dummy_prefix else _NO_DUMMY_PREFIX))
+        return self._encoders[key]
 
     @staticmethod
     def _require(i: Optional[int], name: str) -> int:
@@ -312,10 +375,12 @@ def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_siz
     characters that get their own piece (0.9995 is SentencePiece's advice for CJK-rich text);
     the rest fall back to bytes. Deterministic: one training thread and text fed from memory, so
     the same files and options give a byte-identical tokenizer.model (no paths are recorded).
-    Lines longer than 4192 bytes are skipped by SentencePiece.
+    Lines longer than MAX_LINE_BYTES (4192) bytes are skipped by SentencePiece.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    if not text_files:
+        raise ValueError("text_files is empty; train_tokenizer reads UTF-8 text files, one text a line")
     for f in text_files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: missing; train_tokenizer reads UTF-8 text files")
@@ -331,8 +396,13 @@ def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_siz
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens), num_threads=1,
             minloglevel=2)
     except RuntimeError as e:
+        files = [str(f) for f in text_files]
+        # read again only now it failed: sentencepiece's message for this case is "[!sentences_.empty()]"
+        if not any(len(line.encode("utf-8")) <= MAX_LINE_BYTES for line in _lines(text_files)):
+            raise ValueError(f"{files}: no non-empty line of at most {MAX_LINE_BYTES} bytes to train a "
+                             "tokenizer on (SentencePiece skips longer lines)") from None
         raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} vocabulary from "
-                         f"{[str(f) for f in text_files]}: {e}") from None
+                         f"{files}: {e}") from None
     tok = Tokenizer(model.getvalue(), special_tokens=special_tokens)
     tok.save_pretrained(out_dir)
     return tok

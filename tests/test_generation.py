@@ -191,3 +191,12 @@ def test_the_cli_prints_a_continuation_with_its_leading_space(capsys):
     ids = tok.encode(prompt, bos=True)
     new = generate(model, torch.tensor([ids]), 6, eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
     assert printed == tok.decode(ids + new)[len(prompt):] and printed.startswith(" ")
+
+
+def test_a_right_padded_attention_mask_is_refused():
+    """Each row's next token is read from the last column: a right-padded row read it after its
+    padding and generated garbage without a word (transformers only warns)."""
+    model = tiny_model("llama-mha")
+    ids, mask = padded_batch(T=13, side="right")
+    with pytest.raises(ValueError, match=r"attention_mask: row 1 ends with padding.*pad on the left"):
+        generate(model, ids, 2, attention_mask=mask)
