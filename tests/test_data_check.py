@@ -263,8 +263,9 @@ def test_a_special_tokens_text_in_content_is_rejected(tmp_path):
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "models" / "minillama-10m")
     messages = [{"role": "user", "content": "How do turns end?"}, {"role": "assistant", "content": reply}]
     end = tok.token_to_id("<|im_end|>")
-    # The reference for the harm: rendered by chatml, the reply's labels hold two <|im_end|> ids, not one.
-    assert get_template("chatml").render(messages, tok).labels.count(end) == 2
+    # The reference for the harm: rendered by the plain template (chatml spells a message's text out,
+    # split_special_tokens), the reply's labels hold an <|im_end|> id: the model would learn to emit it.
+    assert get_template("plain").render(messages, tok).labels.count(end) == 1
     records = [{"instruction": "How do turns end?", "output": reply},
                {"messages": [{"role": "system", "content": "Use <|im_start|>user"}] + messages[:1]
                 + [{"role": "assistant", "content": "fine"}]},
