@@ -22,7 +22,7 @@ Metrics (exact match is normalized and JSON-aware: minipeft.metrics.exact_match_
                                                         around the object is not valid JSON
                     required_fields_present             among examples whose reference is an object:
                                                         the prediction is an object holding all its keys
-    generation      exact_match, bleu (0-100, sacrebleu's 13a, or "zh" when lang="zh"),
+    generation      exact_match, bleu (0-100, sacrebleu's 13a, "zh" when lang="zh", "intl" when "intl"),
                     rouge1 / rouge2 / rougeL / rougeLsum F1 (0-1; rougeLsum: LCS over the lines of
                     each reply, as summaries are scored; characters as tokens for Chinese when lang="zh",
                     words of any script when lang="intl": metrics.rouge)
@@ -71,6 +71,7 @@ from .tokenizer import Tokenizer
 
 TASKS = ("classification", "json", "generation")
 LANGS = ("en", "zh", "intl")
+BLEU_TOKENIZE = {"en": "13a", "zh": "zh", "intl": "intl"}  # sacrebleu's tokenizer for each
 MAX_LABELS = 20
 MAX_LABEL_WORDS = 3
 MAX_LABEL_CJK = 6  # characters: 正面, 非常满意 are labels; a sentence is not
@@ -207,7 +208,7 @@ def task_metrics(task: str, predictions: list[str], references: list[str], lang:
         return metrics
     scores = rouge(predictions, references, lang=lang, use_stemmer=rouge_stemmer)
     return {"exact_match": exact_match_accuracy(predictions, references),
-            "bleu": corpus_bleu(predictions, references, tokenize="zh" if lang == "zh" else "13a").score,
+            "bleu": corpus_bleu(predictions, references, tokenize=BLEU_TOKENIZE[lang]).score,
             **{k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}}
 
 

@@ -315,6 +315,10 @@ def test_replies_in_other_scripts_score_as_words():
     assert metrics["rouge1"] == metrics["rouge2"] == metrics["rougeL"] == metrics["rougeLsum"] == 1.0
     assert metrics["bleu"] == pytest.approx(100.0) and metrics["exact_match"] == 1.0
     assert ev.task_metrics("generation", refs, refs, "en")["rouge1"] == 0.0
+    # BLEU with sacrebleu's international tokenizer: "«Да»," is three tokens there, one under 13a
+    replies, refs = ["«Да», сказал он"], ["«Да» — сказал он"]
+    assert ev.task_metrics("generation", replies, refs, "intl")["bleu"] == corpus_bleu(replies, refs, tokenize="intl").score
+    assert corpus_bleu(replies, refs, tokenize="intl").score != corpus_bleu(replies, refs).score
 
 
 def test_mixed_language_references_score_perfect_predictions_as_perfect():

@@ -58,6 +58,12 @@ ZH_PAIRS = [
     ("𠀀字不在表中 ☺ ★", "𠀀字 ☺★"),
 ]
 
+INTL_PAIRS = [("Привет, мир! Это тест модели.", "привет мир, это простой тест"),
+              ("안녕하세요 세계 모델을 미세 조정했습니다", "안녕하세요 모델을 조정했습니다"),
+              ("Η γάτα κάθεται στο χαλί", "η γάτα στο χαλί"),
+              ("Модель LoRA-2 и 模型 v2", "модель lora 2 и 模 型"),
+              ("«Цена» — 1 000,50 ₽; „так“…", "«цена» 1 000,50 ₽ — так")]
+
 
 def _sacre_bleu(pairs_or_hyps, refs=None, **kwargs):
     hyps, refs = (pairs_or_hyps, refs) if refs is not None else ([h for h, _ in pairs_or_hyps],
@@ -75,10 +81,11 @@ def _assert_bleu_equal(ours, ref):
 # ----------------------------------------------------------------------------------------- BLEU
 
 @pytest.mark.parametrize("tokenize,pairs", [("13a", EN_PAIRS), ("zh", ZH_PAIRS + EN_PAIRS),
-                                            ("char", ZH_PAIRS + EN_PAIRS)])
+                                            ("char", ZH_PAIRS + EN_PAIRS), ("intl", INTL_PAIRS + EN_PAIRS)])
 def test_bleu_tokenizers_match_sacrebleu(tokenize, pairs):
     reference_tokenizer = sacrebleu.BLEU(tokenize=tokenize).tokenizer
-    tricky = [".5 starts", " .5 after a space", "a.,b", "1.-2", "&amp;quot;", "x-\n"]
+    tricky = [".5 starts", " .5 after a space", "a.,b", "1.-2", "&amp;quot;", "x-\n", "1,000.5 €", "«a»,,b", "2024.",
+              "x..y", "..1", "1..", "a+-b"]
     for text in [t for pair in pairs for t in pair] + tricky:
         assert bleu_tokenize(text, tokenize) == reference_tokenizer(text.rstrip()).split(), text
 
@@ -93,7 +100,21 @@ def test_zh_tokenizer_splits_exactly_the_code_points_sacrebleu_does():
         assert bleu_tokenize(text, "zh") == reference(text).split(), f"characters {start}..{start + 2047}"
 
 
-@pytest.mark.parametrize("tokenize,pairs", [("13a", EN_PAIRS), ("zh", ZH_PAIRS), ("char", ZH_PAIRS)])
+def test_intl_tokenizer_classes_every_code_point_as_sacrebleu_does():
+    # Each character between letters, between digits and doubled: its Unicode class (punctuation, number,
+    # symbol or other) decides all three of the intl rules. Code points this Python's Unicode leaves
+    # unassigned are skipped: sacrebleu's `regex` module may have a newer Unicode database.
+    import unicodedata
+    from sacrebleu.tokenizers.tokenizer_intl import TokenizerV14International
+    reference = TokenizerV14International()
+    chars = [chr(c) for c in range(0x21, 0x30000) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
+    for start in range(0, len(chars), 1024):
+        text = " ".join(f"x{c}x 1{c}1 {c}{c}1" for c in chars[start:start + 1024])
+        assert bleu_tokenize(text, "intl") == reference(text).split(), f"characters {start}..{start + 1023}"
+
+
+@pytest.mark.parametrize("tokenize,pairs", [("13a", EN_PAIRS), ("zh", ZH_PAIRS), ("char", ZH_PAIRS),
+                                            ("intl", INTL_PAIRS)])
 @pytest.mark.parametrize("lowercase", [False, True])
 def test_corpus_bleu_matches_sacrebleu(tokenize, pairs, lowercase):
     ours = corpus_bleu([h for h, _ in pairs], [r for _, r in pairs], tokenize=tokenize, lowercase=lowercase)
@@ -141,8 +162,8 @@ def test_corpus_bleu_edge_cases():
 def test_corpus_bleu_rejects_bad_input():
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         corpus_bleu(["a", "b"], [["a", "b"]])  # sacrebleu's transposed layout
-    with pytest.raises(ValueError, match="tokenize='intl'"):
-        corpus_bleu(["a"], ["a"], tokenize="intl")
+    with pytest.raises(ValueError, match=r"tokenize='flores200', expected one of \['13a', 'char', 'intl', 'zh'\]"):
+        corpus_bleu(["a"], ["a"], tokenize="flores200")
     with pytest.raises(ValueError, match="empty"):
         corpus_bleu([], [])
     assert rouge_tokenize("Модель LoRA-2 и 模型, café", lang="intl") == ["модель", "lora", "2", "и", "模", "型",
@@ -215,12 +236,6 @@ def test_rouge_chinese_matches_rouge_score_on_spaced_characters():
     default = rouge_scorer.RougeScorer(TYPES).score("今天天气很好", "今天天气很好")
     assert default["rouge1"].fmeasure == 0.0
     assert rouge(["今天天气很好"], ["今天天气很好"], lang="zh")["rouge1"] == 1.0
-
-
-INTL_PAIRS = [("Привет, мир! Это тест модели.", "привет мир, это простой тест"),
-              ("안녕하세요 세계 모델을 미세 조정했습니다", "안녕하세요 모델을 조정했습니다"),
-              ("Η γάτα κάθεται στο χαλί", "η γάτα στο χαλί"),
-              ("Модель LoRA-2 и 模型 v2", "модель lora 2 и 模 型")]
 
 
 def _space_intl(text: str) -> str:

@@ -9,7 +9,9 @@ For a corpus of hypotheses h_i with reference sets R_i, after tokenization:
     BLEU = 100 * BP * exp(mean_n log(m_n / t_n))
 
 Tokenizers, re-implemented from the mteval-v13a rules: "13a" (WMT default), "zh" (CJK characters
-split, the rest 13a-split) and "char" (every non-space character). Smoothing of zero counts
+split, the rest 13a-split) and "char" (every non-space character); "intl" from mteval-v14's
+international rules: every Unicode punctuation mark split off unless a digit sits on both sides
+("1,000", "3.5"), every symbol (Unicode S*) split. Smoothing of zero counts
 follows Chen & Cherry (2014): "exp" (sacrebleu's default, NIST: the k-th zero precision becomes
 1 / (2^k t_n)), "floor" (m_n := eps), "add-k" (m_n, t_n += k for n > 1) and "none".
 tests/test_metrics.py checks score, precisions, BP and lengths against sacrebleu.corpus_bleu.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -108,7 +111,36 @@ def _tokenize_char(line: str) -> list[str]:
     return [c for c in line if not c.isspace()]
 
 
-_TOKENIZERS = {"13a": _tokenize_13a, "zh": _tokenize_zh, "char": _tokenize_char}
+def _split_pairs(line: str, first, second, spaced: str) -> str:
+    """re.sub of the two-character pattern (first)(second) -> `spaced`.format(a, b): matches taken
+    left to right without overlap, as a regex pass takes them ("a.." -> "a . ." only once)."""
+    out, i = [], 0
+    while i < len(line):
+        if i + 1 < len(line) and first(line[i]) and second(line[i + 1]):
+            out.append(spaced.format(line[i], line[i + 1]))
+            i += 2
+        else:
+            out.append(line[i])
+            i += 1
+    return "".join(out)
+
+
+def _is(major: str):
+    """Whether a character's Unicode general category is in class `major` (P, N, S), as regex's \\p{major}."""
+    return lambda c: unicodedata.category(c)[0] == major
+
+
+def _tokenize_intl(line: str) -> list[str]:
+    # sacrebleu's three passes, its \p{..} classes read from unicodedata (its `regex` module may know newer
+    # code points than this Python's Unicode version): punctuation after a non-digit, then before one,
+    # then symbols. "2024." keeps its dot, as in mteval-v14.
+    is_p, is_n, is_s = _is("P"), _is("N"), _is("S")
+    line = _split_pairs(line, lambda c: not is_n(c), is_p, "{} {} ")
+    line = _split_pairs(line, is_p, lambda c: not is_n(c), " {} {}")
+    return "".join(f" {c} " if is_s(c) else c for c in line).split()
+
+
+_TOKENIZERS = {"13a": _tokenize_13a, "zh": _tokenize_zh, "char": _tokenize_char, "intl": _tokenize_intl}
 
 
 def bleu_tokenize(line: str, tokenize: str = "13a", lowercase: bool = False) -> list[str]:
@@ -176,7 +208,7 @@ def corpus_bleu(hypotheses: list[str], references: References, tokenize: str = "
     """Corpus BLEU-4 of `hypotheses` against `references` (0-100), equal to sacrebleu.corpus_bleu.
 
     references[i] is the reference string of hypotheses[i], or a list of its references (the
-    transpose of sacrebleu's argument). tokenize: "13a", "zh" or "char". smooth: "exp" (default),
+    transpose of sacrebleu's argument). tokenize: "13a", "zh", "char" or "intl". smooth: "exp" (default),
     "floor" (smooth_value, default 0.1), "add-k" (smooth_value, default 1) or "none".
     effective_order=True averages only over the orders that have hypothesis n-grams (sacrebleu's
     use_effective_order); otherwise a corpus without any 4-gram scores 0.
