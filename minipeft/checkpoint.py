@@ -31,6 +31,13 @@ PathLike = Union[str, os.PathLike]
 # Buffers that older transformers versions saved and now recompute: read and ignored, as transformers does.
 _DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# The dtypes a stored weight may have: those torch's Linear computes in (not float8)
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# transformers' max_shard_size strings (huggingface_hub.parse_size_to_int: decimal units, any case, a
+# number that may have a fraction) and the binary units of transformers.utils.convert_file_size_to_int
+_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3,
+               "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B)\s*", re.IGNORECASE)
 
 
 def read_config(path: PathLike) -> ModelConfig:
@@ -39,6 +46,9 @@ def read_config(path: PathLike) -> ModelConfig:
 
 
 def _weight_files(path: Path) -> list[Path]:
+    # A folder with both reads model.safetensors, as transformers does: its index is then not even opened.
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
     if (path / INDEX_NAME).is_file():
         index = read_json(path / INDEX_NAME, "a sharded checkpoint lists its shards there")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -54,8 +64,6 @@ def _weight_files(path: Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{path / INDEX_NAME} names shard files that are missing: {missing}")
         return [path / f for f in files]
-    if (path / SINGLE_NAME).is_file():
-        return [path / SINGLE_NAME]
     pickled = sorted(p.name for p in path.glob("*.bin"))
     hint = f" (found {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}{hint}")
@@ -82,12 +90,19 @@ def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: PathLike, convert: Optional[Callable[[str, torch.Tensor], Any]] = None) -> dict[str, Any]:
     """Every tensor of the checkpoint's safetensors file(s), by name; convert(name, tensor), if given,
-    is applied to each as it is read, so that only one tensor as stored is in memory at a time."""
+    is applied to each as it is read, so that only one tensor as stored is in memory at a time.
+    Every tensor must be floating point, as every weight of the model is (ValueError otherwise)."""
     tensors: dict[str, Any] = {}
     for f in _weight_files(Path(path)):
         with open_safetensors(f) as sf:
             for name in sf.keys():
                 tensor = sf.get_tensor(name)
+                if tensor.dtype not in _WEIGHT_DTYPES:
+                    # transformers casts e.g. int8 to float silently (quantized codes read as weights);
+                    # torch's own refusal, later, names neither file nor tensor
+                    expected = ", ".join(str(d).removeprefix("torch.") for d in _WEIGHT_DTYPES)
+                    raise ValueError(f"{f}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; expected "
+                                     f"a floating-point weight ({expected}): a quantized or damaged checkpoint?")
                 tensors[name] = tensor if convert is None else convert(name, tensor)
     return tensors
 
@@ -169,9 +184,26 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
     return model.eval()
 
 
-def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 * 1024**3) -> None:
-    """Write a directory that `load_pretrained` and `transformers.AutoModelForCausalLM` both read."""
+def shard_size_bytes(size: Union[int, str]) -> int:
+    """max_shard_size in bytes: an int, or a string as transformers' save_pretrained takes it, "5GB" =
+    5·10^9 (TB, GB, MB, KB, any case, "1.5GB" too) or "5GiB" = 5·2^30 (TiB, GiB, MiB, KiB)."""
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match:
+        n = int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+    else:
+        n = size if isinstance(size, int) and not isinstance(size, bool) else None
+    if n is None or n <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected a positive number of bytes, an int or a string such as "
+                         "'5GB' (10^9 bytes; also TB, MB, KB) or '5GiB' (2^30 bytes; also TiB, MiB, KiB)")
+    return n
+
+
+def save_pretrained(model: Transformer, path: PathLike, max_shard_size: Union[int, str] = 2 * 1024**3) -> None:
+    """Write a directory that `load_pretrained` and `transformers.AutoModelForCausalLM` both read;
+    max_shard_size as `shard_size_bytes` reads it."""
     from .linear4bit import Linear4bit
+
+    max_bytes = shard_size_bytes(max_shard_size)  # before any work: a typo fails at once
 
     if any(isinstance(m, Linear4bit) for m in model.modules()):
         raise ValueError("a 4-bit (NF4) model has no Hugging Face checkpoint form: save the 16/32-bit base it was "
@@ -186,7 +218,7 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: int = 2 
     dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-    shards = _split_shards(state, max_shard_size)
+    shards = _split_shards(state, max_bytes)
     with staged_dir(path, stale=WEIGHT_FILES) as tmp:
         (tmp / "config.json").write_bytes(json_bytes(hf))
         if len(shards) == 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .rope_scaling import check_rope_scaling
 
@@ -34,6 +34,25 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                   bos_token_id=None, eos_token_id=None),
 }
 
+# hidden_act values that transformers' ACT2FN maps to SiLU, x·sigmoid(x): SwiGLU's gate, the only one here
+SILU_NAMES = ("silu", "swish")
+
+
+def _check_token_ids(cfg: "ModelConfig") -> None:
+    """The types transformers' config classes allow: bos/pad an int or None, eos also a list of ints
+    (any of them ends a sequence). bool is refused: True is an int in Python, not a token id."""
+    def is_id(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, field)
+        if value is None or is_id(value) or (field == "eos_token_id" and isinstance(value, list)
+                                             and value and all(map(is_id, value))):
+            continue
+        expected = "an integer token id, a non-empty list of them, or null" if field == "eos_token_id" else \
+            "an integer token id or null (transformers takes no list here; only eos_token_id may be one)"
+        raise ValueError(f"{field} must be {expected}, got {value!r}")
+
 
 @dataclass
 class ModelConfig:
@@ -53,7 +72,7 @@ class ModelConfig:
     model_type: str = "llama"  # "llama" | "mistral" | "qwen2": decides the checkpoint's architecture name
     sliding_window: Optional[int] = None  # Mistral: a query sees at most this many keys (itself included)
     bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
+    eos_token_id: Optional[Union[int, list[int]]] = 2  # a list: any of them ends a sequence
     pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -74,7 +93,8 @@ class ModelConfig:
             if getattr(self, field) != value:
                 raise ValueError(f"model_type {self.model_type!r}: {field} must be {value} (transformers' "
                                  f"{self.model_type} class has no other), got {getattr(self, field)}")
-        self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        _check_token_ids(self)
 
     @property
     def o_proj_bias(self) -> bool:
@@ -94,14 +114,19 @@ class ModelConfig:
             )
         # transformers 4.x writes rope_theta (+ rope_scaling); 5.x nests both in rope_parameters.
         rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses 'silu')")
+        if "original_max_position_embeddings" in hf and rope.get("rope_type", rope.get("type")) == "llama3":
+            # transformers (standardize_rope_params) takes the top-level key, Phi-3's place for it, over the
+            # one in rope_parameters
+            rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        if hf.get("hidden_act", "silu") not in SILU_NAMES:
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses 'silu'; "
+                             f"expected one of {SILU_NAMES}, the names transformers gives it)")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if k in names}}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         try:
-            kwargs["rope_scaling"] = check_rope_scaling(rope)
+            kwargs["rope_scaling"] = check_rope_scaling(rope, kwargs.get("max_position_embeddings"))
         except ValueError as e:
             raise ValueError(f"config.json: {e}") from None
         if model_type == "qwen2" and hf.get("use_sliding_window", False):
@@ -109,7 +134,10 @@ class ModelConfig:
         kwargs.update(FAMILY_FIXED[model_type])  # keys the family's transformers class ignores
         if hf.get("mlp_bias"):
             raise ValueError("config.json: mlp_bias=true is not supported")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"config.json: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` dict that `transformers.AutoConfig` reads back to an equal model."""

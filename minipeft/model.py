@@ -13,7 +13,7 @@ Tested against `transformers`' LlamaForCausalLM, MistralForCausalLM and Qwen2For
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -220,12 +220,19 @@ class Transformer(nn.Module):
         current T tokens, S = cache.length + T. Positions count real tokens only: a left-padded
         row starts at position 0 at its first real token, as Hugging Face's generate does.
         A boolean (B, 1, T, S) attention_mask is used as it is (packed rows, with their
-        position_ids: see minipeft.batching).
+        position_ids: see minipeft.batching). position_ids, given: (B, T), or (1, T) for every row.
         """
         if (input_ids is None) == (inputs_embeds is None):  # as transformers: both would leave one unused
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[0] not in (1, B)
+                                         or position_ids.shape[1] != T):
+            # (T,) would line up with the heads, not the rows: a crash, or wrong logits where T equals the head
+            # count (so in transformers too). (1, T) broadcasts over the rows, as in transformers.
+            raise ValueError(f"position_ids must be (batch, T) = {(B, T)}, or (1, T) = {(1, T)} shared by every row; "
+                             f"got {tuple(position_ids.shape)}" + (" (for a 1-D arange(T), pass arange(T)[None])"
+                                                                   if position_ids.dim() == 1 else ""))
         past = 0 if cache is None else cache.length
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0: all positions), got {logits_to_keep}")
@@ -285,8 +292,8 @@ class Transformer(nn.Module):
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path, max_shard_size: int = 2 * 1024**3) -> None:
-        """Write `config.json` + `model.safetensors` (sharded above max_shard_size bytes)."""
+    def save_pretrained(self, path, max_shard_size: Union[int, str] = 2 * 1024**3) -> None:
+        """Write `config.json` + `model.safetensors` (sharded above max_shard_size: bytes, or "5GB", "5GiB")."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)

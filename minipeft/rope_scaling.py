@@ -10,7 +10,8 @@ turns as far as p / factor did, so factor × the trained context fits in the ang
 
 "llama3" (Llama 3.1 and later) keeps the high frequencies, which encode local order and never
 completed a turn less often than the context allowed, and interpolates only the low ones, with
-L = original_max_position_embeddings (the pretraining context):
+L = original_max_position_embeddings (the pretraining context; as in transformers, where config.json
+leaves it out, its top-level original_max_position_embeddings, else max_position_embeddings):
 
     λ_i < L / high_freq_factor      f_i                                   (short wavelengths: unchanged)
     λ_i > L / low_freq_factor       f_i / factor                          (long wavelengths: interpolated)
@@ -34,9 +35,12 @@ SCALING_KEYS = {"linear": ("factor",),
 _IGNORED = {"rope_theta", "type"}  # rope_theta has its own field; "type" is rope_type's old name
 
 
-def check_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def check_rope_scaling(scaling: Optional[dict[str, Any]],
+                       max_position_embeddings: Optional[int] = None) -> Optional[dict[str, Any]]:
     """The scaling dict in its canonical form ({"rope_type", *its keys}), None for plain RoPE; a
-    ValueError naming the type or key that is not supported, missing, or out of range."""
+    ValueError naming the type or key that is not supported, missing, or out of range.
+    "llama3" without original_max_position_embeddings takes max_position_embeddings, the model's
+    context, where given (transformers' standardize_rope_params does the same)."""
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -46,7 +50,9 @@ def check_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, 
         raise ValueError(f"rope scaling type {kind!r} is not supported; expected one of {sorted(SCALING_KEYS)} "
                          f"(or plain RoPE), got {scaling!r}")
     needed = SCALING_KEYS[kind]
-    missing = [k for k in needed if k not in scaling]
+    fallback = {"original_max_position_embeddings": max_position_embeddings} \
+        if kind == "llama3" and max_position_embeddings is not None else {}
+    missing = [k for k in needed if k not in scaling and k not in fallback]
     if missing:
         raise ValueError(f"rope scaling {kind!r}: missing {missing}, got {scaling!r}")
     other = set(scaling) - set(needed) - _IGNORED - {"rope_type"}
@@ -58,7 +64,7 @@ def check_rope_scaling(scaling: Optional[dict[str, Any]]) -> Optional[dict[str, 
         raise ValueError(f"rope scaling {kind!r}: factor must be >= 1, got {scaling['factor']}")
     if kind == "llama3" and not 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"]:
         raise ValueError(f"rope scaling 'llama3': needs 0 < low_freq_factor < high_freq_factor, got {scaling!r}")
-    return {"rope_type": kind, **{k: scaling[k] for k in needed}}
+    return {"rope_type": kind, **{k: scaling.get(k, fallback.get(k)) for k in needed}}
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict[str, Any]] = None,

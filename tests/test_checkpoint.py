@@ -137,7 +137,7 @@ def test_a_save_over_a_model_that_crashes_leaves_the_old_model_whole(tmp_path, m
 
     target = tmp_path / "m"
     old = tiny_model(seed=0)
-    old.save_pretrained(target, max_shard_size=10_000)  # sharded: an index, which loading prefers
+    old.save_pretrained(target, max_shard_size=10_000)  # sharded: shards and their index
     (target / "README.md").write_text("card")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     new = tiny_model(seed=1, rope_theta=10000.0)  # another config, of the same shapes

@@ -118,6 +118,59 @@ def test_a_config_json_key_its_family_ignores_is_ignored_as_transformers_does(tm
         torch.testing.assert_close(load_pretrained(tmp_path)(ids), ref(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_every_hidden_act_transformers_computes_as_silu_is_accepted_and_no_other():
+    """config.json's "swish" was refused, though transformers' ACT2FN maps it to SiLU as it does "silu"."""
+    from transformers.activations import ACT2FN
+    x = torch.linspace(-6, 6, 101)
+    silu = {name for name in ACT2FN if torch.allclose(ACT2FN[name](x), torch.nn.functional.silu(x))}
+    assert silu == {"silu", "swish"}
+    for name in ACT2FN:
+        if name in silu:
+            ModelConfig.from_hf_config({"model_type": "llama", "hidden_act": name})
+        else:
+            with pytest.raises(ValueError, match=f"config.json: hidden_act {name!r} is not supported"):
+                ModelConfig.from_hf_config({"model_type": "llama", "hidden_act": name})
+
+
+def test_a_swish_config_json_gives_transformers_logits(tmp_path):
+    import json
+
+    import transformers
+    from conftest import to_hf
+    from minipeft import load_pretrained
+    to_hf(tiny_model("qwen2")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert ref.config.hidden_act == "swish"
+    ids = torch.randint(0, 131, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path)(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bos_token_id", [1]), ("bos_token_id", [1, 2]), ("bos_token_id", "1"), ("bos_token_id", True),
+    ("bos_token_id", 1.0), ("pad_token_id", [0]), ("eos_token_id", "2"), ("eos_token_id", [2, "3"]),
+])
+def test_a_token_id_of_a_type_transformers_refuses_is_refused_naming_the_field(field, value):
+    """A list bos_token_id passed config.json and broke later, in torch.full (exercises.induction_accuracy,
+    which opens each probe with bos). transformers' config classes refuse it: only eos may be a list."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    with pytest.raises(StrictDataclassFieldValidationError, match=field):
+        transformers.LlamaConfig(**{field: value})
+    with pytest.raises(ValueError, match=re.escape(f"config.json: {field} must be ") + ".*" + re.escape(f"got {value!r}")):
+        ModelConfig.from_hf_config({"model_type": "llama", field: value})
+
+
+def test_a_list_of_eos_ids_is_kept_as_transformers_keeps_it():
+    import transformers
+    hf = {"model_type": "llama", "bos_token_id": 1, "eos_token_id": [2, 7]}
+    cfg = ModelConfig.from_hf_config(hf)
+    assert cfg.eos_token_id == transformers.LlamaConfig(**hf).eos_token_id == [2, 7]
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
 @pytest.mark.parametrize("model_type, field, value", [
     ("llama", "sliding_window", 5), ("qwen2", "sliding_window", 5),
     ("mistral", "attention_bias", True), ("qwen2", "attention_bias", False),

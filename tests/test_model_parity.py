@@ -1,4 +1,6 @@
 """The decoder against `transformers` (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
+import re
+
 import pytest
 import torch
 
@@ -130,10 +132,54 @@ def test_rope_scaling_matches_transformers(kind, tmp_path):
     assert {k: hf_rope[k] for k in ROPE_SCALINGS[kind]} == ROPE_SCALINGS[kind]
 
 
+@pytest.mark.parametrize("where, context", [
+    ("rope_scaling", 128),  # none given: max_position_embeddings
+    ("rope_parameters", 128),  # transformers 5's name, rope_theta inside
+    ("top level", 32),  # config.json's own original_max_position_embeddings (Phi-3's place for it)
+    ("top level over rope_scaling's", 32),  # ... which transformers takes over rope_scaling's 64
+    ("no max_position_embeddings", 2048),  # LlamaConfig's default context
+])
+def test_llama3_scaling_without_its_original_context_falls_back_as_in_transformers(where, context, tmp_path):
+    """A "llama3" rope_scaling without original_max_position_embeddings was refused; transformers
+    (standardize_rope_params) takes a top-level original_max_position_embeddings, else the model's
+    max_position_embeddings. Logits equal transformers' LlamaForCausalLM read from the same config.json."""
+    import json
+
+    import transformers
+    from minipeft import load_pretrained
+    model = tiny_model("llama-mha", hidden_size=64, rope_theta=10000.0, max_position_embeddings=128,
+                       rope_scaling=ROPE_SCALINGS["llama3"])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_scaling")
+    if where != "top level over rope_scaling's":
+        del rope["original_max_position_embeddings"]
+    if where.startswith("top level"):
+        config["original_max_position_embeddings"] = 32
+    if where == "no max_position_embeddings":
+        del config["max_position_embeddings"]
+    if where == "rope_parameters":
+        config["rope_parameters"] = {**rope, "rope_theta": config.pop("rope_theta")}
+    else:
+        config["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = load_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == context
+    assert ref.config.rope_parameters["original_max_position_embeddings"] == context
+    ids, mask = padded_batch(T=29)
+    with torch.no_grad():
+        got, want = ours(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits
+        before = model(ids, attention_mask=mask)  # the context of 64 that the file no longer says
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
+    assert (got[real] - before[real]).abs().max() > 1e-4  # the context read changes the logits
+
+
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "yarn", "factor": 4.0}, "rope scaling type 'yarn' is not supported"),
-    ({"rope_type": "llama3", "factor": 8.0}, r"missing \['low_freq_factor', 'high_freq_factor', "
-                                             r"'original_max_position_embeddings'\]"),
+    # original_max_position_embeddings falls back (test below); transformers also requires these two
+    ({"rope_type": "llama3", "factor": 8.0}, r"missing \['low_freq_factor', 'high_freq_factor'\], got"),
     ({"type": "linear", "factor": 0.5}, "factor must be >= 1"),
     ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, r"unsupported key\(s\) \['partial_rotary"),
 ])
@@ -165,3 +211,26 @@ def test_a_decode_step_needs_the_mask_of_the_cached_positions_too(family):
             model(ids[:, -1:], attention_mask=mask[:, -1:], cache=cache)
         step = model(ids[:, -1:], attention_mask=mask, cache=cache)[:, -1]
     torch.testing.assert_close(step, ref, atol=1e-4, rtol=0)  # float32, as the parity tests above
+
+
+def test_one_row_of_position_ids_serves_every_row_as_in_transformers(family):
+    """position_ids (1, T) broadcast over the batch in transformers and here. (T,) lines up with the heads
+    in both: wrong logits without an error where T equals the head count, a crash elsewhere. It is
+    refused here, as is any shape but (B, T) and (1, T), naming both."""
+    model = tiny_model(family)
+    hf = to_hf(model)
+    ids = torch.randint(0, 131, (3, 4))  # T = 4 = llama-mha's head count: the silent case
+    row = torch.arange(5, 9)[None]  # positions 5..8: an offset shows, arange(T) would match the default
+    with torch.no_grad():
+        ours = model(ids, position_ids=row)
+        torch.testing.assert_close(ours, hf(ids, position_ids=row).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours, model(ids, position_ids=row.expand(3, 4)), atol=0, rtol=0)
+        try:  # transformers with (T,): a broadcast error, or where T = the head count other logits, silently
+            assert (hf(ids, position_ids=row[0]).logits - ours).abs().max() > 1e-4
+        except RuntimeError:
+            pass
+        for shape in [(4,), (2, 4), (1, 5), (3, 3), (1, 1, 4)]:
+            bad = torch.zeros(shape, dtype=torch.long)
+            with pytest.raises(ValueError, match=re.escape(f"position_ids must be (batch, T) = (3, 4), or (1, T) = "
+                                                           f"(1, 4) shared by every row; got {shape}")):
+                model(ids, position_ids=bad)
