@@ -248,7 +248,7 @@ class PromptEmbedding(nn.Module):
         B = x.shape[0]
         prompt = self.embedding.weight.to(x.dtype).expand(B, -1, -1)
         if position_ids is not None:
-            virtual = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(B, P)
+            virtual = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(len(position_ids), P)
             position_ids = torch.cat((virtual, position_ids), dim=1)
         T = x.shape[1]  # the real tokens: never keep the prompt's positions
         return model(inputs_embeds=torch.cat((prompt, x), dim=1), attention_mask=attention_mask,

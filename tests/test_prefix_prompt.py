@@ -199,6 +199,17 @@ def test_inputs_embeds_equal_input_ids(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_one_row_of_position_ids_serves_every_row(case):
+    """position_ids (1, T), which the model broadcasts over the batch: prompt tuning put its (B, P)
+    virtual positions in front of them and crashed on the shapes."""
+    ours, _ = trained(ours_config(case))
+    ids = IDS[:, :8]
+    shared = torch.arange(3, 11)[None]
+    torch.testing.assert_close(ours(ids, position_ids=shared), ours(ids, position_ids=shared.expand_as(ids)),
+                               atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_only_the_prompt_encoder_trains(case):
     ours, before = trained(ours_config(case), steps=2)
     encoder = {"prompt_encoder.default." + n for n, _ in ours.prompt_encoder["default"].named_parameters()}
