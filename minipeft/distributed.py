@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -58,10 +58,27 @@ def init(device: torch.device) -> None:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def check_local_device(device: torch.device, environ: Mapping[str, str] = os.environ) -> None:
+    """Under torchrun (WORLD_SIZE > 1, in `environ`), a GPU rank must compute on its own GPU,
+    cuda:LOCAL_RANK: a model left on cuda:0 on every rank runs them all on one GPU, or NCCL fails
+    or hangs on two ranks of one device. ValueError naming RANK, LOCAL_RANK and `device`.
+    CPU ranks (gloo) have no device of their own."""
+    if int(environ.get("WORLD_SIZE", 1)) <= 1 or device.type != "cuda":
+        return
+    local = int(environ.get("LOCAL_RANK", 0))
+    if device.index != local:
+        raise ValueError(f"rank {environ.get('RANK', '?')} (LOCAL_RANK={local}): the model is on {device}, but under "
+                         f"torchrun each process trains on its own GPU, cuda:LOCAL_RANK (here cuda:{local}); move "
+                         "the model there before building the Trainer: "
+                         "model.to(minipeft.distributed.use_device('cuda'))")
+
+
 def join(device: torch.device) -> None:
     """init(device) where torchrun started several processes: a Trainer built from Python joins
-    them as run_job does (a no-op once joined). Alone, or with --nproc_per_node 1, there is no
-    other rank to join, and a plain process that merely has WORLD_SIZE=1 set starts no group."""
+    them as run_job does (a no-op once joined), its model on its own GPU (check_local_device).
+    Alone, or with --nproc_per_node 1, there is no other rank to join, and a plain process that
+    merely has WORLD_SIZE=1 set starts no group."""
+    check_local_device(device)
     if _env("WORLD_SIZE", 1) > 1:
         init(device)
 

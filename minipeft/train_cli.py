@@ -25,7 +25,7 @@ PROBE = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    re
 def _train(args: argparse.Namespace) -> int:
     from . import distributed
 
-    cfg = TrainConfig.load(args.config, refuse_other_methods=True)  # a person's job file: every key is meant to apply
+    cfg = TrainConfig.load(args.config, refuse_ignored=True)  # a person's job file: every key is meant to apply
     if args.output_dir:
         cfg.output_dir = args.output_dir
     try:

@@ -6,7 +6,8 @@ weight_decay 0.01. A job file is JSON or YAML holding these keys; an unknown key
 the wrong type (each key takes its annotation's type: `true` is no integer, `2.5` no batch size)
 or an out-of-range value is an error that names the key, before any work starts; so is a key
 given twice (YAML and JSON parsers keep the last one silently), and in `minipeft train`'s job file
-a key of another method's block (lora_rank in a prefix job: METHOD_BLOCKS), which would be ignored.
+a key the job would ignore: one of another method's block (lora_rank in a prefix job: METHOD_BLOCKS),
+or test_ratio beside a test_file (check_ignored_keys).
 """
 from __future__ import annotations
 
@@ -113,6 +114,18 @@ def check_method_keys(written: dict[str, str], method: str, where: str, default:
         them = "them" if len(bad) > 1 else "it"
         raise ValueError(f"{where}: {'; '.join(bad)}; this job's method is {method!r}"
                          f"{' (the default)' if default else ''}, which would ignore {them}")
+
+
+def check_ignored_keys(written: dict[str, str], cfg: "TrainConfig", where: str, default: bool = False) -> None:
+    """Refuse the keys (as written -> their field) that `cfg` would ignore: another method's block
+    (check_method_keys; default as there), and test_ratio beside a test_file, which replaces the split
+    test_ratio would take off train_file (job.load_data)."""
+    check_method_keys(written, cfg.method, where, default)
+    named = {name: key for key, name in written.items()}
+    if cfg.test_file and "test_ratio" in named:
+        raise ValueError(f"{where}: {named['test_ratio']} is used only without a test file (it splits train_file); "
+                         f"this job's {named['test_file']} {cfg.test_file!r} is the test split, which would ignore "
+                         f"{named['test_ratio']}: remove one of them")
 
 
 @dataclass
@@ -223,10 +236,10 @@ class TrainConfig:
         _refuse([f"{key}={getattr(self, key)!r} (expected {want})" for key, ok, want in checks if not ok])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config", refuse_other_methods: bool = False) -> "TrainConfig":
-        """The config of settings `d`; errors name `where`. refuse_other_methods: a key of another
-        method's block (lora_rank in a prefix job) is an error, as the job would ignore it; a record
-        naming every setting (to_dict's: job_config.json) holds every block and is taken whole."""
+    def from_dict(cls, d: dict[str, Any], where: str = "config", refuse_ignored: bool = False) -> "TrainConfig":
+        """The config of settings `d`; errors name `where`. refuse_ignored: a key the job would ignore
+        (check_ignored_keys: lora_rank in a prefix job, test_ratio beside test_file) is an error; a
+        record naming every setting (to_dict's: job_config.json) holds every key and is taken whole."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         written: dict[str, str] = {}  # key as written -> its field
@@ -241,13 +254,13 @@ class TrainConfig:
             cfg = cls(**kwargs)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if refuse_other_methods and kwargs.keys() != names:
-            check_method_keys(written, cfg.method, where, default="method" not in kwargs)
+        if refuse_ignored and kwargs.keys() != names:
+            check_ignored_keys(written, cfg, where, default="method" not in kwargs)
         return cfg
 
     @classmethod
-    def load(cls, path: Union[str, Path], refuse_other_methods: bool = False) -> "TrainConfig":
-        """Read a JSON or YAML job file; refuse_other_methods as from_dict's."""
+    def load(cls, path: Union[str, Path], refuse_ignored: bool = False) -> "TrainConfig":
+        """Read a JSON or YAML job file; refuse_ignored as from_dict's."""
         path = existing_file(path, "expected a JSON or YAML job file")
         if path.suffix in (".yaml", ".yml"):
             try:
@@ -260,7 +273,7 @@ class TrainConfig:
             d = read_json(path, "expected a JSON or YAML job file", unique_keys=True)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
-        return cls.from_dict(d, where=str(path), refuse_other_methods=refuse_other_methods)
+        return cls.from_dict(d, where=str(path), refuse_ignored=refuse_ignored)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

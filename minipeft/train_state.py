@@ -115,6 +115,32 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return read_json(path / "trainer_state.json", "it holds the step and config to resume from")
 
 
+# trainer_state.json's keys that a resume needs (world_size too, where recorded: resumable_state)
+STATE_KEYS = frozenset({"step", "warnings", "losses", "loss_sum", "logged", "evals", "config"})
+
+
+def resumable_state(path: Path, config: dict[str, Any], world: int, steps_per_epoch: int) -> dict[str, Any]:
+    """Checkpoint `path`'s trainer state, once checked against the run that resumes it: its config
+    `config` must match but for the settings RESUMABLE names (an error lists each difference) and a
+    longer run (LENGTH: its schedule), and it must have been written by `world` processes."""
+    state, where = read_trainer_state(path), path / "trainer_state.json"
+    missing = STATE_KEYS - state.keys()
+    if missing:
+        raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume "
+                         "(written by an older minipeft?): train into a new output_dir")
+    # The global batch is batch_size x gradient_accumulation_steps x processes: on another number of
+    # processes the same config steps through other batches, by another schedule, from the same step.
+    # (Checkpoints written before it was recorded do not say: not checked.)
+    if state.get("world_size", world) != world:
+        processes = f"process{'es' if state['world_size'] > 1 else ''}"
+        raise ValueError(f"{where}: written by {state['world_size']} {processes}, resumed on {world}: the "
+                         "global batch (batch_size x gradient_accumulation_steps x processes), and with it the data "
+                         f"position and the schedule, would change; resume on {state['world_size']} {processes}")
+    check_resumable(state["config"], config, where)
+    check_length(state["config"], config, steps_per_epoch, where)
+    return state
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restore weights (in place: the optimizer's parameters), optimizer, RNG from `path`."""
     if isinstance(model, PeftModel):

@@ -1,15 +1,10 @@
 """The training loop: AdamW over the trainable parameters, gradient accumulation normalized by
 supervised tokens, warm-up + schedule, clipping, evaluation, atomic resumable checkpoints, DDP.
 
-One optimizer step consumes a global batch of G = batch_size x gradient_accumulation_steps x
-world_size examples, taken in a (seed, epoch)-determined order. Its loss is
-
-    L = sum over the G examples' supervised tokens of -log p(token)  /  N_tokens(G)
-
-so every micro-batch contributes (its NLL sum) / N_tokens(G) and the gradient is the same
-whatever the split into micro-batches or processes. Averaging per-micro-batch means instead
-would weight a token by 1/len(its micro-batch): the gradient-accumulation bug that unsloth
-found in transformers (tests/test_trainer.py checks bs=2 x accum=4 == bs=8 on ragged data).
+One optimizer step consumes a global batch of batch_size x gradient_accumulation_steps x
+world_size examples; its loss is their summed NLL over their supervised tokens' count, whatever the
+split into micro-batches or processes (train_batches: the math). Checkpoints and their resume:
+train_state; metrics.jsonl and TensorBoard: train_log; the loss curves' diagnostics: diagnostics.
 Logits are computed only at the supervised positions (metrics.head_loss), and the last layer
 only from the first of them on (metrics.scored_suffix): the prompt's positions skip the vocabulary
 projection and most of a layer. With torchrun, the Trainer joins the process group (built from
@@ -19,8 +14,6 @@ on CPU, NCCL on GPU) and only rank 0 writes files.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import time
 import warnings
@@ -33,17 +26,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .batching import PackedRow, collate, collate_packed, pack
+from .batching import PackedRow, collate, collate_packed
 from .diagnostics import overfitting, unstable_loss
-from .files import strict_json, write_atomic
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .model import Transformer
 from .schedule import lr_factor
+from .train_batches import Rendered, epoch_order, micro_batches, pack_shuffled, supervised_tokens
 from .train_config import TrainConfig
-from .train_state import (check_length, check_resumable, latest_checkpoint, load_checkpoint, read_trainer_state,
-                          rng_states, save_checkpoint)
+from .train_log import MetricsLog, read_metrics, tensorboard_dir
+from .train_state import latest_checkpoint, load_checkpoint, resumable_state, rng_states, save_checkpoint
 
-Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
+# Imported from here by job.py, pretrain.py, the platform, tests and notebooks.
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "param_groups", "Rendered", "supervised_tokens",
+           "pack_shuffled", "MetricsLog", "read_metrics", "tensorboard_dir"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,20 +55,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         raise ValueError("the model has no trainable parameters")
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def supervised_tokens(examples: Sequence[Rendered | PackedRow]) -> int:
-    """Tokens the loss sees: labels after the one-step shift that are not -100 (a packed row's
-    examples each start with -100 already: the same count as the examples apart)."""
-    return sum(sum(1 for t in ex[1][1:] if t != -100) for ex in examples)
-
-
-def pack_shuffled(examples: Sequence[Rendered], max_length: int, seed: int) -> list[PackedRow]:
-    """The examples packed into rows of at most max_length tokens (batching.pack), in an order
-    drawn from seed: a file's neighbours (often alike) do not always share a row. Packed once;
-    each epoch then shuffles the rows."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    return pack([examples[i] for i in order], max_length)
 
 
 @dataclass
@@ -131,16 +112,6 @@ class Trainer:
         self.evals: list[tuple[float, float]] = []
 
     # --- one optimizer step -------------------------------------------------------------------
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        return torch.randperm(len(self.train_data), generator=g).tolist()
-
-    def _micro_batches(self, batch: list[int]) -> list[list[int]]:
-        """This rank's slice of each micro-batch of the global batch."""
-        bs, size = self.cfg.batch_size, self.cfg.batch_size * self.world
-        micro = [batch[i:i + size] for i in range(0, len(batch), size)]
-        return [m[self.rank * bs:(self.rank + 1) * bs] for m in micro]
-
     def _forward(self, examples: Sequence[Rendered | PackedRow],
                  return_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, n, V), or with return_hidden the final hidden states (B, n, d); labels (B, n)):
@@ -167,7 +138,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         nll_sum = torch.zeros((), device=self.device)
-        for micro in self._micro_batches(batch):
+        for micro in micro_batches(batch, self.cfg.batch_size, self.rank, self.world):
             if micro:
                 nll = self._nll([self.train_data[i] for i in micro])
                 (nll / max(n_tokens, 1)).backward()
@@ -233,7 +204,7 @@ class Trainer:
                    desc="train", unit="step")
         try:
             for epoch in range(self.step // self.steps_per_epoch, self.epochs):
-                order = self._order(epoch)
+                order = epoch_order(len(self.train_data), self.cfg.seed, epoch)
                 last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
                 for s in range(self.step - epoch * self.steps_per_epoch, last):
                     batch = order[s * self.global_batch:(s + 1) * self.global_batch]
@@ -271,7 +242,7 @@ class Trainer:
         return TrainResult(self.step, self.loss_sum / self.step, final_eval, list(self.warnings.values()),
                            tokens / max(seconds, 1e-9), seconds)
 
-    def _log_evaluation(self, metrics: "MetricsLog") -> dict[str, Any]:
+    def _log_evaluation(self, metrics: MetricsLog) -> dict[str, Any]:
         """Evaluate, log, and check for over-fitting against the last epoch's mean train loss
         (the final evaluation too: the last eval loss is the one most likely to have risen)."""
         result = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **self.evaluate()}
@@ -281,7 +252,7 @@ class Trainer:
         self._warn(overfitting, self.evals)
         return result
 
-    def _final_evaluation(self, metrics: "MetricsLog") -> dict[str, float]:
+    def _final_evaluation(self, metrics: MetricsLog) -> dict[str, float]:
         """The evaluation at the last step: the one the loop logged there, else (a finished run
         resumed from a checkpoint written before the loop evaluated at its last step) run now and
         logged, once."""
@@ -291,7 +262,7 @@ class Trainer:
         result = done[-1] if done else self._log_evaluation(metrics)
         return {k: v for k, v in result.items() if k not in ("step", "epoch")}
 
-    def _completed(self, metrics: "MetricsLog") -> TrainResult:
+    def _completed(self, metrics: MetricsLog) -> TrainResult:
         """Resumed from the last step's checkpoint: nothing to train; the run's saved result."""
         if self.rank == 0:
             print(f"{self.out}: the run is already complete ({self.step} of {self.total_steps} steps, "
@@ -328,93 +299,14 @@ class Trainer:
         """Continue from the newest checkpoint in output_dir, if any; its config must match this
         one but for the settings train_state.RESUMABLE names (an error lists each difference) and a
         longer run (train_state.LENGTH: its schedule), and it must have been written by as many
-        processes."""
+        processes (train_state.resumable_state checks)."""
         path = latest_checkpoint(self.out)
         if path is None:
             return
-        state, where = read_trainer_state(path), path / "trainer_state.json"
-        missing = {"step", "warnings", "losses", "loss_sum", "logged", "evals", "config"} - state.keys()
-        if missing:
-            raise ValueError(f"{where}: missing {sorted(missing)}: not a checkpoint this trainer can resume "
-                             "(written by an older minipeft?): train into a new output_dir")
-        # The global batch is batch_size x gradient_accumulation_steps x processes: on another number of
-        # processes the same config steps through other batches, by another schedule, from the same step.
-        # (Checkpoints written before it was recorded do not say: not checked.)
-        if state.get("world_size", self.world) != self.world:
-            processes = f"process{'es' if state['world_size'] > 1 else ''}"
-            raise ValueError(f"{where}: written by {state['world_size']} {processes}, resumed on {self.world}: the "
-                             "global batch (batch_size x gradient_accumulation_steps x processes), and with it the data "
-                             f"position and the schedule, would change; resume on {state['world_size']} {processes}")
-        check_resumable(state["config"], self.cfg.to_dict(), where)
-        check_length(state["config"], self.cfg.to_dict(), self.steps_per_epoch, where)
+        state = resumable_state(path, self.cfg.to_dict(), self.world, self.steps_per_epoch)
         load_checkpoint(path, self.model, self.optimizer)
         self.step, self.logged = state["step"], state["logged"]
         warned = state["warnings"]  # a list of messages in checkpoints written before each check warned once
         self.warnings = warned if isinstance(warned, dict) else {message: message for message in warned}
         self.losses, self.loss_sum, self.evals = state["losses"], state["loss_sum"], [tuple(e) for e in state["evals"]]
 
-
-def tensorboard_dir(cfg: TrainConfig) -> Optional[Path]:
-    """Where TensorBoard event files go (output_dir/tensorboard), or None: report_to "none", or
-    "auto" without the tensorboard package. "tensorboard" without it is an error, not a silent skip."""
-    if cfg.report_to == "none":
-        return None
-    if importlib.util.find_spec("tensorboard") is None:
-        if cfg.report_to == "tensorboard":
-            raise ValueError("report_to='tensorboard' needs the tensorboard package: pip install tensorboard")
-        return None
-    return Path(cfg.output_dir) / "tensorboard"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records. A last line without its newline was cut short by a process killed
-    mid-append: it is dropped (its step is past every checkpoint, so that work is redone); any
-    other line that is not a JSON object with an integer "step" is an error naming file and line."""
-    *lines, _ = path.read_text(encoding="utf-8").split("\n")  # _: "", or a line cut short
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number}: invalid JSON at column {e.colno}: {e.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f'{path}: line {number}: expected a JSON object with an integer "step"')
-        rows.append(row)
-    return rows
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step or evaluation, flushed as written; with a
-    tensorboard directory, each number also becomes a scalar there (tag "train/loss",
-    "eval/eval_loss", ..., at its step). On resume, records past the checkpoint's step are dropped:
-    that work is redone and logged again (TensorBoard hides its events past the checkpoint)."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool = True, tensorboard: Optional[Path] = None):
-        self.path, self.enabled = path, enabled
-        self.rows: list[dict[str, Any]] = []
-        if path.exists() and resume_step:
-            self.rows = [r for r in read_metrics(path) if r["step"] <= resume_step]
-        if enabled:
-            write_atomic(path, "".join(strict_json(r, indent=None) + "\n" for r in self.rows))
-        self.writer = None
-        if enabled and tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: the first step logged again; the checkpoint's own step keeps its events
-            self.writer = SummaryWriter(str(tensorboard), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(strict_json(row, indent=None) + "\n")  # an eval perplexity past float64 as null
-        if self.writer is not None:
-            group = "eval" if any(k.startswith("eval_") for k in row) else "train"
-            for key, value in row.items():
-                if key != "step":
-                    self.writer.add_scalar(f"{group}/{key}", value, row["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

@@ -50,7 +50,7 @@ def test_a_key_of_another_methods_block_is_refused_by_name(settings, message, tm
     path = tmp_path / "job.json"
     path.write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
-        TrainConfig.load(path, refuse_other_methods=True)
+        TrainConfig.load(path, refuse_ignored=True)
     assert main(["train", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
 
@@ -58,17 +58,41 @@ def test_a_key_of_another_methods_block_is_refused_by_name(settings, message, tm
 def test_a_methods_own_keys_and_a_complete_record_are_taken(tmp_path):
     """Each method's own block passes; so does a record of every setting (job_config.json, the
     platform's train_config.json: to_dict's output, which holds every block), and so does load
-    without refuse_other_methods (the platform's worker reads its train_config.json so)."""
+    without refuse_ignored (the platform's worker reads its train_config.json so)."""
     for settings in ({"method": "qlora", "r": 4, "target_modules": ["q_proj"]},
                      {"method": "prefix", "num_virtual_tokens": 4}, {"method": "adapter", "bottleneck_size": 8,
                                                                      "adapter_placement": "pfeiffer"}):
         (tmp_path / "job.json").write_text(json.dumps(settings))
-        assert TrainConfig.load(tmp_path / "job.json", refuse_other_methods=True).method == settings["method"]
+        assert TrainConfig.load(tmp_path / "job.json", refuse_ignored=True).method == settings["method"]
     record = TrainConfig(method="prefix", num_virtual_tokens=4).to_dict()
     (tmp_path / "job_config.json").write_text(json.dumps(record))
-    assert TrainConfig.load(tmp_path / "job_config.json", refuse_other_methods=True).to_dict() == record
+    assert TrainConfig.load(tmp_path / "job_config.json", refuse_ignored=True).to_dict() == record
     (tmp_path / "job.json").write_text(json.dumps({"method": "prefix", "lora_rank": 8}))
     assert TrainConfig.load(tmp_path / "job.json").lora_rank == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("test_file: held.jsonl\ntest_ratio: 0.2\n",
+     "test_ratio is used only without a test file (it splits train_file); this job's test_file 'held.jsonl' is "
+     "the test split, which would ignore test_ratio: remove one of them"),
+    ("validation_file: held.jsonl\ntest_ratio: 0.2\n", "this job's validation_file 'held.jsonl'"),
+])
+def test_test_ratio_beside_a_test_file_is_refused(text, message, tmp_path, capsys):
+    """test_ratio splits train_file only when no test_file is given: beside one, the job trained on
+    all of train_file and never read test_ratio, without a word."""
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+        TrainConfig.load(path, refuse_ignored=True)
+    assert main(["train", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    # Either key alone is taken; so is a complete record (job_config.json) and test_file: null.
+    for alone in ("test_file: held.jsonl\n", "test_ratio: 0.2\n", "test_file: null\ntest_ratio: 0.2\n"):
+        path.write_text(alone)
+        TrainConfig.load(path, refuse_ignored=True)
+    record = TrainConfig(test_file="held.jsonl", test_ratio=0.2).to_dict()
+    (tmp_path / "job_config.json").write_text(json.dumps(record))
+    assert TrainConfig.load(tmp_path / "job_config.json", refuse_ignored=True).to_dict() == record
 
 
 # --- 2. test_file is train_file ------------------------------------------------------------------
