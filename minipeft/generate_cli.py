@@ -8,6 +8,7 @@ import torch
 from .argtypes import at_least, finite_float, probability
 from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
+from .generation_config import prompt_special_tokens, stop_token_ids
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -30,12 +31,14 @@ def _generate(args: argparse.Namespace) -> int:
     from .job import default_model_dir
 
     path, device = default_model_dir(args.model), use_device(args.device)
-    config, tok = read_config(path), None  # the prompt is checked before the weights load
+    config, tok = read_config(path), None  # the prompt and the files are checked before the weights load
+    eos = stop_token_ids(path, config.vocab_size, config.eos_token_id)
     if args.prompt is not None:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
-        prompt = tok.encode(args.prompt, bos=True)
+        bos, end = prompt_special_tokens(path)  # as transformers' tokenizer encodes it for this folder
+        prompt = tok.encode(args.prompt, bos=bos, eos=end)
     else:
         prompt = parse_ids(args.ids, config.vocab_size)
     room = config.max_position_embeddings - len(prompt)
@@ -49,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
                          f"tokens; use at most {room}")
     model, ids = load_pretrained(path, device=device), torch.tensor([prompt], device=device)
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=model.config.eos_token_id,
+                         top_p=args.top_p, eos_token_id=eos,
                          generator=torch.Generator(device).manual_seed(args.seed))  # draws where the logits are
     new = out[0, ids.shape[1]:].tolist()
     if tok is None:

@@ -89,11 +89,19 @@ def generate(
 
     A row that emitted an eos token is finished: it is filled with pad_token_id (default: the
     first eos id) and generation stops when every row is finished. `model` is any callable with
-    the Transformer's signature (a PeftModel works: prefix tuning fills the cache first).
+    the Transformer's signature, model(ids, attention_mask=, cache=, logits_to_keep=) -> logits
+    (B, T', V) (a PeftModel works: prefix tuning fills the cache first). use_cache=True also needs
+    model.config.num_hidden_layers (the cache holds one key/value pair per layer), else it is refused
+    up front: a callable without it (a plain function) takes use_cache=False, each step re-running the prefix.
     presence_penalty and frequency_penalty: see `apply_penalties`; each row counts its own tokens.
     """
     if not temperature >= 0:  # not `< 0`: NaN passes that, and fails later inside torch.multinomial
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if use_cache and layers is None:  # else an AttributeError on None, naming nothing
+        name = getattr(model, "__qualname__", None) or type(model).__qualname__  # a function's name, or a class's
+        raise ValueError(f"use_cache=True needs model.config.num_hidden_layers (the KV cache holds one key/value "
+                         f"pair per layer), which {name} lacks; pass use_cache=False, or give the model a config")
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     B, T = input_ids.shape
@@ -106,8 +114,7 @@ def generate(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    cfg = getattr(model, "config", None)
-    cache = KVCache(cfg.num_hidden_layers) if use_cache else None
+    cache = KVCache(layers) if use_cache else None
     ids, step_ids = input_ids, input_ids
     for _ in range(max_new_tokens):
         # logits_to_keep=1: the prompt's last layer and lm_head only where the next token is read

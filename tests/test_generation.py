@@ -200,3 +200,27 @@ def test_a_right_padded_attention_mask_is_refused():
     ids, mask = padded_batch(T=13, side="right")
     with pytest.raises(ValueError, match=r"attention_mask: row 1 ends with padding.*pad on the left"):
         generate(model, ids, 2, attention_mask=mask)
+
+
+def test_a_model_without_a_config_needs_use_cache_false():
+    """A callable without .config crashed with "'NoneType' object has no attribute 'num_hidden_layers'"
+    once the KV cache was built; it is refused up front, and runs without the cache."""
+    model = tiny_model("llama-mha")
+
+    def bare(ids, **kwargs):  # the Transformer's call, no .config
+        return model(ids, **kwargs)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids, **kwargs):
+            return self.inner(ids, **kwargs)
+
+    ids = torch.tensor([[1, 2, 3]])
+    for callable_, name in ((bare, "bare"), (Wrapper(), "Wrapper")):
+        with pytest.raises(ValueError, match=f"use_cache=True needs model.config.num_hidden_layers .*which "
+                                             f"[^ ]*{name} lacks; pass use_cache=False"):
+            generate(callable_, ids, 4)
+        assert torch.equal(generate(callable_, ids, 4, use_cache=False), generate(model, ids, 4))

@@ -205,6 +205,22 @@ def test_set_adapter_while_merged_warns_and_unmerges_first_as_peft(switch_to):
         torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("targets", [["q_proj"], ["k_proj"]])  # on a merged module, on others only
+def test_add_adapter_while_merged_warns_and_unmerges_as_peft(targets):
+    """minipeft kept the merge; PEFT's add_adapter re-sets the active adapter, which warns and unmerges every
+    layer (not only those the new adapter wraps): the active adapter then runs unmerged."""
+    ours, ref = both(("default", dict(r=2, target_modules=["q_proj", "v_proj"])))
+    for model, config in ((ours, LoraConfig), (ref, peft.LoraConfig)):
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="Adapter cannot be set when the model is merged. Unmerging the model"):
+            model.add_adapter("b", config(r=2, target_modules=targets))
+    assert ours.active_adapter == ref.active_adapter == "default"
+    assert not any(layer.merged_adapters for _, layer in ours.tuner_layers())
+    assert not any(m.merged_adapters for m in ref.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+
+
 def test_load_adapter_under_an_existing_name_loads_the_new_weights_as_peft(tmp_path):
     """minipeft refused the name ("already exists"); PEFT loads the file's weights into that adapter, its
     trainability kept. A file whose config differs is refused: PEFT keeps the adapter's config and would
