@@ -1,11 +1,14 @@
 """The `minipeft` command. Each subcommand lives beside the concept it drives; this file only
 collects them: a module in COMMANDS exposes `register(subparsers)`, which adds its parser and
 sets `func` (args -> exit status). USER_ERRORS are the errors that print one line instead of a
-traceback; the subcommands' shared argparse types are in argtypes.py."""
+traceback; the subcommands' shared argparse types are in argtypes.py. A reader that closes the
+output early (`minipeft job status ID | head -1`) ends the command quietly, with status 1, as
+Python's documentation advises for SIGPIPE."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -36,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:  # a reader gone away is found here, in the try, rather than by the flush at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The signal module's documented recipe: the flush at exit would fail again (and print
+        # "Exception ignored"), so stdout points at devnull; 1 is Python's own status on EPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -158,6 +158,17 @@ def test_job_create_with_a_directory_says_so(tmp_path, capsys, flag):
     assert f"minipeft job: error: {tmp_path}: is a directory; {flag} takes a JSONL file" in one_line_error(capsys)
 
 
+def test_job_create_with_one_file_as_training_and_validation_data_says_so(tmp_path, capsys, monkeypatch):
+    """Uploaded twice, it became two ids the server could not tell apart; refused before any request."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    assert main(["job", "--server", "http://127.0.0.1:9", "create", "--model", "tiny", "--training-file", "a.jsonl",
+                 "--validation-file", str(tmp_path / "a.jsonl")]) == 2
+    given = (tmp_path / "a.jsonl").resolve()
+    assert f"minipeft job: error: {given} is given as both --training-file and --validation-file" \
+        in one_line_error(capsys)
+
+
 def test_generate_refuses_a_reply_past_the_context_and_a_broken_prompt(capsys, no_model_load):
     """700 new tokens after the prompt ran past the shipped model's 512 positions, into garbage; an
     unpaired surrogate in the prompt was sentencepiece's C++ cast error. Both fail before the weights load."""
@@ -170,3 +181,16 @@ def test_generate_refuses_a_reply_past_the_context_and_a_broken_prompt(capsys, n
             f"tokens; use at most {context - 3}") in one_line_error(capsys)
     assert main(["generate", "--prompt", "a\ud83d", "--max-new-tokens", "2"]) == 2
     assert "error: the text holds an unpaired surrogate '\\ud83d' at character 1" in one_line_error(capsys)
+
+
+def test_a_reader_closing_the_output_early_ends_the_command_quietly():
+    """`minipeft job status ID | head -1` ended with a BrokenPipeError traceback once head exited.
+    The pipe's read end is closed before the command writes, so every write fails as it would then."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "minipeft", "count-params", "--preset", "llama-2-7b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 1, err  # Python's status for EPIPE, as its documentation's recipe gives
+    assert err == "", "no traceback, nor the 'Exception ignored' of a flush at exit"

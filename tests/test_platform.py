@@ -88,7 +88,7 @@ def test_trained_job_reports_metrics_logs_checkpoints_and_evaluation(server, tra
     assert checkpoints and all(c["checkpoint"] == f"checkpoint-{c['step']}" for c in checkpoints)
     model = server.ok("POST", f"/api/v1/fine-tunes/{trained['job']}/checkpoints/{checkpoints[0]['checkpoint']}/publish")
     assert model["checkpoint"] == checkpoints[0]["checkpoint"]
-    names = [m["name"] for m in server.ok("GET", "/api/v1/models")["data"]]
+    names = [m["name"] for m in server.ok("GET", "/api/v1/models?page_size=100")["data"]]
     assert {"tiny", trained["model"], model["name"]} <= set(names)
 
 
@@ -317,12 +317,14 @@ def test_message_shapes_of_openai_clients(server, trained, base_dir, client):
     assert missing.value.code == "model_not_found"
 
 
-def test_a_failed_job_create_deletes_what_it_uploaded(server, data_file, capsys):
+def test_a_failed_job_create_deletes_what_it_uploaded(server, data_file, capsys, tmp_path):
     """`job create` uploads its paths before the server checks the request: a refusal deletes them."""
     files = lambda: [f["id"] for f in server.ok("GET", "/api/v1/files?page_size=100")["data"]]  # noqa: E731
     before = files()
+    held_out = tmp_path / "validation.jsonl"  # another file: one file as both is refused before any upload
+    held_out.write_bytes(data_file.read_bytes())
     common = ["job", "--server", server.url, "--api-key", KEY, "create", "--training-file", str(data_file),
-              "--validation-file", str(data_file)]
+              "--validation-file", str(held_out)]
     for refused, error in ((["--model", "gpt-9"], "model 'gpt-9' not found"),
                            (["--model", "tiny", "--hp", "n_epochs=1000"], "n_epochs"),
                            (["--model", "tiny", "--hp", "epochs"], "expected KEY=VALUE")):
@@ -344,10 +346,11 @@ def test_job_create_reports_its_own_error_when_the_cleanup_fails_too(tmp_path, c
             calls.append((method, path))
             raise ValueError(f"cannot reach the server ({method} {path})")
 
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n')
+    data, held_out = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    for path in (data, held_out):
+        path.write_text('{"instruction": "a", "output": "b"}\n')
     args = SimpleNamespace(model="tiny", training_type="efficient_sft", hp=[], training_file=[str(data)],
-                           validation_file=[str(data)])
+                           validation_file=[str(held_out)])
     with pytest.raises(ValueError, match="POST /api/v1/fine-tunes"):
         platform_cli._create(Gone(), args)
     assert [c[0] for c in calls] == ["upload", "upload", "POST", "DELETE", "DELETE"]

@@ -177,18 +177,27 @@ def test_lists_of_jobs_and_files_are_paged_newest_first_as_bailian_does(app):
             assert (answer.status_code, answer.json()["error"]["param"]) == (400, param), (path, answer.text)
 
 
-def test_job_list_shows_a_page_and_says_when_there_are_more(app, monkeypatch, capsys):
-    client, platform = app
-    for i in range(3):
-        _job(platform.store, platform.data_dir, f"ft-{i}", "SUCCEEDED", created_at=1000 + i)
-
-    class InProcess:  # the CLI's Client, answered by the application in this process
+def _in_process(monkeypatch, client: TestClient) -> None:
+    """The CLI's Client answered by the application in this process; a refusal raises ValueError
+    with the server's message, as Client does."""
+    class InProcess:
         def __init__(self, server, api_key):
             pass
 
         def request(self, method, path, body=None, query=None):
-            return client.request(method, path, params={k: v for k, v in query.items() if v is not None}).json()
+            answer = client.request(method, path, json=body,
+                                    params={k: v for k, v in (query or {}).items() if v is not None})
+            if answer.status_code != 200:
+                raise ValueError(f"{method} {path}: HTTP {answer.status_code}: {answer.json()['error']['message']}")
+            return answer.json()
     monkeypatch.setattr(platform_cli, "Client", InProcess)
+
+
+def test_job_list_shows_a_page_and_says_when_there_are_more(app, monkeypatch, capsys):
+    client, platform = app
+    for i in range(3):
+        _job(platform.store, platform.data_dir, f"ft-{i}", "SUCCEEDED", created_at=1000 + i)
+    _in_process(monkeypatch, client)
     assert main(["job", "list", "--page-size", "2"]) == 0
     out, err = capsys.readouterr()
     assert [line.split()[0] for line in out.splitlines()] == ["ft-2", "ft-1"]
@@ -196,3 +205,55 @@ def test_job_list_shows_a_page_and_says_when_there_are_more(app, monkeypatch, ca
     assert main(["job", "list", "--page-size", "2", "--page-no", "2"]) == 0
     out, err = capsys.readouterr()
     assert [line.split()[0] for line in out.splitlines()] == ["ft-0"] and err == ""
+
+
+def test_lists_of_models_and_deployments_are_paged_as_jobs_are(app):
+    """They were the only unpaged lists: every model and deployment in one answer, oldest first.
+    The base models, the server's own (created_at 0), come after the fine-tuned ones."""
+    client, platform = app
+    names = [f"m-{i:02d}" for i in range(11)]
+    for i, name in enumerate(names):
+        _model(platform, name)
+        platform.store.update("models", name, {"created_at": 1000 + i})
+        platform.store.insert("deployments", {"name": f"d-{i:02d}", "model": name, "created_at": 1000 + i})
+    first = client.get("/api/v1/models").json()
+    assert {k: first[k] for k in ("object", "page_no", "page_size", "total")} == \
+        {"object": "list", "page_no": 1, "page_size": 10, "total": 12}
+    assert [m["name"] for m in first["data"]] == names[::-1][:10]
+    assert [m["name"] for m in client.get("/api/v1/models?page_no=2").json()["data"]] == ["m-00", "tiny"]
+    assert [m["name"] for m in client.get("/api/v1/models?page_no=4&page_size=4").json()["data"]] == []
+    for size in (1, 3, 5, 12, 13):  # the pages, joined, are the whole list once
+        pages = [client.get(f"/api/v1/models?page_no={n}&page_size={size}").json()["data"] for n in range(1, 14)]
+        assert [m["name"] for p in pages for m in p] == names[::-1] + ["tiny"], size
+    deployments = client.get("/api/v1/deployments?page_size=3&page_no=2").json()
+    assert ([d["name"] for d in deployments["data"]], deployments["total"]) == (["d-07", "d-06", "d-05"], 11)
+    for path in ("/api/v1/models", "/api/v1/deployments"):
+        answer = client.get(f"{path}?page_size=101")
+        assert (answer.status_code, answer.json()["error"]["param"]) == (400, "page_size"), answer.text
+
+
+def test_job_publish_and_delete_model_commands(app, monkeypatch, capsys, base_dir):  # noqa: F811
+    """The publish and model-delete endpoints had no command: `minipeft job publish ID` publishes a
+    job's final model again after a failed publish (or a --checkpoint), `delete-model` deletes one."""
+    client, platform = app
+    _in_process(monkeypatch, client)
+    job = _job(platform.store, platform.data_dir, "ft-a", "FAILED", weights=str(base_dir), error="disk full")
+    output = Path(job["config"]["output_dir"])
+    for folder in (output / "adapter", output / "checkpoint-3" / "adapter"):
+        folder.mkdir(parents=True)
+        (folder / "weights.safetensors").write_bytes(b"w")
+    (platform.data_dir / "jobs" / "ft-a" / "result.json").write_text(json.dumps({"train": {}, "eval": {}}))
+    assert main(["job", "publish", "ft-a"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert (view["status"], view["fine_tuned_model"]) == ("SUCCEEDED", "tiny-ft-a")
+    assert main(["job", "publish", "ft-a", "--checkpoint", "checkpoint-3"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "tiny-ft-a-checkpoint-3"
+    assert main(["job", "publish", "ft-a", "--checkpoint", "checkpoint-9"]) == 2
+    assert "checkpoint 'checkpoint-9' not found; job ft-a has ['checkpoint-3']" in capsys.readouterr().err
+    assert main(["job", "delete-model", "tiny-ft-a-checkpoint-3"]) == 0
+    assert capsys.readouterr().out == "deleted tiny-ft-a-checkpoint-3\n"
+    assert not (platform.data_dir / "models" / "tiny-ft-a-checkpoint-3").exists()
+    platform.store.insert("deployments", {"name": "bot", "model": "tiny-ft-a", "created_at": 0})
+    assert main(["job", "delete-model", "tiny-ft-a"]) == 2
+    assert "HTTP 409: fine-tuned model 'tiny-ft-a' is in use: deployed as 'bot'" in capsys.readouterr().err
+    assert [m["name"] for m in platform.store.rows("models")] == ["tiny-ft-a"]

@@ -155,6 +155,49 @@ def test_a_split_out_of_range_is_named_as_sent(app):
     assert "split=1.5 (expected in (0, 1))" in message and "test_ratio" not in message, message
 
 
+def test_validation_data_trained_on_or_beside_a_split_is_refused_naming_both(app):
+    """A file given as training and validation data gave validation metrics of data trained on, and
+    a split beside validation files was ignored: both silently."""
+    client, platform = app
+    a, b = (client.post("/api/v1/files", files={"file": ("a.jsonl", GOOD)}).json()["id"] for _ in range(2))
+    cases = [({"training_file_ids": [a, b], "validation_file_ids": [b]}, "validation_file_ids",
+              f"file(s) ['{b}'] are in both training_file_ids and validation_file_ids"),
+             ({"training_file_ids": [a], "validation_file_ids": [b], "hyper_parameters": {"split": 0.2}},
+              "hyper_parameters.split", "hyper_parameters.split is the share of training data held out when no "
+              "validation_file_ids are given; this request gives both")]
+    for body, param, fragment in cases:
+        answer = client.post("/api/v1/fine-tunes", json={"model": "tiny", **body})
+        error = answer.json()["error"]
+        assert (answer.status_code, error["param"]) == (400, param) and fragment in error["message"], answer.text
+    assert not platform.store.rows("jobs")
+    held_out = client.post("/api/v1/fine-tunes", json={"model": "tiny", "training_file_ids": [a],
+                                                       "validation_file_ids": [b]})
+    assert held_out.status_code == 200, held_out.text
+
+
+def test_a_401_under_v1_is_openais_and_the_management_apis_stays_its_own(app):
+    """A wrong key answered type "authentication_error" on /v1 too, where OpenAI answers
+    "invalid_request_error" with code "invalid_api_key" (clients test the code)."""
+    import openai
+
+    client, _ = app
+    wrong = openai.OpenAI(base_url="http://testserver/v1", api_key="nope", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        wrong.models.list()
+    assert (refused.value.code, refused.value.type, refused.value.param) == ("invalid_api_key",
+                                                                           "invalid_request_error", None)
+    bare = TestClient(client.app)  # no Authorization header at all
+    for path, kind, code in (("/v1/models", "invalid_request_error", None),
+                             ("/api/v1/files", "authentication_error", None)):
+        answer = bare.get(path)
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == (kind, code) and "no API key" in error["message"], error
+    error = bare.get("/api/v1/files", headers={"Authorization": "Bearer nope"}).json()["error"]
+    assert (error["type"], error["code"]) == ("authentication_error", None) and "wrong API key" in error["message"]
+    assert "nope" not in error["message"], "the key sent is not echoed"
+
+
 def test_a_full_disk_while_publishing_is_507_and_leaves_nothing(tmp_path, monkeypatch, base_dir):
     """A disk error was a 409 Conflict hinting that save_total_limit rotated the checkpoint out:
     the client was told its request conflicted, and to list the checkpoints again."""
@@ -265,14 +308,22 @@ def test_a_database_of_an_older_platform_gets_the_new_columns(tmp_path):
 
 
 def test_uploads_a_crash_cut_short_are_removed_at_start(tmp_path, base_dir):
-    """save_upload writes to files/.<id>.upload and renames it when checked; a server killed
-    meanwhile left the partial upload there for good (hidden, up to the upload limit each)."""
+    """save_upload writes to files/.<id>.upload, renames it to <id>.jsonl when checked, then records
+    it; a server killed before the record left the file there for good (up to the upload limit each,
+    an id no client was told): the temp file before the rename, the stored file after it."""
     folder = tmp_path / "data" / "files"
     folder.mkdir(parents=True)
     partial = folder / ".file-20250101120000-0a1b2c3d.upload"
-    others = [folder / "file-20250101120000-0a1b2c3d.jsonl", folder / ".notes.upload", folder / "mine.upload"]
-    for path in [partial, *others]:
+    orphan = folder / "file-20250101120000-0a1b2c3d.jsonl"
+    recorded = folder / "file-20250101120000-99999999.jsonl"
+    others = [recorded, folder / ".notes.upload", folder / "mine.upload", folder / "mine.jsonl"]
+    for path in [partial, orphan, *others]:
         path.write_bytes(GOOD)
+    store = Store(tmp_path / "data" / "platform.db")
+    store.insert("files", {"id": recorded.stem, "filename": "a.jsonl", "purpose": "fine-tune", "bytes": len(GOOD),
+                           "lines": 1, "format": "alpaca", "created_at": 0})
+    store.close()
     application = create_app(Settings(tmp_path / "data", {"tiny": Path(base_dir)}))
     application.state.platform.close()
-    assert not partial.exists() and all(p.exists() for p in others), "only our own partial uploads go"
+    assert not partial.exists() and not orphan.exists(), "the uploads a crash cut short are gone"
+    assert all(p.exists() for p in others), "a recorded upload, and files not ours, stay"

@@ -3,9 +3,11 @@
 
 The guard runs before routing: with an API key set, a request without "Authorization: Bearer
 KEY" gets 401 (the scheme in any case, then one or more spaces or tabs, as RFC 6750 and common
-servers take it); a body larger than the limit (uploads: max_upload_bytes plus the multipart
-envelope; everything else: max_body_bytes) gets 413 before it is read, and a chunked body, whose
-size is unknown in advance, gets 411. Validation errors become 400 with each bad field named
+servers take it). Under /v1 its body is OpenAI's: type "invalid_request_error", and code
+"invalid_api_key" for a wrong key (null for none sent); the management API keeps type
+"authentication_error" (errors.TYPES). A body larger than the limit (uploads: max_upload_bytes
+plus the multipart envelope; everything else: max_body_bytes) gets 413 before it is read, and a
+chunked body, whose size is unknown in advance, gets 411. Validation errors become 400 with each bad field named
 ("hyper_parameters.n_epochs: Input should be a valid integer (got 'three')"); malformed JSON says
 where it broke. The scheduler starts and stops with the application (lifespan).
 """
@@ -33,6 +35,9 @@ UPLOAD_PATH = "/api/v1/files"
 # RFC 6750's `Bearer 1*SP token`, the scheme case-insensitive (RFC 9110), any run of spaces and tabs
 # between, around the value too: a server strips them from a header value, a client may not.
 BEARER = re.compile(r"[ \t]*bearer[ \t]+([^ \t]+)[ \t]*", re.IGNORECASE)
+OPENAI_PREFIX = "/v1"
+NO_KEY = "no API key: send the header 'Authorization: Bearer <key>'"
+WRONG_KEY = "wrong API key: send the server's key in the header 'Authorization: Bearer <key>'"
 
 
 class Guard:
@@ -41,26 +46,28 @@ class Guard:
     def __init__(self, app: Any, settings: Settings):
         self.app, self.settings = app, settings
 
-    def _problem(self, scope: dict[str, Any]) -> Optional[tuple[int, str, dict[str, str]]]:
+    def _problem(self, scope: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The refusal (error_body's arguments, its status and headers) of a request; None: none."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.settings.api_key
         if key is not None:
             found = BEARER.fullmatch(headers.get("authorization", ""))
             if found is None or not hmac.compare_digest(found[1].encode("utf-8", "surrogateescape"), key.encode()):
-                return 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", \
-                    {"WWW-Authenticate": "Bearer"}
+                return _unauthorized(scope["path"], wrong=found is not None)
         limit = self.settings.max_body_bytes
         if scope["path"] == UPLOAD_PATH:
             limit = self.settings.max_upload_bytes + MULTIPART_ENVELOPE
         length = headers.get("content-length")
         if length is None:
             if "transfer-encoding" in headers:
-                return 411, "send the request body with a Content-Length header (chunked bodies are refused)", {}
+                return {"status": 411, "message": "send the request body with a Content-Length header (chunked "
+                        "bodies are refused)"}
             return None
         if not length.isdigit():
-            return 400, f"Content-Length {length!r} is not a number of bytes", {}
+            return {"status": 400, "message": f"Content-Length {length!r} is not a number of bytes"}
         if int(length) > limit:
-            return 413, f"request body of {length} bytes is over this endpoint's limit of {limit} bytes", {}
+            return {"status": 413, "message": f"request body of {length} bytes is over this endpoint's limit of "
+                    f"{limit} bytes"}
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -68,8 +75,19 @@ class Guard:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        status, message, headers = problem
-        await JSONResponse(error_body(status, message), status_code=status, headers=headers)(scope, receive, send)
+        headers = problem.pop("headers", {})
+        await JSONResponse(error_body(**problem), status_code=problem["status"], headers=headers)(scope, receive, send)
+
+
+def _unauthorized(path: str, wrong: bool) -> dict[str, Any]:
+    """A 401's refusal. OpenAI answers a wrong key with type "invalid_request_error" and code
+    "invalid_api_key" (a missing one: code null), and its clients read them, so /v1 answers so;
+    the key is never echoed (OpenAI shows a masked one)."""
+    answer: dict[str, Any] = {"status": 401, "message": WRONG_KEY if wrong else NO_KEY,
+                              "headers": {"WWW-Authenticate": "Bearer"}}
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
+        answer.update(kind="invalid_request_error", code="invalid_api_key" if wrong else None)
+    return answer
 
 
 def _shown(value: Any) -> str:

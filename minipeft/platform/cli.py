@@ -8,6 +8,7 @@
     minipeft job list [--status S] [--page-no N] [--page-size N] | status ID | logs ID [--offset N]
                  [--lines N] | cancel ID
     minipeft job deploy MODEL|JOB_ID [--name NAME]
+    minipeft job publish JOB_ID [--checkpoint checkpoint-N] | delete-model MODEL
 
 The client commands take --server (default $MINIPEFT_SERVER, else http://127.0.0.1:8000) and
 --api-key (default $MINIPEFT_API_KEY). A --training-file that names an existing path is
@@ -24,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import quote
 
 from ..argtypes import at_least
 from ..distributed import use_device
@@ -143,6 +145,12 @@ def _job(args: argparse.Namespace) -> int:
         print("\n".join(page["logs"]))
     elif args.action == "cancel":
         print(client.request("POST", f"{JOBS}/{args.id}/cancel")["status"])
+    elif args.action == "publish":  # a checkpoint's model, or the final one again after a failed publish
+        at = f"/checkpoints/{quote(args.checkpoint, safe='')}" if args.checkpoint else ""
+        _print(client.request("POST", f"{JOBS}/{quote(args.id, safe='')}{at}/publish"))
+    elif args.action == "delete-model":
+        client.request("DELETE", f"/api/v1/models/{quote(args.model, safe='')}")
+        print(f"deleted {args.model}")
     else:
         body = {"model": _model_of(client, args.model), "name": args.name}
         _print(client.request("POST", "/api/v1/deployments", body))
@@ -154,6 +162,10 @@ def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     upload, the uploads are deleted again (the server checks the request only once it has ids)."""
     body = {"model": args.model, "training_type": args.training_type,
             "hyper_parameters": _hyper_parameters(args.hp or [])}  # a bad --hp fails before any upload
+    same = {_same_file(f) for f in args.training_file} & {_same_file(f) for f in args.validation_file or []}
+    if same:  # uploaded twice, they would be two ids the server cannot tell apart
+        raise ValueError(f"{sorted(same)[0]} is given as both --training-file and --validation-file: the validation "
+                         "data must be held out from training (leave --validation-file out to hold out --hp split=...)")
     uploads: list[str] = []
     try:
         body["training_file_ids"] = [_file_id(client, f, "--training-file", uploads) for f in args.training_file]
@@ -169,6 +181,11 @@ def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         raise
 
 
+def _same_file(given: str) -> str:
+    """`given` as the file it names (so ./a.jsonl and a.jsonl compare equal), or as the id it is."""
+    return str(Path(given).resolve()) if Path(given).is_file() else given
+
+
 def _model_of(client: Client, given: str) -> str:
     """A fine-tuned model's name; a job id (ft-...) stands for the model that job produced."""
     if not given.startswith("ft-"):
@@ -180,7 +197,8 @@ def _model_of(client: Client, given: str) -> str:
 
 
 def _register_job(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("job", help="create, watch, cancel and deploy fine-tune jobs on a `minipeft platform`")
+    p = sub.add_parser("job", help="create, watch, cancel, publish and deploy fine-tune jobs on a `minipeft platform`; "
+                       "delete their models")
     p.add_argument("--server", default=os.environ.get("MINIPEFT_SERVER", "http://127.0.0.1:8000"))
     p.add_argument("--api-key", default=os.environ.get("MINIPEFT_API_KEY"))
     actions = p.add_subparsers(dest="action", required=True)
@@ -204,6 +222,12 @@ def _register_job(sub: argparse._SubParsersAction) -> None:
     d = actions.add_parser("deploy", help="deploy a fine-tuned model (or a job's) for /v1/chat/completions")
     d.add_argument("model", help="fine-tuned model name, or a job id")
     d.add_argument("--name", help="the name to call it by (default: the model's name)")
+    pub = actions.add_parser("publish", help="publish a checkpoint of a job as a model, or its final model again "
+                             "after a failed publish")
+    pub.add_argument("id", help="the job id (ft-...)")
+    pub.add_argument("--checkpoint", metavar="checkpoint-N", help="a checkpoint of the job (default: its final model)")
+    actions.add_parser("delete-model", help="delete a fine-tuned model nothing uses (not deployed, not trained "
+                       "from)").add_argument("model", help="the fine-tuned model's name")
     p.set_defaults(func=_job)
 
 

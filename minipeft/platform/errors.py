@@ -28,8 +28,9 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, detail: Any = None,
-               code: Optional[str] = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"message": message, "type": TYPES.get(status, "invalid_request_error"),
+               code: Optional[str] = None, kind: Optional[str] = None) -> dict[str, Any]:
+    """kind: the error type, the status's (TYPES) unless given (OpenAI's 401 under /v1: app.py)."""
+    body: dict[str, Any] = {"message": message, "type": kind or TYPES.get(status, "invalid_request_error"),
                             "param": param, "code": code}
     if detail is not None:
         body["detail"] = detail

@@ -5,7 +5,8 @@ minipeft.data.check_file, and renamed to DATA_DIR/files/<id>.jsonl only if it is
 that training would reject is rejected now, with the same file:line:field problems. The name the
 client sent is kept for display only (its last path component, control characters removed); it
 never becomes part of a path, so "../../etc/passwd" is just a label. A server killed during an
-upload leaves its .<id>.upload behind: the next one removes such files when it starts.
+upload leaves its .<id>.upload behind, or, killed between the rename and the record, a <id>.jsonl
+no record names (nor can: its id never reached the client): the next one removes both when it starts.
 """
 from __future__ import annotations
 
@@ -77,10 +78,16 @@ def save_upload(store: Store, data_dir: Path, filename: str, source: BinaryIO, l
     return {**record, "warnings": [str(dataclasses.replace(p, path=name)) for p in result.warnings]}
 
 
-def remove_partial_uploads(data_dir: Path) -> None:
-    """Delete the uploads a crash cut short; only at start, when no upload can be under way."""
-    for path in (data_dir / "files").glob(PARTIAL.format("file-*")):  # ids are new_id("file")
+def remove_partial_uploads(store: Store, data_dir: Path) -> None:
+    """Delete the uploads a crash cut short: temp files, and stored files without a record (a
+    crash between the rename and the insert, or within delete_file). Only at start, when no upload
+    can be under way; ids are new_id("file"), so other files in the folder are not ours to touch."""
+    folder = data_dir / "files"
+    for path in folder.glob(PARTIAL.format("file-*")):
         path.unlink(missing_ok=True)
+    for path in folder.glob("file-*.jsonl"):
+        if store.get("files", path.stem) is None:
+            path.unlink(missing_ok=True)
 
 
 def file_path(store: Store, data_dir: Path, file_id: str) -> Path:

@@ -6,7 +6,8 @@
 
 training_type -> TrainConfig.method: sft = full, efficient_sft = lora, and qlora, adapter, prefix,
 prompt by their own names. hyper_parameters carry the trainer's names (split is the held-out
-share, TrainConfig.test_ratio, used when no validation file is given). Everything is checked when
+share, TrainConfig.test_ratio, used when no validation file is given: given with one it is
+refused, as is a file given as both training and validation data). Everything is checked when
 the job is created, so a job that reaches the queue fails only for reasons found while training.
 
 Lifecycle: PENDING (accepted) -> QUEUING (its data copied into DATA_DIR/jobs/<id>/) -> RUNNING
@@ -93,6 +94,21 @@ def _check_model_fit(cfg: TrainConfig) -> None:
                        f"{context} tokens", param="hyper_parameters.max_length")
 
 
+def _check_validation(req: FineTuneRequest) -> None:
+    """Validation data is held out: a file also trained on would make its loss and metrics say
+    nothing about unseen data, and `split` would be ignored beside it (the split is taken only when
+    there is no validation file). Refused, not warned about, as every setting a job would ignore is:
+    a job's answer has no warnings a client shows, and the job would not measure what was asked."""
+    if shared := [f for f in req.validation_file_ids if f in req.training_file_ids]:
+        raise ApiError(400, f"file(s) {shared} are in both training_file_ids and validation_file_ids: the validation "
+                       "data must be held out from training; upload held-out data, or leave validation_file_ids "
+                       "out to hold out hyper_parameters.split of the training data", param="validation_file_ids")
+    if req.validation_file_ids and req.hyper_parameters.split is not None:
+        raise ApiError(400, "hyper_parameters.split is the share of training data held out when no "
+                       "validation_file_ids are given; this request gives both, and the split would be ignored: "
+                       "remove one of them", param="hyper_parameters.split")
+
+
 def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTuneRequest,
                device: str = "auto") -> dict[str, Any]:
     """Check the request and record the job as PENDING (the scheduler prepares and queues it);
@@ -104,6 +120,7 @@ def create_job(store: Store, bases: dict[str, Path], data_dir: Path, req: FineTu
         check_method_keys({key: key for key in settings}, method, "hyper_parameters")
     except ValueError as e:
         raise ApiError(400, f"{e} (training_type {req.training_type!r})", param="hyper_parameters") from None
+    _check_validation(req)
     if "split" in settings:
         settings["test_ratio"] = settings.pop("split")
     settings.update(continuation(source, method, settings))

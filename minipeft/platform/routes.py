@@ -6,13 +6,15 @@
                   POST /fine-tunes/{id}/cancel   GET /fine-tunes/{id}/logs?offset=&line=
                   GET /fine-tunes/{id}/checkpoints   POST /fine-tunes/{id}/checkpoints/{name}/publish
                   POST /fine-tunes/{id}/publish   (its final model again, after a failed publish: scheduler.py)
-    models        GET /models   GET|DELETE /models/{name}   (base and fine-tuned models; DELETE: a
-                                                              fine-tuned one nothing uses, state.py)
-    deployments   POST /deployments {"model", "name"?}   GET /deployments   GET|DELETE /deployments/{name}
+    models        GET /models[?page_no=&page_size=]   GET|DELETE /models/{name}   (base and fine-tuned
+                  models; DELETE: a fine-tuned one nothing uses, state.py)
+    deployments   POST /deployments {"model", "name"?}   GET /deployments[?page_no=&page_size=]
+                  GET|DELETE /deployments/{name}
 
-Lists answer {"object": "list", "data": [...]}; the lists of files and of jobs are paged as
-Bailian's: newest first, page page_no (from 1) of page_size (default 10, at most 100), with
-"page_no", "page_size" and "total" (of all pages) beside "data". Handlers are plain functions:
+Lists answer {"object": "list", "data": [...]}; the lists of files, jobs, models and deployments
+are paged as Bailian's: newest first, page page_no (from 1) of page_size (default 10, at most
+100), with "page_no", "page_size" and "total" (of all pages) beside "data"; the base models, the
+server's own (created_at 0), come last. Handlers are plain functions:
 FastAPI runs them in its thread pool, so a slow one (a model loading for a deployment) blocks no
 other request.
 """
@@ -166,8 +168,13 @@ def _register_models(router: APIRouter, platform: Platform) -> None:
                 "created_at": 0}
 
     @router.get("/models")
-    def list_models():
-        return listing([base_card(n) for n in platform.bases] + store.rows("models"))
+    def list_models(asked: tuple[int, int] = Depends(page)):
+        # The fine-tuned models' page, then as many base models as fit: they are the oldest.
+        found = paged(store, "models", asked)
+        page_no, page_size = asked
+        start = max(0, (page_no - 1) * page_size - found["total"])
+        bases = [base_card(n) for n in platform.bases][start:start + page_size - len(found["data"])]
+        return {**found, "data": found["data"] + bases, "total": found["total"] + len(platform.bases)}
 
     @router.get("/models/{name}")
     def get_model(name: str):
@@ -185,8 +192,8 @@ def _register_models(router: APIRouter, platform: Platform) -> None:
         return platform.deploy(req.model, req.name)
 
     @router.get("/deployments")
-    def list_deployments():
-        return listing(store.rows("deployments"))
+    def list_deployments(asked: tuple[int, int] = Depends(page)):
+        return paged(store, "deployments", asked)
 
     @router.get("/deployments/{name}")
     def get_deployment(name: str):

@@ -80,8 +80,8 @@ class Platform:
         self.settings = settings
         self.data_dir = settings.data_dir
         self._lock = lock_data_dir(settings.data_dir)  # first: before any state is read
-        remove_partial_uploads(settings.data_dir)  # ours alone now: no upload is under way
         self.store = Store(settings.data_dir / "platform.db")
+        remove_partial_uploads(self.store, settings.data_dir)  # ours alone now: no upload is under way
         self.pool = ModelPool(settings.device)
         self.scheduler = Scheduler(self.store, settings.data_dir, settings.threads)
         self._naming = threading.Lock()
