@@ -3,6 +3,7 @@ what a completion's text is, and how request fields the official API defines are
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -49,6 +50,27 @@ def test_a_completion_keeps_the_space_before_its_first_word(api, base_dir):  # n
     assert streamed.endswith("data: [DONE]\n\n")
     chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+
+
+def test_a_completion_prompt_gets_the_special_tokens_its_tokenizer_config_says(base_dir, tmp_path):  # noqa: F811
+    """/v1/completions encodes the prompt as transformers' tokenizer does (vLLM's server too): bos only where
+    tokenizer_config.json's add_bos_token says so. It always put bos first."""
+    folder = tmp_path / "no-bos"
+    shutil.copytree(base_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    prompt, tok = "The function returns the", load_tokenizer(folder)
+    ids = tok.encode(prompt)
+    assert ids[0] != tok.bos_id
+    out = generate(load_pretrained(folder).eval(), torch.tensor([ids]), 4, eos_token_id=tok.eos_id)[0, len(ids):]
+    app = create_app(Settings(tmp_path / "data", {"nobos": folder}, max_tokens=LIMIT))
+    with TestClient(app) as client:
+        answer = client.post("/v1/completions", json={"model": "nobos", "prompt": prompt, "max_tokens": 4,
+                                                      "temperature": 0}).json()
+        assert answer["usage"]["prompt_tokens"] == len(ids), answer
+        assert answer["choices"][0]["text"] == tok.decode(ids + out.tolist())[len(tok.decode(ids)):]
+        empty = client.post("/v1/completions", json={"model": "nobos", "prompt": "", "max_tokens": 4})
+        assert empty.status_code == 400 and "adds no bos" in empty.json()["error"]["message"], empty.text
 
 
 def test_a_chat_reply_does_not_begin_with_a_space(api):

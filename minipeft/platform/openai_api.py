@@ -271,9 +271,12 @@ def openai_router(platform: Platform) -> APIRouter:
     def completions(req: CompletionRequest):
         loaded, adapter, template = platform.serve(req.model)
         try:
-            prompt = loaded.tokenizer.encode(req.prompt, bos=True)
+            bos, eos = loaded.prompt_special  # as transformers' tokenizer (and so vLLM's server) encodes it
+            prompt = loaded.tokenizer.encode(req.prompt, bos=bos, eos=eos)
         except ValueError as e:
             raise ApiError(400, f"prompt: {e}", param="prompt") from None
+        if not prompt:
+            raise ApiError(400, "prompt: empty, and this model's tokenizer adds no bos to start from", param="prompt")
         reply = start(req, prompt, loaded, adapter, template)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": req.model,
                 "object": "text_completion"}
