@@ -41,9 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         try:
-            return _run(argv)
-        finally:  # a reader gone away is found here, in the try, rather than by the flush at exit
+            status = _run(argv)
+        except SystemExit:  # argparse's --help and usage errors: their output is flushed here too
             sys.stdout.flush()
+            raise
+        # A reader gone away is found here, in the try, rather than by the flush at exit. Not in a
+        # `finally`: its BrokenPipeError would replace a crash in flight, traceback and all.
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         # The signal module's documented recipe: the flush at exit would fail again (and print
         # "Exception ignored"), so stdout points at devnull; 1 is Python's own status on EPIPE.

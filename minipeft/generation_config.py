@@ -38,17 +38,17 @@ def prompt_special_tokens(model_dir: PathLike) -> tuple[bool, bool]:
     return flags[0], flags[1]
 
 
-def stop_token_ids(model_dir: PathLike, vocab_size: int, default: Optional[int]) -> list[int]:
+def stop_token_ids(model_dir: PathLike, vocab_size: int, default: Optional[Union[int, list[int]]]) -> list[int]:
     """The ids generation stops at: generation_config.json's eos_token_id (one id or a list, as
-    transformers' generate stops at any of them), else `default` (config.json's eos_token_id, which
-    transformers takes when the folder has no generation_config.json); [] when neither sets one.
+    transformers' generate stops at any of them), else `default` (config.json's eos_token_id, an id or
+    a list, which transformers takes when the folder has no generation_config.json); [] when neither sets one.
 
     A generation_config.json without eos_token_id falls back to `default` too (transformers would
     then never stop: a folder that names an eos token elsewhere does not mean that)."""
     path = Path(model_dir) / "generation_config.json"
     value = (_json_object(path) or {}).get("eos_token_id")
-    if value is None:
-        return [] if default is None else [default]
+    if value is None:  # config.json's eos_token_id may be a list too (ModelConfig)
+        return [] if default is None else list(default) if isinstance(default, list) else [default]
     ids = value if isinstance(value, list) else [value]
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
     if bad or not ids:

@@ -194,3 +194,26 @@ def test_a_reader_closing_the_output_early_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 1, err  # Python's status for EPIPE, as its documentation's recipe gives
     assert err == "", "no traceback, nor the 'Exception ignored' of a flush at exit"
+
+
+def test_a_crash_after_the_reader_closed_the_output_keeps_its_traceback():
+    """The flush that finds a closed pipe ran in a `finally`: its BrokenPipeError replaced any exception in
+    flight, so a crash (a bug, not a user error) ended with status 1 and nothing on stderr."""
+    import os
+    import subprocess
+
+    code = ("import argparse, minipeft.cli as cli\n"
+            "parser = cli.build_parser()\n"
+            "sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))\n"
+            "def crash(args):\n"
+            "    print('some output')\n"
+            "    raise RuntimeError('a bug')\n"
+            "sub.add_parser('crash').set_defaults(func=crash)\n"
+            "cli.build_parser = lambda: parser\n"
+            "raise SystemExit(cli.main(['crash']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user's stdout is
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the print fills the buffer; the flush after the crash meets the closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) != 0
+    assert "RuntimeError: a bug" in err

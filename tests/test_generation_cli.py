@@ -114,3 +114,19 @@ def test_a_bad_add_bos_token_is_named(tmp_path, capsys, no_model_load):
     folder = model_folder(tmp_path, tokenizer_config={"add_bos_token": "yes"})
     assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
     assert f"{folder / 'tokenizer_config.json'}: add_bos_token must be true or false, got 'yes'" in capsys.readouterr().err
+
+
+def test_a_list_of_eos_ids_in_config_json_stops_as_transformers_generate(tmp_path, recorded):
+    """Without generation_config.json the stop ids are config.json's eos_token_id, which may be a list:
+    it was wrapped in another list ([[2, 5]]) and generate crashed (full_like of a list)."""
+    import json
+
+    import transformers
+
+    folder = model_folder(tmp_path, generation_config="absent")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 5]}))
+    assert main(["generate", "--model", str(folder), "--ids", "1,2,3", "--device", "cpu"]) == 0
+    expected = transformers.AutoModelForCausalLM.from_pretrained(folder).generation_config.eos_token_id
+    assert recorded["eos"] == expected == [2, 5]
