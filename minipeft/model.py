@@ -175,6 +175,17 @@ def attention_mask_4d(mask2d: torch.Tensor, T: int, sliding_window: Optional[int
     return allowed[:, None]
 
 
+def check_position_ids(position_ids: Optional[torch.Tensor], B: int, T: int) -> None:
+    """position_ids, when given, must be (B, T), or (1, T) shared by every row (as in transformers).
+    (T,) would line up with the heads, not the rows: a crash, or wrong logits where T equals the head
+    count (so in transformers too)."""
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[0] not in (1, B)
+                                     or position_ids.shape[1] != T):
+        raise ValueError(f"position_ids must be (batch, T) = {(B, T)}, or (1, T) = {(1, T)} shared by every row; "
+                         f"got {tuple(position_ids.shape)}" + (" (for a 1-D arange(T), pass arange(T)[None])"
+                                                               if position_ids.dim() == 1 else ""))
+
+
 class Transformer(nn.Module):
     """Causal language model: `model(input_ids, attention_mask)` -> logits (B, T, vocab)."""
 
@@ -226,13 +237,7 @@ class Transformer(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
-        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[0] not in (1, B)
-                                         or position_ids.shape[1] != T):
-            # (T,) would line up with the heads, not the rows: a crash, or wrong logits where T equals the head
-            # count (so in transformers too). (1, T) broadcasts over the rows, as in transformers.
-            raise ValueError(f"position_ids must be (batch, T) = {(B, T)}, or (1, T) = {(1, T)} shared by every row; "
-                             f"got {tuple(position_ids.shape)}" + (" (for a 1-D arange(T), pass arange(T)[None])"
-                                                                   if position_ids.dim() == 1 else ""))
+        check_position_ids(position_ids, B, T)
         past = 0 if cache is None else cache.length
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (0: all positions), got {logits_to_keep}")

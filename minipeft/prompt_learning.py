@@ -47,7 +47,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, check_position_ids
 from .peft_config import PeftConfig
 from .tokenizer import load_tokenizer
 
@@ -247,6 +247,7 @@ class PromptEmbedding(nn.Module):
         x = model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B = x.shape[0]
         prompt = self.embedding.weight.to(x.dtype).expand(B, -1, -1)
+        check_position_ids(position_ids, B, x.shape[1])  # before they are joined to the virtual ones
         if position_ids is not None:
             virtual = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(len(position_ids), P)
             position_ids = torch.cat((virtual, position_ids), dim=1)

@@ -207,6 +207,8 @@ def test_one_row_of_position_ids_serves_every_row(case):
     shared = torch.arange(3, 11)[None]
     torch.testing.assert_close(ours(ids, position_ids=shared), ours(ids, position_ids=shared.expand_as(ids)),
                                atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"position_ids must be \(batch, T\).*arange\(T\)\[None\]"):
+        ours(ids, position_ids=shared[0])  # 1-D: the model's own message, not a torch.cat shape error
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
