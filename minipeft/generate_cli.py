@@ -8,7 +8,7 @@ import torch
 from .argtypes import at_least, finite_float, probability
 from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
-from .generation_config import prompt_special_tokens, stop_token_ids
+from .generation_config import stop_token_ids
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -37,8 +37,7 @@ def _generate(args: argparse.Namespace) -> int:
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
-        bos, end = prompt_special_tokens(path)  # as transformers' tokenizer encodes it for this folder
-        prompt = tok.encode(args.prompt, bos=bos, eos=end)
+        prompt = tok.encode(args.prompt, bos=tok.add_bos_token, eos=tok.add_eos_token)  # as transformers' encode()
     else:
         prompt = parse_ids(args.ids, config.vocab_size)
     room = config.max_position_embeddings - len(prompt)

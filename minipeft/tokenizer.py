@@ -46,6 +46,7 @@ import torch
 
 from .batching import pad_rows
 from .files import json_bytes, write_atomic
+from .generation_config import prompt_special_tokens
 from .sp_model import NO_DUMMY_PREFIX, user_defined_as_unused
 
 PathLike = Union[str, os.PathLike]
@@ -76,10 +77,14 @@ class Tokenizer:
     bos_id / eos_id / pad_id default to the model's own (None when it has none); pad_id falls
     back to unk (0 in LLaMA), as Alpaca and QLoRA do. Never eos: a collator that masks pad ids
     out of the labels would then also mask every eos, and the model would never learn to stop.
+    add_bos_token / add_eos_token: whether a text prompt gets bos / eos (transformers' encode(),
+    and so its pipelines and vLLM's server), as tokenizer_config.json records them: kept from the
+    folder it was loaded from, written back by save_pretrained. Default: bos where there is one.
     """
 
     def __init__(self, model_proto: bytes, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
-                 pad_id: Optional[int] = None, special_tokens: Sequence[str] = (), source: str = "<bytes>"):
+                 pad_id: Optional[int] = None, special_tokens: Sequence[str] = (), source: str = "<bytes>",
+                 add_bos_token: Optional[bool] = None, add_eos_token: bool = False):
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as e:
@@ -92,6 +97,8 @@ class Tokenizer:
         pad = _own_id(self._sp.pad_id()) if pad_id is None else self._check_id(pad_id, "pad_id")
         self.pad_id = self._sp.unk_id() if pad is None else pad
         self.special_tokens = tuple(special_tokens)
+        self.add_bos_token = self.bos_id is not None if add_bos_token is None else add_bos_token
+        self.add_eos_token = add_eos_token
         self._control_ids = frozenset(i for i in range(self.vocab_size)
                                       if self._sp.is_control(i) or self._sp.is_unknown(i))
         self._special_ids = self._control_ids | {self.token_to_id(t) for t in self.special_tokens}
@@ -200,7 +207,7 @@ class Tokenizer:
         """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json into `path`.
 
         Each file is replaced atomically; other files in `path` (config.json, weights) stay.
-        `add_bos_token` is LLaMA's convention for transformers: its encode() prepends bos.
+        `add_bos_token` is LLaMA's convention for transformers: its encode() then prepends bos.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -208,7 +215,7 @@ class Tokenizer:
                  "unk_token": self._piece(self._sp.unk_id()), "pad_token": self._piece(self.pad_id)}
         special = list(self.special_tokens)
         config = {"tokenizer_class": "LlamaTokenizer", **names, "additional_special_tokens": special,
-                  "add_bos_token": self.bos_id is not None, "add_eos_token": False,
+                  "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "clean_up_tokenization_spaces": False}
         write_atomic(path / "tokenizer.model", self._proto)
         write_atomic(path / "tokenizer_config.json", json_bytes(config))
@@ -297,8 +304,9 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     for piece in special:
         _lookup(base, piece, str(path / where))
     ids = _resolve_ids(base, configs, path)
+    add_bos, add_eos = prompt_special_tokens(path)
     return Tokenizer(base._proto, **{f"{k}_id": v for k, v in ids.items()}, special_tokens=special,
-                     source=str(model_file))
+                     source=str(model_file), add_bos_token=add_bos, add_eos_token=add_eos)
 
 
 # --- training ------------------------------------------------------------------------------

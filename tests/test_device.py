@@ -247,7 +247,7 @@ if torch.cuda.is_available():  # defined on a machine with a GPU only: elsewhere
         replies = {}
         for device in ("cpu", "cuda"):
             loaded = Loaded(load_pretrained(DEFAULT_MODEL, device=device).eval(), load_tokenizer(DEFAULT_MODEL),
-                            {None: get_template("plain")}, (True, False))
+                            {None: get_template("plain")})
             assert loaded.device.type == device
             prompt = loaded.tokenizer.encode("The quick brown fox", bos=True)
             replies[device] = list(stream_tokens(loaded, None, prompt, Sampling(max_tokens=16), stop_ids=[]))

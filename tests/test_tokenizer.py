@@ -225,6 +225,28 @@ def test_save_pretrained_round_trip_keeps_other_files(tmp_path, tok):
     assert again.encode(TEXTS[2]) == tok.encode(TEXTS[2])
 
 
+@pytest.mark.parametrize("add_bos,add_eos", [(False, False), (True, True), (None, False)])
+def test_a_folders_add_bos_and_eos_token_survive_a_save_as_transformers_reads_them(tmp_path, tok, add_bos, add_eos):
+    """save_pretrained wrote add_bos_token = (there is a bos) whatever the folder said: a model whose prompts
+    take no bos (a full fine-tune saved again, a merge) came back taking one. None: the key left out,
+    which transformers 5 reads as False."""
+    import transformers
+    import google.protobuf  # noqa: F401  # transformers needs it to convert tokenizer.model
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tok.save_pretrained(src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("add_bos_token")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "add_eos_token": add_eos, **({} if add_bos is None else {"add_bos_token": add_bos})}))
+    load_tokenizer(src).save_pretrained(out)
+    for folder in (src, out):
+        ours = load_tokenizer(folder)
+        expected = transformers.AutoTokenizer.from_pretrained(str(folder))(TEXTS[0])["input_ids"]
+        assert ours.encode(TEXTS[0], bos=ours.add_bos_token, eos=ours.add_eos_token) == expected, folder
+    assert (load_tokenizer(out).add_bos_token, load_tokenizer(out).add_eos_token) == (bool(add_bos), add_eos)
+
+
 def test_cli_train(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))

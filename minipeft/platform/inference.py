@@ -30,7 +30,6 @@ import torch
 from ..checkpoint import load_pretrained
 from ..distributed import use_device
 from ..generation import apply_penalties, sample_next
-from ..generation_config import prompt_special_tokens
 from ..model import KVCache, Transformer
 from ..peft_config import PeftConfig
 from ..peft_model import PeftModel
@@ -56,7 +55,6 @@ class Loaded:
     model: Union[Transformer, PeftModel]
     tokenizer: Tokenizer
     templates: dict[Optional[str], ChatTemplate]
-    prompt_special: tuple[bool, bool]  # (bos, eos) around a text prompt, as tokenizer_config.json says
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -109,8 +107,7 @@ class ModelPool:
     def _load_base(self, target: Target) -> Loaded:
         model = load_pretrained(target.weights_dir, device=use_device(self.device),
                                 quantization="nf4" if target.quantized else None).eval()
-        return Loaded(model, load_tokenizer(target.weights_dir), {None: _template_of(target.weights_dir)},
-                      prompt_special_tokens(target.weights_dir))
+        return Loaded(model, load_tokenizer(target.weights_dir), {None: _template_of(target.weights_dir)})
 
     @staticmethod
     def _add_adapter(loaded: Loaded, target: Target) -> None:

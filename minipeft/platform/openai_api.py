@@ -271,8 +271,8 @@ def openai_router(platform: Platform) -> APIRouter:
     def completions(req: CompletionRequest):
         loaded, adapter, template = platform.serve(req.model)
         try:
-            bos, eos = loaded.prompt_special  # as transformers' tokenizer (and so vLLM's server) encodes it
-            prompt = loaded.tokenizer.encode(req.prompt, bos=bos, eos=eos)
+            tok = loaded.tokenizer  # the prompt's bos/eos as transformers' encode() (and vLLM's server) add them
+            prompt = tok.encode(req.prompt, bos=tok.add_bos_token, eos=tok.add_eos_token)
         except ValueError as e:
             raise ApiError(400, f"prompt: {e}", param="prompt") from None
         if not prompt:
