@@ -1,6 +1,7 @@
 """What a benchmark's saved results record about the code they measured."""
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -19,3 +20,14 @@ def git_commit() -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "no commit"
     return commit + " (dirty)" if git("status", "--porcelain") else commit
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else its architecture: the ratios differ from one host to another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

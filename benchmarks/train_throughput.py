@@ -28,7 +28,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import git_commit  # benchmarks/provenance.py, beside this script
+from provenance import cpu_name, git_commit  # benchmarks/provenance.py, beside this script
 
 OUT = Path(__file__).parent / "results"
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
@@ -176,17 +175,6 @@ def resident_bytes() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else its architecture: the ratios differ from one host to another."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def p20_p80(xs: list[float]) -> list[float]:

@@ -171,7 +171,7 @@ def _prompt_key(record: Record) -> str:
 
 
 def _near(a: frozenset[int], b: frozenset[int]) -> bool:
-    """dedup.jaccard(a, b) >= NEAR_THRESHOLD, as |a & b| >= t * (|a| + |b| - |a & b|): one set
+    """J(a, b) >= NEAR_THRESHOLD (dedup.py), as |a & b| >= t * (|a| + |b| - |a & b|): one set
     operation instead of two, since this runs ~10^5 times per build."""
     common = len(a & b)
     return common >= NEAR_THRESHOLD * (len(a) + len(b) - common)

@@ -136,3 +136,13 @@ def test_gpu_check_without_a_gpu_says_so():
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "sees no CUDA GPU" in run.stdout, run.stdout + run.stderr
+
+
+def test_dedup_speed_times_and_saves_its_table(tmp_path):
+    subprocess.run([sys.executable, str(BENCHMARKS / "dedup_speed.py"), "--n", "300", "--thresholds", "0.5", "0.8",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads((tmp_path / "dedup_speed.json").read_text())["rows"]
+    dedup_speed = load_script("dedup_speed")
+    from minipeft.data.dedup import near_duplicate_pairs
+    expected = [str(len(near_duplicate_pairs(dedup_speed.texts(300), t))) for t in (0.5, 0.8)]
+    assert [r["pairs"] for r in rows] == expected and "| working tree | 0.5 |" in (tmp_path / "dedup_speed.md").read_text()

@@ -47,9 +47,8 @@ def test_near_duplicates_match_brute_force_jaccard():
             words_[w * 3] = "zephyr"
         texts.append(" ".join(words_))
     texts = list(dict.fromkeys(normalize_text(t) for t in texts))
-    # LSH misses a pair at the threshold with probability <= 1e-6 (dedup.band_rows: 32 bands of 4
-    # rows at 0.8, 64 of 2 at 0.6), so both thresholds must reproduce brute force here; the edits
-    # leave 2 pairs >= 0.8 (one word changed) and 4 >= 0.6.
+    # The join is exact (simjoin.py), so both thresholds reproduce brute force; the edits leave 2
+    # pairs >= 0.8 (one word changed) and 4 >= 0.6.
     for threshold, planted in ((0.8, 2), (0.6, 4)):
         expected = brute_force_pairs(texts, threshold)
         assert [(i, j) for i, j, _ in near_duplicate_pairs(texts, threshold)] == expected
@@ -59,8 +58,7 @@ def test_near_duplicates_match_brute_force_jaccard():
 
 @pytest.mark.parametrize("threshold", [0.5, 0.4, 0.3, 0.2, 0.1])
 def test_near_duplicates_match_brute_force_at_a_lowered_threshold(threshold):
-    """--near-threshold below the default: the LSH bands must follow it, or pairs are missed
-    (32 bands of 4 rows find a pair at J = 0.3 with probability 0.23)."""
+    """--near-threshold below the default: the prefixes follow it, or pairs are missed."""
     rng = random.Random(2)
     texts = []
     for _ in range(15):  # families of rewrites: pairs at every similarity from ~0.1 up
