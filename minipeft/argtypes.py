@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an int >= low."""
+def at_least(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an int >= low (and <= high if given: a seed past torch's 64 bits is an
+    OverflowError that names no flag)."""
     def integer(text: str) -> int:  # argparse names the function in its errors ("invalid integer value")
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
         return value
     return integer
 

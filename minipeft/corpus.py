@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .files import write_atomic
+from .files import existing_file, write_atomic
 
 PathLike = Union[str, os.PathLike]
 DOC_SEPARATOR = "\n\f\n"
@@ -127,9 +127,7 @@ def write_corpus(docs: Sequence[str], path: PathLike) -> None:
 
 def read_corpus(path: PathLike) -> list[str]:
     """Documents of a corpus file; a file without form feeds is one document."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected a UTF-8 corpus file (documents separated by \\f lines)")
+    path = existing_file(path, "expected a UTF-8 corpus file (documents separated by \\f lines)")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:

@@ -232,6 +232,15 @@ def existing_file(path: PathLike, needed_for: str) -> Path:
     return path
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; bytes that are not UTF-8 are an error naming the file and the byte
+    (a bare UnicodeDecodeError names neither)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 def read_json(path: PathLike, needed_for: str, unique_keys: bool = False) -> Any:
     """Parse a JSON file; errors name the file (and line and column), and what needed it.
     unique_keys: a key given twice in one object is an error naming it (json keeps the last one
@@ -248,6 +257,6 @@ def read_json(path: PathLike, needed_for: str, unique_keys: bool = False) -> Any
 
     hook = refuse_duplicates if unique_keys else None
     try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
+        return json.loads(read_text(path), object_pairs_hook=hook)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

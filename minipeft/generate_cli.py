@@ -9,6 +9,7 @@ from .argtypes import at_least, finite_float, probability
 from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
 from .generation_config import stop_token_ids
+from .train_config import MAX_SEED
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -71,6 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=finite_float(0), default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=at_least(1))
     g.add_argument("--top-p", type=probability)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=at_least(0, MAX_SEED), default=0)
     g.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     g.set_defaults(func=_generate)

@@ -15,6 +15,7 @@ from .corpus import build_corpus, read_corpus, write_corpus
 from .distributed import use_device
 from .files import check_output_dir, json_bytes, write_atomic
 from .pretrain import PretrainConfig, init_architecture, pretrain
+from .tokenizer import load_tokenizer
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -28,6 +29,8 @@ def _command(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "--output")
     if args.save_corpus:
         _check_file_to_write(args.save_corpus, "--save-corpus")
+    if args.tokenizer:  # a bad one failed inside the run, leaving OUTPUT.failed behind
+        load_tokenizer(args.tokenizer)
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = build_corpus(args.html_dir) if args.html_dir else read_corpus(args.corpus)

@@ -45,7 +45,7 @@ import sentencepiece as spm
 import torch
 
 from .batching import pad_rows
-from .files import json_bytes, write_atomic
+from .files import check_output_dir, existing_file, json_bytes, write_atomic
 from .generation_config import prompt_special_tokens
 from .sp_model import NO_DUMMY_PREFIX, user_defined_as_unused
 
@@ -85,6 +85,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
                  pad_id: Optional[int] = None, special_tokens: Sequence[str] = (), source: str = "<bytes>",
                  add_bos_token: Optional[bool] = None, add_eos_token: bool = False):
+        if not model_proto:  # sentencepiece loads b"" without error, as a model that fails at first use
+            raise ValueError(f"{source}: not a SentencePiece model (the file is empty)")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as e:
@@ -340,8 +342,7 @@ def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_siz
     if not text_files:
         raise ValueError("text_files is empty; train_tokenizer reads UTF-8 text files, one text a line")
     for f in text_files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"{f}: missing; train_tokenizer reads UTF-8 text files")
+        existing_file(f, "train_tokenizer reads UTF-8 text files")
     reserved = {"<unk>", "<s>", "</s>", "<pad>"}
     if len(set(special_tokens)) != len(special_tokens) or reserved & set(special_tokens):
         raise ValueError(f"special_tokens must be distinct and not in {sorted(reserved)}, got {list(special_tokens)}")
@@ -368,6 +369,7 @@ def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_siz
 
 # --- command line --------------------------------------------------------------------------
 def _train_command(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, "--output")  # before training, which can take minutes
     tok = train_tokenizer(args.input, args.output, args.vocab_size, model_type=args.model_type,
                           special_tokens=args.special_tokens, character_coverage=args.character_coverage)
     print(f"wrote {args.output}: {tok.vocab_size} pieces ({args.model_type}), bos={tok.bos_id} eos={tok.eos_id} "

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .distributed import DEVICES
-from .files import existing_file, read_json
+from .files import existing_file, read_json, read_text
 
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -264,7 +264,7 @@ class TrainConfig:
         path = existing_file(path, "expected a JSON or YAML job file")
         if path.suffix in (".yaml", ".yml"):
             try:
-                d = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
+                d = yaml.load(read_text(path), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)  # parse errors carry where they happened
                 at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""

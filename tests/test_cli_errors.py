@@ -217,3 +217,69 @@ def test_a_crash_after_the_reader_closed_the_output_keeps_its_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(120) != 0
     assert "RuntimeError: a bug" in err
+
+
+@pytest.mark.parametrize("name", ["job.json", "job.yaml"])
+def test_a_job_file_that_is_not_utf8_names_the_file(tmp_path, capsys, name):
+    """It was "error: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte": no file."""
+    job = tmp_path / name
+    job.write_bytes(b'\xff\xfe{"train_file": "t.jsonl"}')  # a UTF-16 byte-order mark, as Notepad saves
+    assert main(["train", "--config", str(job)]) == 2
+    assert f"minipeft train: error: {job}: not valid UTF-8 (invalid start byte at byte 0)" in one_line_error(capsys)
+
+
+def test_tokenizer_train_checks_its_input_and_output_paths_first(tmp_path, capsys):
+    """--output naming a file was a FileExistsError traceback, after training; an --input folder
+    was called "missing"."""
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "c.txt")
+    (tmp_path / "taken").write_text("")
+    args = ["tokenizer", "train", "--vocab-size", "300", "--input"]
+    assert main([*args, str(corpus), "--output", str(tmp_path / "taken")]) == 2
+    assert f"minipeft tokenizer: error: --output {tmp_path / 'taken'}: exists and is not a directory" \
+        in one_line_error(capsys)
+    assert main([*args, str(tmp_path), "--output", str(tmp_path / "tok")]) == 2
+    assert f"error: {tmp_path}: is a directory; train_tokenizer reads UTF-8 text files" in one_line_error(capsys)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_an_empty_tokenizer_model_is_named(tmp_path, capsys):
+    """sentencepiece loads b"" without error: the empty file (a cut download) surfaced as "this tokenizer
+    has bos_id=None" in data check, and as an IndexError traceback in pretrain --tokenizer."""
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "Say hi.", "output": "hi"}\n')
+    assert main(["data", "check", str(tmp_path / "d.jsonl"), "--max-length", "8", "--tokenizer", str(tmp_path)]) == 2
+    assert f"error: {tmp_path / 'tokenizer.model'}: not a SentencePiece model (the file is empty)" \
+        in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_generate_refuses_a_seed_past_64_bits(capsys, no_model_load):
+    """It was "error: Overflow when unpacking long long" (torch's), after the model had loaded."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--ids", "1,2", "--seed", str(2**63)])
+    assert e.value.code == 2
+    assert f"argument --seed: must be in [0, {2**63 - 1}], got {2**63}" in capsys.readouterr().err
+
+
+def test_pretrain_with_a_directory_as_corpus_says_so(tmp_path, capsys):
+    """It was called "missing"."""
+    assert main(["pretrain", "--corpus", str(tmp_path), "--output", str(tmp_path / "m"), "--steps", "1"]) == 2
+    assert f"error: {tmp_path}: is a directory; expected a UTF-8 corpus file" in one_line_error(capsys)
+
+
+def test_pretrain_with_a_bad_tokenizer_fails_before_the_run_writes(tmp_path, capsys):
+    """The tokenizer was loaded inside the run: its error left OUTPUT.failed (a metrics.jsonl) behind."""
+    (tmp_path / "c.txt").write_text("some text\n")
+    assert main(["pretrain", "--corpus", str(tmp_path / "c.txt"), "--output", str(tmp_path / "m"), "--steps", "1",
+                 "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "nope/tokenizer.model: missing; a SentencePiece model directory needs tokenizer.model" \
+        in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
+@pytest.mark.parametrize("server", ["127.0.0.1:8000", ""])
+def test_job_with_a_server_that_is_not_a_url_names_the_flag(capsys, server):
+    """It was urllib's "error: unknown url type: '127.0.0.1:8000/api/v1/fine-tunes?'"."""
+    assert main(["job", "--server", server, "list"]) == 2
+    assert f"minipeft job: error: --server {server!r}: expected an http:// or https:// URL" in one_line_error(capsys)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 class Client:
     def __init__(self, server: str, api_key: Optional[str] = None, timeout: float = 60.0):
+        if urllib.parse.urlsplit(server).scheme not in ("http", "https"):  # urllib's own error names no flag
+            raise ValueError(f"--server {server!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000")
         self.server, self.api_key, self.timeout = server.rstrip("/"), api_key, timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
