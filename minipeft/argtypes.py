@@ -33,6 +33,14 @@ def finite_float(low: float, above: bool = False) -> Callable[[str], float]:
     return number
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a float in (0, 1] (a share that cannot be nothing)."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def probability(text: str) -> float:
     """An argparse type: a float in [0, 1] (top-p)."""
     value = float(text)

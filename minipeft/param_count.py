@@ -76,7 +76,19 @@ def frozen_weight_bytes(preset: str) -> dict[str, int]:
             "nf4+dq": rest + sum(nf4_nbytes(n, double_quant=True) for n in linears)}
 
 
+# Each method's flags, with their defaults: a flag given for another method would be ignored
+METHOD_FLAGS = {"r": (("lora", "qlora"), 8), "target_modules": (("lora", "qlora"), "q_proj,v_proj"),
+                "bottleneck_size": (("adapter",), 64), "placement": (("adapter",), "houlsby"),
+                "num_virtual_tokens": (("prefix", "prompt"), 20)}
+
+
 def _count_params(args: argparse.Namespace) -> int:
+    for flag, (methods, default) in METHOD_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+        elif args.method not in methods:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --method {' or '.join(methods)}, "
+                             f"not {args.method}: it would be ignored")
     options: dict[str, Any] = {}
     if args.method in ("lora", "qlora"):
         # "q_proj, v_proj" as one writes a list: " v_proj" would match no module, and only q_proj be counted
@@ -97,9 +109,10 @@ def register(sub: argparse._SubParsersAction, name: Optional[str] = "count-param
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), metavar="NAME",
                    help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "adapter", "prefix", "prompt"])
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated names, or all-linear")
-    p.add_argument("--bottleneck-size", type=int, default=64)
-    p.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
-    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    # Defaults in METHOD_FLAGS: None here tells a flag given for another method from one left out
+    p.add_argument("--r", type=int, help="LoRA rank (lora, qlora; default 8)")
+    p.add_argument("--target-modules", help="comma-separated names, or all-linear (lora, qlora; default q_proj,v_proj)")
+    p.add_argument("--bottleneck-size", type=int, help="adapter width (adapter; default 64)")
+    p.add_argument("--placement", choices=["houlsby", "pfeiffer"], help="adapter placement (default houlsby)")
+    p.add_argument("--num-virtual-tokens", type=int, help="prefix, prompt (default 20)")
     p.set_defaults(func=_count_params)

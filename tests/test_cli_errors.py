@@ -149,6 +149,42 @@ def test_count_params_with_an_unknown_preset_lists_the_names(capsys):
     assert "argument --preset: invalid choice: 'nope' (choose from 'llama-2-13b', 'llama-2-7b'," in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "full", "--r", "16"], "--r applies to --method lora or qlora, not full: it would be ignored"),
+    (["--bottleneck-size", "32"], "--bottleneck-size applies to --method adapter, not lora"),
+    (["--method", "prefix", "--target-modules", "all-linear"], "--target-modules applies to --method lora or qlora"),
+])
+def test_count_params_refuses_a_flag_of_another_method(capsys, argv, message):
+    """A flag of another method was ignored: --method full --r 16 counted full fine-tuning, silently."""
+    assert main(["count-params", "--preset", "llama-2-7b", *argv]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_count_params_defaults_still_apply(capsys):
+    assert main(["count-params", "--preset", "llama-2-7b"]) == 0
+    assert "trainable params: 4,194,304" in capsys.readouterr().out  # r 8 on q_proj, v_proj: PEFT's README line
+
+
+@pytest.mark.parametrize("command", ["check", "report"])
+def test_data_template_without_a_tokenizer_is_refused(tmp_path, capsys, command):
+    """--template measures token lengths; without --tokenizer it was ignored."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n')
+    assert main(["data", command, str(path), "--template", "chatml"]) == 2
+    assert "--template chatml renders examples into tokens: it needs --tokenizer DIR" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flag,value", [("--vocab-size", "0"), ("--character-coverage", "0"),
+                                        ("--character-coverage", "nan"), ("--character-coverage", "1.5")])
+def test_tokenizer_train_checks_its_numbers_as_parsed(tmp_path, capsys, flag, value):
+    """They reached SentencePiece, whose errors name no flag ("[(trainer_spec.vocab_size()) > (0)]")."""
+    args = ["tokenizer", "train", "--input", str(tmp_path / "c.txt"), "--output", str(tmp_path / "tok"),
+            "--vocab-size", "300", flag, value]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--training-file", "--validation-file"])
 def test_job_create_with_a_directory_says_so(tmp_path, capsys, flag):
     # Refused before any request: no server listens on the port.

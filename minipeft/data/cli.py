@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from .. import files
 from ..argtypes import at_least
-from ..templates import TEMPLATES, get_template
+from ..templates import TEMPLATES, ChatTemplate, get_template
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
 from .jsonl import check_not_input
@@ -35,8 +35,8 @@ def register(subparsers: Any) -> None:
     check.add_argument("--max-length", type=at_least(1),
                        help="longest example in tokens, as in training, which drops longer ones (needs --tokenizer)")
     check.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, for --max-length")
-    check.add_argument("--template", choices=list(TEMPLATES), default=DEFAULT_TEMPLATE,
-                       help=f"chat template the length is measured with (default: {DEFAULT_TEMPLATE})")
+    check.add_argument("--template", choices=list(TEMPLATES),
+                       help=f"chat template the length is measured with, with --tokenizer (default: {DEFAULT_TEMPLATE})")
     check.add_argument("--drop-invalid", action="store_true", help="write the valid lines to --output")
     check.add_argument("--output", metavar="CLEAN.jsonl", help="the clean copy (with --drop-invalid)")
     check.add_argument("--rejects", metavar="PATH", help="where rejected lines go (default: CLEAN.rejects.jsonl)")
@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     report.add_argument("--task", choices=list(TASK_SIZES), help="task type, for the data-size advice")
     report.add_argument("--output", metavar="DIR", help="report directory (default: FILE's name + .report)")
     report.add_argument("--tokenizer", metavar="DIR", help="count lengths in tokens (default: characters)")
-    report.add_argument("--template", choices=list(TEMPLATES), default=DEFAULT_TEMPLATE,
+    report.add_argument("--template", choices=list(TEMPLATES),
                         help=f"chat template, with --tokenizer (default: {DEFAULT_TEMPLATE})")
     report.add_argument("--near-threshold", type=float, default=NEAR_THRESHOLD,
                         help=f"Jaccard similarity of near duplicates (default: {NEAR_THRESHOLD})")
@@ -64,6 +64,14 @@ def register(subparsers: Any) -> None:
     split.set_defaults(func=run_split)
 
 
+def _template(args: argparse.Namespace) -> ChatTemplate:
+    """--template's template (DEFAULT_TEMPLATE when left out); it measures lengths in tokens only."""
+    if args.template is not None and args.tokenizer is None:
+        raise UsageError(f"--template {args.template} renders examples into tokens: it needs --tokenizer DIR "
+                         "(without one, lengths are counted in characters and no template is used)")
+    return get_template(args.template or DEFAULT_TEMPLATE)
+
+
 def run_check(args: argparse.Namespace) -> int:
     if bool(args.output) != args.drop_invalid or (args.rejects and not args.output):
         raise UsageError("--drop-invalid, --output CLEAN.jsonl (and optionally --rejects) go together")
@@ -75,10 +83,11 @@ def run_check(args: argparse.Namespace) -> int:
     for out, flag in ((args.output, "--output"), (rejects, "--rejects")):
         if out:  # refused before the check, which on a large file with a tokenizer takes a while
             check_not_input(out, args.files[0], flag)
+    template = _template(args)
     tokenizer = _load_tokenizer(args.tokenizer)
     status = 0
     for path in args.files:
-        result = check_file(path, tokenizer, args.max_length, get_template(args.template))
+        result = check_file(path, tokenizer, args.max_length, template)
         _print_problems(result)
         status = max(status, 1 if result.problems else 0)
     if args.output:
@@ -93,6 +102,7 @@ def run_report(args: argparse.Namespace) -> int:
     # A file there (--output report.md, or FILE.report's own name) fails now, named, not as a traceback at the swap.
     out = files.check_output_dir(args.output or Path(args.file).with_suffix(".report"),
                                  "--output" if args.output else "report directory (no --output given)")
+    template = _template(args)
     tokenizer = _load_tokenizer(args.tokenizer)
     train = read_file(args.file, special_tokens(tokenizer))
     test = read_file(args.test, special_tokens(tokenizer)) if args.test else None
@@ -100,8 +110,7 @@ def run_report(args: argparse.Namespace) -> int:
         _print_problems(train)
         print(f"{args.file}: no valid example to report on")
         return 1
-    report = build_report(train, test, args.task, tokenizer, get_template(args.template),
-                          args.near_threshold)
+    report = build_report(train, test, args.task, tokenizer, template, args.near_threshold)
     written = write_report(report, out)
     for result in filter(None, (train, test)):
         if result.problems:
