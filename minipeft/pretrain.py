@@ -157,14 +157,19 @@ class PretrainConfig:
         if not self.intermediate_size:
             self.intermediate_size = 32 * math.ceil(2.75 * self.hidden_size / 32)
         self.train_config(".")  # the optimization settings are TrainConfig's: it checks them
+        try:  # and the architecture is ModelConfig's (heads that divide the width, an even head_dim, ...)
+            self.model_config()
+        except ValueError as e:
+            raise ValueError(f"invalid pretraining settings: {e}") from None
 
-    def model_config(self, tok: Tokenizer) -> ModelConfig:
-        return ModelConfig(vocab_size=tok.vocab_size, hidden_size=self.hidden_size,
+    def model_config(self, tok: Optional[Tokenizer] = None) -> ModelConfig:
+        """The model these settings build, with `tok`'s vocabulary and special ids (without one: vocab_size)."""
+        ids = {} if tok is None else dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        return ModelConfig(vocab_size=self.vocab_size if tok is None else tok.vocab_size, hidden_size=self.hidden_size,
                            intermediate_size=self.intermediate_size,
                            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                            num_key_value_heads=self.num_key_value_heads, tie_word_embeddings=True,
-                           max_position_embeddings=self.max_position_embeddings, bos_token_id=tok.bos_id,
-                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                           max_position_embeddings=self.max_position_embeddings, **ids)
 
     def train_config(self, output_dir: PathLike) -> TrainConfig:
         return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,

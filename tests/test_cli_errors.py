@@ -314,6 +314,16 @@ def test_pretrain_with_a_bad_tokenizer_fails_before_the_run_writes(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
 
 
+def test_pretrain_with_heads_that_do_not_fit_fails_before_the_corpus_is_read(tmp_path, capsys):
+    """The architecture was checked only once the corpus was read and a tokenizer trained, and the error
+    left OUTPUT.failed behind. The corpus here does not even exist: the settings are refused first."""
+    assert main(["pretrain", "--corpus", str(tmp_path / "absent.txt"), "--output", str(tmp_path / "m"),
+                 "--num-attention-heads", "8", "--num-key-value-heads", "3"]) == 2
+    assert "invalid pretraining settings: num_attention_heads (8) must be a multiple of num_key_value_heads (3)" \
+        in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("server", ["127.0.0.1:8000", ""])
 def test_job_with_a_server_that_is_not_a_url_names_the_flag(capsys, server):
     """It was urllib's "error: unknown url type: '127.0.0.1:8000/api/v1/fine-tunes?'"."""
