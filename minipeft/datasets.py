@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 from .data.dedup import NEAR_THRESHOLD, prompt_key, shingles
 from .data.formats import Example, detect_format, normalize
+from .files import check_output_dir
 from .data.jsonl import dumps_line, write_atomic
 
 Record = dict[str, Any]
@@ -280,6 +281,7 @@ def register(subparsers: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    check_output_dir(args.output, "--output")  # named now, not as a write error halfway through the tasks
     for name, entry in build_datasets(args.output, args.seed).items():
         train, test = SIZES[name]
         print(f"{name}: {train} train / {test} test ({entry['format']}, {entry['metric']}) -> "

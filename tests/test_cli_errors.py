@@ -324,6 +324,19 @@ def test_pretrain_with_heads_that_do_not_fit_fails_before_the_corpus_is_read(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_under_a_file_are_named_before_any_work(tmp_path, capsys):
+    """data check --output under a file failed at the write as "cannot write: File exists"; datasets
+    build wrote nothing but said so only at its first file."""
+    (tmp_path / "afile").write_text("")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    assert main(["data", "check", str(data), "--drop-invalid", "--output", str(tmp_path / "afile" / "x.jsonl")]) == 2
+    assert f"--output {tmp_path / 'afile' / 'x.jsonl'}: its folder {tmp_path / 'afile'}: exists and is not a " \
+        "directory" in one_line_error(capsys)
+    assert main(["datasets", "build", "--output", str(tmp_path / "afile")]) == 2
+    assert f"--output {tmp_path / 'afile'}: exists and is not a directory" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("server", ["127.0.0.1:8000", ""])
 def test_job_with_a_server_that_is_not_a_url_names_the_flag(capsys, server):
     """It was urllib's "error: unknown url type: '127.0.0.1:8000/api/v1/fine-tunes?'"."""

@@ -265,6 +265,10 @@ def check_not_input(path: PathLike, source: PathLike, flag: str) -> None:
     before anything is written, so it would be lost silently."""
     if Path(path).resolve() == Path(source).resolve():
         raise UsageError(f"{path} would overwrite the input file; choose another {flag}")
+    try:  # and its folder can hold it: a file on the way read as "File exists" when the write failed
+        files.check_output_dir(Path(path).parent, f"{flag} {path}: its folder")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def dumps_line(record: Any) -> bytes:
