@@ -50,6 +50,7 @@ class AdapterConfig(PeftConfig):
     peft_type = "BOTTLENECK_ADAPTER"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.bottleneck_size is None) == (self.reduction_factor is None):
             raise ValueError("AdapterConfig: give exactly one of bottleneck_size and reduction_factor, got "
                              f"bottleneck_size={self.bottleneck_size}, reduction_factor={self.reduction_factor}")

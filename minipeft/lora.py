@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from typing import Optional, Union
 
 import torch
@@ -50,10 +51,19 @@ class LoraConfig(PeftConfig):
     # list holding them (None: any), for a list of target_modules, as PEFT (minipeft.targets)
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
+    # Per-module r and lora_alpha, {regex: value}: a module takes the first key matching the end of its
+    # name after a dot, as PEFT's get_pattern_key (re.match(rf"(.*\.)?({key})$", name)); others r, lora_alpha
+    rank_pattern: Optional[dict[str, int]] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Optional[dict[str, float]] = dataclasses.field(default_factory=dict)
     peft_type = "LORA"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self._check_positive_int("r")
+        self.rank_pattern, self.alpha_pattern = dict(self.rank_pattern or {}), dict(self.alpha_pattern or {})
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -84,6 +94,16 @@ class LoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, name: str) -> "LoraConfig":
+        """This config with r and lora_alpha as rank_pattern and alpha_pattern set them for module `name`."""
+        def pick(pattern: dict, default: float) -> float:
+            return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+        if not (self.rank_pattern or self.alpha_pattern):
+            return self
+        return dataclasses.replace(self, r=pick(self.rank_pattern, self.r),
+                                   lora_alpha=pick(self.alpha_pattern, self.lora_alpha))
 
 
 def _orthogonal_init(in_features: int, r: int, out_features: int,

@@ -2,9 +2,10 @@
 
 A config is a dataclass; `peft_type` names the method ("LORA", "PREFIX_TUNING", ...). Reading a
 file written by PEFT, a field of PEFT's we do not implement is accepted only while it holds PEFT's
-default value: an adapter that relies on a feature we lack (DoRA, rank_pattern, ...) is refused with
-the field's name, rather than loaded and silently wrong. A field PEFT 0.22 does not know either (from
-a newer PEFT, or misspelt) is dropped with a warning naming it, as PEFT drops it.
+default value: an adapter that relies on a feature we lack (DoRA, lora_bias, ...) is refused with
+the field's name and value, rather than loaded and silently wrong. Passed in Python (LoraConfig(use_dora=
+True)), such a field meets the same check. A field PEFT 0.22 does not know either (from a newer PEFT, or
+misspelt) is dropped from a file with a warning naming it, as PEFT drops it (in Python: a TypeError).
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ _REGISTRY: dict[str, type["PeftConfig"]] = {}
 
 # PEFT fields we do not model, with the values under which ignoring them changes nothing.
 _HARMLESS_DEFAULTS: dict[str, tuple] = {
-    "alpha_pattern": ({}, None), "rank_pattern": ({}, None), "use_dora": (False, None),
-    "fan_in_fan_out": (False,),
+    "use_dora": (False, None),
     "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "layer_replication": (None,), "exclude_modules": (None, []), "use_qalora": (False,),
+    "layer_replication": (None,), "exclude_modules": (None, []),
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
     "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
@@ -36,16 +36,50 @@ _HARMLESS_DEFAULTS: dict[str, tuple] = {
 # Bookkeeping fields with no effect on the numbers (eva_config only parameterizes an initialization, which
 # a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself; PEFT 0.2's
 # merge_weights merged LoRA into W on eval(), the same function).
+# use_qalora and qalora_group_size act on GPTQ layers only; runtime_config (GPU offload) is never saved;
+# fan_in_fan_out is for GPT-2's Conv1D: PEFT warns and sets it False on an nn.Linear and drops it on an Embedding.
+# inference_mode=True freezes an adapter built from Python (PeftModel.add_adapter); a file's is replaced by
+# from_pretrained's is_trainable, as in PEFT.
 _IGNORED = {"eva_config", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
-            "qalora_group_size", "merge_weights"}
+            "qalora_group_size", "merge_weights", "use_qalora", "runtime_config", "fan_in_fan_out"}
+# PEFT's task types; on a causal LM every one gives the same LoRA model (PEFT's task classes all return the
+# causal LM's logits), so the field is metadata for LoRA. Prompt learning checks its own (PromptLearningConfig).
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class _ConfigMeta(type):
+    """Lets a config class take PEFT's fields it does not model, as keywords: each is checked against the
+    values under which ignoring it changes nothing, and refused otherwise, naming the field and value."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> "PeftConfig":
+        own = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and (k in _HARMLESS_DEFAULTS or k in _IGNORED)}
+        unsupported = [f"{k}={v!r}" for k, v in extra.items()
+                       if k in _HARMLESS_DEFAULTS and v not in _HARMLESS_DEFAULTS[k]]
+        if unsupported:
+            raise ValueError(f"{cls.__name__}: fields not supported by minipeft: {', '.join(unsupported)}")
+        if extra.get("fan_in_fan_out"):  # PEFT's own warning and correction, for any nn.Linear/Embedding target
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+        config = super().__call__(*args, **kwargs)
+        if extra.get("inference_mode"):
+            config.inference_mode = True
+        return config
 
 
 @dataclasses.dataclass
-class PeftConfig:
-    task_type: str = "CAUSAL_LM"
+class PeftConfig(metaclass=_ConfigMeta):
+    task_type: Optional[str] = "CAUSAL_LM"  # one of TASK_TYPES
     base_model_name_or_path: Optional[str] = None
     peft_type: ClassVar[str] = ""
     is_prompt_learning: ClassVar[bool] = False  # prefix/prompt tuning: act on inputs, not on layers
+    # PEFT's inference_mode: True, the adapter is built frozen (0 trainable parameters). Not a field: a file's
+    # value is not used (from_pretrained's is_trainable decides, as in PEFT) and is not written.
+    inference_mode: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.task_type not in TASK_TYPES:  # as PEFT's PeftConfig.__post_init__
+            raise ValueError(f"{type(self).__name__}: task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -65,6 +99,10 @@ class PeftConfig:
         (prefix/prompt tuning: num_virtual_tokens); they count against the model's context. 0 here."""
         return 0
 
+    def for_module(self, name: str) -> "PeftConfig":
+        """The config that applies to the module at path `name` (LoRA's rank_pattern); here, this one."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type
@@ -77,18 +115,10 @@ class PeftConfig:
         if peft_type not in _REGISTRY:
             raise ValueError(f"{where}: peft_type {peft_type!r} is not supported; expected one of {sorted(_REGISTRY)}")
         klass = _REGISTRY[peft_type]
-        names = {f.name for f in dataclasses.fields(klass)}
-        kwargs, unsupported, unknown = {}, [], []
-        for key, value in d.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in _HARMLESS_DEFAULTS:
-                if value not in _HARMLESS_DEFAULTS[key]:
-                    unsupported.append(f"{key}={value!r}")
-            elif key not in _IGNORED and key != "peft_type":
-                unknown.append(key)
-        if unsupported:
-            raise ValueError(f"{where}: fields not supported by minipeft: {', '.join(unsupported)}")
+        names = {f.name for f in dataclasses.fields(klass)} | set(_HARMLESS_DEFAULTS) | _IGNORED
+        # inference_mode: PEFT writes True in every file; the loader's is_trainable decides instead
+        kwargs = {k: v for k, v in d.items() if k in names and k != "inference_mode"}
+        unknown = [k for k in d if k not in names and k != "peft_type"]
         if unknown:  # PEFT's own warning (PeftConfigMixin.from_peft_type), which assumes defaults are meant
             warnings.warn(f"{where}: Unexpected keyword arguments {sorted(unknown)} for class {klass.__name__}, "
                           "these are ignored (fields of a newer PEFT, or misspelt: PEFT 0.22 ignores them too)")

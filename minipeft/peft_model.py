@@ -75,7 +75,7 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
                 layer_cls = LAYER_TUNERS[config.peft_type]
                 layers = (getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None))
                 for target in find_targets(self.base_model, config.target_modules, layer_cls, *layers):
-                    self._wrap(target, layer_cls).add_adapter(name, config)
+                    self._wrap(target, layer_cls).add_adapter(name, config.for_module(target))
             for target in getattr(config, "modules_to_save", None) or []:
                 for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
                     self._wrap(full, ModulesToSave).add_adapter(name, config)
@@ -83,6 +83,8 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
             self._remove_modules(name)
             raise
         self.peft_config[name] = config
+        if config.inference_mode:  # as PEFT: built frozen
+            self._frozen.add(name)
         self._unmerge_with_warning()  # as PEFT, whose add_adapter re-sets the active adapter
         for _, layer in self.tuner_layers():  # new wrappers start inactive; keep the model's choice
             layer.set_adapter(self.active_adapter)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import ClassVar, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -64,13 +64,18 @@ class PromptLearningConfig(PeftConfig):
     num_layers: Optional[int] = None
     modules_to_save: Optional[list[str]] = None  # PEFT's field; not supported with prompt learning here
     is_prompt_learning = True
-    # Set by PeftModel.from_pretrained when loading for inference (is_trainable=False), as in PEFT:
-    # the saved table replaces any init, so TEXT init skips its tokenizer (which may be a hub name).
-    inference_mode: ClassVar[bool] = False
+    # inference_mode (PeftConfig) is also set by PeftModel.from_pretrained when loading for inference, as in
+    # PEFT: the saved table replaces any init, so TEXT init skips its tokenizer (which may be a hub name).
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         self._check_positive_int("num_virtual_tokens")
+        # PEFT's PeftModel(task_type=None) adds no virtual tokens (its forward fails), and SEQ_2_SEQ_LM
+        # doubles the table for an encoder-decoder; every other task type runs the causal LM as CAUSAL_LM.
+        if self.task_type in (None, "SEQ_2_SEQ_LM"):
+            raise ValueError(f"{name}: task_type={self.task_type!r} is not supported with prompt learning on a "
+                             "decoder-only model; use 'CAUSAL_LM'")
         if self.modules_to_save:
             raise ValueError(f"{name}: modules_to_save={self.modules_to_save!r} is not supported with prompt learning")
 
