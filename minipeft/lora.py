@@ -51,6 +51,8 @@ class LoraConfig(PeftConfig):
     # list holding them (None: any), for a list of target_modules, as PEFT (minipeft.targets)
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
+    # modules taken out of target_modules' selection: a regex for the full name, or names/suffixes (minipeft.targets)
+    exclude_modules: Optional[Union[list[str], str]] = None
     # Per-module r and lora_alpha, {regex: value}: a module takes the first key matching the end of its
     # name after a dot, as PEFT's get_pattern_key (re.match(rf"(.*\.)?({key})$", name)); others r, lora_alpha
     rank_pattern: Optional[dict[str, int]] = dataclasses.field(default_factory=dict)

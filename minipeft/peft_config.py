@@ -25,7 +25,7 @@ _REGISTRY: dict[str, type["PeftConfig"]] = {}
 _HARMLESS_DEFAULTS: dict[str, tuple] = {
     "use_dora": (False, None),
     "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "layer_replication": (None,), "exclude_modules": (None, []),
+    "layer_replication": (None,),
     "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
     "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
     "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),

@@ -13,10 +13,15 @@ modules a list of names selects by suffix, those inside the given layers, as PEF
 is the first `<container>.<i>.` in its name, with `<container>` one of `layers_pattern` (regexes;
 None: any name after at least one parent, so "model.layers.3.mlp" is in layer 3, lm_head in none).
 As in PEFT, a list entry equal to a full module name is taken whatever its layer.
+
+LoRA's `exclude_modules` then removes modules from that selection, with target_modules' two forms:
+a string is a regex for the full name (`re.fullmatch`), a list names modules by full name or suffix.
+Excluding every selected module is an error, and an exclusion that removes nothing warns (PEFT's both).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from torch import nn
@@ -51,9 +56,11 @@ def layer_index(name: str, layers_pattern: Optional[Union[str, Sequence[str]]] =
 def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[str]]],
                  wrapper: Optional[type["TunerLayer"]] = None,
                  layers_to_transform: Optional[Union[int, Sequence[int]]] = None,
-                 layers_pattern: Optional[Union[str, Sequence[str]]] = None) -> list[str]:
-    """Full names of the modules selected by `target_modules` in the layers `layers_to_transform` (see
-    the module docstring), each one that `wrapper` (a TunerLayer class; default: Linear only) can wrap."""
+                 layers_pattern: Optional[Union[str, Sequence[str]]] = None,
+                 exclude_modules: Optional[Union[str, Sequence[str]]] = None) -> list[str]:
+    """Full names of the modules selected by `target_modules` in the layers `layers_to_transform`, less
+    `exclude_modules` (see the module docstring), each one that `wrapper` (a TunerLayer class; default:
+    Linear only) can wrap."""
     from .tuner_layer import TunerLayer
 
     wrapper = wrapper or TunerLayer
@@ -80,6 +87,15 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
     else:
         found = [n for n in names if n in target_modules
                  or (any(n.endswith("." + t) for t in target_modules) and in_layers(n))]
+    if exclude_modules:
+        kept = [n for n in found if not _named(n, exclude_modules)]
+        if found and not kept:
+            raise ValueError(f"exclude_modules={exclude_modules!r} excludes every module target_modules="
+                             f"{target_modules!r} selects ({found[:2]}...)")
+        if kept == found:
+            warnings.warn(f"You have passed exclude_modules={exclude_modules} but no modules were excluded. "
+                          "Please check that exclude_modules was set correctly.")  # PEFT's words
+        found = kept
     if not found:
         leaf_names = sorted({n.split(".")[-1] for n in linears})
         layers = "" if layers_to_transform is None else f" with layers_to_transform={layers_to_transform!r}"
@@ -90,6 +106,13 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
         raise ValueError(f"target_modules={target_modules!r} matched modules that are not {wrapper.wraps} layers: "
                          f"{refused}")
     return found
+
+
+def _named(name: str, modules: Union[str, Sequence[str]]) -> bool:
+    """Whether module `name` is one of `modules`: a regex for the full name, or names and suffixes."""
+    if isinstance(modules, str):
+        return re.fullmatch(modules, name) is not None
+    return name in modules or any(name.endswith("." + m) for m in modules)
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

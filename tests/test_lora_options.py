@@ -67,6 +67,39 @@ def test_rank_and_alpha_pattern_equal_peft(case, tmp_path):
         torch.testing.assert_close(in_ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
 
 
+EXCLUDES = {"suffix": dict(target_modules=["q_proj", "v_proj"], exclude_modules=["layers.0.self_attn.v_proj"]),
+            "regex": dict(target_modules="all-linear", exclude_modules=r".*mlp\..*"),
+            "names-only": dict(target_modules=r".*\.(q|k)_proj", exclude_modules=["k_proj"])}
+
+
+@pytest.mark.parametrize("case", sorted(EXCLUDES))
+def test_exclude_modules_equal_peft(case, tmp_path):
+    """exclude_modules was refused: the modules taken out of the selection, as peft takes them, logits and
+    files both ways."""
+    ours, ref = _pair(dict(r=4, lora_alpha=8, **EXCLUDES[case]))
+    wrapped = sorted(n.replace("base_model.", "", 1) for n, m in ours.named_modules() if hasattr(m, "lora_A"))
+    assert wrapped == sorted(n.replace("base_model.model.", "", 1) for n, m in ref.named_modules()
+                             if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)
+                             and "default" in m.lora_A)
+    same_random_adapter(ours, ref, std=0.05)
+    ours.eval(), ref.eval()
+    ours.save_pretrained(tmp_path / "ours")
+    in_peft = peft.PeftModel.from_pretrained(to_hf(tiny_model("llama-gqa")), tmp_path / "ours").eval()
+    ref.save_pretrained(tmp_path / "ref")
+    in_ours = PeftModel.from_pretrained(tiny_model("llama-gqa"), tmp_path / "ref")
+    with torch.no_grad():
+        for model in (ours, in_ours):
+            torch.testing.assert_close(model(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(in_peft(IDS).logits, ref(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_exclude_modules_that_exclude_all_or_nothing_are_told_as_peft():
+    with pytest.raises(ValueError, match=r"exclude_modules=\['q_proj'\] excludes every module"):
+        get_peft_model(tiny_model("llama-gqa"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="no modules were excluded"):
+        get_peft_model(tiny_model("llama-gqa"), LoraConfig(target_modules=["q_proj"], exclude_modules=["nothing"]))
+
+
 def test_a_bad_rank_pattern_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be a positive integer, got 0"):
         LoraConfig(rank_pattern={"q_proj": 0})
@@ -74,7 +107,7 @@ def test_a_bad_rank_pattern_is_refused_naming_the_key():
 
 # PEFT fields minipeft does not implement, each with a value that changes PEFT's model.
 REFUSED = {
-    "use_dora": True, "lora_bias": True, "exclude_modules": ["v_proj"], "layer_replication": [[0, 1]],
+    "use_dora": True, "lora_bias": True, "layer_replication": [[0, 1]],
     "trainable_token_indices": [0, 1], "target_parameters": ["mlp.experts.gate_up_proj"],
     "alora_invocation_tokens": [1, 2], "use_bdlora": True, "ensure_weight_tying": True,
     "megatron_config": {"tensor_model_parallel_size": 1}, "loftq_config": {"loftq_bits": 4},
