@@ -2,12 +2,31 @@
 tiling and configs (common.py), and ahead-of-time compilation for a GPU without one (aot.py).
 
 Importing this package does not import triton; minipeft.functional imports the kernel modules on first use.
+
+Run from the repository root (python -c, a REPL, a script placed there), the root is on sys.path and
+`import kernels` would find this folder, not the PyPI package `kernels` that transformers and bitsandbytes
+import: `import transformers` then failed. Reached under that name, this file loads the PyPI package in
+its place (as import statements then see it), or is no module at all when that is not installed.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import os
+import sys
 from typing import Iterator
+
+if __name__ == "kernels":  # not minipeft.kernels: the folder reached as a top-level package
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError("No module named 'kernels' (minipeft's Triton kernels are minipeft.kernels)",
+                                  name=__name__)
+    sys.modules[__name__] = _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)  # the import statement returns sys.modules' entry: the PyPI package
 
 
 @contextlib.contextmanager

@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# `python -m pytest` from the repository root puts the root on sys.path, where the folder kernels/ (installed
-# as minipeft.kernels) would shadow the PyPI package `kernels` that bitsandbytes and transformers import.
-# minipeft is installed, so the tests never need the root there.
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-
-from minipeft import ModelConfig, Transformer  # noqa: E402
-from minipeft.tokenizer import Tokenizer, load_tokenizer, train_tokenizer  # noqa: E402
+from minipeft import ModelConfig, Transformer
+from minipeft.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 # One tiny config per family the decoder claims: multi-head LLaMA, grouped-query LLaMA,
 # Mistral (with a sliding window shorter than the test sequences, so the window matters),

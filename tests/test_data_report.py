@@ -6,6 +6,7 @@ worked out by hand on small planted files."""
 from __future__ import annotations
 
 import json
+import re
 import random
 import sys
 from itertools import combinations
@@ -98,6 +99,8 @@ def test_duplicates_conflicts_and_spellings_are_found_with_line_numbers(tmp_path
     assert sorted(line for o in conflict["outputs"] for line in o["lines"]) == [7, 63]
     (spelling,) = [f for f in report["consistency"] if "other_spellings" in f]
     assert spelling["lines"] == [64] and list(spelling["other_spellings"].values()) == [[64]]
+    main, (other,) = re.fullmatch(r"label '(.*)' written exactly so", spelling["check"])[1], spelling["other_spellings"]
+    assert main != other and main.lower().strip() == other.lower().strip()  # it names the spelling the others miss
 
 
 def test_format_consistency_flags_the_few_non_json_outputs(tmp_path):

@@ -418,3 +418,24 @@ def test_compiled_pytorch_path_with_dropout():
         got = grads(step, inputs, grad_out, (0, 2, 3, 4))
     for name, g, want in zip(["y", "dx", "dbias", "dA", "dB"], got, ref):
         assert rel_err(g, want) <= TOL[F32], (name, rel_err(g, want))
+
+
+def test_the_folder_kernels_shadows_no_package_from_the_repository_root():
+    """From the repository root (on sys.path for python -c, a REPL, python -m pytest), `import kernels` found
+    the folder kernels/ instead of the PyPI package transformers imports: `from transformers import
+    LlamaForCausalLM` failed ("cannot import name 'CUDAProperties' from 'kernels'"). Without that package
+    installed, `import kernels` is no module, as anywhere else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import kernels, transformers, minipeft.kernels as ours\n"
+            "from transformers import LlamaForCausalLM\n"
+            "assert 'site-packages' in kernels.__file__ and ours.__file__.endswith('kernels/__init__.py'), kernels\n")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True, timeout=300)
+    hidden = ("import sys\n"
+              "sys.path = [p for p in sys.path if 'site-packages' not in p]\n"
+              "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+              "    assert e.name == 'kernels' and 'kernels' not in sys.modules, e\nelse:\n    raise SystemExit(1)\n")
+    subprocess.run([sys.executable, "-c", hidden], cwd=root, check=True, capture_output=True, timeout=300)

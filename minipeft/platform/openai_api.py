@@ -2,7 +2,7 @@
 talks to a fine-tuned model as it would to the cloud:
 
     POST /v1/chat/completions   messages -> the deployment's chat template -> reply (stream: SSE)
-    POST /v1/completions        raw prompt (bos + text) -> continuation (stream: SSE)
+    POST /v1/completions        raw prompt (bos/eos as tokenizer_config.json says) -> continuation (stream: SSE)
     GET  /v1/models             the base models and the deployments
     GET  /v1/models/{model}     one of them
     DELETE /v1/models/{model}   a fine-tuned model, by its name (refused for a base model, a deployment
