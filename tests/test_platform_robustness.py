@@ -173,6 +173,11 @@ def test_validation_data_trained_on_or_beside_a_split_is_refused_naming_both(app
     held_out = client.post("/api/v1/fine-tunes", json={"model": "tiny", "training_file_ids": [a],
                                                        "validation_file_ids": [b]})
     assert held_out.status_code == 200, held_out.text
+    # the job's view said split 0.1 (the unused default) beside its validation file
+    assert held_out.json()["effective_hyper_parameters"]["split"] is None
+    split = client.post("/api/v1/fine-tunes", json={"model": "tiny", "training_file_ids": [a],
+                                                    "hyper_parameters": {"split": 0.2}}).json()
+    assert split["effective_hyper_parameters"]["split"] == 0.2
 
 
 def test_a_401_under_v1_is_openais_and_the_management_apis_stays_its_own(app):

@@ -198,7 +198,9 @@ def job_view(job: dict[str, Any], detail: bool = False) -> dict[str, Any]:
     cfg = job["config"]
     view = {k: v for k, v in job.items() if k != "config"}
     view["effective_hyper_parameters"] = {k: cfg[k] for k in HyperParameters.model_fields if k in cfg}
-    view["effective_hyper_parameters"].update(split=cfg["test_ratio"], method=cfg["method"])
+    # split: the held-out share of the training data, none where validation files are the test split
+    view["effective_hyper_parameters"].update(split=None if cfg.get("test_file") else cfg["test_ratio"],
+                                              method=cfg["method"])
     if detail:
         output = Path(cfg["output_dir"])
         view["metrics"] = _read_jsonl(output / "metrics.jsonl")
