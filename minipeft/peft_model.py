@@ -74,7 +74,7 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
             else:
                 layer_cls = LAYER_TUNERS[config.peft_type]
                 layers = (getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
-                          getattr(config, "exclude_modules", None))
+                          getattr(config, "exclude_modules", None), getattr(config, "modules_to_save", None))
                 for target in find_targets(self.base_model, config.target_modules, layer_cls, *layers):
                     self._wrap(target, layer_cls).add_adapter(name, config.for_module(target))
             for target in getattr(config, "modules_to_save", None) or []:

@@ -17,6 +17,8 @@ As in PEFT, a list entry equal to a full module name is taken whatever its layer
 LoRA's `exclude_modules` then removes modules from that selection, with target_modules' two forms:
 a string is a regex for the full name (`re.fullmatch`), a list names modules by full name or suffix.
 Excluding every selected module is an error, and an exclusion that removes nothing warns (PEFT's both).
+Modules in `modules_to_save` (a whole trained copy) are never targets either, nor anything inside them,
+as in PEFT: a module cannot be both.
 """
 from __future__ import annotations
 
@@ -57,10 +59,11 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
                  wrapper: Optional[type["TunerLayer"]] = None,
                  layers_to_transform: Optional[Union[int, Sequence[int]]] = None,
                  layers_pattern: Optional[Union[str, Sequence[str]]] = None,
-                 exclude_modules: Optional[Union[str, Sequence[str]]] = None) -> list[str]:
+                 exclude_modules: Optional[Union[str, Sequence[str]]] = None,
+                 modules_to_save: Sequence[str] = ()) -> list[str]:
     """Full names of the modules selected by `target_modules` in the layers `layers_to_transform`, less
-    `exclude_modules` (see the module docstring), each one that `wrapper` (a TunerLayer class; default:
-    Linear only) can wrap."""
+    `exclude_modules` and `modules_to_save` (see the module docstring), each one that `wrapper` (a
+    TunerLayer class; default: Linear only) can wrap."""
     from .tuner_layer import TunerLayer
 
     wrapper = wrapper or TunerLayer
@@ -87,15 +90,15 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[str, Sequence[
     else:
         found = [n for n in names if n in target_modules
                  or (any(n.endswith("." + t) for t in target_modules) and in_layers(n))]
-    if exclude_modules:
-        kept = [n for n in found if not _named(n, exclude_modules)]
-        if found and not kept:
-            raise ValueError(f"exclude_modules={exclude_modules!r} excludes every module target_modules="
-                             f"{target_modules!r} selects ({found[:2]}...)")
-        if kept == found:
-            warnings.warn(f"You have passed exclude_modules={exclude_modules} but no modules were excluded. "
-                          "Please check that exclude_modules was set correctly.")  # PEFT's words
-        found = kept
+    saved = [n for n in found if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in modules_to_save or ())]
+    kept = [n for n in found if not (exclude_modules and _named(n, exclude_modules)) and n not in saved]
+    if found and not kept:
+        raise ValueError(f"exclude_modules={exclude_modules!r} and modules_to_save={modules_to_save!r} exclude "
+                         f"every module target_modules={target_modules!r} selects ({found[:2]}...)")
+    if exclude_modules and len(kept) + len(saved) == len(found):
+        warnings.warn(f"You have passed exclude_modules={exclude_modules} but no modules were excluded. "
+                      "Please check that exclude_modules was set correctly.")  # PEFT's words
+    found = kept
     if not found:
         leaf_names = sorted({n.split(".")[-1] for n in linears})
         layers = "" if layers_to_transform is None else f" with layers_to_transform={layers_to_transform!r}"

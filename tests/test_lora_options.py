@@ -94,10 +94,26 @@ def test_exclude_modules_equal_peft(case, tmp_path):
 
 
 def test_exclude_modules_that_exclude_all_or_nothing_are_told_as_peft():
-    with pytest.raises(ValueError, match=r"exclude_modules=\['q_proj'\] excludes every module"):
+    with pytest.raises(ValueError, match=r"exclude_modules=\['q_proj'\] and modules_to_save=None exclude every"):
         get_peft_model(tiny_model("llama-gqa"), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
     with pytest.warns(UserWarning, match="no modules were excluded"):
         get_peft_model(tiny_model("llama-gqa"), LoraConfig(target_modules=["q_proj"], exclude_modules=["nothing"]))
+
+
+def test_modules_to_save_are_no_lora_targets_as_in_peft(tmp_path):
+    """LoRA on q_proj and lm_head with lm_head in modules_to_save: peft trains a copy of lm_head and LoRA on
+    q_proj only; minipeft refused ("lm_head is already wrapped")."""
+    ours, ref = _pair(dict(r=4, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]))
+    wrapped = sorted(n.replace("base_model.", "", 1) for n, m in ours.named_modules() if hasattr(m, "lora_A"))
+    assert wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert sorted(n.replace("base_model.model.", "", 1) for n, m in ref.named_modules()
+                  if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and "default" in m.lora_A) == wrapped
+    same_random_adapter(ours, ref, std=0.05)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\] exclude every module"):
+        get_peft_model(tiny_model("llama-gqa"), LoraConfig(target_modules=["lm_head"], modules_to_save=["lm_head"]))
 
 
 def test_a_bad_rank_pattern_is_refused_naming_the_key():
