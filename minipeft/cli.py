@@ -3,14 +3,15 @@ collects them: a module in COMMANDS exposes `register(subparsers)`, which adds i
 sets `func` (args -> exit status). USER_ERRORS are the errors that print one line instead of a
 traceback; the subcommands' shared argparse types are in argtypes.py. A reader that closes the
 output early (`minipeft job status ID | head -1`) ends the command quietly, with status 1, as
-Python's documentation advises for SIGPIPE."""
+Python's documentation advises for SIGPIPE; a user error keeps its status 2 even where no one
+reads its message."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
 from .trainer import TrainingDiverged
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    status = 0
     try:
         try:
             status = _run(argv)
@@ -50,10 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         return status
     except BrokenPipeError:
-        # The signal module's documented recipe: the flush at exit would fail again (and print
-        # "Exception ignored"), so stdout points at devnull; 1 is Python's own status on EPIPE.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        _to_devnull(sys.stdout)
+        return status or 1  # 1 is Python's own status on EPIPE; a user error keeps its 2
 
 
 def _run(argv: Optional[Sequence[str]]) -> int:
@@ -61,8 +61,17 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        print(f"minipeft {args.command}: error: {e}", file=sys.stderr)
+        try:
+            print(f"minipeft {args.command}: error: {e}", file=sys.stderr)
+        except BrokenPipeError:  # `2>&1 | head -0`: unread, but the status still says it was the input
+            _to_devnull(sys.stderr)
         return 2
+
+
+def _to_devnull(stream: TextIO) -> None:
+    """The signal module's documented recipe for a closed pipe: the flush at exit would fail again
+    (and print "Exception ignored", or turn the status into 120), so the stream points at devnull."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 if __name__ == "__main__":

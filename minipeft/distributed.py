@@ -7,12 +7,14 @@ Without torchrun these are no-ops and the trainer runs as one process.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # what a job's `device` setting may say
 
@@ -21,12 +23,23 @@ def _env(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _local_gpu(environ: Mapping[str, str]) -> int:
+    """The index of this rank's own GPU: LOCAL_RANK, or 0 where CUDA_VISIBLE_DEVICES names one
+    device (a launcher that shows each rank only its own GPU, as Slurm's --gpus-per-task=1: it is
+    cuda:0 there, whatever LOCAL_RANK says)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and len([d for d in visible.split(",") if d.strip()]) == 1:
+        return 0
+    return int(environ.get("LOCAL_RANK", 0))
+
+
 def use_device(requested: str = "auto") -> torch.device:
     """The device this process computes on, made CUDA's current one (Triton kernels and NCCL use it).
 
     requested: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda" (under torchrun
-    cuda:LOCAL_RANK, one GPU per process) or "cuda:N" (a single process only). ValueError, naming
-    the setting, for a device this machine or launch cannot give.
+    cuda:LOCAL_RANK, one GPU per process; cuda:0 where CUDA_VISIBLE_DEVICES shows the process one
+    GPU) or "cuda:N" (a single process only). ValueError, naming the setting, for a device this
+    machine or launch cannot give.
     """
     if not DEVICES.fullmatch(requested):
         raise ValueError(f"device={requested!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -39,7 +52,7 @@ def use_device(requested: str = "auto") -> torch.device:
                          f"or a CPU build of torch {torch.__version__}); use device='cpu' or 'auto'")
     device = torch.device(requested)
     if device.index is None:
-        device = torch.device("cuda", _env("LOCAL_RANK", 0))
+        device = torch.device("cuda", _local_gpu(os.environ))
     elif _env("WORLD_SIZE", 1) > 1:
         raise ValueError(f"device={requested!r} puts every one of the {_env('WORLD_SIZE', 1)} processes on one GPU; "
                          "use device='cuda' (or 'auto'): each process takes cuda:LOCAL_RANK")
@@ -58,29 +71,37 @@ def init(device: torch.device) -> None:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def check_local_device(device: torch.device, environ: Mapping[str, str] = os.environ) -> None:
-    """Under torchrun (WORLD_SIZE > 1, in `environ`), a GPU rank must compute on its own GPU,
-    cuda:LOCAL_RANK: a model left on cuda:0 on every rank runs them all on one GPU, or NCCL fails
-    or hangs on two ranks of one device. ValueError naming RANK, LOCAL_RANK and `device`.
-    CPU ranks (gloo) have no device of their own."""
-    if int(environ.get("WORLD_SIZE", 1)) <= 1 or device.type != "cuda":
-        return
-    local = int(environ.get("LOCAL_RANK", 0))
-    if device.index != local:
-        raise ValueError(f"rank {environ.get('RANK', '?')} (LOCAL_RANK={local}): the model is on {device}, but under "
-                         f"torchrun each process trains on its own GPU, cuda:LOCAL_RANK (here cuda:{local}); move "
-                         "the model there before building the Trainer: "
-                         "model.to(minipeft.distributed.use_device('cuda'))")
+def check_local_device(model: nn.Module, environ: Mapping[str, str] = os.environ) -> torch.device:
+    """The device `model` computes on, its first parameter's. Under torchrun (WORLD_SIZE > 1, in
+    `environ`) every parameter and buffer must be on this rank's own device, the one use_device
+    gives: cuda:LOCAL_RANK for a GPU rank (cuda:0 where CUDA_VISIBLE_DEVICES shows it one GPU). A
+    model left on cuda:0 on every rank runs them all on one GPU, or NCCL fails or hangs on two ranks
+    of one device; a tensor left elsewhere (a buffer, a later parameter) fails mid-step. CPU ranks
+    (gloo) share the host: all on the CPU. ValueError naming RANK, LOCAL_RANK, the first tensor off
+    the device, and where it is."""
+    device = next(model.parameters()).device
+    if int(environ.get("WORLD_SIZE", 1)) <= 1:
+        return device
+    own = torch.device("cuda", _local_gpu(environ)) if device.type == "cuda" else device
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.device != own:
+            why = "its own GPU, cuda:LOCAL_RANK" if own.type == "cuda" else "one device, its first parameter's"
+            raise ValueError(f"rank {environ.get('RANK', '?')} (LOCAL_RANK={environ.get('LOCAL_RANK', 0)}): {name} is "
+                             f"on {t.device}, but under torchrun each process trains on {why} (here {own}); move "
+                             f"the whole model there before building the Trainer: "
+                             f"model.to(minipeft.distributed.use_device('{own.type}'))")
+    return device
 
 
-def join(device: torch.device) -> None:
-    """init(device) where torchrun started several processes: a Trainer built from Python joins
-    them as run_job does (a no-op once joined), its model on its own GPU (check_local_device).
-    Alone, or with --nproc_per_node 1, there is no other rank to join, and a plain process that
-    merely has WORLD_SIZE=1 set starts no group."""
-    check_local_device(device)
+def join(model: nn.Module) -> torch.device:
+    """The device `model` computes on, checked (check_local_device), and init(device) where torchrun
+    started several processes: a Trainer built from Python joins them as run_job does (a no-op once
+    joined). Alone, or with --nproc_per_node 1, there is no other rank to join, and a plain process
+    that merely has WORLD_SIZE=1 set starts no group."""
+    device = check_local_device(model)
     if _env("WORLD_SIZE", 1) > 1:
         init(device)
+    return device
 
 
 def rank() -> int:

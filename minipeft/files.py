@@ -14,16 +14,19 @@ cannot be written fails in a second rather than after a model has loaded.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import fnmatch
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 _UMASK = os.umask(0)
@@ -84,8 +87,9 @@ def replace_dir(tmp: Path, path: PathLike, stale: Optional[str] = None) -> None:
     The directory is swapped whole, not filled file by file: a crash between two per-file moves
     left a mix that loads without an error, the new config.json beside the old weights, or an old
     shard index (which loading prefers) beside the new model.safetensors. So what stays is linked
-    into `tmp` first, then two renames swap the directories; a crash between them leaves `path`
-    absent and its old contents whole in the hidden directory beside it, never half of each.
+    into `tmp` first, then the directories are swapped in one step (Linux's renameat2), or, where
+    that is not offered, by two renames: a crash between those leaves `path` absent and its old
+    contents whole in the hidden directory beside it, never half of each.
     Two kinds of folder are filled file by file instead: the working directory (save_pretrained("."),
     or a folder above it: renamed away, the process and the shell would be left in a deleted one),
     and a folder holding subfolders the new contents do not replace (a folder of other work, not a
@@ -125,6 +129,9 @@ def _swap(tmp: Path, path: Path, kept: list[Path]) -> None:
             os.link(entry, tmp / entry.name, follow_symlinks=False)
         except OSError:
             shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+    if _exchange(tmp, path):  # no moment without `path`; tmp now holds the old contents
+        shutil.rmtree(tmp)
+        return
     old = staging_dir(path)  # an empty directory: a directory may be renamed over it
     try:
         os.replace(path, old)
@@ -136,6 +143,37 @@ def _swap(tmp: Path, path: Path, kept: list[Path]) -> None:
             os.replace(old, path)  # the previous contents back in place
         raise
     shutil.rmtree(old)
+
+
+def _load_renameat2() -> Optional[Callable[..., int]]:
+    """glibc's renameat2 (2.28 and later), else None: another OS or C library."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories a and b atomically (renameat2's RENAME_EXCHANGE): os.replace cannot put
+    a directory over a non-empty one, so without it a swap takes two renames and a crash between
+    them leaves b missing. False where the OS, C library or filesystem (EINVAL, ENOSYS, EOPNOTSUPP)
+    cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _move_into(tmp: Path, path: Path, dropped: list[Path]) -> None:
@@ -223,11 +261,13 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def existing_file(path: PathLike, needed_for: str) -> Path:
-    """`path` as a Path, or an error naming it: missing, or a directory where a file is needed."""
+    """`path` as a Path, or an error naming it: missing, or a directory where a file is needed.
+    Not only a regular file: a pipe (`--config <(cat job.yaml)`, /dev/stdin) or a device is taken
+    too. Such a file can be read once only, so whoever reads it reads it once (parse_json)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; {needed_for}")
-    if not path.is_file():
+    if not path.exists():  # a dangling symlink too
         raise FileNotFoundError(f"{path}: missing; {needed_for}")
     return path
 
@@ -246,6 +286,12 @@ def read_json(path: PathLike, needed_for: str, unique_keys: bool = False) -> Any
     unique_keys: a key given twice in one object is an error naming it (json keeps the last one
     silently: a settings file whose second value overrides the first the reader saw)."""
     path = existing_file(path, needed_for)
+    return parse_json(read_text(path), path, unique_keys)
+
+
+def parse_json(text: str, path: PathLike, unique_keys: bool = False) -> Any:
+    """read_json's parse of `text`, which the caller read from `path` (its errors name it): a file
+    looked at before it is parsed, where a pipe cannot be read a second time."""
 
     def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
@@ -257,6 +303,6 @@ def read_json(path: PathLike, needed_for: str, unique_keys: bool = False) -> Any
 
     hook = refuse_duplicates if unique_keys else None
     try:
-        return json.loads(read_text(path), object_pairs_hook=hook)
+        return json.loads(text, object_pairs_hook=hook)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

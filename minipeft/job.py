@@ -9,7 +9,7 @@ full fine-tune writes `model/`), `metrics.jsonl`, `loss_curve.png`, and the chec
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,6 +25,7 @@ from .files import check_output_dir, json_bytes, read_json, write_atomic
 from .linear4bit import METHODS
 from .lora import LoraConfig
 from .peft_config import CONFIG_NAME, PeftConfig
+from .peft_files import unordered
 from .peft_model import WEIGHTS_NAME, PeftModel, count_parameters, full_finetune, get_peft_model
 from .plots import plot_curves
 from .templates import ChatTemplate, TooLongError, get_template, save_template
@@ -35,6 +36,9 @@ from .train_state import check_resumable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "minillama-10m"  # minipeft's own pretrained base model (its README: the card)
+# A LoRA job's method block as LoraConfig's fields: {LoraConfig field: TrainConfig field}
+LORA_BLOCK = {"r": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_rslora": "use_rslora",
+              "target_modules": "target_modules"}
 
 
 def default_model_dir(name: str = "") -> Path:
@@ -46,8 +50,7 @@ def method_config(cfg: TrainConfig) -> Optional[PeftConfig]:
     if cfg.method == "full":
         return None
     if cfg.method in ("lora", "qlora"):
-        return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          use_rslora=cfg.use_rslora, target_modules=cfg.target_modules)
+        return LoraConfig(**{field: getattr(cfg, key) for field, key in LORA_BLOCK.items()})
     if cfg.method == "adapter":
         from .adapter import AdapterConfig
 
@@ -59,8 +62,9 @@ def method_config(cfg: TrainConfig) -> Optional[PeftConfig]:
 
 
 def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
-    """The model with cfg.method attached (the base is frozen except for full fine-tuning)."""
-    method = method_config(cfg)
+    """The model with cfg.method attached (the base is frozen except for full fine-tuning); continuing
+    cfg.init_adapter, built as check_continuation says."""
+    method = check_continuation(cfg) if cfg.init_adapter else method_config(cfg)
     if method is None:
         return full_finetune(model)
     method.base_model_name_or_path = str(default_model_dir(cfg.model))
@@ -89,22 +93,23 @@ def render_all(examples: Sequence[Any], tok: Tokenizer, template: ChatTemplate, 
 
 def continue_from(model: nn.Module, adapter_dir: str) -> None:
     """Start from a saved adapter's weights, trainable: a continued fine-tune, not a fresh one.
-    Tensor names and shapes are checked against the attached method (a rank mismatch names the
-    file); the adapter's kind, lora_alpha and lora_dropout are not in the weights:
-    check_continuation compares those, before the model loads."""
+    Tensor names and shapes are checked against the attached method (built as check_continuation
+    says, which compares the settings before the model loads)."""
     model.load_adapter_weights(adapter_dir, model.active_adapter, is_trainable=True)
 
 
-def check_continuation(cfg: TrainConfig) -> None:
-    """cfg.init_adapter must be an adapter (its adapter_config.json) of cfg.method's kind: another
-    kind's tensors were found out only after the model loaded, as every missing and unexpected
-    tensor name. A LoRA job must also keep the adapter's lora_alpha and use_rslora: the update B A
-    is scaled by lora_alpha / r (rsLoRA: / sqrt(r)), so another value changes what the saved weights
-    compute before the first step. lora_dropout must match too, as the platform requires
-    (platform/models.py, INHERITED): dropout is not part of the learned function, but a continuation
-    trains as its start did, and the job and the platform agree on what it may change. The rest
-    (rank, target modules, other methods' sizes) shows in the weights' names and shapes, which
-    continue_from checks."""
+def check_continuation(cfg: TrainConfig) -> PeftConfig:
+    """The config to continue cfg.init_adapter with. It must be an adapter (its adapter_config.json) of
+    cfg.method's kind: another kind's tensors were found out only after the model loaded, as every
+    missing and unexpected tensor name. A LoRA adapter is rebuilt from its own config: what decides its
+    tensors and their scaling s = lora_alpha / r (rsLoRA: / sqrt(r)) per module is r and lora_alpha with
+    rank_pattern and alpha_pattern, and the modules it adapts: target_modules less exclude_modules, in
+    layers_to_transform. A job sets only its method block (LORA_BLOCK), which must equal the adapter's,
+    each difference named; the rest it takes from the adapter (a job rebuilt it from the block alone: a
+    rank_pattern adapter failed the shape check, an alpha_pattern one was silently rescaled). lora_dropout
+    must match too, as the platform requires (platform/models.py, INHERITED): it is not part of the
+    learned function, but a continuation trains as its start did. Other methods' sizes show in the
+    weights' shapes, which continue_from checks."""
     method = method_config(cfg)
     if method is None:
         raise ValueError(f"init_adapter={cfg.init_adapter!r} continues a PEFT method; to continue a full "
@@ -116,12 +121,14 @@ def check_continuation(cfg: TrainConfig) -> None:
                          f"{method.peft_type} adapters: continue it with the method that trained it, or leave "
                          "init_adapter out to start a new adapter")
     if not isinstance(saved, LoraConfig):
-        return
-    changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {key}={getattr(saved, key)!r}"
-               for key in ("lora_alpha", "lora_dropout", "use_rslora") if getattr(cfg, key) != getattr(saved, key)]
+        return method
+    changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {field}={getattr(saved, field)!r}"
+               for field, key in LORA_BLOCK.items()
+               if unordered(getattr(method, field)) != unordered(getattr(saved, field))]
     if changed:
         raise ValueError(f"init_adapter {where}: {'; '.join(changed)}; a continued "
                          "adapter keeps the settings it was trained with: use the adapter's values")
+    return replace(saved, init_lora_weights=True)  # its saved weights replace any init
 
 
 def check_context(max_length: int, model_dir: Path, virtual_tokens: int = 0) -> None:

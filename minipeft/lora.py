@@ -27,7 +27,7 @@ from torch import nn
 
 from .functional import add_lora, dropout_mask, lora_linear, nf4_lora_linear
 from .linear4bit import Linear4bit
-from .peft_config import PeftConfig
+from .peft_config import ANY, PeftConfig
 from .targets import is_linear
 from .tuner_layer import TunerLayer
 
@@ -58,6 +58,21 @@ class LoraConfig(PeftConfig):
     rank_pattern: Optional[dict[str, int]] = dataclasses.field(default_factory=dict)
     alpha_pattern: Optional[dict[str, float]] = dataclasses.field(default_factory=dict)
     peft_type = "LORA"
+    # The rest of PEFT's LoraConfig (peft_config.py): features we lack, harmless only at these values
+    # (DoRA, lora_bias, ...), and fields no value of which changes the numbers here (ANY): eva_config only
+    # parameterizes an init a loaded adapter's weights replace (init_lora_weights="eva" is refused itself);
+    # use_qalora and qalora_group_size act on GPTQ layers only; runtime_config (GPU offload) is never saved;
+    # fan_in_fan_out is for GPT-2's Conv1D: PEFT warns and sets it False on an nn.Linear, drops it on an Embedding.
+    peft_fields = {
+        **PeftConfig.peft_fields,
+        "use_dora": (False, None), "lora_bias": (False,), "target_parameters": (None, []),
+        "trainable_token_indices": (None,), "layer_replication": (None,), "alora_invocation_tokens": (None,),
+        "use_bdlora": (None, False), "megatron_config": (None,), "loftq_config": ({}, None), "corda_config": (None,),
+        "arrow_config": (None,), "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,),
+        "velora_config": (None,), "ensure_weight_tying": (False,), "astra_config": (None,),
+        **dict.fromkeys(("eva_config", "megatron_core", "use_qalora", "qalora_group_size", "runtime_config",
+                         "fan_in_fan_out"), ANY),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

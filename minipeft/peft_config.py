@@ -4,8 +4,9 @@ A config is a dataclass; `peft_type` names the method ("LORA", "PREFIX_TUNING", 
 file written by PEFT, a field of PEFT's we do not implement is accepted only while it holds PEFT's
 default value: an adapter that relies on a feature we lack (DoRA, lora_bias, ...) is refused with
 the field's name and value, rather than loaded and silently wrong. Passed in Python (LoraConfig(use_dora=
-True)), such a field meets the same check. A field PEFT 0.22 does not know either (from a newer PEFT, or
-misspelt) is dropped from a file with a warning naming it, as PEFT drops it (in Python: a TypeError).
+True)), such a field meets the same check. A field PEFT 0.22's class does not have either (another method's,
+a newer PEFT's, or misspelt) is dropped from a file with a warning naming it, as PEFT drops it (in Python: a
+TypeError).
 """
 from __future__ import annotations
 
@@ -21,27 +22,14 @@ from .files import read_json, write_atomic
 CONFIG_NAME = "adapter_config.json"
 _REGISTRY: dict[str, type["PeftConfig"]] = {}
 
-# PEFT fields we do not model, with the values under which ignoring them changes nothing.
-_HARMLESS_DEFAULTS: dict[str, tuple] = {
-    "use_dora": (False, None),
-    "lora_bias": (False,), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "layer_replication": (None,),
-    "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
-    "loftq_config": ({}, None), "corda_config": (None,), "arrow_config": (None,),
-    "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
-    "ensure_weight_tying": (False,), "num_transformer_submodules": (1, None), "astra_config": (None,),
-    # PEFT 0.2 (alpaca-lora's era): LoRA on slices of a fused qkv Linear; gone since, and None there.
-    "enable_lora": (None,),
-}
-# Bookkeeping fields with no effect on the numbers (eva_config only parameterizes an initialization, which
-# a loaded adapter's weights replace; get_peft_model refuses init_lora_weights="eva" itself; PEFT 0.2's
-# merge_weights merged LoRA into W on eval(), the same function).
-# use_qalora and qalora_group_size act on GPTQ layers only; runtime_config (GPU offload) is never saved;
-# fan_in_fan_out is for GPT-2's Conv1D: PEFT warns and sets it False on an nn.Linear and drops it on an Embedding.
-# inference_mode=True freezes an adapter built from Python (PeftModel.add_adapter); a file's is replaced by
-# from_pretrained's is_trainable, as in PEFT.
-_IGNORED = {"eva_config", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
-            "qalora_group_size", "merge_weights", "use_qalora", "runtime_config", "fan_in_fan_out"}
+# A PEFT field a config class takes without modelling it (the class's peft_fields) maps to the values under
+# which ignoring it changes nothing on LLaMA, or to ANY (no value does). Each class lists exactly the fields its
+# PEFT 0.22 class has (tests/test_peft_config.py compares), so another method's field (PrefixTuningConfig(
+# use_dora=False)) is the TypeError PEFT raises, and is dropped from a file with PEFT's warning.
+ANY = None
+# PEFT 0.2's LoRA fields (alpaca-lora's era), gone from PEFT since, read from files only: enable_lora put LoRA on
+# slices of a fused qkv Linear (None: not); merge_weights merged LoRA into W on eval(), the same function.
+_PEFT_0_2 = {"enable_lora": (None,), "merge_weights": ANY}
 # PEFT's task types; on a causal LM every one gives the same LoRA model (PEFT's task classes all return the
 # causal LM's logits), so the field is metadata for LoRA. Prompt learning checks its own (PromptLearningConfig).
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -52,12 +40,7 @@ class _ConfigMeta(type):
     values under which ignoring it changes nothing, and refused otherwise, naming the field and value."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> "PeftConfig":
-        own = {f.name for f in dataclasses.fields(cls)}
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and (k in _HARMLESS_DEFAULTS or k in _IGNORED)}
-        unsupported = [f"{k}={v!r}" for k, v in extra.items()
-                       if k in _HARMLESS_DEFAULTS and v not in _HARMLESS_DEFAULTS[k]]
-        if unsupported:
-            raise ValueError(f"{cls.__name__}: fields not supported by minipeft: {', '.join(unsupported)}")
+        extra = _take_unmodelled(cls, kwargs, cls.peft_fields)
         if extra.get("fan_in_fan_out"):  # PEFT's own warning and correction, for any nn.Linear/Embedding target
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
                           "Setting fan_in_fan_out to False.")
@@ -65,6 +48,17 @@ class _ConfigMeta(type):
         if extra.get("inference_mode"):
             config.inference_mode = True
         return config
+
+
+def _take_unmodelled(cls: type, kwargs: dict[str, Any], table: dict[str, Optional[tuple]]) -> dict[str, Any]:
+    """Pop the keywords of `table` that are not fields of `cls` out of kwargs and return them; a ValueError
+    naming each field and value that ignoring would change (one not in its table entry, unless ANY)."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k in table and k not in own}
+    unsupported = [f"{k}={v!r}" for k, v in extra.items() if table[k] is not ANY and v not in table[k]]
+    if unsupported:
+        raise ValueError(f"{cls.__name__}: fields not supported by minipeft: {', '.join(unsupported)}")
+    return extra
 
 
 @dataclasses.dataclass
@@ -76,6 +70,10 @@ class PeftConfig(metaclass=_ConfigMeta):
     # PEFT's inference_mode: True, the adapter is built frozen (0 trainable parameters). Not a field: a file's
     # value is not used (from_pretrained's is_trainable decides, as in PEFT) and is not written.
     inference_mode: ClassVar[bool] = False
+    # PEFT's PeftConfig fields, on every class: provenance (peft_version, auto_mapping, revision), and
+    # inference_mode, kept apart above. A subclass adds its PEFT class's own.
+    peft_fields: ClassVar[dict[str, Optional[tuple]]] = dict.fromkeys(
+        ("peft_version", "auto_mapping", "revision", "inference_mode"), ANY)
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:  # as PEFT's PeftConfig.__post_init__
@@ -115,7 +113,7 @@ class PeftConfig(metaclass=_ConfigMeta):
         if peft_type not in _REGISTRY:
             raise ValueError(f"{where}: peft_type {peft_type!r} is not supported; expected one of {sorted(_REGISTRY)}")
         klass = _REGISTRY[peft_type]
-        names = {f.name for f in dataclasses.fields(klass)} | set(_HARMLESS_DEFAULTS) | _IGNORED
+        names = {f.name for f in dataclasses.fields(klass)} | set(klass.peft_fields) | set(_PEFT_0_2)
         # inference_mode: PEFT writes True in every file; the loader's is_trainable decides instead
         kwargs = {k: v for k, v in d.items() if k in names and k != "inference_mode"}
         unknown = [k for k in d if k not in names and k != "peft_type"]
@@ -123,6 +121,7 @@ class PeftConfig(metaclass=_ConfigMeta):
             warnings.warn(f"{where}: Unexpected keyword arguments {sorted(unknown)} for class {klass.__name__}, "
                           "these are ignored (fields of a newer PEFT, or misspelt: PEFT 0.22 ignores them too)")
         try:
+            _take_unmodelled(klass, kwargs, _PEFT_0_2)
             return klass(**kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None

@@ -44,7 +44,7 @@ def _default_init(config: PeftConfig) -> PeftConfig:
     return config
 
 
-def _unordered(value: object) -> object:
+def unordered(value: object) -> object:
     """A list field compared as a set of entries: PEFT writes target_modules from a set, in any order."""
     return sorted(value) if isinstance(value, list) else value
 
@@ -152,7 +152,7 @@ class AdapterFilesMixin:
             raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before loading weights into it")
         old, new = self.peft_config[name].to_dict(), config.to_dict()
         differ = [f"{key} {old[key]!r} here, {new.get(key)!r} in the file" for key in old
-                  if key not in _PROVENANCE and _unordered(old[key]) != _unordered(new.get(key))]
+                  if key not in _PROVENANCE and unordered(old[key]) != unordered(new.get(key))]
         if differ:
             raise ValueError(f"{Path(directory) / CONFIG_NAME}: adapter {name!r} exists with another config: "
                              f"{'; '.join(differ)}; delete_adapter({name!r}) first, or load it under another name")

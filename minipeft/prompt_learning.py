@@ -66,6 +66,8 @@ class PromptLearningConfig(PeftConfig):
     is_prompt_learning = True
     # inference_mode (PeftConfig) is also set by PeftModel.from_pretrained when loading for inference, as in
     # PEFT: the saved table replaces any init, so TEXT init skips its tokenizer (which may be a hub name).
+    # PEFT's other field here: an encoder-decoder's two tables (2); 1 or None on a decoder-only model
+    peft_fields = {**PeftConfig.peft_fields, "num_transformer_submodules": (1, None)}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -254,12 +254,17 @@ def _lookup(tok: Tokenizer, piece: str, where: str) -> int:
 def _configured_id(tok: Tokenizer, cfg: dict[str, Any], where: Path, name: str) -> Optional[int]:
     """The id one config file sets for bos/eos/pad, or None. Tokenizer files name the token
     ("</s>", checked against the vocabulary); the model configs give its id (a list of eos ids,
-    as generation_config.json may hold, contributes its first)."""
+    as generation_config.json may hold, contributes its first). A list of bos or pad ids is refused:
+    transformers' config classes refuse it in config.json, GenerationConfig a pad list, and its
+    generate() cannot start from a bos list (no one id to choose)."""
     if where.name in TOKEN_FILES:
         text = _token_text(cfg.get(f"{name}_token"))
         return None if text is None else _lookup(tok, text, f"{where}: {name}_token")
     value = cfg.get(f"{name}_token_id")
     if isinstance(value, list):
+        if name != "eos":
+            raise ValueError(f"{where}: {name}_token_id must be an integer token id or null (transformers takes "
+                             f"no list here; only eos_token_id may be one), got {value!r}")
         value = value[0] if value else None
     return None if value is None else tok._check_id(value, f"{where}: {name}_token_id")
 
@@ -348,17 +353,23 @@ def train_tokenizer(text_files: Sequence[PathLike], out_dir: PathLike, vocab_siz
     if len(set(special_tokens)) != len(special_tokens) or reserved & set(special_tokens):
         raise ValueError(f"special_tokens must be distinct and not in {sorted(reserved)}, got {list(special_tokens)}")
     model = io.BytesIO()
+    usable = [False]  # a line SentencePiece keeps was read: noted now, as a pipe cannot be read again
+
+    def lines() -> Iterator[str]:
+        for line in _lines(text_files):
+            usable[0] = usable[0] or len(line.encode("utf-8")) <= MAX_LINE_BYTES
+            yield line
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(text_files), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             character_coverage=character_coverage, byte_fallback=byte_fallback, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens), num_threads=1,
             minloglevel=2)
     except RuntimeError as e:
         files = [str(f) for f in text_files]
-        # read again only now it failed: sentencepiece's message for this case is "[!sentences_.empty()]"
-        if not any(len(line.encode("utf-8")) <= MAX_LINE_BYTES for line in _lines(text_files)):
+        if not usable[0]:  # sentencepiece's message for this case is "[!sentences_.empty()]"
             raise ValueError(f"{files}: no non-empty line of at most {MAX_LINE_BYTES} bytes to train a "
                              "tokenizer on (SentencePiece skips longer lines)") from None
         raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} vocabulary from "

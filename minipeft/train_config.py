@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .distributed import DEVICES
-from .files import existing_file, read_json, read_text
+from .files import existing_file, parse_json, read_text
 
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
@@ -262,15 +262,17 @@ class TrainConfig:
     def load(cls, path: Union[str, Path], refuse_ignored: bool = False) -> "TrainConfig":
         """Read a JSON or YAML job file; refuse_ignored as from_dict's."""
         path = existing_file(path, "expected a JSON or YAML job file")
-        if path.suffix in (".yaml", ".yml"):
+        text = read_text(path)  # once: a pipe (--config <(cat job.yaml)) cannot be read again
+        # a pipe's name (/dev/fd/63) has no suffix: YAML unless it opens as a JSON object
+        if path.suffix in (".yaml", ".yml") or not (path.is_file() or text.lstrip().startswith("{")):
             try:
-                d = yaml.load(read_text(path), Loader=_UniqueKeyLoader)  # safe: a SafeLoader
+                d = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)  # parse errors carry where they happened
                 at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
                 raise ValueError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         else:
-            d = read_json(path, "expected a JSON or YAML job file", unique_keys=True)
+            d = parse_json(text, path, unique_keys=True)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}")
         return cls.from_dict(d, where=str(path), refuse_ignored=refuse_ignored)

@@ -84,8 +84,7 @@ class Trainer:
             pack_shuffled(train_data, config.max_length, config.seed) if config.packing else list(train_data))
         self.eval_data = list(eval_data)
         self.out = Path(config.output_dir)
-        self.device = next(model.parameters()).device
-        dist.join(self.device)  # under torchrun: run_job has joined the other ranks; from Python, join them here
+        self.device = dist.join(model)  # under torchrun: run_job has joined the ranks; from Python, join them here
         self.rank, self.world = dist.rank(), dist.world_size()
         if config.gradient_checkpointing:  # as HF's Trainer, in the model it is given (a PeftModel's base too)
             for module in model.modules():

@@ -232,27 +232,56 @@ def test_a_reader_closing_the_output_early_ends_the_command_quietly():
     assert err == "", "no traceback, nor the 'Exception ignored' of a flush at exit"
 
 
-def test_a_crash_after_the_reader_closed_the_output_keeps_its_traceback():
-    """The flush that finds a closed pipe ran in a `finally`: its BrokenPipeError replaced any exception in
-    flight, so a crash (a bug, not a user error) ended with status 1 and nothing on stderr."""
+def _unread_command(body: str) -> tuple[int, str]:
+    """Run a command `x` whose func has `body` (it prints, then fails) under cli.main, in a process whose
+    stdout the reader has closed: (exit status, stderr). Its stdout is buffered, as a user's is, so the
+    print fills the buffer and the flush at the end meets the closed pipe."""
     import os
     import subprocess
 
     code = ("import argparse, minipeft.cli as cli\n"
             "parser = cli.build_parser()\n"
             "sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))\n"
-            "def crash(args):\n"
-            "    print('some output')\n"
-            "    raise RuntimeError('a bug')\n"
-            "sub.add_parser('crash').set_defaults(func=crash)\n"
+            f"def x(args):\n{body}"
+            "sub.add_parser('x').set_defaults(func=x)\n"
             "cli.build_parser = lambda: parser\n"
-            "raise SystemExit(cli.main(['crash']))\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user's stdout is
+            "raise SystemExit(cli.main(['x']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    proc.stdout.close()  # the print fills the buffer; the flush after the crash meets the closed pipe
+    proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(120) != 0
-    assert "RuntimeError: a bug" in err
+    return proc.wait(120), err
+
+
+def test_a_crash_after_the_reader_closed_the_output_keeps_its_traceback():
+    """The flush that finds a closed pipe ran in a `finally`: its BrokenPipeError replaced any exception in
+    flight, so a crash (a bug, not a user error) ended with status 1 and nothing on stderr."""
+    status, err = _unread_command("    print('some output')\n    raise RuntimeError('a bug')\n")
+    assert status != 0 and "RuntimeError: a bug" in err
+
+
+@pytest.mark.parametrize("closed", ["stderr", "stdout and stderr"])
+def test_a_user_error_no_one_reads_keeps_its_status_2(tmp_path, closed):
+    """`minipeft train --config job.yaml 2>&1 | head -0`: the error message met a closed pipe, and its
+    BrokenPipeError turned the status into 1, a crash's. Both pipes are closed by the reader before
+    the command writes; stdout is read when open, to show it stays empty."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "minipeft", "train", "--config", str(tmp_path / "nope.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stderr.close()
+    if closed == "stderr":
+        assert proc.stdout.read() == b""
+    else:
+        proc.stdout.close()
+    assert proc.wait(120) == 2
+
+
+def test_a_user_error_after_output_no_one_reads_keeps_its_status_2():
+    """`minipeft job create ... | head -0`: output printed (buffered), then a user error, its message on
+    the terminal: the flush that met the closed stdout returned 1 in place of the error's 2."""
+    status, err = _unread_command("    print('uploaded train.jsonl')\n    raise ValueError('validation.jsonl: missing')\n")
+    assert (status, err) == (2, "minipeft x: error: validation.jsonl: missing\n")
 
 
 @pytest.mark.parametrize("name", ["job.json", "job.yaml"])

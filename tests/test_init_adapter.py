@@ -7,7 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minipeft.job import run_job
+from minipeft.checkpoint import load_pretrained
+from minipeft.job import check_job, run_job
+from minipeft.lora import LoraConfig
+from minipeft.peft_config import PeftConfig
+from minipeft.peft_model import get_peft_model
 from test_job import base_dir, data_file, job_config  # noqa: F401  (fixtures)
 
 
@@ -42,27 +46,59 @@ def test_a_continued_job_starts_from_the_saved_adapter(base_dir, data_file, firs
         torch.testing.assert_close(continued[key], saved[key], atol=1e-9, rtol=0)
 
 
-def test_a_mismatched_adapter_is_refused(base_dir, data_file, first_adapter, tmp_path):
-    with pytest.raises(ValueError, match="adapter_model.safetensors: shape mismatches"):  # rank 8 != the saved rank 4
-        run_job(job_config(base_dir, data_file, tmp_path / "rank", lora_rank=8, init_adapter=str(first_adapter)))
+def test_a_full_fine_tune_is_refused_an_adapter(base_dir, data_file, first_adapter, tmp_path):
     with pytest.raises(ValueError, match="continues a PEFT method"):
         run_job(job_config(base_dir, data_file, tmp_path / "full", method="full", init_adapter=str(first_adapter)))
 
 
-def test_a_continued_lora_keeps_the_adapters_alpha_and_dropout(base_dir, data_file, first_adapter, tmp_path,
-                                                             monkeypatch):
+def test_a_continued_lora_keeps_the_adapters_method_block(base_dir, data_file, first_adapter, tmp_path,
+                                                         monkeypatch):
     """lora_alpha and use_rslora are not in the weights but scale them (B A * lora_alpha / r, or
     / sqrt(r)): continuing with another value changed the saved adapter's function silently.
-    lora_dropout is held to the adapter's too, as the platform does. Each is refused before the
-    model loads, naming the adapter's file."""
+    lora_dropout is held to the adapter's too, as the platform does. Another rank or target_modules
+    was found out only after the model loaded, as tensor shapes or names. Each is refused before the
+    model loads, naming the setting and the adapter's file."""
     from minipeft import job
 
     saved = json.loads((first_adapter / "adapter_config.json").read_text())
     monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     where = f"init_adapter {first_adapter / 'adapter_config.json'}: "
-    for key, value in (("lora_alpha", 16.0), ("lora_dropout", 0.0), ("use_rslora", True)):
-        assert saved[key] != value
-        with pytest.raises(ValueError, match=re.escape(f"{where}{key}={value} but the adapter has {key}={saved[key]}")):
-            run_job(job_config(base_dir, data_file, tmp_path / key, lora_rank=4, init_adapter=str(first_adapter),
-                               **{key: value}))
+    for key, field, value in (("lora_alpha", "lora_alpha", 16.0), ("lora_dropout", "lora_dropout", 0.0),
+                              ("use_rslora", "use_rslora", True), ("lora_rank", "r", 8),
+                              ("target_modules", "target_modules", ["q_proj", "k_proj", "v_proj"])):
+        assert saved[field] != value
+        message = f"{where}{key}={value!r} but the adapter has {field}={saved[field]!r}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_job(job_config(base_dir, data_file, tmp_path / key, **{"lora_rank": 4, key: value},
+                               init_adapter=str(first_adapter)))
+    # target_modules in another order is the same set (PEFT writes it from a set)
+    check_job(job_config(base_dir, data_file, tmp_path / "job", lora_rank=4, target_modules=["v_proj", "q_proj"],
+                         init_adapter=str(first_adapter)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lora_with_per_module_ranks_continues(base_dir, data_file, tmp_path):
+    """An adapter whose r and lora_alpha vary by module (rank_pattern, alpha_pattern) in some layers only
+    (layers_to_transform): a job sets none of these, and rebuilt the adapter from its r alone, so the
+    v_proj tensors of rank 8 failed the shape check. It is rebuilt from its own config, its method block
+    (r, lora_alpha, ...) matching the job's, and continues from its weights with its scaling."""
+    config = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 8}, alpha_pattern={"v_proj": 4}, layers_to_transform=[1])
+    model = get_peft_model(load_pretrained(base_dir), config)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking B (a fresh one is 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.save_pretrained(tmp_path / "first")
+    saved = load_file(str(tmp_path / "first" / "adapter_model.safetensors"))
+    assert {tuple(v.shape) for k, v in saved.items() if "v_proj.lora_A" in k} == {(8, 64)}
+    # lr 1e-12: the weights stay the saved ones (test_a_continued_job_starts_from_the_saved_adapter)
+    job = run_job(job_config(base_dir, data_file, tmp_path / "continued", lora_rank=4, learning_rate=1e-12,
+                             max_steps=2, init_adapter=str(tmp_path / "first")))
+    continued = load_file(str(job.output_dir / "adapter" / "adapter_model.safetensors"))
+    assert continued.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(continued[key], saved[key], atol=1e-9, rtol=0)
+    ours = PeftConfig.load(job.output_dir / "adapter")
+    assert (ours.rank_pattern, ours.alpha_pattern, ours.layers_to_transform) == ({"v_proj": 8}, {"v_proj": 4}, [1])

@@ -1,11 +1,12 @@
 """adapter_config.json fields from other PEFT versions: accepted while they cannot change the numbers."""
+import dataclasses
 import json
 
 import pytest
 
 from minipeft.adapter import AdapterConfig
 from minipeft.lora import LoraConfig
-from minipeft.peft_config import PeftConfig
+from minipeft.peft_config import ANY, PeftConfig
 from minipeft.prompt_learning import PrefixTuningConfig, PromptTuningConfig
 import minipeft.peft_model  # noqa: F401  (registers every method's config)
 
@@ -75,3 +76,35 @@ def test_sizes_must_be_positive_integers(make, field, value):
     nn.Linear); 2.0 got as far as torch.empty. Each is refused, naming the field."""
     with pytest.raises(ValueError, match=rf"{field} must be a positive integer, got {value!r}"):
         make(value)
+
+
+# Each minipeft config class and the PEFT 0.22 class whose fields it takes (AdapterConfig: PEFT's base only).
+PEFT_CLASSES = [(LoraConfig, peft.LoraConfig, {}),
+                (PrefixTuningConfig, peft.PrefixTuningConfig, {"num_virtual_tokens": 2}),
+                (PromptTuningConfig, peft.PromptTuningConfig, {"num_virtual_tokens": 2}),
+                (AdapterConfig, peft.PeftConfig, {"bottleneck_size": 8})]
+
+
+def names(klass):
+    return {f.name for f in dataclasses.fields(klass)} - {"peft_type"}
+
+
+@pytest.mark.parametrize("ours, ref, needed", PEFT_CLASSES, ids=lambda c: getattr(c, "__name__", ""))
+def test_each_class_takes_exactly_its_peft_class_fields(ours, ref, needed, tmp_path):
+    """One table of PEFT fields for every class made PrefixTuningConfig(use_dora=False) pass where PEFT's
+    PrefixTuningConfig raises TypeError. A class now takes its PEFT class's fields it does not model, and
+    another class's field is PEFT's TypeError in Python, and PEFT's warning and drop in a file."""
+    assert set(ours.peft_fields) == names(ref) - names(ours)
+    if ref is not peft.PeftConfig:  # a PEFT method: every field of ours is one of PEFT's too
+        assert names(ours) <= names(ref)
+    # every class's fields, each at a value harmless where it belongs
+    others = {k: None if v is ANY else v[0] for other, _, _ in PEFT_CLASSES for k, v in other.peft_fields.items()}
+    foreign = sorted(set(others) - names(ours) - set(ours.peft_fields))
+    assert foreign
+    for field in foreign:
+        for klass in (ref, ours):
+            with pytest.raises(TypeError, match=rf"unexpected keyword argument '{field}'"):
+                klass(**{field: others[field]})
+    write(tmp_path, {"peft_type": ours.peft_type, **needed, foreign[0]: others[foreign[0]]})
+    with pytest.warns(UserWarning, match=rf"Unexpected keyword arguments \['{foreign[0]}'\] for class {ours.__name__}"):
+        assert PeftConfig.load(tmp_path) == ours(**needed)

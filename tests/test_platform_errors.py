@@ -322,3 +322,17 @@ def test_a_job_whose_eval_perplexity_overflowed_is_still_served(tmp_path):
     store.insert("jobs", {"id": "ft-y", "status": "SUCCEEDED", "config": {"eval": {"perplexity": float("inf")}}})
     assert store.get("jobs", "ft-y")["config"] == {"eval": {"perplexity": None}}
     store.close()
+
+
+def test_a_continuation_compares_target_modules_as_a_set(tmp_path):
+    """PEFT writes target_modules from a set, in any order: the same modules in another order continue,
+    other modules are refused, naming both."""
+    from minipeft.lora import LoraConfig
+    from minipeft.platform.errors import ApiError
+    from minipeft.platform.models import Source, continuation
+
+    LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj"]).save(tmp_path)
+    source = Source("tiny", tmp_path, {"name": "bot", "adapter_dir": str(tmp_path), "method": "lora"})
+    assert continuation(source, "lora", {"target_modules": ["q_proj", "v_proj"]})["lora_rank"] == 4
+    with pytest.raises(ApiError, match=r"target_modules=\['q_proj'\] \(the model has \['v_proj', 'q_proj'\]\)"):
+        continuation(source, "lora", {"target_modules": ["q_proj"]})

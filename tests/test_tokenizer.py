@@ -178,6 +178,31 @@ def test_load_precedence(tmp_path, tok_dir):
     assert (t.bos_id, t.eos_id, t.pad_id) == (4, 2, 2)  # first of an eos list
 
 
+
+@pytest.mark.parametrize("file, field", [("config", "bos_token_id"), ("config", "pad_token_id"),
+                                         ("generation_config", "pad_token_id"), ("generation_config", "bos_token_id")])
+def test_a_list_of_bos_or_pad_ids_is_refused_as_transformers(tmp_path, tok_dir, file, field):
+    """A list of bos or pad ids took its first id; transformers has no such rule: LlamaConfig refuses the
+    list in config.json, GenerationConfig a pad list, and its generate() fails on a bos list. Refused,
+    naming file and field (a list of eos ids stays valid: test_load_precedence)."""
+    import transformers
+
+    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    d = _model_dir(tmp_path, tok_dir, **{file: {**(small if file == "config" else {}), field: [1, 2]}})
+    if file == "config":
+        with pytest.raises(Exception, match=rf"Validation error for field '{field}'"):
+            transformers.LlamaConfig.from_pretrained(d)
+    elif field == "pad_token_id":
+        with pytest.raises(TypeError, match="'<' not supported between instances of 'list' and 'int'"):
+            transformers.GenerationConfig.from_pretrained(d)
+    else:  # loaded as given, but no one id to start a sequence with
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+        with pytest.raises(AttributeError, match="'list' object has no attribute 'shape'"):
+            model.generate(generation_config=transformers.GenerationConfig.from_pretrained(d), max_new_tokens=1)
+    with pytest.raises(ValueError, match=rf"{file}.json: {field} must be an integer token id or null .*got \[1, 2\]"):
+        load_tokenizer(d)
+
+
 def test_load_defaults_to_the_model_ids_and_pads_with_unk(tmp_path, tok_dir, sp):
     t = load_tokenizer(tok_dir / "tokenizer.model")
     assert (t.bos_id, t.eos_id, t.pad_id) == (sp.bos_id(), sp.eos_id(), sp.pad_id())

@@ -2,7 +2,6 @@
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -527,47 +526,3 @@ def test_each_diagnostic_warns_once(tmp_path):
     with pytest.warns(UserWarning, match="learning rate may be too large") as caught:
         result = t.train()
     assert len(caught) == 1 and len(result.warnings) == 1 and "rising early" in result.warnings[0]
-
-
-def test_a_trainer_joins_only_a_group_of_several(monkeypatch):
-    """Built from Python, the Trainer joins torchrun's group when it started several processes; a
-    plain process that merely has WORLD_SIZE=1 set (some schedulers export it) starts none."""
-    joined = []
-    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.tdist, "init_process_group", joined.append)
-    for world in ("1", "2"):
-        monkeypatch.setenv("WORLD_SIZE", world)
-        distributed.join(torch.device("cpu"))
-    assert joined == ["gloo"]
-
-
-@pytest.mark.parametrize("device, environ", [
-    ("cuda:1", {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}),  # its own GPU
-    ("cuda:0", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}),  # a group of one
-    ("cuda:3", {}),  # no torchrun: any GPU
-    ("cpu", {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}),  # CPU ranks (gloo) share the host
-])
-def test_a_model_on_its_local_rank_gpu_is_taken(device, environ):
-    distributed.check_local_device(torch.device(device), environ)
-
-
-def test_a_model_on_another_ranks_gpu_is_refused_before_the_group_is_joined(monkeypatch):
-    """Under torchrun on GPUs, a Python user's model left on cuda:0 on every rank ran all ranks on one
-    GPU (or NCCL failed or hung): the error names the rank, its LOCAL_RANK and the model's device, and
-    comes before the process group is joined. (No GPU needed: torch.device only names one.)"""
-    environ = {"WORLD_SIZE": "8", "RANK": "6", "LOCAL_RANK": "2"}  # 2 nodes x 4 GPUs: the second node's third
-    for device in ("cuda:0", "cuda"):
-        with pytest.raises(ValueError, match=re.escape(f"rank 6 (LOCAL_RANK=2): the model is on {device}, but under "
-                                                       "torchrun each process trains on its own GPU, cuda:LOCAL_RANK "
-                                                       "(here cuda:2)")):
-            distributed.check_local_device(torch.device(device), environ)
-    joined = []
-    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.tdist, "init_process_group", joined.append)
-    for key, value in environ.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(ValueError, match=r"rank 6 \(LOCAL_RANK=2\): the model is on cuda:0"):
-        distributed.join(torch.device("cuda:0"))
-    assert joined == []
-    distributed.join(torch.device("cuda:2"))
-    assert joined == ["nccl"]

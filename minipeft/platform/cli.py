@@ -7,6 +7,7 @@
                         [--training-type efficient_sft] [--hp n_epochs=3 --hp learning_rate=2e-4 ...]
     minipeft job list [--status S] [--page-no N] [--page-size N] | status ID | logs ID [--offset N]
                  [--lines N] | cancel ID
+    minipeft job models [--page-no N] [--page-size N] | deployments [--page-no N] [--page-size N]
     minipeft job deploy MODEL|JOB_ID [--name NAME]
     minipeft job publish JOB_ID [--checkpoint checkpoint-N] | delete-model MODEL
 
@@ -24,7 +25,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote
 
 from ..argtypes import at_least
@@ -130,14 +131,13 @@ def _job(args: argparse.Namespace) -> int:
     if args.action == "create":
         _print(_create(client, args))
     elif args.action == "list":
-        page = client.request("GET", JOBS, query={"status": args.status, "page_no": args.page_no,
-                                                  "page_size": args.page_size})
-        for job in page["data"]:
-            print(f"{job['id']}  {job['status']:<10} {job['training_type']:<14} {job['model']}  "
-                  f"{job['fine_tuned_model'] or ''}")
-        if (page["page_no"] - 1) * page["page_size"] + len(page["data"]) < page["total"]:
-            print(f"({len(page['data'])} of {page['total']} jobs, newest first; --page-no {page['page_no'] + 1} "
-                  "for more)", file=sys.stderr)
+        _list(client, JOBS, args, "jobs", lambda j: f"{j['id']}  {j['status']:<10} {j['training_type']:<14} "
+              f"{j['model']}  {j['fine_tuned_model'] or ''}", status=args.status)
+    elif args.action == "models":  # base models (method "base") come last: the server's own, the oldest
+        _list(client, "/api/v1/models", args, "models", lambda m: f"{m['name']}  {m['method'] or 'base':<7} "
+              f"{m['base_model']}  {m['job_id'] or ''}")
+    elif args.action == "deployments":
+        _list(client, "/api/v1/deployments", args, "deployments", lambda d: f"{d['name']}  {d['model']}")
     elif args.action == "status":
         _print(client.request("GET", f"{JOBS}/{args.id}"))
     elif args.action == "logs":
@@ -155,6 +155,17 @@ def _job(args: argparse.Namespace) -> int:
         body = {"model": _model_of(client, args.model), "name": args.name}
         _print(client.request("POST", "/api/v1/deployments", body))
     return 0
+
+
+def _list(client: Client, path: str, args: argparse.Namespace, noun: str, line: Callable[[dict[str, Any]], str],
+          **query: Any) -> None:
+    """Print one page of the paged list at `path`, a line per row, and on stderr how to get the next."""
+    page = client.request("GET", path, query={**query, "page_no": args.page_no, "page_size": args.page_size})
+    for row in page["data"]:
+        print(line(row))
+    if (page["page_no"] - 1) * page["page_size"] + len(page["data"]) < page["total"]:
+        print(f"({len(page['data'])} of {page['total']} {noun}, newest first; --page-no {page['page_no'] + 1} "
+              "for more)", file=sys.stderr)
 
 
 def _create(client: Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -196,9 +207,14 @@ def _model_of(client: Client, given: str) -> str:
     return model
 
 
+def _paging(parser: argparse.ArgumentParser, noun: str) -> None:
+    parser.add_argument("--page-no", type=at_least(1), help=f"default: 1, the newest {noun}")
+    parser.add_argument("--page-size", type=at_least(1), help="default: the server's (10; at most 100)")
+
+
 def _register_job(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("job", help="create, watch, cancel, publish and deploy fine-tune jobs on a `minipeft platform`; "
-                       "delete their models")
+                       "list and delete their models, list the deployments")
     p.add_argument("--server", default=os.environ.get("MINIPEFT_SERVER", "http://127.0.0.1:8000"))
     p.add_argument("--api-key", default=os.environ.get("MINIPEFT_API_KEY"))
     actions = p.add_subparsers(dest="action", required=True)
@@ -211,8 +227,11 @@ def _register_job(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--hp", action="append", metavar="KEY=VALUE", help="a hyper-parameter (repeatable)")
     listing = actions.add_parser("list", help="list jobs, newest first, a page at a time")
     listing.add_argument("--status")
-    listing.add_argument("--page-no", type=at_least(1), help="default: 1, the newest jobs")
-    listing.add_argument("--page-size", type=at_least(1), help="default: the server's (10; at most 100)")
+    _paging(listing, "jobs")
+    lists = {"models": "list the models (fine-tuned ones newest first, then the base models), a page at a time",
+             "deployments": "list the deployments, newest first, a page at a time"}
+    for name, text in lists.items():
+        _paging(actions.add_parser(name, help=text), name)
     actions.add_parser("status", help="a job's status, metrics and evaluation").add_argument("id")
     logs = actions.add_parser("logs", help="a job's log lines")
     logs.add_argument("id")

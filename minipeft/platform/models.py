@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..files import staged_dir
+from ..files import staged_dir, temp_target
+from ..job import LORA_BLOCK
 from ..peft_config import PeftConfig
+from ..peft_files import unordered
 from ..templates import TEMPLATE_FILE, get_template, load_template, save_template
 from ..tokenizer import load_tokenizer
 from ..train_state import list_checkpoints
@@ -30,12 +32,13 @@ from .store import Store
 FAMILY = {"lora": "LORA", "qlora": "LORA", "adapter": "BOTTLENECK_ADAPTER", "prefix": "PREFIX_TUNING",
           "prompt": "PROMPT_TUNING", "full": "FULL"}
 # adapter kind -> {TrainConfig field: adapter_config.json field} a continued job must keep.
-INHERITED = {"LORA": {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                      "use_rslora": "use_rslora", "target_modules": "target_modules"},
+INHERITED = {"LORA": {key: field for field, key in LORA_BLOCK.items()},
              "BOTTLENECK_ADAPTER": {"bottleneck_size": "bottleneck_size", "adapter_placement": "placement"},
              "PREFIX_TUNING": {"num_virtual_tokens": "num_virtual_tokens"},
              "PROMPT_TUNING": {"num_virtual_tokens": "num_virtual_tokens"}}
-_PUBLISHING = threading.Lock()
+# Held while a model is published, and by Platform.delete_model: a delete then never interleaves with
+# a publish under the same name (its folder) or on the deleted model's weights (an adapter on a full fine-tune).
+PUBLISHING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,16 @@ def trained_template(source: Source) -> Optional[str]:
     return None
 
 
+def remove_partial_models(data_dir: Path) -> None:
+    """Delete what a crash left of a publish or a delete in DATA_DIR/models: their hidden staging
+    folders (files.staging_dir). Only at start, when neither can be under way; a model's own folder
+    is named by NAME, which never starts with a dot."""
+    folder = data_dir / "models"
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.is_dir() and not path.is_symlink() and temp_target(path.name) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig fields that continue `source`'s adapter (empty for a base model or a full
     fine-tune, whose weights simply become the starting model)."""
@@ -91,7 +104,7 @@ def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[
     saved = saved.to_dict()
     inherited, conflicts = {"init_adapter": str(source.adapter_dir)}, []
     for field, saved_field in INHERITED[kind].items():
-        if field in settings and settings[field] != saved[saved_field]:
+        if field in settings and unordered(settings[field]) != unordered(saved[saved_field]):
             conflicts.append(f"{field}={settings[field]!r} (the model has {saved[saved_field]!r})")
         inherited[field] = saved[saved_field]
     if conflicts:
@@ -113,7 +126,7 @@ def _copy_atomic(source: Path, dest: Path, template: str, tokenizer_dir: Path) -
 
 def publish(store: Store, data_dir: Path, job: dict[str, Any], checkpoint: Optional[str] = None) -> dict[str, Any]:
     """Make a model of a finished job (checkpoint None) or of one of its checkpoints; idempotent."""
-    with _PUBLISHING:  # one at a time: two requests for one checkpoint must not both copy it
+    with PUBLISHING:  # one at a time: two requests for one checkpoint must not both copy it
         return _publish(store, data_dir, job, checkpoint)
 
 
@@ -132,6 +145,9 @@ def _publish(store: Store, data_dir: Path, job: dict[str, Any], checkpoint: Opti
     kind = "adapter" if (source / "adapter").is_dir() else "model"
     dest = data_dir / "models" / name
     cfg = job["config"]
+    if kind == "adapter" and not (Path(cfg["model"]) / "config.json").is_file():  # a deleted full fine-tune's
+        raise ApiError(409, f"the weights the adapter of job {job['id']} runs on, model {job['model']!r} "
+                       f"({cfg['model']}), are gone (the model was deleted?): nothing was published")
     try:
         _copy_atomic(source / kind, dest, cfg["template"], Path(cfg["model"]))
     except FileNotFoundError as e:  # most likely a checkpoint rotated out (save_total_limit) while it was copied

@@ -122,7 +122,7 @@ def _register_jobs(router: APIRouter, platform: Platform) -> None:
 
     @router.post("/fine-tunes")
     def create(req: jobs.FineTuneRequest):
-        return jobs.job_view(jobs.create_job(store, platform.bases, data_dir, req, platform.settings.train_device))
+        return jobs.job_view(platform.create_job(req))
 
     @router.get("/fine-tunes")
     def list_jobs(status: Optional[str] = Query(None, pattern="^(" + "|".join(jobs.ACTIVE + jobs.FINISHED) + ")$"),

@@ -4,7 +4,9 @@
 Deleting a fine-tuned model (its record and its folder) is refused while something uses it, with
 409 naming it: a deployment (undeploy it first: requests in flight are never cut off by a delete),
 a job not yet finished that trains from it, or another fine-tuned model that runs on its weights
-(an adapter trained on a full fine-tune). A base model is the server's own: never deleted.
+(an adapter trained on a full fine-tune). A base model is the server's own: never deleted. Loading
+a deployment's model and undeploying it take one lock, so once an undeploy has returned nothing
+reads the model's folder any more (nor brings it back into the pool) and a delete may remove it.
 
 A platform owns its data directory: it holds an exclusive lock on DATA_DIR/platform.lock from
 before it reads any state until it closes (or its process ends). A second server on the same
@@ -22,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from ..files import staging_dir
 from ..templates import ChatTemplate
 from .errors import MODEL_NOT_FOUND, ApiError, not_found
 from .files import remove_partial_uploads
 from .inference import Loaded, ModelPool, Target
-from .jobs import ACTIVE
+from .jobs import ACTIVE, FineTuneRequest, create_job
+from .models import PUBLISHING, remove_partial_models
 from .scheduler import Scheduler
 from .store import Store
 
@@ -82,9 +86,11 @@ class Platform:
         self._lock = lock_data_dir(settings.data_dir)  # first: before any state is read
         self.store = Store(settings.data_dir / "platform.db")
         remove_partial_uploads(self.store, settings.data_dir)  # ours alone now: no upload is under way
+        remove_partial_models(settings.data_dir)  # nor a publish or a delete
         self.pool = ModelPool(settings.device)
         self.scheduler = Scheduler(self.store, settings.data_dir, settings.threads)
         self._naming = threading.Lock()
+        self._loading = threading.Lock()  # resolving a deployment and loading it vs. undeploying it
 
     def close(self) -> None:
         """Close the state and give up the data directory."""
@@ -100,21 +106,29 @@ class Platform:
         if name in self.bases:
             return Target(name, self.bases[name])
         deployment = self.store.get("deployments", name)
-        if deployment is None:
+        model = self.store.get("models", deployment["model"]) if deployment else None
+        if model is None:  # no such deployment (or undeployed, its model deleted, since the first read)
             raise not_found("model", name, "GET /v1/models lists the base models and deployments; a fine-tuned "
                             "model is called through a deployment (POST /api/v1/deployments)", code=MODEL_NOT_FOUND)
-        model = self.store.get("models", deployment["model"])
         return Target(name, Path(model["weights_dir"]), Path(model["adapter_dir"]) if model["adapter_dir"] else None,
                       quantized=model["method"] == "qlora")
 
     def serve(self, name: str) -> tuple[Loaded, Optional[str], ChatTemplate]:
         """The loaded model, adapter and chat template behind `name`. A model whose files went
         missing or broke on disk is a 503 that names the problem: the request itself was fine."""
-        target = self.target(name)
-        try:
-            return self.pool.get(target)
-        except Exception as e:  # whatever broke, it is the stored model's fault
-            raise ApiError(503, f"model {name!r} cannot be loaded: {type(e).__name__}: {e}") from None
+        with self._loading:
+            target = self.target(name)
+            try:
+                return self.pool.get(target)
+            except Exception as e:  # whatever broke, it is the stored model's fault
+                raise ApiError(503, f"model {name!r} cannot be loaded: {type(e).__name__}: {e}") from None
+
+    def create_job(self, req: FineTuneRequest) -> dict[str, Any]:
+        """Record fine-tune job `req` (jobs.create_job), under _naming: a delete of its model between
+        the check that the model exists and the job's insert would leave a job training from a
+        deleted folder; after it, the delete sees the job and refuses."""
+        with self._naming:
+            return create_job(self.store, self.bases, self.data_dir, req, self.settings.train_device)
 
     def deploy(self, model: str, name: Optional[str]) -> dict[str, Any]:
         """Make fine-tuned `model` callable as `name` (default: the model's name). Its weights are
@@ -130,24 +144,30 @@ class Platform:
             if name in self.bases or self.store.get("deployments", name) is not None:
                 raise ApiError(409, f"the name {name!r} is taken; choose another one", param="name")
             row = self.store.insert("deployments", {"name": name, "model": model, "created_at": int(time.time())})
-        try:
-            self.pool.get(self.target(name))
-        except Exception as e:  # whatever broke, the stored model cannot be served
-            self.store.delete("deployments", name)
-            raise ApiError(400, f"model {model!r} cannot be served: {type(e).__name__}: {e}", param="model") from None
+        with self._loading:
+            if self.store.get("deployments", name) != row:  # undeployed meanwhile: nothing to load
+                raise ApiError(409, f"deployment {name!r} was deleted while it was being created", param="name")
+            try:
+                self.pool.get(self.target(name))
+            except Exception as e:  # whatever broke, the stored model cannot be served
+                self.store.delete("deployments", name)
+                raise ApiError(400, f"model {model!r} cannot be served: {type(e).__name__}: {e}",
+                               param="model") from None
         return row
 
     def undeploy(self, name: str) -> None:
-        if not self.store.delete("deployments", name):
-            raise not_found("deployment", name, "GET /api/v1/deployments lists them")
-        self.pool.remove(name)
+        with self._loading:  # a load of it under way ends first; none starts after (module docstring)
+            if not self.store.delete("deployments", name):
+                raise not_found("deployment", name, "GET /api/v1/deployments lists them")
+            self.pool.remove(name)
 
     def delete_model(self, name: str) -> None:
         """Delete fine-tuned model `name`: its record, then its folder (module docstring: when not)."""
         if name in self.bases:
             raise ApiError(400, f"model {name!r} is a base model (one of models/ or a --base-model of the server); only "
                            "fine-tuned models can be deleted")
-        with self._naming:  # no deployment of it can be created meanwhile
+        # PUBLISHING: no model is published meanwhile on its weights or into its folder; _naming: nor deployed
+        with PUBLISHING, self._naming:
             record = self.store.get("models", name)
             if record is None:
                 deployment = self.store.get("deployments", name)
@@ -158,7 +178,12 @@ class Platform:
             if (use := self._use_of(record)) is not None:
                 raise ApiError(409, f"fine-tuned model {name!r} is in use: {use}")
             self.store.delete("models", name)
-        shutil.rmtree(self.data_dir / "models" / name, ignore_errors=True)  # where publish put it
+            folder, trash = self.data_dir / "models" / name, None  # where publish put it
+            if folder.exists():  # renamed away under the locks: a publish of the name after them makes a new one
+                trash = staging_dir(folder)
+                os.replace(folder, trash)
+        if trash is not None:  # the slow part, outside the locks
+            shutil.rmtree(trash, ignore_errors=True)
 
     def _use_of(self, record: dict[str, Any]) -> Optional[str]:
         """What keeps the model `record` from being deleted, in words; None if nothing does."""
