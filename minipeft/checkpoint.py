@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -31,6 +32,9 @@ PathLike = Union[str, os.PathLike]
 # Buffers that older transformers versions saved and now recompute: read and ignored, as transformers does.
 _DERIVED_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# A decoder layer's parts as transformers' LlamaDecoderLayer (Mistral, Qwen2 alike) registers them
+_LAYER_PART = re.compile(r"(?P<layer>model\.layers\.\d+)\.(?P<part>\w+)\..+")
+_LAYER_ORDER = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 # The dtypes a stored weight may have: those torch's Linear computes in (not float8)
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # transformers' max_shard_size strings (huggingface_hub.parse_size_to_int: decimal units, any case, a
@@ -211,6 +215,12 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: Union[in
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise ValueError("config.tie_word_embeddings is set but lm_head.weight is not the embedding: saving would "
                          "drop lm_head; set tie_word_embeddings=False (merge_and_unload does when it unties them)")
+    if not model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight:
+        # safetensors refuses one tensor under two names ("Some tensors share memory"), and a file holding
+        # it twice would load untied: say which setting disagrees with the model instead
+        raise ValueError("lm_head.weight is the embedding (tied), but config.tie_word_embeddings is false: set "
+                         "model.config.tie_word_embeddings = True to save it tied, or untie it first "
+                         "(model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone()))")
     path = Path(path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -218,30 +228,56 @@ def save_pretrained(model: Transformer, path: PathLike, max_shard_size: Union[in
     dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
     hf = model.config.to_hf_config()
     hf["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-    shards = _split_shards(state, max_bytes)
+    shards = _split_shards(_transformers_order(state), max_bytes)
     with staged_dir(path, stale=WEIGHT_FILES) as tmp:
         (tmp / "config.json").write_bytes(json_bytes(hf))
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        for name, shard in shards.items():
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:  # the index transformers 5 writes: its metadata and each tensor's file
+            metadata = {"total_parameters": sum(v.numel() for v in state.values()),
+                        "total_size": sum(v.nbytes for v in state.values())}
+            index = {"metadata": metadata, "weight_map": {k: name for name, shard in shards.items() for k in shard}}
             (tmp / INDEX_NAME).write_bytes(json_bytes(index))
 
 
-def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _transformers_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """state in the order transformers' LLaMA / Mistral / Qwen2 list their tensors, which decides
+    which shard each lands in: a decoder layer's attention and MLP before its two norms (a Block here
+    registers each norm before the part it feeds, in the order they run)."""
+    def layer(name: str) -> str:  # "model.layers.3" for a decoder layer's tensor, else the name itself
+        match = _LAYER_PART.fullmatch(name)
+        return match["layer"] if match else name
+
+    def rank(name: str) -> int:
+        match = _LAYER_PART.fullmatch(name)
+        return _LAYER_ORDER.index(match["part"]) if match else 0
+
+    names = [n for _, group in groupby(state, key=layer) for n in sorted(group, key=rank)]
+    return {n: state[n] for n in names}
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight files of `state` by file name, laid out as huggingface_hub's
+    split_torch_state_dict_into_shards lays them out for transformers' save_pretrained. Tensors, in
+    state order, fill the open shard until one would take it over max_bytes: that one starts the next.
+    A tensor over max_bytes by itself gets a shard of its own, listed before the open shard, which goes
+    on filling after it. One shard is model.safetensors, n are model-0000i-of-0000n.safetensors.
+    (huggingface_hub also keeps tensors that share storage in one shard; here none do: safetensors
+    refuses them, and a tied lm_head is left out before, as transformers leaves it out.)"""
+    shards: list[dict[str, torch.Tensor]] = []
+    open_shard: dict[str, torch.Tensor] = {}
     size = 0
     for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
+        if t.nbytes > max_bytes:
+            shards.append({name: t})
+            continue
+        if size + t.nbytes > max_bytes:
+            shards.append(open_shard)
+            open_shard, size = {}, 0
+        open_shard[name] = t
+        size += t.nbytes
+    if open_shard:
+        shards.append(open_shard)
+    if len(shards) == 1:
+        return {SINGLE_NAME: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}

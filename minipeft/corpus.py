@@ -19,7 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .files import existing_file, write_atomic
+from .files import existing_file, read_text, write_atomic
 
 PathLike = Union[str, os.PathLike]
 DOC_SEPARATOR = "\n\f\n"
@@ -79,8 +79,10 @@ class _TextExtractor(HTMLParser):
     def _flush(self) -> None:
         text = "".join(self.parts)
         self.parts = []
-        if self.pre:  # code: keep every line's indentation, drop blank lines at either end
-            text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")).strip("\n")
+        if self.pre:  # code: keep every line's indentation, drop blank lines at either end; a CR or CR LF line
+            # ending is a newline, as an HTML parser's input stream makes it (HTMLParser leaves them)
+            lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            text = "\n".join(line.rstrip() for line in lines).strip("\n")
         else:
             text = " ".join(text.split())
         if text.strip():
@@ -109,10 +111,7 @@ def build_corpus(html_dir: PathLike, exclude: Sequence[str] = DEFAULT_EXCLUDE) -
                    if p.is_file() and not any(fnmatch(p.name, pattern) for pattern in exclude))
     docs = []
     for f in files:
-        try:
-            text = html_to_text(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        text = html_to_text(read_text(f))
         if text:
             docs.append(text)
     if not docs:
@@ -128,11 +127,7 @@ def write_corpus(docs: Sequence[str], path: PathLike) -> None:
 def read_corpus(path: PathLike) -> list[str]:
     """Documents of a corpus file; a file without form feeds is one document."""
     path = existing_file(path, "expected a UTF-8 corpus file (documents separated by \\f lines)")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    docs = [d.strip("\n") for d in text.replace("\r\n", "\n").split("\f")]
+    docs = [d.strip("\n") for d in read_text(path).replace("\r\n", "\n").split("\f")]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"{path}: the corpus holds no text")

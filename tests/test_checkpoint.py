@@ -221,6 +221,15 @@ def test_tied_config_with_untied_weights_is_refused(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_tied_weights_with_an_untied_config_are_refused_naming_the_setting(tmp_path):
+    """It failed inside safetensors: "Some tensors share memory", naming neither lm_head nor the config."""
+    model = tiny_model("qwen2")
+    model.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="lm_head.weight is the embedding .tied., but config.tie_word_embeddings is false"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.fixture
 def base_and_adapter(tmp_path):
     """A tied tiny LLaMA with a tokenizer, and an adapter that trains a copy of lm_head (which unties it)."""

@@ -1,5 +1,6 @@
 """Checkpoint directories at their edges, each as transformers 5 reads or writes them: max_shard_size
-strings, a folder with both a single file and a shard index, weights of an integer dtype."""
+strings and the shards they give, a folder with both a single file and a shard index, weights of an
+integer dtype."""
 import json
 import re
 
@@ -8,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minipeft import load_pretrained
-from minipeft.checkpoint import shard_size_bytes
-from conftest import tiny_model
+from minipeft.checkpoint import _split_shards, shard_size_bytes
+from conftest import tiny_model, to_hf
 
 
 @pytest.mark.parametrize("size", ["5GB", "500MB", "100KB", "1TB", "5gb", "5 GB", "1.5GB", "0.02MB"])
@@ -83,3 +84,51 @@ def test_a_weight_of_an_integer_dtype_is_refused_naming_file_tensor_and_dtype(tm
     with pytest.raises(ValueError, match=re.escape(f"{shard}: tensor {name!r} is {stored}; expected a floating-point "
                                                    "weight (float32, float16, bfloat16, float64)")):
         load_pretrained(tmp_path)
+
+
+def _weight_layout(folder) -> tuple[dict[str, list[str]], dict]:
+    """A checkpoint folder's weight files, each with the tensors it holds, and its index (none: {})."""
+    files = {p.name: sorted(load_file(p)) for p in sorted(folder.glob("model*.safetensors"))}
+    index = folder / "model.safetensors.index.json"
+    return files, json.loads(index.read_text()) if index.exists() else {}
+
+
+# 10_000: most weights alone over the limit, each in a shard of its own; the embedding's own size: a tensor exactly
+# at the limit fills a shard; 20KB: a size string; 10**9: one file.
+@pytest.mark.parametrize("limit", [10_000, "embedding", "20KB", 10**9])
+def test_shards_and_index_are_those_transformers_save_pretrained_writes(family, limit, tmp_path):
+    """Were different: a weight over max_shard_size closed the open shard, and the tensor after it began a
+    new one (huggingface_hub puts it in a shard of its own and keeps the open shard filling), a decoder
+    layer's norms came first (transformers lists them after attention and MLP), and the index lacked
+    total_parameters. qwen2 is the tied case: lm_head is in neither."""
+    import transformers
+    model = tiny_model(family)
+    if limit == "embedding":
+        limit = model.model.embed_tokens.weight.nbytes
+    model.save_pretrained(tmp_path / "ours", max_shard_size=limit)
+    to_hf(model).save_pretrained(tmp_path / "hf", max_shard_size=limit)
+    ours, theirs = _weight_layout(tmp_path / "ours"), _weight_layout(tmp_path / "hf")
+    assert ours == theirs
+    if limit == 10**9:
+        assert list(ours[0]) == ["model.safetensors"]
+    else:
+        assert len(ours[0]) > 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    ids = torch.randint(0, 131, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sizes, limit", [
+    ([6, 6, 2, 6, 2, 2], 10),  # huggingface_hub's own example: [6], [6+2], [6+2+2]
+    ([2, 20, 3], 10),          # one over the limit in the middle: alone, and 2 and 3 still share a shard
+    ([20, 1, 30, 2, 40], 10),  # over the limit first, between and last
+    ([10, 10, 5, 5, 10], 10),  # exactly at the limit: a tensor, and two that sum to it
+    ([3, 4], 10),              # one file
+    ([11], 10),                # one tensor, over the limit: one file
+])
+def test_split_follows_huggingface_hub(sizes, limit):
+    from huggingface_hub import split_torch_state_dict_into_shards
+    state = {f"t{i}": torch.zeros(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    ours = {name: list(shard) for name, shard in _split_shards(state, limit).items()}
+    assert ours == split_torch_state_dict_into_shards(state, max_shard_size=limit).filename_to_tensors

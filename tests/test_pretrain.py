@@ -110,7 +110,8 @@ def test_corpus_file_round_trip(tmp_path):
     write_corpus(docs, tmp_path / "c.txt")
     assert read_corpus(tmp_path / "c.txt") == [d.strip("\n") for d in docs]
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
-    with pytest.raises(ValueError, match="bad.txt: not valid UTF-8"):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bad.txt'}: not valid UTF-8 (invalid start byte at "
+                                                   "byte 3)")):
         read_corpus(tmp_path / "bad.txt")
     (tmp_path / "blank.txt").write_text("\n\f\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no text"):
@@ -118,6 +119,19 @@ def test_corpus_file_round_trip(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         read_corpus(tmp_path / "none.txt")
 
+
+
+def test_html_pages_with_cr_line_endings_and_a_page_not_utf8(tmp_path):
+    """build_corpus read pages with Python's newline translation and its own copy of the UTF-8 check; it reads
+    them as read_corpus does now (files.read_text), and html_to_text takes CR and CR LF in <pre> as newlines,
+    as an HTML parser does, whether the page came from a file or a string."""
+    (tmp_path / "mac.html").write_bytes(b"<p>old\rMac</p><pre>a\r  b\r\n  c\r</pre>")
+    assert html_to_text("<pre>a\r  b\r\n  c\r</pre>") == "a\n  b\n  c"
+    assert build_corpus(tmp_path) == ["old Mac\n\na\n  b\n  c"]
+    (tmp_path / "z.html").write_bytes(b"<p>caf\xe9</p>")  # Latin-1
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'z.html'}: not valid UTF-8 (invalid continuation "
+                                                   "byte at byte 6)")):
+        build_corpus(tmp_path)
 
 # --- split and windows -----------------------------------------------------------------------------
 def test_split_holds_out_whole_documents_until_the_fraction():
