@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from .adapter import AdapterConfig
 from .checkpoint import load_pretrained, read_config
 from .data import load_jsonl, split_examples
 from .data.check import special_tokens
@@ -28,6 +29,7 @@ from .peft_config import CONFIG_NAME, PeftConfig
 from .peft_files import unordered
 from .peft_model import WEIGHTS_NAME, PeftModel, count_parameters, full_finetune, get_peft_model
 from .plots import plot_curves
+from .prompt_learning import PrefixTuningConfig, PromptTuningConfig
 from .templates import ChatTemplate, TooLongError, get_template, save_template
 from .tokenizer import Tokenizer, load_tokenizer
 from .train_config import TrainConfig
@@ -36,9 +38,18 @@ from .train_state import check_resumable
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "minillama-10m"  # minipeft's own pretrained base model (its README: the card)
-# A LoRA job's method block as LoraConfig's fields: {LoraConfig field: TrainConfig field}
+# A job's method block: the settings it gives its method's config, {config field: TrainConfig field}. A continued
+# job's block must equal its adapter's (check_continuation); the platform inherits them (platform/models.py).
 LORA_BLOCK = {"r": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "use_rslora": "use_rslora",
               "target_modules": "target_modules"}
+METHOD_BLOCKS: dict[type[PeftConfig], dict[str, str]] = {
+    LoraConfig: LORA_BLOCK,
+    AdapterConfig: {"bottleneck_size": "bottleneck_size", "placement": "adapter_placement"},
+    PrefixTuningConfig: {"num_virtual_tokens": "num_virtual_tokens"},
+    PromptTuningConfig: {"num_virtual_tokens": "num_virtual_tokens"},
+}
+METHOD_CONFIGS = {"lora": LoraConfig, "qlora": LoraConfig, "adapter": AdapterConfig, "prefix": PrefixTuningConfig,
+                  "prompt": PromptTuningConfig}
 
 
 def default_model_dir(name: str = "") -> Path:
@@ -49,16 +60,8 @@ def method_config(cfg: TrainConfig) -> Optional[PeftConfig]:
     """cfg.method's PEFT config, built from cfg's method block (no model needed); None for "full"."""
     if cfg.method == "full":
         return None
-    if cfg.method in ("lora", "qlora"):
-        return LoraConfig(**{field: getattr(cfg, key) for field, key in LORA_BLOCK.items()})
-    if cfg.method == "adapter":
-        from .adapter import AdapterConfig
-
-        return AdapterConfig(bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement)
-    from .prompt_learning import PrefixTuningConfig, PromptTuningConfig
-
-    tuning = PrefixTuningConfig if cfg.method == "prefix" else PromptTuningConfig
-    return tuning(num_virtual_tokens=cfg.num_virtual_tokens)
+    klass = METHOD_CONFIGS[cfg.method]
+    return klass(**{field: getattr(cfg, key) for field, key in METHOD_BLOCKS[klass].items()})
 
 
 def attach_method(model: Transformer, cfg: TrainConfig) -> nn.Module:
@@ -101,15 +104,16 @@ def continue_from(model: nn.Module, adapter_dir: str) -> None:
 def check_continuation(cfg: TrainConfig) -> PeftConfig:
     """The config to continue cfg.init_adapter with. It must be an adapter (its adapter_config.json) of
     cfg.method's kind: another kind's tensors were found out only after the model loaded, as every
-    missing and unexpected tensor name. A LoRA adapter is rebuilt from its own config: what decides its
-    tensors and their scaling s = lora_alpha / r (rsLoRA: / sqrt(r)) per module is r and lora_alpha with
-    rank_pattern and alpha_pattern, and the modules it adapts: target_modules less exclude_modules, in
-    layers_to_transform. A job sets only its method block (LORA_BLOCK), which must equal the adapter's,
-    each difference named; the rest it takes from the adapter (a job rebuilt it from the block alone: a
-    rank_pattern adapter failed the shape check, an alpha_pattern one was silently rescaled). lora_dropout
-    must match too, as the platform requires (platform/models.py, INHERITED): it is not part of the
-    learned function, but a continuation trains as its start did. Other methods' sizes show in the
-    weights' shapes, which continue_from checks."""
+    missing and unexpected tensor name. The adapter is rebuilt from its own config, which holds what a
+    job cannot set and what decides its function: LoRA's rank_pattern, alpha_pattern, exclude_modules and
+    layers_to_transform (a job's rebuild failed the shape check, or silently rescaled), a bottleneck
+    adapter's activation and reduction_factor (rebuilt with ReLU, it computed another function whenever
+    the shapes matched); prefix and prompt tuning's own fields (prefix_projection, inits) change nothing
+    once their table is loaded, and are kept as saved. A job sets only its method block
+    (METHOD_BLOCKS), which must equal the adapter's, each difference named; lora_dropout too, as the
+    platform requires (platform/models.py): it is not part of the learned function, but a continuation
+    trains as its start did. A block field the adapter leaves None (a bottleneck sized by reduction_factor
+    instead) is the adapter's to decide: the job's value is not used, with a warning."""
     method = method_config(cfg)
     if method is None:
         raise ValueError(f"init_adapter={cfg.init_adapter!r} continues a PEFT method; to continue a full "
@@ -120,15 +124,19 @@ def check_continuation(cfg: TrainConfig) -> PeftConfig:
         raise ValueError(f"init_adapter {where}: a {saved.peft_type} adapter, but method={cfg.method!r} trains "
                          f"{method.peft_type} adapters: continue it with the method that trained it, or leave "
                          "init_adapter out to start a new adapter")
-    if not isinstance(saved, LoraConfig):
-        return method
+    block = METHOD_BLOCKS[type(saved)]
+    unset = [f"{key}={getattr(cfg, key)!r}" for field, key in block.items() if getattr(saved, field) is None]
+    if unset:
+        warnings.warn(f"init_adapter {where}: {', '.join(unset)} not used: the adapter leaves it unset and is "
+                      f"continued as its {CONFIG_NAME} says")
     changed = [f"{key}={getattr(cfg, key)!r} but the adapter has {field}={getattr(saved, field)!r}"
-               for field, key in LORA_BLOCK.items()
-               if unordered(getattr(method, field)) != unordered(getattr(saved, field))]
+               for field, key in block.items() if getattr(saved, field) is not None
+               and unordered(getattr(method, field)) != unordered(getattr(saved, field))]
     if changed:
         raise ValueError(f"init_adapter {where}: {'; '.join(changed)}; a continued "
                          "adapter keeps the settings it was trained with: use the adapter's values")
-    return replace(saved, init_lora_weights=True)  # its saved weights replace any init
+    # its saved weights replace any init (LoRA's "eva" can only be loaded, not drawn)
+    return replace(saved, init_lora_weights=True) if isinstance(saved, LoraConfig) else saved
 
 
 def check_context(max_length: int, model_dir: Path, virtual_tokens: int = 0) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import math
 import re
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -33,6 +34,7 @@ from .tuner_layer import TunerLayer
 
 
 INITS = (True, False, "gaussian", "orthogonal", "eva")
+EMBEDDINGS = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the layers weight tying concerns
 
 
 @dataclasses.dataclass
@@ -57,21 +59,25 @@ class LoraConfig(PeftConfig):
     # name after a dot, as PEFT's get_pattern_key (re.match(rf"(.*\.)?({key})$", name)); others r, lora_alpha
     rank_pattern: Optional[dict[str, int]] = dataclasses.field(default_factory=dict)
     alpha_pattern: Optional[dict[str, float]] = dataclasses.field(default_factory=dict)
+    # PEFT's: on a model with tied embeddings, LoRA (or modules_to_save) on lm_head or embed_tokens gets a twin
+    # on the other, sharing its weights. Not implemented: refused there (check_model); elsewhere a no-op, warned of.
+    ensure_weight_tying: bool = False
     peft_type = "LORA"
     # The rest of PEFT's LoraConfig (peft_config.py): features we lack, harmless only at these values
     # (DoRA, lora_bias, ...), and fields no value of which changes the numbers here (ANY): eva_config only
     # parameterizes an init a loaded adapter's weights replace (init_lora_weights="eva" is refused itself);
     # use_qalora and qalora_group_size act on GPTQ layers only; runtime_config (GPU offload) is never saved;
+    # loftq_config only parameterizes init_lora_weights="loftq" (refused): otherwise PEFT warns and drops it;
     # fan_in_fan_out is for GPT-2's Conv1D: PEFT warns and sets it False on an nn.Linear, drops it on an Embedding.
     peft_fields = {
         **PeftConfig.peft_fields,
         "use_dora": (False, None), "lora_bias": (False,), "target_parameters": (None, []),
         "trainable_token_indices": (None,), "layer_replication": (None,), "alora_invocation_tokens": (None,),
-        "use_bdlora": (None, False), "megatron_config": (None,), "loftq_config": ({}, None), "corda_config": (None,),
+        "use_bdlora": (None, False), "megatron_config": (None,), "corda_config": (None,),
         "arrow_config": (None,), "kasa_config": (None,), "lora_ga_config": (None,), "monteclora_config": (None,),
-        "velora_config": (None,), "ensure_weight_tying": (False,), "astra_config": (None,),
+        "velora_config": (None,), "astra_config": (None,),
         **dict.fromkeys(("eva_config", "megatron_core", "use_qalora", "qalora_group_size", "runtime_config",
-                         "fan_in_fan_out"), ANY),
+                         "fan_in_fan_out", "loftq_config"), ANY),
     }
 
     def __post_init__(self) -> None:
@@ -107,6 +113,31 @@ class LoraConfig(PeftConfig):
         if pattern and layers is None:
             raise ValueError(f"LoraConfig: layers_pattern needs layers_to_transform (the indices of the layers "
                              f"in {pattern!r} to adapt), got None")
+
+    def check_model(self, model: nn.Module) -> None:
+        """PEFT's weight-tying checks (BaseTuner._check_tied_modules), with its warnings: they concern lm_head
+        and embed_tokens, by last name in target_modules and modules_to_save, or a target_modules regex."""
+        def named(names: list[str]) -> bool:
+            return any(m.split(".")[-1] in EMBEDDINGS for m in names)
+
+        targets = self.target_modules
+        in_adapter = named(self.modules_to_save or []) or (
+            any(re.fullmatch(targets, m) for m in EMBEDDINGS) if isinstance(targets, str) else named(targets or []))
+        tied = model.config.tie_word_embeddings
+        if self.ensure_weight_tying and tied and in_adapter:
+            # PEFT then adds the tied twin (LoRA on embed_tokens too): another model, which minipeft lacks
+            raise ValueError(f"LoraConfig: ensure_weight_tying=True with target_modules={targets!r}, modules_to_save="
+                             f"{self.modules_to_save!r} on a model with tied embeddings (lm_head is embed_tokens) is "
+                             "not supported by minipeft: PEFT ties the adapters of the two; set it False")
+        if self.ensure_weight_tying:  # no effect, as in PEFT
+            warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model"
+                          if not tied else "You have requested `ensure_weight_tying`, but no tied modules are "
+                          "added in either `modules_to_save` or `target_modules`")
+        elif tied and in_adapter:
+            warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                          "`ensure_weight_tying` is not set to True. This can lead to complications, for example "
+                          "when merging the adapter or converting your model to formats other than safetensors. "
+                          "Check the discussion here: https://github.com/huggingface/peft/issues/2777")
 
     @property
     def scaling(self) -> float:

@@ -44,6 +44,9 @@ class _ConfigMeta(type):
         if extra.get("fan_in_fan_out"):  # PEFT's own warning and correction, for any nn.Linear/Embedding target
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
                           "Setting fan_in_fan_out to False.")
+        # PEFT's warning; the value is dropped, as PEFT sets it {}. init_lora_weights="loftq" is refused itself.
+        if extra.get("loftq_config") and kwargs.get("init_lora_weights") != "loftq":
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
         config = super().__call__(*args, **kwargs)
         if extra.get("inference_mode"):
             config.inference_mode = True
@@ -96,6 +99,9 @@ class PeftConfig(metaclass=_ConfigMeta):
         """Positions the method puts before every input, which the real tokens' positions follow
         (prefix/prompt tuning: num_virtual_tokens); they count against the model's context. 0 here."""
         return 0
+
+    def check_model(self, model: Any) -> None:
+        """Checks against the model this config is attached to (PeftModel.add_adapter), before anything is."""
 
     def for_module(self, name: str) -> "PeftConfig":
         """The config that applies to the module at path `name` (LoRA's rank_pattern); here, this one."""

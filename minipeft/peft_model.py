@@ -68,6 +68,7 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists")
         self._check_bias(config)
+        config.check_model(self.base_model)
         try:
             if config.is_prompt_learning:
                 self.prompt_encoder[name] = PROMPT_ENCODERS[config.peft_type](config, self.base_model)

@@ -2,16 +2,19 @@
 platform's "continue training a fine-tuned model"), and a mismatched one is refused."""
 import json
 import re
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from minipeft.adapter import AdapterConfig
 from minipeft.checkpoint import load_pretrained
-from minipeft.job import check_job, run_job
+from minipeft.job import attach_method, check_job, continue_from, run_job
 from minipeft.lora import LoraConfig
 from minipeft.peft_config import PeftConfig
-from minipeft.peft_model import get_peft_model
+from minipeft.peft_model import PeftModel, get_peft_model
+from minipeft.prompt_learning import PrefixTuningConfig
 from test_job import base_dir, data_file, job_config  # noqa: F401  (fixtures)
 
 
@@ -102,3 +105,70 @@ def test_a_lora_with_per_module_ranks_continues(base_dir, data_file, tmp_path):
         torch.testing.assert_close(continued[key], saved[key], atol=1e-9, rtol=0)
     ours = PeftConfig.load(job.output_dir / "adapter")
     assert (ours.rank_pattern, ours.alpha_pattern, ours.layers_to_transform) == ({"v_proj": 8}, {"v_proj": 4}, [1])
+
+
+SAVED = {  # adapters with settings no job can give, and the job block that continues each
+    "adapter": (AdapterConfig(bottleneck_size=8, placement="pfeiffer", activation="gelu"),
+                dict(method="adapter", bottleneck_size=8, adapter_placement="pfeiffer")),
+    "adapter-reduction-factor": (AdapterConfig(reduction_factor=8, activation="tanh"), dict(method="adapter")),
+    "prefix": (PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+               dict(method="prefix", num_virtual_tokens=3)),
+}
+
+
+def saved_adapter(base_dir, config, folder):
+    """`config` attached to the base with random weights (a fresh adapter is a no-op), saved in folder."""
+    model = get_peft_model(load_pretrained(base_dir), config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(SAVED))
+def test_a_continued_adapter_computes_what_the_saved_one_did(base_dir, data_file, tmp_path, case):
+    """A bottleneck adapter was rebuilt from the job's block alone: a GELU or tanh one continued with ReLU
+    (and a reduction_factor one with the job's bottleneck_size) whenever the shapes matched, computing another
+    function from the same weights. Each is rebuilt from its own config: before the first step, the continued
+    model's logits are the saved adapter's, and its config is the saved one. (Prefix tuning computed the same
+    before: its file holds the projection's output table, which loads with the MLP folded away; but its config
+    lost prefix_projection and encoder_hidden_size.)"""
+    config, block = SAVED[case]
+    folder = saved_adapter(base_dir, config, tmp_path / "first")
+    cfg = job_config(base_dir, data_file, tmp_path / "job", init_adapter=str(folder), **block)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        continued = attach_method(load_pretrained(base_dir), cfg)
+    unset = [str(w.message) for w in caught if "not used" in str(w.message)]
+    assert unset == (["init_adapter " + str(folder / "adapter_config.json") + ": bottleneck_size=64 not used: the "
+                      "adapter leaves it unset and is continued as its adapter_config.json says"]
+                     if case == "adapter-reduction-factor" else [])
+    continue_from(continued, str(folder))
+    reference = PeftModel.from_pretrained(load_pretrained(base_dir), folder)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        torch.testing.assert_close(continued.eval()(ids), reference.eval()(ids), atol=0, rtol=0)
+    assert PeftConfig.load(folder).to_dict() == {**continued.peft_config["default"].to_dict(),
+                                                 "base_model_name_or_path": None}
+
+
+def test_a_continued_adapter_keeps_the_job_block(base_dir, data_file, tmp_path, monkeypatch):
+    """bottleneck_size, adapter_placement and num_virtual_tokens were found out only after the model loaded (a
+    placement as every missing and unexpected tensor name): each is refused first, naming the setting."""
+    from minipeft import job
+
+    adapter = saved_adapter(base_dir, SAVED["adapter"][0], tmp_path / "adapter")
+    prefix = saved_adapter(base_dir, SAVED["prefix"][0], tmp_path / "prefix")
+    monkeypatch.setattr(job, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    for folder, block, message in (
+            (adapter, dict(method="adapter", bottleneck_size=16, adapter_placement="pfeiffer"),
+             "bottleneck_size=16 but the adapter has bottleneck_size=8"),
+            (adapter, dict(method="adapter", bottleneck_size=8),
+             "adapter_placement='houlsby' but the adapter has placement='pfeiffer'"),
+            (prefix, dict(method="prefix", num_virtual_tokens=4),
+             "num_virtual_tokens=4 but the adapter has num_virtual_tokens=3")):
+        with pytest.raises(ValueError, match=re.escape(f"init_adapter {folder / 'adapter_config.json'}: {message}")):
+            run_job(job_config(base_dir, data_file, tmp_path / "job", init_adapter=str(folder), **block))

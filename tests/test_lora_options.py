@@ -125,8 +125,7 @@ def test_a_bad_rank_pattern_is_refused_naming_the_key():
 REFUSED = {
     "use_dora": True, "lora_bias": True, "layer_replication": [[0, 1]],
     "trainable_token_indices": [0, 1], "target_parameters": ["mlp.experts.gate_up_proj"],
-    "alora_invocation_tokens": [1, 2], "use_bdlora": True, "ensure_weight_tying": True,
-    "megatron_config": {"tensor_model_parallel_size": 1}, "loftq_config": {"loftq_bits": 4},
+    "alora_invocation_tokens": [1, 2], "use_bdlora": True, "megatron_config": {"tensor_model_parallel_size": 1},
     "corda_config": {"corda_method": "kpm"},
 }
 
@@ -207,3 +206,63 @@ def test_task_type_as_peft():
             PromptTuningConfig(num_virtual_tokens=2, task_type=task_type)
     with pytest.raises(ValueError, match=r"num_transformer_submodules=2"):
         PrefixTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2)
+
+
+def user_warnings(make):
+    """make()'s result and the (category, message) of each UserWarning it raised (torch's DeprecationWarnings not)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = make()
+    return result, [(w.category, str(w.message)) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_loftq_config_without_loftq_init_is_warned_of_and_dropped_as_peft():
+    """A loftq_config without init_lora_weights="loftq" was refused: peft warns at construction and sets it {},
+    an unused value. init_lora_weights="loftq" itself stays refused (LoftQ rewrites the base weights)."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj"], loftq_config={"loftq_bits": 4})
+    ours, ours_warned = user_warnings(lambda: LoraConfig(**fields))
+    ref, ref_warned = user_warnings(lambda: peft.LoraConfig(task_type="CAUSAL_LM", **fields))
+    assert ours_warned == ref_warned == [(UserWarning, "`loftq_config` specified but will be ignored when "
+                                                       "`init_lora_weights` is not 'loftq'.")]
+    assert ref.loftq_config == {} and "loftq_config" not in ours.to_dict()  # as peft's default, {}
+    assert ours == LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="init_lora_weights must be one of"):
+        LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+
+
+@pytest.mark.parametrize("tied, targets", [(False, ["q_proj", "lm_head"]), (True, ["q_proj", "v_proj"])],
+                         ids=["untied", "tied-without-embeddings"])
+def test_ensure_weight_tying_where_nothing_is_tied_is_warned_of_as_peft(tied, targets, tmp_path):
+    """ensure_weight_tying=True was refused for any model: peft warns at get_peft_model that there is nothing to
+    tie and builds the same model, keeping the value (saved). Same warning, logits and file here."""
+    fields = dict(r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=True)
+    ours, ours_warned = user_warnings(lambda: get_peft_model(tiny_model(tie_word_embeddings=tied),
+                                                             LoraConfig(**fields)))
+    ref, ref_warned = user_warnings(lambda: peft.get_peft_model(to_hf(tiny_model(tie_word_embeddings=tied)),
+                                                                peft.LoraConfig(task_type="CAUSAL_LM", **fields)))
+    assert ours_warned == ref_warned and len(ours_warned) == 1 and "ensure_weight_tying" in ours_warned[0][1]
+    same_random_adapter(ours, ref, std=0.05)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS), ref.eval()(IDS).logits, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    _, reloaded = user_warnings(lambda: PeftModel.from_pretrained(tiny_model(tie_word_embeddings=tied), tmp_path))
+    assert reloaded == ref_warned  # peft checks again when it loads
+
+
+def test_tied_embeddings_in_the_adapter_as_peft():
+    """On tied embeddings, LoRA on lm_head: peft warns unless ensure_weight_tying, and with it adds LoRA on
+    embed_tokens as well (a tied twin), which minipeft lacks: refused, naming the field."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    ours, ours_warned = user_warnings(lambda: get_peft_model(tiny_model(tie_word_embeddings=True),
+                                                             LoraConfig(**fields)))
+    ref, ref_warned = user_warnings(lambda: peft.get_peft_model(to_hf(tiny_model(tie_word_embeddings=True)),
+                                                                peft.LoraConfig(task_type="CAUSAL_LM", **fields)))
+    assert ours_warned == ref_warned and "`ensure_weight_tying` is not set to True" in ours_warned[0][1]
+    ref = peft.get_peft_model(to_hf(tiny_model(tie_word_embeddings=True)),
+                              peft.LoraConfig(task_type="CAUSAL_LM", ensure_weight_tying=True, **fields))
+    assert any("embed_tokens.lora_embedding_A" in n for n, _ in ref.named_parameters())
+    for more in (dict(target_modules=["q_proj", "lm_head"]), dict(target_modules="q_proj|lm_head"),
+                 dict(target_modules=["q_proj"], modules_to_save=["lm_head"])):
+        with pytest.raises(ValueError, match=r"LoraConfig: ensure_weight_tying=True with .* tied embeddings"):
+            get_peft_model(tiny_model(tie_word_embeddings=True), LoraConfig(ensure_weight_tying=True, **more))

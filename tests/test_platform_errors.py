@@ -336,3 +336,13 @@ def test_a_continuation_compares_target_modules_as_a_set(tmp_path):
     assert continuation(source, "lora", {"target_modules": ["q_proj", "v_proj"]})["lora_rank"] == 4
     with pytest.raises(ApiError, match=r"target_modules=\['q_proj'\] \(the model has \['v_proj', 'q_proj'\]\)"):
         continuation(source, "lora", {"target_modules": ["q_proj"]})
+
+
+def test_a_continuation_of_a_reduction_factor_adapter_inherits_no_bottleneck_size(tmp_path):
+    """Its saved bottleneck_size is null: inherited as such, the job refused None as a size."""
+    from minipeft.adapter import AdapterConfig
+    from minipeft.platform.models import Source, continuation
+
+    AdapterConfig(reduction_factor=8).save(tmp_path)
+    source = Source("tiny", tmp_path, {"name": "bot", "adapter_dir": str(tmp_path), "method": "adapter"})
+    assert continuation(source, "adapter", {}) == {"init_adapter": str(tmp_path), "adapter_placement": "houlsby"}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..files import staged_dir, temp_target
-from ..job import LORA_BLOCK
+from ..job import METHOD_BLOCKS
 from ..peft_config import PeftConfig
 from ..peft_files import unordered
 from ..templates import TEMPLATE_FILE, get_template, load_template, save_template
@@ -32,10 +32,7 @@ from .store import Store
 FAMILY = {"lora": "LORA", "qlora": "LORA", "adapter": "BOTTLENECK_ADAPTER", "prefix": "PREFIX_TUNING",
           "prompt": "PROMPT_TUNING", "full": "FULL"}
 # adapter kind -> {TrainConfig field: adapter_config.json field} a continued job must keep.
-INHERITED = {"LORA": {key: field for field, key in LORA_BLOCK.items()},
-             "BOTTLENECK_ADAPTER": {"bottleneck_size": "bottleneck_size", "adapter_placement": "placement"},
-             "PREFIX_TUNING": {"num_virtual_tokens": "num_virtual_tokens"},
-             "PROMPT_TUNING": {"num_virtual_tokens": "num_virtual_tokens"}}
+INHERITED = {config.peft_type: {key: field for field, key in block.items()} for config, block in METHOD_BLOCKS.items()}
 # Held while a model is published, and by Platform.delete_model: a delete then never interleaves with
 # a publish under the same name (its folder) or on the deleted model's weights (an adapter on a full fine-tune).
 PUBLISHING = threading.Lock()
@@ -104,6 +101,8 @@ def continuation(source: Source, method: str, settings: dict[str, Any]) -> dict[
     saved = saved.to_dict()
     inherited, conflicts = {"init_adapter": str(source.adapter_dir)}, []
     for field, saved_field in INHERITED[kind].items():
+        if saved[saved_field] is None:  # unset in the adapter (bottleneck_size beside reduction_factor): the job
+            continue                    # takes the adapter's own config (job.check_continuation)
         if field in settings and unordered(settings[field]) != unordered(saved[saved_field]):
             conflicts.append(f"{field}={settings[field]!r} (the model has {saved[saved_field]!r})")
         inherited[field] = saved[saved_field]
