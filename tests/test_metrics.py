@@ -81,7 +81,8 @@ def _assert_bleu_equal(ours, ref):
 # ----------------------------------------------------------------------------------------- BLEU
 
 @pytest.mark.parametrize("tokenize,pairs", [("13a", EN_PAIRS), ("zh", ZH_PAIRS + EN_PAIRS),
-                                            ("char", ZH_PAIRS + EN_PAIRS), ("intl", INTL_PAIRS + EN_PAIRS)])
+                                            ("char", ZH_PAIRS + EN_PAIRS), ("intl", INTL_PAIRS + EN_PAIRS),
+                                            ("none", ZH_PAIRS + EN_PAIRS)])
 def test_bleu_tokenizers_match_sacrebleu(tokenize, pairs):
     reference_tokenizer = sacrebleu.BLEU(tokenize=tokenize).tokenizer
     tricky = [".5 starts", " .5 after a space", "a.,b", "1.-2", "&amp;quot;", "x-\n", "1,000.5 €", "«a»,,b", "2024.",
@@ -155,6 +156,8 @@ def test_corpus_bleu_edge_cases():
     # Three tokens have no 4-gram: 0 by default, positive with effective_order (as sacrebleu).
     assert corpus_bleu(["a b c"], ["a b c"]).score == 0.0
     assert corpus_bleu(["a b c"], ["a b c"], effective_order=True).score == pytest.approx(100.0)
+    # "none" splits on whitespace only, as sacrebleu's tokenize="none" (text tokenized beforehand).
+    assert bleu_tokenize("a.b  ,c\t&amp;\n", "none") == ["a.b", ",c", "&amp;"]
     # Closest reference length, ties broken towards the shorter reference.
     assert corpus_bleu(["a b c d"], [["a b c", "a b c d e"]]).ref_len == 3
 
@@ -162,7 +165,8 @@ def test_corpus_bleu_edge_cases():
 def test_corpus_bleu_rejects_bad_input():
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         corpus_bleu(["a", "b"], [["a", "b"]])  # sacrebleu's transposed layout
-    with pytest.raises(ValueError, match=r"tokenize='flores200', expected one of \['13a', 'char', 'intl', 'zh'\]"):
+    with pytest.raises(ValueError, match=r"tokenize='flores200', expected one of "
+                                         r"\['13a', 'char', 'intl', 'none', 'zh'\]"):
         corpus_bleu(["a"], ["a"], tokenize="flores200")
     with pytest.raises(ValueError, match="empty"):
         corpus_bleu([], [])

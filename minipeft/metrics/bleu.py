@@ -11,10 +11,11 @@ For a corpus of hypotheses h_i with reference sets R_i, after tokenization:
 Tokenizers, re-implemented from the mteval-v13a rules: "13a" (WMT default), "zh" (CJK characters
 split, the rest 13a-split) and "char" (every non-space character); "intl" from mteval-v14's
 international rules: every Unicode punctuation mark split off unless a digit sits on both sides
-("1,000", "3.5"), every symbol (Unicode S*) split. Smoothing of zero counts
-follows Chen & Cherry (2014): "exp" (sacrebleu's default, NIST: the k-th zero precision becomes
-1 / (2^k t_n)), "floor" (m_n := eps), "add-k" (m_n, t_n += k for n > 1) and "none".
-tests/test_metrics.py checks score, precisions, BP and lengths against sacrebleu.corpus_bleu.
+("1,000", "3.5"), every symbol (Unicode S*) split; "none" splits on whitespace only (text tokenized
+beforehand). Smoothing of zero counts follows Chen & Cherry (2014): "exp" (sacrebleu's default, NIST:
+the k-th zero precision becomes 1 / (2^k t_n)), "floor" (m_n := eps), "add-k" (m_n, t_n += k for n > 1) and "none".
+tests/test_metrics.py checks score, precisions, BP and lengths against sacrebleu.corpus_bleu on fixed
+pairs, tests/test_bleu_fuzz.py on random texts built to reach every tokenizer rule.
 """
 from __future__ import annotations
 
@@ -140,7 +141,9 @@ def _tokenize_intl(line: str) -> list[str]:
     return "".join(f" {c} " if is_s(c) else c for c in line).split()
 
 
-_TOKENIZERS = {"13a": _tokenize_13a, "zh": _tokenize_zh, "char": _tokenize_char, "intl": _tokenize_intl}
+# "none": sacrebleu's NoneTokenizer returns the line as is, and its n-gram counting splits it on whitespace.
+_TOKENIZERS = {"13a": _tokenize_13a, "zh": _tokenize_zh, "char": _tokenize_char, "intl": _tokenize_intl,
+               "none": str.split}
 
 
 def bleu_tokenize(line: str, tokenize: str = "13a", lowercase: bool = False) -> list[str]:
@@ -208,7 +211,7 @@ def corpus_bleu(hypotheses: list[str], references: References, tokenize: str = "
     """Corpus BLEU-4 of `hypotheses` against `references` (0-100), equal to sacrebleu.corpus_bleu.
 
     references[i] is the reference string of hypotheses[i], or a list of its references (the
-    transpose of sacrebleu's argument). tokenize: "13a", "zh", "char" or "intl". smooth: "exp" (default),
+    transpose of sacrebleu's argument). tokenize: "13a", "zh", "char", "intl" or "none". smooth: "exp" (default),
     "floor" (smooth_value, default 0.1), "add-k" (smooth_value, default 1) or "none".
     effective_order=True averages only over the orders that have hypothesis n-grams (sacrebleu's
     use_effective_order); otherwise a corpus without any 4-gram scores 0.
