@@ -154,7 +154,9 @@ def _string(record: dict[str, Any], name: str, issues: list[Issue], required: bo
             issues.append((name, f"{said}; expected a non-empty string{_typo_hint(record, name)}"))
         return ""
     if not isinstance(value, str):
-        hint = f" (write it as a string: {json.dumps(str(value))})" if json_type(value) in ("number", "boolean") else ""
+        # as the file spells it: true, not Python's True
+        hint = (f" (write it as a string: {json.dumps(json.dumps(value))})" if json_type(value) in ("number", "boolean")
+                else "")
         issues.append((name, f"expected a string, got {json_type(value)}{hint}"))
         return ""
     if required and not value.strip():
@@ -200,7 +202,8 @@ def _from_turns(turns: Any, key: str, role_key: str, content_key: str,
         known = isinstance(role, str) and role in role_names
         if not known:
             said = "missing" if role is None else f"{role!r} is not a known role"
-            hint = typo(role_key) if role is None else ""
+            hint = (typo(role_key) if role is None else f" (roles are lower case: {role.lower()!r})"
+                    if isinstance(role, str) and role.lower() in role_names else "")
             issues.append((f"{where}.{role_key}", f"{said}; expected one of {', '.join(map(repr, role_names))}{hint}"))
         if not isinstance(content, str):
             hint = ("; join the text parts into one string" if isinstance(content, list)

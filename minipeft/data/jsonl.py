@@ -3,11 +3,11 @@ and parse each one strictly, and write files atomically.
 
 A line is the bytes between two b"\\n" (a trailing "\\r" is JSON whitespace, so Windows files
 parse). Strict means: UTF-8 only (the first bad byte is reported by its offset in the file, with
-the encodings that read the line instead: encoding_hint), no byte-order mark, no blank lines, one
-JSON object per line, no NaN/Infinity (not JSON, though Python's json accepts them), no key given
-twice (json.loads would silently keep the last) and no unpaired surrogate: json.loads accepts the
-escape "\\ud83d" alone (exporters that slice UTF-16 strings write it), but it is not a character,
-and tokenizers and UTF-8 writers fail on it.
+the encodings that read the line instead, or how UTF-8 text was damaged: encoding_hint), no
+byte-order mark, no blank lines, one JSON object per line, no NaN/Infinity (not JSON, though
+Python's json accepts them), no key given twice (json.loads would silently keep the last) and no
+unpaired surrogate: json.loads accepts the escape "\\ud83d" alone (exporters that slice UTF-16
+strings write it), but it is not a character, and tokenizers and UTF-8 writers fail on it.
 Nothing here drops a line: every line comes back with the problems found on it.
 
 A UTF-16 or UTF-32 file (what Windows PowerShell 5's `>` writes) is recognized by its byte-order
@@ -34,6 +34,7 @@ BOM = b"\xef\xbb\xbf"
 WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
              (b"\xfe\xff", "UTF-16BE"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_UNDECODED = re.compile("[\udc80-\udcff]+")  # bytes that are not UTF-8, as errors="surrogateescape" reads them
 # What a line that is not UTF-8 is tried in, (Python codec, iconv name, what people call it): the usual
 # encodings of training text that is not UTF-8, from Chinese, Japanese and Western-European Windows.
 LEGACY_ENCODINGS = (("gb18030", "GB18030", "GBK"), ("cp932", "CP932", "Shift-JIS"),
@@ -151,6 +152,9 @@ def encoding_hint(data: bytes, at: int) -> str:
         if data.startswith(bom):  # "UTF-16": iconv reads the byte order from the BOM
             return (f"it starts with a {name} byte-order mark: re-encode it "
                     f"(iconv -f {name[:-2]} -t UTF-8 FILE > NEW.jsonl)")
+    damage = _damaged_utf8(data, at)
+    if damage:
+        return damage
     if b"\0" in data:
         return ("it holds NUL bytes, as UTF-16 and UTF-32 text does: re-encode it from the one it is in "
                 "(e.g. iconv -f UTF-16LE -t UTF-8 FILE > NEW.jsonl)")
@@ -164,6 +168,28 @@ def encoding_hint(data: bytes, at: int) -> str:
         return f"it reads as {reading}; re-encode the file: iconv -f {name} -t UTF-8 FILE > NEW.jsonl"
     return (f"it reads as {_either([r for _, r in readings])}; re-encode the file from the one that reads "
             "right: iconv -f ENCODING -t UTF-8 FILE > NEW.jsonl")
+
+
+def _damaged_utf8(data: bytes, at: int) -> Optional[str]:
+    """Why a line of UTF-8 text has a bad byte at `at`, when it is UTF-8 all the same: it ends inside
+    a character (cut short), starts inside one (a line break written into a character), or more
+    characters beyond ASCII decode than bytes fail (a stray or damaged byte). No other encoding is
+    offered then: re-encoding a UTF-8 file from one garbles every other line."""
+    try:
+        data.rstrip(b"\r")[at:].decode("utf-8")  # a CRLF line's CR follows the cut character
+    except UnicodeDecodeError as e:
+        if e.start == 0 and e.reason == "unexpected end of data":
+            return "the line ends inside a UTF-8 character: it was cut short; restore its end"
+    if at == 0 and 0x80 <= data[0] < 0xC0:
+        return ("the line starts inside a UTF-8 character (a continuation byte): the line before was cut "
+                "there (a line break written into the text?); join the two lines")
+    text = data.decode("utf-8", "surrogateescape")
+    runs = _UNDECODED.findall(text)  # counted as runs: a byte inserted into a character spoils its others
+    bad, good = len(runs), sum(c > "\x7f" for c in text) - sum(map(len, runs))
+    if good <= bad:
+        return None
+    return (f"the rest of the line is UTF-8 ({good} non-ASCII characters decode; {bad} place(s) do not): a "
+            "damaged or stray byte, not another encoding; remove it or restore the character there")
 
 
 def _either(items: list[str]) -> str:
@@ -198,7 +224,10 @@ def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]],
     try:
         record = json.loads(text, object_pairs_hook=no_repeats, parse_constant=not_json)
     except json.JSONDecodeError as e:
-        message = f"invalid JSON: {e.msg}{_json_hint(text, e)}"
+        # "Unterminated string starting at", "Invalid control character at": json's message ends
+        # where its position follows
+        said = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else e.msg
+        message = f"invalid JSON: {said}{_json_hint(text, e)}"
         return None, Problem(path, number, None, message, column=e.colno, kind="json")
     except ValueError as e:
         return None, Problem(path, number, None, f"invalid JSON: {e}", kind="json")
@@ -217,16 +246,24 @@ def _loads(path: str, number: int, text: str) -> tuple[Optional[dict[str, Any]],
 def _json_hint(text: str, e: json.JSONDecodeError) -> str:
     """The usual cause of each JSON error, in words a person who wrote the file understands."""
     before = text[:e.pos].rstrip()
-    if e.pos >= len(text.rstrip()):
-        return " (the line ends before the JSON does: pretty-printed JSON? JSONL needs each example on one line)"
+    if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):  # a string open to the end
+        return (" (the line ends before the JSON does: cut short, or pretty-printed JSON? JSONL needs each "
+                "example whole on one line)")
+    if e.msg.startswith("Invalid control character"):
+        return (f" (character U+{ord(text[e.pos]):04X} written raw in a string; JSON needs it escaped, "
+                f"{json.dumps(text[e.pos])[1:-1]}, or removed)")
     if text[e.pos] == "'":
         return " (JSON strings and keys need double quotes, not single quotes)"
-    if e.msg.startswith("Expecting property name") and before.endswith(","):
+    if e.msg.startswith("Expecting property name") and before.endswith(",") and text[e.pos] == "}":
         return " (a trailing comma before '}' is not allowed in JSON)"
     if e.msg == "Extra data" and "\r" in text[len(before):e.pos]:
         return " (a CR alone ends a line here: the file mixes line endings; convert them to LF or CRLF)"
     if e.msg == "Extra data":
         return " (two JSON values on one line? put each example on its own line)"
+    if unicodedata.category(text[e.pos]) in ("Cc", "Cf"):  # NUL, a BOM in the middle: invisible in editors
+        return f" (an invisible character, U+{ord(text[e.pos]):04X}, is here; remove it)"
+    if e.msg == "Expecting value" and before.endswith(",") and text[e.pos] == "]":
+        return " (a trailing comma before ']' is not allowed in JSON)"
     return ""
 
 
