@@ -115,6 +115,8 @@ class PeftConfig(metaclass=_ConfigMeta):
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = CONFIG_NAME) -> "PeftConfig":
         """Build the config of `d["peft_type"]`, refusing features this library does not implement."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object of config fields, got {type(d).__name__}")
         peft_type = d.get("peft_type")
         if peft_type not in _REGISTRY:
             raise ValueError(f"{where}: peft_type {peft_type!r} is not supported; expected one of {sorted(_REGISTRY)}")

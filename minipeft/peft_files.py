@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .peft_model import PeftModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's older weights file (torch.save): refused
 PREFIX = "base_model.model."
 # The weights file's metadata records an NF4 base (QLoRA): the adapter was fitted to the rounded
 # weights, so inference and merging must load the base the same way (saved_base_quantization).
@@ -59,6 +60,19 @@ def _unaliased(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = t.clone() if ptr in seen else t
         seen.add(ptr)
     return out
+
+
+def adapter_directory(directory: PathLike) -> Path:
+    """`directory` as a Path, or an error saying what it is instead of an adapter folder (missing, a
+    file: the weights file given for its folder) before any file inside it is looked for."""
+    path = Path(directory)
+    if path.is_file():
+        raise ValueError(f"{path}: is a file; expected the adapter directory holding {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME} (here: {path.parent})")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such adapter directory (expected one holding {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}; minipeft reads local folders only)")
+    return path
 
 
 class AdapterFilesMixin:
@@ -94,6 +108,13 @@ class AdapterFilesMixin:
 
     def save_pretrained(self, directory: PathLike, selected_adapters: Optional[list[str]] = None) -> None:
         """The default adapter at `directory`, any other one at `directory/<name>` (PEFT's layout)."""
+        if isinstance(selected_adapters, str):  # list("default") would be its letters
+            raise TypeError(f"selected_adapters must be a list of adapter names, got {selected_adapters!r}; "
+                            f"write [{selected_adapters!r}]")
+        if Path(directory).is_file():  # as PEFT
+            raise ValueError(f"{directory}: is a file; save_pretrained writes a directory")
+        if not self.peft_config:
+            raise ValueError("no adapter to save: every adapter was deleted")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:  # before anything is written
@@ -118,7 +139,7 @@ class AdapterFilesMixin:
     def from_pretrained(cls, model: Transformer, directory: PathLike, adapter_name: str = "default",
                         is_trainable: bool = False) -> "PeftModel":
         """Attach the adapter saved in `directory` (by minipeft or by Hugging Face PEFT)."""
-        config = PeftConfig.load(directory)
+        config = PeftConfig.load(adapter_directory(directory))
         config.inference_mode = not is_trainable  # as PEFT: prompt tuning skips an init the file replaces
         # The caller's model, wrapped and frozen in place, comes back bare and as trainable as it was.
         with trainability_restored_on_error(model):
@@ -134,7 +155,7 @@ class AdapterFilesMixin:
         As PEFT, an existing `adapter_name` takes the file's weights instead, its trainability kept
         (is_trainable unused). Unlike PEFT, which keeps the adapter's config whatever the file's says,
         a file whose config differs is refused: its weights would run under the wrong one (scaling)."""
-        config = PeftConfig.load(directory)
+        config = PeftConfig.load(adapter_directory(directory))
         if adapter_name in self.peft_config:
             self._check_reloadable(adapter_name, config, directory)
             self.load_adapter_weights(directory, adapter_name, is_trainable=adapter_name not in self._frozen)
@@ -173,7 +194,12 @@ class AdapterFilesMixin:
         """Copy `directory`'s tensors into adapter `name`, after checking every key and shape."""
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; pickle files (adapter_model.bin) are never loaded")
+            pickled = path.with_name(PICKLE_NAME)
+            if pickled.exists():  # PEFT loads it with torch.load; minipeft loads no pickle (as checkpoint.py)
+                raise FileNotFoundError(f"{path}: missing; found {pickled}: a pickle file, never loaded (unpickling "
+                                        "can run arbitrary code): convert it to safetensors where you trust it, e.g. "
+                                        "safetensors.torch.save_file(torch.load(f, weights_only=True), ...)")
+            raise FileNotFoundError(f"{path}: missing; pickle files ({PICKLE_NAME}) are never loaded")
         found = load_safetensors(path)
         expected = self.adapter_state_dict(name)
         # PEFT (save_embedding_layers="auto") also saves the base weight of a LoRA-targeted lm_head or

@@ -9,6 +9,7 @@ peft_files.py, parameter counts in trainable.py; their names are importable from
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -39,6 +40,20 @@ def get_peft_model(model: Transformer, config: PeftConfig, adapter_name: str = "
     return PeftModel(model, config, adapter_name)
 
 
+def _check_bare(model: nn.Module) -> None:
+    """Refuse a model that already holds adapters. PEFT warns ("modify a model with PEFT for a second time")
+    and goes on: the new adapter replaces the old one's layers of the same name where both target a module
+    and leaves the old one's elsewhere, a mix that neither config describes (and the first PeftModel runs it)."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model is a PeftModel already: add_adapter() or load_adapter() on it, or pass its "
+                         "get_base_model() after unload() / merge_and_unload()")
+    adapted = [n for n, m in model.named_modules() if isinstance(m, TunerLayer)]
+    if adapted:
+        raise ValueError(f"model already holds adapters ({adapted[0]}, ... {len(adapted)} wrapped modules) from an "
+                         "earlier get_peft_model / from_pretrained: add_adapter() on that PeftModel, or pass its "
+                         "unload() (the bare base) or merge_and_unload()")
+
+
 class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
     def __init__(self, model: Transformer, config: PeftConfig, adapter_name: str = "default"):
         super().__init__()
@@ -47,6 +62,7 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
         self.active_adapter = adapter_name
         self._disabled = False
         self._frozen: set[str] = set()  # adapters loaded with is_trainable=False
+        _check_bare(model)
         with trainability_restored_on_error(model):  # add_adapter undoes its own wrapping
             self.base_model = model.requires_grad_(False)
             self.add_adapter(adapter_name, config)
@@ -67,6 +83,11 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
         a model with a merged adapter is then unmerged, with a warning (the active adapter runs unmerged)."""
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists")
+        if not isinstance(config, PeftConfig):  # a dict, a class, or peft's own config object
+            got = f"the class {config.__name__}" if isinstance(config, type) else type(config).__module__ + "." + \
+                type(config).__qualname__
+            raise TypeError(f"config must be a minipeft config instance (LoraConfig(...), PrefixTuningConfig(...), "
+                            f"...), got {got}; from a dict with 'peft_type': PeftConfig.from_dict(d)")
         self._check_bias(config)
         config.check_model(self.base_model)
         try:
@@ -79,7 +100,11 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
                 for target in find_targets(self.base_model, config.target_modules, layer_cls, *layers):
                     self._wrap(target, layer_cls).add_adapter(name, config.for_module(target))
             for target in getattr(config, "modules_to_save", None) or []:
-                for full in [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]:
+                found = [n for n, _ in self.base_model.named_modules() if n == target or n.endswith("." + target)]
+                if not found:  # PEFT is silent: nothing trains, and the name is likely a typo
+                    warnings.warn(f"modules_to_save entry {target!r} names no module of the model; nothing is "
+                                  "saved for it")
+                for full in found:
                     self._wrap(full, ModulesToSave).add_adapter(name, config)
         except BaseException:
             self._remove_modules(name)
@@ -119,11 +144,18 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
         set_submodule(self.base_model, target, wrapper)
         return wrapper
 
+    def _check_known(self, name: str) -> None:
+        """A ValueError unless `name` is one of this model's adapters (a TypeError unless it is a str:
+        one adapter is active at a time, and a list would fail later as unhashable)."""
+        if not isinstance(name, str):
+            raise TypeError(f"adapter name must be a str, got {name!r}; adapters: {sorted(self.peft_config)}")
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+
     def set_adapter(self, name: str) -> None:
         """Make `name` the active adapter. As PEFT, a merged adapter (even `name`) is unmerged first,
         with a warning, before any layer switches: `name` then runs unmerged."""
-        if name not in self.peft_config:
-            raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        self._check_known(name)
         self._unmerge_with_warning()
         for _, layer in self.tuner_layers():
             layer.set_adapter(name)
@@ -161,8 +193,9 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
         return {}
 
     def delete_adapter(self, name: str) -> None:
-        if name not in self.peft_config:
-            raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.peft_config)}")
+        """Remove adapter `name`; deleting the active one activates the first remaining name (sorted).
+        Deleting the last one leaves a model with no adapter: add_adapter + set_adapter before running it."""
+        self._check_known(name)
         if name in self._merged():  # refused before any layer changes
             raise ValueError(f"adapter {name!r} is merged; unmerge_adapter() before deleting it")
         self._remove_modules(name)
@@ -206,6 +239,9 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
     # --- running --------------------------------------------------------------------------------
     @property
     def active_peft_config(self) -> PeftConfig:
+        if self.active_adapter not in self.peft_config:  # PEFT: KeyError
+            raise ValueError(f"no adapter named {self.active_adapter!r}: it was deleted, and with it the last "
+                             "adapter; add_adapter() and set_adapter() one first")
         return self.peft_config[self.active_adapter]
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
