@@ -143,6 +143,12 @@ def virtual_tokens(model: nn.Module) -> int:
     return config.virtual_tokens if config is not None else 0
 
 
+def _no_room(prompt: int, virtual: int, context: int) -> str:
+    after = f" after {virtual} virtual tokens" if virtual else ""
+    return (f"a prompt of {prompt} tokens{after} fills the model's context of {context} tokens: nothing can be "
+            "generated after it")
+
+
 @torch.no_grad()
 def generate_replies(model: nn.Module, prompts: Sequence[list[int]], stop_ids: Sequence[int], pad_id: int,
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> list[tuple[list[int], bool]]:
@@ -156,7 +162,6 @@ def generate_replies(model: nn.Module, prompts: Sequence[list[int]], stop_ids: S
     """
     device, context = next(model.parameters()).device, model.config.max_position_embeddings
     virtual = virtual_tokens(model)
-    after = f" after {virtual} virtual tokens" if virtual else ""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     for rows in _batches(len(order), batch_size, "eval: generate", progress):
@@ -165,8 +170,7 @@ def generate_replies(model: nn.Module, prompts: Sequence[list[int]], stop_ids: S
         mask = pad_rows([[1] * len(p) for p in batch], 0, "left").to(device)
         room = context - virtual - ids.shape[1]
         if room < 1:
-            raise ValueError(f"a prompt of {ids.shape[1]} tokens{after} fills the model's context of {context} "
-                             "tokens: nothing can be generated after it")
+            raise ValueError(_no_room(ids.shape[1], virtual, context))
         out = generate(model, ids, min(max_new_tokens, room), eos_token_id=list(stop_ids), attention_mask=mask,
                        pad_token_id=pad_id)
         for i, new in zip(order[rows], out[:, ids.shape[1]:].tolist()):
@@ -247,6 +251,11 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example]
     chosen_task, chosen_lang = task or detect_task(references), lang or detect_lang(references)
     stop_ids = template.stop_token_ids(tokenizer)
     prompts, rendered = zip(*(_render(template, tokenizer, e) for e in examples))
+    context, virtual = model.config.max_position_embeddings, virtual_tokens(model)
+    for e, prompt in zip(examples, prompts):  # named before any generation; generate_replies sees a batch only
+        if len(prompt) + virtual >= context:
+            raise ValueError(f"{e.source}:{e.line}: {_no_room(len(prompt), virtual, context)}: leave it out or "
+                             "shorten it")
     was_training = model.training
     model.eval()
     try:

@@ -175,7 +175,7 @@ class PretrainConfig:
         return TrainConfig(method="full", learning_rate=self.learning_rate, n_epochs=1, batch_size=self.batch_size,
                            warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay, adam_beta2=self.adam_beta2,
                            lr_scheduler_type=self.lr_scheduler_type, max_grad_norm=1.0, seed=self.seed,
-                           device=self.device,
+                           device=self.device, max_length=self.context_length,  # the Trainer refuses longer examples
                            logging_steps=max(1, self.steps // 100), eval_steps=max(1, self.steps // self.evaluations),
                            # the result is saved once, in Hugging Face format: no resumable checkpoints
                            save_strategy="no", output_dir=str(output_dir))

@@ -13,13 +13,70 @@ bs=2 x accum=4 == bs=8 on ragged data).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import operator
+from array import array
+from typing import Any, Iterable, Sequence
 
 import torch
 
-from .batching import PackedRow, pack
+from .batching import IGNORE_INDEX, PackedRow, pack
 
 Rendered = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels)
+
+
+def _ints(seq: Any) -> list[int] | None:
+    """`seq` (a list or tuple of ints, or a 1-D integer tensor or array) as a list of ints, else None."""
+    if hasattr(seq, "tolist") and getattr(seq, "ndim", 1) == 1:  # torch and numpy, not 0-d
+        seq = seq.tolist()
+    if not isinstance(seq, (list, tuple)) or any(isinstance(t, bool) for t in seq):
+        return None
+    try:  # numpy's integers too; a float (3.0) is no token id
+        return [t if type(t) is int else operator.index(t) for t in seq]
+    except TypeError:
+        return None
+
+
+def checked_examples(examples: Iterable[Any], name: str, vocab_size: int, max_length: int) -> list[Rendered]:
+    """`examples` as (input_ids, labels) lists of ints, once each is checked: a pair of equal,
+    non-empty lengths of at most max_length tokens, ids in [0, vocab_size), labels -100 or in
+    [0, vocab_size). Else a ValueError naming name[i] and what was expected: found mid-run, a bad
+    example failed as an embedding's "index out of range" or a batch-relative index."""
+    out: list[Rendered] = []
+    for i, example in enumerate(examples):
+        where = f"{name}[{i}]"
+        if isinstance(example, dict):
+            raise ValueError(f"{where} is a dict (keys {sorted(map(str, example))}): expected an (input_ids, labels) "
+                             "pair, as templates.render returns; e.g. (ex['input_ids'], ex['labels'])")
+        pair = list(example) if isinstance(example, (list, tuple)) and len(example) == 2 else None
+        ids, labels = (_ints(pair[0]), _ints(pair[1])) if pair else (None, None)
+        if ids is None or labels is None:
+            raise ValueError(f"{where}: expected an (input_ids, labels) pair of integer lists, as templates.render "
+                             f"returns; got {type(example).__name__} {str(example)[:60]}")
+        if not ids or len(ids) != len(labels):
+            raise ValueError(f"{where}: input_ids has {len(ids)} tokens and labels {len(labels)}: expected the same, "
+                             "non-zero number")
+        if len(ids) > max_length:
+            raise ValueError(f"{where} has {len(ids)} tokens > max_length {max_length}: render with max_length "
+                             "(templates.render drops or truncates it), leave it out, or raise max_length")
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        bad_label = next((t for t in labels if t != IGNORE_INDEX and not 0 <= t < vocab_size), None)
+        if bad is not None or bad_label is not None:
+            what = f"input id {bad}" if bad is not None else f"label {bad_label}"
+            raise ValueError(f"{where}: {what} is outside the model's vocabulary [0, {vocab_size})"
+                             + (f" (and not {IGNORE_INDEX}, the ignored label)" if bad is None else "")
+                             + ": was it encoded by another tokenizer?")
+        out.append((ids, labels))
+    return out
+
+
+def fingerprint(examples: Sequence[Rendered]) -> dict[str, Any]:
+    """{"examples": their number, "sha256": of their ids and labels in order}: what a checkpoint
+    records of the data it was trained on, so that a resume on other data is refused, not mixed in."""
+    digest = hashlib.sha256()
+    for ids, labels in examples:
+        digest.update(array("q", [len(ids), *ids, *labels]).tobytes())
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
 
 
 def supervised_tokens(examples: Sequence[Rendered | PackedRow]) -> int:

@@ -119,10 +119,12 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 STATE_KEYS = frozenset({"step", "warnings", "losses", "loss_sum", "logged", "evals", "config"})
 
 
-def resumable_state(path: Path, config: dict[str, Any], world: int, steps_per_epoch: int) -> dict[str, Any]:
+def resumable_state(path: Path, config: dict[str, Any], world: int, steps_per_epoch: int,
+                    data: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Checkpoint `path`'s trainer state, once checked against the run that resumes it: its config
     `config` must match but for the settings RESUMABLE names (an error lists each difference) and a
-    longer run (LENGTH: its schedule), and it must have been written by `world` processes."""
+    longer run (LENGTH: its schedule), it must have been written by `world` processes, and on the
+    training examples of fingerprint `data` (train_batches.fingerprint), where both say."""
     state, where = read_trainer_state(path), path / "trainer_state.json"
     missing = STATE_KEYS - state.keys()
     if missing:
@@ -136,6 +138,13 @@ def resumable_state(path: Path, config: dict[str, Any], world: int, steps_per_ep
         raise ValueError(f"{where}: written by {state['world_size']} {processes}, resumed on {world}: the "
                          "global batch (batch_size x gradient_accumulation_steps x processes), and with it the data "
                          f"position and the schedule, would change; resume on {state['world_size']} {processes}")
+    # From Python the config names no data file, so only the examples themselves tell another data set
+    # (or an edited train_file): resumed, its batches would continue the old run's position and moments.
+    if data is not None and state.get("data", data) != data:
+        raise ValueError(f"{where}: trained on other data ({state['data']['examples']} examples, sha256 "
+                         f"{state['data']['sha256'][:12]}...) than this run's ({data['examples']}, "
+                         f"{data['sha256'][:12]}...): resume with the same training examples, or train into a new "
+                         "output_dir")
     check_resumable(state["config"], config, where)
     check_length(state["config"], config, steps_per_epoch, where)
     return state
@@ -143,7 +152,12 @@ def resumable_state(path: Path, config: dict[str, Any], world: int, steps_per_ep
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restore weights (in place: the optimizer's parameters), optimizer, RNG from `path`."""
-    if isinstance(model, PeftModel):
+    peft = isinstance(model, PeftModel)
+    if not (path / (TRAINABLE if peft else "model")).exists() and (path / ("model" if peft else TRAINABLE)).exists():
+        raise ValueError(f"{path}: a checkpoint of {'full fine-tuning' if peft else 'a PEFT adapter'}, but the model "
+                         f"to resume is {'a PeftModel' if peft else 'not a PeftModel'}: resume with the model it "
+                         "trained, or train into a new output_dir")
+    if peft:
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         tensors = load_safetensors(path / TRAINABLE)
         check_state_dict({n: p.shape for n, p in trainable.items()}, tensors, str(path / TRAINABLE))

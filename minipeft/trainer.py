@@ -14,6 +14,8 @@ on CPU, NCCL on GPU) and only rank 0 writes files.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import time
 import warnings
@@ -31,7 +33,9 @@ from .diagnostics import overfitting, unstable_loss
 from .metrics import StreamingLMMetrics, head_loss, scored_suffix
 from .model import Transformer
 from .schedule import lr_factor
-from .train_batches import Rendered, epoch_order, micro_batches, pack_shuffled, supervised_tokens
+from .files import check_output_dir
+from .train_batches import (Rendered, checked_examples, epoch_order, fingerprint, micro_batches,
+                            pack_shuffled, supervised_tokens)
 from .train_config import TrainConfig
 from .train_log import MetricsLog, read_metrics, tensorboard_dir
 from .train_state import latest_checkpoint, load_checkpoint, resumable_state, rng_states, save_checkpoint
@@ -52,9 +56,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     in their role asks for (the convention of GPT-2, nanoGPT and transformers' Trainer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError("the model has no trainable parameters (every requires_grad is False): attach a method "
+                         "(get_peft_model(model, config)) or unfreeze it for full fine-tuning (full_finetune(model))")
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse a model the trainer cannot train, naming the first tensor concerned: one on the meta
+    device (shapes without data: it fails in the first forward, deep in torch), and, in a full
+    fine-tune, a 16-bit trainable parameter: AdamW would update it in its own dtype with no float32
+    master copy, where an update below half its spacing (2^-8 of the weight in bf16) rounds away
+    (TrainConfig refuses bf16 with method='full' for the same reason). A PeftModel's adapters are
+    float32; its other trainable tensors (bias="all", modules_to_save) keep the base's dtype and
+    train in it, as in PEFT."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device (a shape without data): load the weights first "
+                             "(minipeft.load_pretrained, or model.to_empty(device=...) and load_state_dict)")
+    if hasattr(model, "peft_config"):
+        return
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} is a trainable {p.dtype} parameter: 16-bit weights keep no float32 master copy, "
+                             "so small updates round away; train them in float32 (model.float()), or a PEFT method "
+                             "(lora, qlora, ...) over the 16-bit base")
 
 
 @dataclass
@@ -77,13 +103,27 @@ class Trainer:
         """compute_metrics(model): extra numbers for every evaluation (model in eval mode, no grad),
         logged beside eval_loss in metrics.jsonl and TensorBoard. Under torchrun it runs on rank 0
         only, which logs: every rank holds the same model, so the others would repeat its work."""
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig (TrainConfig(**settings) or TrainConfig.from_dict), "
+                            f"got {type(config).__name__}")
+        dataclasses.replace(config)  # checks its values again: one set after construction (batch_size = 0) too
         self.cfg, self.model, self.pad_id, self.compute_metrics = config, model, pad_id, compute_metrics
-        if not train_data:
-            raise ValueError("no training examples")
+        check_weights(model)
+        vocab = model.config.vocab_size
+        if not 0 <= pad_id < vocab:
+            raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {vocab}): use the tokenizer's pad_id")
+        train = checked_examples(train_data, "train_data", vocab, config.max_length)
+        self.eval_data = checked_examples(eval_data, "eval_data", vocab, config.max_length)
+        for name, data in (("train_data", train), ("eval_data", self.eval_data)):
+            if data and not supervised_tokens(data):  # training would step on zero gradients; evaluation divide by 0
+                raise ValueError(f"{name}: no supervised token in its {len(data)} examples: every label is -100 "
+                                 "(the first is never predicted); render them with a label_mode that supervises a turn")
+        if not train:
+            raise ValueError("train_data is empty: no training examples")
+        self.data = fingerprint(train)  # recorded in checkpoints: a resume on other data is refused
         self.train_data: list[Rendered | PackedRow] = (
-            pack_shuffled(train_data, config.max_length, config.seed) if config.packing else list(train_data))
-        self.eval_data = list(eval_data)
-        self.out = Path(config.output_dir)
+            pack_shuffled(train, config.max_length, config.seed) if config.packing else train)
+        self.out = check_output_dir(config.output_dir, "output_dir")
         self.device = dist.join(model)  # under torchrun: run_job has joined the ranks; from Python, join them here
         self.rank, self.world = dist.rank(), dist.world_size()
         if config.gradient_checkpointing:  # as HF's Trainer, in the model it is given (a PeftModel's base too)
@@ -169,6 +209,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss, perplexity, token accuracy on the eval split (token-weighted over all of it). Under
         torchrun each rank scores its share of the batches and the sums are added up."""
+        if not self.eval_data:  # as transformers' Trainer
+            raise ValueError("evaluation requires eval_data: this Trainer was given no evaluation examples")
         was_training = self.model.training
         self.model.eval()
         acc, size = StreamingLMMetrics(), self.cfg.eval_batch_size or self.cfg.batch_size
@@ -177,16 +219,38 @@ class Trainer:
         sums = torch.tensor([acc.nll_sum, acc.num_tokens, acc.num_correct], dtype=torch.float64, device=self.device)
         dist.all_reduce_sum([sums])
         acc.nll_sum, acc.num_tokens, acc.num_correct = sums[0].item(), int(sums[1]), int(sums[2])
-        extra = self.compute_metrics(self.model) if self.compute_metrics and self.rank == 0 else {}
+        extra = self._extra_metrics() if self.compute_metrics and self.rank == 0 else {}
         self.model.train(was_training)
         m = acc.compute()
         return {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"], "eval_token_accuracy": m["token_accuracy"],
                 **extra}
 
+    def _extra_metrics(self) -> dict[str, float]:
+        """compute_metrics(model), its 0-d tensors and numpy numbers as Python numbers (as transformers'
+        Trainer takes them); anything but a dict of new names to numbers is an error naming it, not a
+        JSON error or an eval_loss silently replaced."""
+        extra = self.compute_metrics(self.model)
+        if not isinstance(extra, dict):
+            raise TypeError(f"compute_metrics returned {type(extra).__name__}: expected a dict of names to numbers")
+        out = {}
+        for key, value in extra.items():
+            value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 else value
+            if not isinstance(key, str) or key in ("step", "epoch", "eval_loss", "eval_perplexity",
+                                                   "eval_token_accuracy"):
+                raise ValueError(f"compute_metrics returned the key {key!r}: expected a name of its own (not step, "
+                                 "epoch, or a metric the Trainer computes)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"compute_metrics returned {key!r}: {value!r}: expected a number")
+            out[key] = value
+        return out
+
     # --- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
-        """Train for the configured steps; resume: continue from output_dir's newest checkpoint."""
+        """Train for the configured steps; resume: continue from output_dir's newest checkpoint (none
+        there is an error, as in transformers' Trainer, unless this Trainer has trained: a diverged run)."""
         if resume:
+            if self.step == 0 and latest_checkpoint(self.out) is None:  # as transformers' Trainer
+                raise ValueError(f"no checkpoint to resume from in output_dir {self.out}: train() starts a new run")
             self.resume()
         elif self.step == 0 and (earlier := latest_checkpoint(self.out)) is not None:  # not resume()d already
             # A fresh run among another run's checkpoints: rotation (by step) would delete its own
@@ -290,7 +354,7 @@ class Trainer:
             recent = self.losses[-max(self.step - self.logged, self.steps_per_epoch):]
             state = {"step": self.step, "warnings": self.warnings, "losses": recent, "loss_sum": self.loss_sum,
                      "logged": self.logged, "evals": self.evals, "config": self.cfg.to_dict(),
-                     "world_size": self.world}
+                     "world_size": self.world, "data": self.data}
             save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.save_total_limit, rng)
         dist.barrier()
 
@@ -302,7 +366,7 @@ class Trainer:
         path = latest_checkpoint(self.out)
         if path is None:
             return
-        state = resumable_state(path, self.cfg.to_dict(), self.world, self.steps_per_epoch)
+        state = resumable_state(path, self.cfg.to_dict(), self.world, self.steps_per_epoch, self.data)
         load_checkpoint(path, self.model, self.optimizer)
         self.step, self.logged = state["step"], state["logged"]
         warned = state["warnings"]  # a list of messages in checkpoints written before each check warned once

@@ -528,3 +528,17 @@ def test_replies_stop_at_the_models_context():
     assert [len(ids) for ids, _ in replies] == [6, 6] and not any(done for _, done in replies)
     with pytest.raises(ValueError, match="a prompt of 16 tokens fills the model's context of 16 tokens"):
         ev.generate_replies(model, [[1] * 16], stop_ids=[], pad_id=0, max_new_tokens=1, batch_size=1, progress=False)
+
+
+def test_a_prompt_past_the_context_is_named_by_its_line(tok, examples):
+    """The error named no example (generate_replies sees a sorted batch): evaluate names file and
+    line before generating anything."""
+    prompts = [len(ChatML().render_prompt(e.messages[:-1], tok)) for e in examples]
+    longest = max(range(len(prompts)), key=prompts.__getitem__)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=prompts[longest]))
+    line = examples[longest].line
+    with pytest.raises(ValueError, match=rf"test.jsonl:{line}: a prompt of {prompts[longest]} tokens fills the "
+                                         rf"model's context of {prompts[longest]} tokens"):
+        evaluate(model, tok, examples, ChatML(), max_new_tokens=1, progress=False)

@@ -48,3 +48,14 @@ def test_a_lengthened_run_steps_on_by_the_new_schedule_as_transformers(name):
         rebuilt.step()
     assert rates[0] == 0.0 < lr_factor(name, 10, 20, 2)
     assert rates[1:] == pytest.approx([lr_factor(name, step, 20, 2) for step in range(11, 20)], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("total", [1, 2])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1, 1.0])
+def test_the_shortest_runs_match_transformers(name, total, warmup_ratio):
+    """Runs of 1 and 2 steps, warm-up over none, ceil(0.1 T) or all of them (the Trainer's
+    ceil(warmup_ratio x T), as transformers' get_warmup_steps); warm-up over the whole run is what
+    transformers' warmup_steps=T gives (TrainConfig keeps warmup_ratio below 1)."""
+    import math
+    test_schedules_match_transformers(name, total, math.ceil(warmup_ratio * total))
