@@ -57,15 +57,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
         try:
-            print(f"minipeft {args.command}: error: {e}", file=sys.stderr)
+            print(f"{command_name(parser, args)}: error: {e}", file=sys.stderr)
         except BrokenPipeError:  # `2>&1 | head -0`: unread, but the status still says it was the input
             _to_devnull(sys.stderr)
         return 2
+
+
+def command_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that ran, nested subcommands included ("minipeft data check"), as argparse's own
+    errors name it: its prog."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) is None:
+            return parser.prog
+        parser = sub.choices[getattr(args, sub.dest)]
 
 
 def _to_devnull(stream: TextIO) -> None:

@@ -40,10 +40,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
+from .argtypes import at_least, nonempty
 from .data.dedup import NEAR_THRESHOLD, prompt_key, shingles
 from .data.formats import Example, detect_format, normalize
 from .files import check_output_dir
 from .data.jsonl import dumps_line, write_atomic
+from .train_config import MAX_SEED
 
 Record = dict[str, Any]
 Splits = tuple[list[Record], list[Record]]  # (train, test)
@@ -275,8 +277,9 @@ def register(subparsers: Any) -> None:
                                      description="minipeft's bundled fine-tuning datasets (datasets/README.md)")
     sub = datasets.add_subparsers(dest="datasets_command", required=True, metavar="{build}")
     build = sub.add_parser("build", help="(re)generate the datasets: <task>/{train,test}.jsonl and tasks.json")
-    build.add_argument("--output", default="datasets", metavar="DIR", help="where they go (default: datasets)")
-    build.add_argument("--seed", type=int, default=0, help="random seed (default: 0, the committed files)")
+    build.add_argument("--output", type=nonempty("a directory"), default="datasets", metavar="DIR", help="where they go (default: datasets)")
+    # random.Random(-n) draws as random.Random(n): a negative seed would alias another
+    build.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="random seed (default: 0, the committed files)")
     build.set_defaults(func=_build)
 
 

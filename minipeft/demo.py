@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .argtypes import at_least
+from .argtypes import at_least, nonempty
 from .checkpoint import load_pretrained
 from .data import load_jsonl
 from .distributed import use_device
@@ -185,8 +185,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="the main job: LoRA fine-tune of the shipped model on a bundled task")
-    d.add_argument("--task", default="json_extract", help="a task of datasets/tasks.json")
-    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--task", type=nonempty("a task name"), default="json_extract", help="a task of datasets/tasks.json")
+    d.add_argument("--output-dir", type=nonempty("a directory"), default="runs/demo")
     # Checked as parsed: write_report refuses a negative count only after the base model's evaluation.
     d.add_argument("--samples", type=at_least(0), default=20, metavar="N",
                    help="examples in samples.md for the human spot check")

@@ -18,19 +18,22 @@ from typing import Optional
 
 import torch
 
-from .argtypes import at_least
+from .argtypes import at_least, device, nonempty
 from .data.loader import load_jsonl
 from .distributed import use_device
 from .evaluate import LANGS, TASKS, EvalResult, evaluate, write_report
 from .files import check_output_dir
 from .job import QUANTIZATIONS, default_model_dir, load_trained
+from .peft_config import PeftConfig
+from .peft_files import adapter_directory
 from .templates import TEMPLATE_FILE, TEMPLATES, ChatTemplate, get_template, load_template
 from .tokenizer import load_tokenizer
+from .train_config import MAX_SEED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _template(name: Optional[str], adapter: Optional[str], model: Path) -> tuple[ChatTemplate, str]:
+def _template(name: Optional[str], adapter: Optional[str], model: str) -> tuple[ChatTemplate, str]:
     """(template, where it came from)."""
     if name is not None:
         return get_template(name), "--template"
@@ -58,6 +61,8 @@ def _print_table(result: EvalResult, files: tuple[Path, Path]) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "--output")  # before the model loads and generates
+    if args.adapter is not None:  # a missing adapter failed only after the base had loaded
+        PeftConfig.load(adapter_directory(args.adapter))
     examples = load_jsonl(args.data)
     has_own_tokenizer = args.adapter is not None and (Path(args.adapter) / "tokenizer.model").is_file()
     tokenizer = load_tokenizer(args.adapter if has_own_tokenizer else args.model)
@@ -74,10 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="generate replies for a test set and score them",
                        description="Generate a reply for every example of a test set, score the replies, "
                        "and write metrics.json and samples.md (a sample for a human to check).")
-    p.add_argument("--model", type=default_model_dir, default=default_model_dir(), metavar="DIR",
+    p.add_argument("--model", type=nonempty("a model directory"), default=str(default_model_dir()),
+                   metavar="DIR",
                    help="Hugging Face model directory (default: the shipped base model, %(default)s)")
-    p.add_argument("--adapter", metavar="DIR", help="adapter directory (adapter_config.json + weights)")
-    p.add_argument("--data", required=True, metavar="FILE", help="test set, JSONL in any minipeft data format")
+    p.add_argument("--adapter", type=nonempty("an adapter directory"), metavar="DIR", help="adapter directory (adapter_config.json + weights)")
+    p.add_argument("--data", required=True, type=nonempty("a file"), metavar="FILE", help="test set, JSONL in any minipeft data format")
     p.add_argument("--template", choices=sorted(TEMPLATES),
                    help="chat template (default: the adapter's chat_template.json, else plain)")
     p.add_argument("--task", choices=TASKS, help="which metrics (default: detected from the references)")
@@ -86,12 +92,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ROUGE compares Porter stems, as rouge-score's use_stemmer (default: off, as there)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, metavar="N")
     p.add_argument("--batch-size", type=at_least(1), default=8, metavar="N")
-    p.add_argument("--output", default="eval_results", metavar="DIR",
+    p.add_argument("--output", type=nonempty("a directory"), default="eval_results", metavar="DIR",
                    help="where metrics.json and samples.md go (default: ./eval_results)")
     p.add_argument("--samples", type=at_least(0), default=20, metavar="N",
                    help="examples in samples.md (default: 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples.md draw")
-    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
+    # random.Random(-n) draws as random.Random(n): a negative seed would alias another
+    p.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="seed of the samples.md draw")
+    p.add_argument("--device", type=device, default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the base model (default: as stored)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
                    help="how the base loads: auto (default: NF4 when the adapter records a QLoRA base), none, nf4")

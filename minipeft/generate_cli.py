@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .argtypes import at_least, finite_float, probability
+from .argtypes import at_least, device, finite_float, nonempty, probability
 from .checkpoint import load_pretrained, read_config
 from .distributed import use_device
 from .generation_config import stop_token_ids
@@ -64,14 +64,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint directory")
-    g.add_argument("--model", default="", help="Hugging Face model directory (default: the shipped base model)")
+    g.add_argument("--model", type=nonempty("a model directory"), help="Hugging Face model directory (default: the shipped base model)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text (needs tokenizer.model in the model directory)")
-    src.add_argument("--ids", help="comma-separated token ids")
+    src.add_argument("--ids", type=nonempty("comma-separated token ids"), help="comma-separated token ids")
     g.add_argument("--max-new-tokens", type=at_least(1), default=32)
     g.add_argument("--temperature", type=finite_float(0), default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=at_least(1))
     g.add_argument("--top-p", type=probability)
     g.add_argument("--seed", type=at_least(0, MAX_SEED), default=0)
-    g.add_argument("--device", default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
+    g.add_argument("--device", type=device, default="auto", help="auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N")
     g.set_defaults(func=_generate)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from .argtypes import MAX_COUNT, at_least
 from .config import PRESETS, ModelConfig
 from .model import Transformer
 from .nf4 import nf4_nbytes
@@ -93,6 +94,9 @@ def _count_params(args: argparse.Namespace) -> int:
     if args.method in ("lora", "qlora"):
         # "q_proj, v_proj" as one writes a list: " v_proj" would match no module, and only q_proj be counted
         names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+        if not names:  # else "target_modules=[] matched no module", which names no flag
+            raise ValueError(f"--target-modules {args.target_modules!r}: no module name; expected comma-separated "
+                             "names (q_proj,v_proj) or all-linear")
         targets = "all-linear" if names == ["all-linear"] else names
         options = {"r": args.r, "target_modules": targets}
     elif args.method == "adapter":
@@ -110,9 +114,9 @@ def register(sub: argparse._SubParsersAction, name: Optional[str] = "count-param
                    help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "adapter", "prefix", "prompt"])
     # Defaults in METHOD_FLAGS: None here tells a flag given for another method from one left out
-    p.add_argument("--r", type=int, help="LoRA rank (lora, qlora; default 8)")
+    p.add_argument("--r", type=at_least(1, MAX_COUNT), help="LoRA rank (lora, qlora; default 8)")
     p.add_argument("--target-modules", help="comma-separated names, or all-linear (lora, qlora; default q_proj,v_proj)")
-    p.add_argument("--bottleneck-size", type=int, help="adapter width (adapter; default 64)")
+    p.add_argument("--bottleneck-size", type=at_least(1, MAX_COUNT), help="adapter width (adapter; default 64)")
     p.add_argument("--placement", choices=["houlsby", "pfeiffer"], help="adapter placement (default houlsby)")
-    p.add_argument("--num-virtual-tokens", type=int, help="prefix, prompt (default 20)")
+    p.add_argument("--num-virtual-tokens", type=at_least(1, MAX_COUNT), help="prefix, prompt (default 20)")
     p.set_defaults(func=_count_params)

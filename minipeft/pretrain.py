@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .argtypes import MAX_COUNT
 from .checkpoint import WEIGHT_FILES, load_pretrained, read_config
 from .config import ModelConfig
 from .corpus import write_corpus
@@ -141,8 +142,8 @@ class PretrainConfig:
         The fields are `minipeft pretrain`'s flags, so the errors name them as flags."""
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "max_position_embeddings", "eval_windows", "steps", "batch_size", "evaluations")
-        checks = [(name, getattr(self, name) >= 1, ">= 1") for name in positive] + [
-            ("intermediate_size", self.intermediate_size >= 0, ">= 0 (0: the default)"),
+        checks = [(name, 1 <= getattr(self, name) <= MAX_COUNT, f">= 1 and <= {MAX_COUNT}") for name in positive] + [
+            ("intermediate_size", 0 <= self.intermediate_size <= MAX_COUNT, f">= 0 (0: the default) and <= {MAX_COUNT}"),
             ("context_length", 2 <= self.context_length <= self.max_position_embeddings,
              f">= 2 and <= max_position_embeddings ({self.max_position_embeddings}): the model has no "
              "position past it"),
@@ -161,6 +162,24 @@ class PretrainConfig:
             self.model_config()
         except ValueError as e:
             raise ValueError(f"invalid pretraining settings: {e}") from None
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse a model and batch that cannot fit this machine's memory, before the corpus is read:
+        a lower bound of 16 bytes a parameter (float32 weights, gradients and AdamW's two moments) plus
+        a batch's float32 logits and their gradient, 8 · batch_size · context_length · vocab_size bytes."""
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not offered by this OS: the allocation will say
+            return
+        with torch.device("meta"):  # shapes only: no memory is allocated
+            params = sum(p.numel() for p in Transformer(self.model_config()).parameters())
+        needed = 16 * params + 8 * self.batch_size * self.context_length * self.vocab_size
+        if needed > memory:
+            raise ValueError(f"invalid pretraining settings: training needs at least {needed / 2**30:,.1f} GiB "
+                             f"({params:,} parameters at 16 bytes each, and a batch's logits), more than this "
+                             f"machine's {memory / 2**30:,.1f} GiB of memory: lower --hidden-size, --intermediate-size, "
+                             "--num-hidden-layers, --vocab-size, --batch-size or --context-length")
 
     def model_config(self, tok: Optional[Tokenizer] = None) -> ModelConfig:
         """The model these settings build, with `tok`'s vocabulary and special ids (without one: vocab_size)."""

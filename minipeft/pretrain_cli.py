@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import at_least, finite_float
+from .argtypes import MAX_COUNT, at_least, check_file_to_write, device, finite_float, nonempty
 from .corpus import build_corpus, read_corpus, write_corpus
 from .distributed import use_device
 from .files import check_output_dir, json_bytes, write_atomic
@@ -28,7 +28,7 @@ def _command(args: argparse.Namespace) -> int:
     # and where the run writes: extracting the corpus takes seconds to minutes
     check_output_dir(args.output, "--output")
     if args.save_corpus:
-        _check_file_to_write(args.save_corpus, "--save-corpus")
+        check_file_to_write(args.save_corpus, "--save-corpus")
     if args.tokenizer:  # a bad one failed inside the run, leaving OUTPUT.failed behind
         load_tokenizer(args.tokenizer)
     if args.threads:
@@ -49,24 +49,16 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_file_to_write(path: str, flag: str) -> None:
-    """A ValueError naming `flag` unless `path` can be written as a file: not a directory, and a new
-    one's folder can be created and written (check_output_dir's test, on the file's own path)."""
-    if Path(path).is_dir():
-        raise ValueError(f"{flag} {path}: is a directory; expected a file to write")
-    check_output_dir(Path(path) if not Path(path).exists() else Path(path).parent, flag)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a small LLaMA model (and its tokenizer) from HTML pages or text")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--html-dir", metavar="DIR", help="folder of HTML pages (e.g. /usr/share/doc/python3.11/html)")
-    src.add_argument("--corpus", metavar="FILE", help="UTF-8 corpus file, documents separated by form-feed lines")
-    p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to write")
-    p.add_argument("--save-corpus", metavar="FILE", help="also write the extracted corpus here")
+    src.add_argument("--html-dir", type=nonempty("a folder"), metavar="DIR", help="folder of HTML pages (e.g. /usr/share/doc/python3.11/html)")
+    src.add_argument("--corpus", type=nonempty("a file"), metavar="FILE", help="UTF-8 corpus file, documents separated by form-feed lines")
+    p.add_argument("--output", required=True, type=nonempty("a directory"), metavar="DIR", help="Hugging Face model directory to write")
+    p.add_argument("--save-corpus", type=nonempty("a file"), metavar="FILE", help="also write the extracted corpus here")
     start = p.add_mutually_exclusive_group()  # --init brings its own tokenizer: a --tokenizer beside it went unused
-    start.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one")
-    start.add_argument("--init", metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
+    start.add_argument("--tokenizer", type=nonempty("a directory"), metavar="DIR", help="use this tokenizer instead of training one")
+    start.add_argument("--init", type=nonempty("a directory"), metavar="DIR", help="continue pretraining this model (weights, architecture, tokenizer)")
     d = PretrainConfig()
     ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "context_length", "eval_windows", "batch_size",
@@ -84,9 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     length.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
     length.add_argument("--epochs", type=finite_float(0.0, above=True), metavar="E", help="passes over the text's training windows (drills come on top)")
     length.add_argument("--max-minutes", type=finite_float(0.0, above=True), metavar="M", help="as many steps as fit M minutes (measured)")
-    p.add_argument("--device", metavar="NAME",
+    p.add_argument("--device", type=device, metavar="NAME",
                    help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=at_least(1), metavar="N",
+    p.add_argument("--threads", type=at_least(1, MAX_COUNT), metavar="N",
                    help="torch CPU threads (default: torch's). On cores shared with other jobs use 1: threads "
                         "that wait for each other at every op were 3-5x slower than one thread there")
     p.set_defaults(func=_command)

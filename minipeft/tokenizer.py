@@ -44,7 +44,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import sentencepiece as spm
 import torch
 
-from .argtypes import at_least, fraction
+from .argtypes import MAX_COUNT, at_least, fraction, nonempty
 from .batching import pad_rows
 from .files import check_output_dir, existing_file, json_bytes, write_atomic
 from .generation_config import prompt_special_tokens
@@ -393,11 +393,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     commands = p.add_subparsers(dest="tokenizer_command", required=True)
     t = commands.add_parser("train", help="train tokenizer.model from text files into a tokenizer directory")
-    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one text a line")
-    t.add_argument("--output", required=True, metavar="DIR", help="directory for tokenizer.model + configs")
-    t.add_argument("--vocab-size", type=at_least(1), required=True, metavar="N")
+    t.add_argument("--input", nargs="+", required=True, type=nonempty("a file"), metavar="FILE", help="UTF-8 text files, one text a line")
+    t.add_argument("--output", required=True, type=nonempty("a directory"), metavar="DIR", help="directory for tokenizer.model + configs")
+    t.add_argument("--vocab-size", type=at_least(1, MAX_COUNT), required=True, metavar="N")
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     t.add_argument("--character-coverage", type=fraction, default=0.9995, help="in (0, 1]")
-    t.add_argument("--special-tokens", nargs="*", default=list(CHAT_TOKENS), metavar="TOKEN",
+    t.add_argument("--special-tokens", nargs="*", type=nonempty("a token"), default=list(CHAT_TOKENS), metavar="TOKEN",
                    help="tokens that always encode as one id (default: the ChatML tokens)")
     t.set_defaults(func=_train_command)

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .argtypes import finite_float
-from .checkpoint import WEIGHT_FILES, load_pretrained
+from .argtypes import finite_float, nonempty
+from .checkpoint import WEIGHT_FILES, load_pretrained, read_config
 from .files import check_output_dir, staged_dir
 from .job import QUANTIZATIONS, default_model_dir, load_trained, run_job
 from .linear4bit import Linear4bit
+from .peft_config import PeftConfig
+from .peft_files import adapter_directory
 from .peft_model import format_trainable
 from .templates import TEMPLATE_FILE, load_template, save_template
 from .train_config import TrainConfig
@@ -44,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float, force: bool,
+def merge_checked(base_dir: Optional[str], adapter_dir: str, output: str, max_diff: float, force: bool,
                   quantization: str = "auto") -> dict[str, float]:
     """Merge, write to a staging directory beside `output`, read it back and check it on PROBE; move
     it into place only if both checks pass (or with force). Returns the comparisons.
@@ -70,6 +73,8 @@ def merge_checked(base_dir: str, adapter_dir: str, output: str, max_diff: float,
         if output_path.resolve() == directory.resolve():
             raise ValueError(f"--output {output}: is the {flag} directory; the merge would {why}: "
                              "choose another directory")
+    read_config(default_model_dir(base_dir))  # a missing base or adapter failed after the other had loaded
+    PeftConfig.load(adapter_directory(adapter_dir))
     peft_model, tok = load_trained(base_dir, adapter_dir, quantization=quantization, log=print)
     dtype = peft_model.base_model.model.embed_tokens.weight.dtype  # the checkpoint's (never quantized)
     if not any(isinstance(m, Linear4bit) for m in peft_model.modules()):
@@ -120,14 +125,14 @@ def _merge(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune a model from a job file (JSON or YAML)")
-    t.add_argument("--config", required=True, type=Path, help="job file with TrainConfig's keys")
-    t.add_argument("--output-dir", help="overrides output_dir of the job file")
+    t.add_argument("--config", required=True, type=nonempty("a job file"), help="job file with TrainConfig's keys")
+    t.add_argument("--output-dir", type=nonempty("a directory"), help="overrides output_dir of the job file")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     t.set_defaults(func=_train)
     m = sub.add_parser("merge", help="merge an adapter into its base model, checked, as a Hugging Face checkpoint")
-    m.add_argument("--base", default="", help="base model directory (default: the shipped model)")
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--output", required=True)
+    m.add_argument("--base", type=nonempty("a model directory"), help="base model directory (default: the shipped model)")
+    m.add_argument("--adapter", required=True, type=nonempty("an adapter directory"))
+    m.add_argument("--output", required=True, type=nonempty("a directory"))
     m.add_argument("--max-diff", type=finite_float(0.0), default=1e-3,
                    help="largest |logit| difference accepted by the merge and written checks, in float32 "
                         "(a right merge lands ~1e-6)")

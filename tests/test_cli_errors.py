@@ -191,7 +191,7 @@ def test_job_create_with_a_directory_says_so(tmp_path, capsys, flag):
     files = {"--training-file": "file-abc", flag: str(tmp_path)}
     args = [a for f, v in files.items() for a in (f, v)]
     assert main(["job", "--server", "http://127.0.0.1:9", "create", "--model", "tiny", *args]) == 2
-    assert f"minipeft job: error: {tmp_path}: is a directory; {flag} takes a JSONL file" in one_line_error(capsys)
+    assert f"minipeft job create: error: {tmp_path}: is a directory; {flag} takes a JSONL file" in one_line_error(capsys)
 
 
 def test_job_create_with_one_file_as_training_and_validation_data_says_so(tmp_path, capsys, monkeypatch):
@@ -201,7 +201,7 @@ def test_job_create_with_one_file_as_training_and_validation_data_says_so(tmp_pa
     assert main(["job", "--server", "http://127.0.0.1:9", "create", "--model", "tiny", "--training-file", "a.jsonl",
                  "--validation-file", str(tmp_path / "a.jsonl")]) == 2
     given = (tmp_path / "a.jsonl").resolve()
-    assert f"minipeft job: error: {given} is given as both --training-file and --validation-file" \
+    assert f"minipeft job create: error: {given} is given as both --training-file and --validation-file" \
         in one_line_error(capsys)
 
 
@@ -302,7 +302,7 @@ def test_tokenizer_train_checks_its_input_and_output_paths_first(tmp_path, capsy
     (tmp_path / "taken").write_text("")
     args = ["tokenizer", "train", "--vocab-size", "300", "--input"]
     assert main([*args, str(corpus), "--output", str(tmp_path / "taken")]) == 2
-    assert f"minipeft tokenizer: error: --output {tmp_path / 'taken'}: exists and is not a directory" \
+    assert f"minipeft tokenizer train: error: --output {tmp_path / 'taken'}: exists and is not a directory" \
         in one_line_error(capsys)
     assert main([*args, str(tmp_path), "--output", str(tmp_path / "tok")]) == 2
     assert f"error: {tmp_path}: is a directory; train_tokenizer reads UTF-8 text files" in one_line_error(capsys)
@@ -363,11 +363,11 @@ def test_outputs_under_a_file_are_named_before_any_work(tmp_path, capsys):
     assert f"--output {tmp_path / 'afile' / 'x.jsonl'}: its folder {tmp_path / 'afile'}: exists and is not a " \
         "directory" in one_line_error(capsys)
     assert main(["datasets", "build", "--output", str(tmp_path / "afile")]) == 2
-    assert f"--output {tmp_path / 'afile'}: exists and is not a directory" in one_line_error(capsys)
+    assert f"minipeft datasets build: error: --output {tmp_path / 'afile'}: exists and is not a directory" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("server", ["127.0.0.1:8000", ""])
 def test_job_with_a_server_that_is_not_a_url_names_the_flag(capsys, server):
     """It was urllib's "error: unknown url type: '127.0.0.1:8000/api/v1/fine-tunes?'"."""
     assert main(["job", "--server", server, "list"]) == 2
-    assert f"minipeft job: error: --server {server!r}: expected an http:// or https:// URL" in one_line_error(capsys)
+    assert f"minipeft job list: error: --server {server!r}: expected an http:// or https:// URL" in one_line_error(capsys)

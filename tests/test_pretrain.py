@@ -398,8 +398,8 @@ def test_too_little_text_is_a_clear_error(tmp_path, tok_dir, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--evaluations", "0"], "invalid pretraining settings: --evaluations 0 (expected >= 1)"),
-    (["--steps", "0"], "invalid pretraining settings: --steps 0 (expected >= 1)"),
+    (["--evaluations", "0"], "invalid pretraining settings: --evaluations 0 (expected >= 1 and <= 2147483647)"),
+    (["--steps", "0"], "invalid pretraining settings: --steps 0 (expected >= 1 and <= 2147483647)"),
     (["--context-length", "1024"],
      "invalid pretraining settings: --context-length 1024 (expected >= 2 and <= max_position_embeddings (512)"),
     (["--context-length", "600", "--max-position-embeddings", "512"], "--context-length 600 (expected >= 2 and <="),
@@ -408,7 +408,11 @@ def test_too_little_text_is_a_clear_error(tmp_path, tok_dir, capsys):
     (["--eval-fraction", "1.5"], "invalid pretraining settings: --eval-fraction 1.5 (expected in [0, 1))"),
     (["--copy-fraction", "-0.5"], "invalid pretraining settings: --copy-fraction -0.5 (expected in [0, 1])"),
     (["--drill-fraction", "nan"], "invalid pretraining settings: --drill-fraction nan (expected in [0, 1])"),
-    (["--eval-windows", "0"], "invalid pretraining settings: --eval-windows 0 (expected >= 1)"),
+    (["--eval-windows", "0"], "invalid pretraining settings: --eval-windows 0 (expected >= 1 and <= 2147483647)"),
+    # a model no machine holds (petabytes of training state) failed in torch.empty after the tokenizer was trained;
+    # --hidden-size 10**30 there too, in C's long long
+    (["--hidden-size", str(2**24)], "GiB of memory: lower --hidden-size"),
+    (["--hidden-size", str(10**30)], f"--hidden-size {10**30} (expected >= 1 and <= 2147483647)"),
     # TrainConfig's check, run before any work too
     (["--learning-rate", "5"], "invalid training config: learning_rate=5.0 (expected in (0, 1))"),
 ])

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .. import files
-from ..argtypes import at_least
+from ..argtypes import at_least, check_file_to_write, nonempty
 from ..templates import TEMPLATES, ChatTemplate, get_template
+from ..train_config import MAX_SEED
 from .check import check_file, default_rejects_path, special_tokens, summary, write_clean
 from .dedup import NEAR_THRESHOLD
 from .jsonl import check_not_input
@@ -31,23 +32,23 @@ def register(subparsers: Any) -> None:
                                  description=__doc__.splitlines()[0])
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{check,report,split}")
     check = sub.add_parser("check", help="list every problem of data files; optionally write a clean copy")
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("files", nargs="+", type=nonempty("a file"), metavar="FILE")
     check.add_argument("--max-length", type=at_least(1),
                        help="longest example in tokens, as in training, which drops longer ones (needs --tokenizer)")
-    check.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, for --max-length")
+    check.add_argument("--tokenizer", type=nonempty("a directory"), metavar="DIR", help="tokenizer directory, for --max-length")
     check.add_argument("--template", choices=list(TEMPLATES),
                        help=f"chat template the length is measured with, with --tokenizer (default: {DEFAULT_TEMPLATE})")
     check.add_argument("--drop-invalid", action="store_true", help="write the valid lines to --output")
-    check.add_argument("--output", metavar="CLEAN.jsonl", help="the clean copy (with --drop-invalid)")
-    check.add_argument("--rejects", metavar="PATH", help="where rejected lines go (default: CLEAN.rejects.jsonl)")
+    check.add_argument("--output", type=nonempty("a file"), metavar="CLEAN.jsonl", help="the clean copy (with --drop-invalid)")
+    check.add_argument("--rejects", type=nonempty("a file"), metavar="PATH", help="where rejected lines go (default: CLEAN.rejects.jsonl)")
     check.set_defaults(func=run_check)
 
     report = sub.add_parser("report", help="write a data-quality report (report.md, report.json)")
-    report.add_argument("file", metavar="FILE")
-    report.add_argument("--test", metavar="FILE", help="test set to check for leakage from FILE")
+    report.add_argument("file", type=nonempty("a file"), metavar="FILE")
+    report.add_argument("--test", type=nonempty("a file"), metavar="FILE", help="test set to check for leakage from FILE")
     report.add_argument("--task", choices=list(TASK_SIZES), help="task type, for the data-size advice")
-    report.add_argument("--output", metavar="DIR", help="report directory (default: FILE's name + .report)")
-    report.add_argument("--tokenizer", metavar="DIR", help="count lengths in tokens (default: characters)")
+    report.add_argument("--output", type=nonempty("a directory"), metavar="DIR", help="report directory (default: FILE's name + .report)")
+    report.add_argument("--tokenizer", type=nonempty("a directory"), metavar="DIR", help="count lengths in tokens (default: characters)")
     report.add_argument("--template", choices=list(TEMPLATES),
                         help=f"chat template, with --tokenizer (default: {DEFAULT_TEMPLATE})")
     report.add_argument("--near-threshold", type=float, default=NEAR_THRESHOLD,
@@ -55,12 +56,13 @@ def register(subparsers: Any) -> None:
     report.set_defaults(func=run_report)
 
     split = sub.add_parser("split", help="split into train.jsonl and test.jsonl, no prompt on both sides")
-    split.add_argument("file", metavar="FILE")
+    split.add_argument("file", type=nonempty("a file"), metavar="FILE")
     split.add_argument("--test-ratio", type=float, default=0.1, help="share held out for test: 0.1-0.2")
     split.add_argument("--allow-any-ratio", action="store_true", help="accept a ratio outside 0.1-0.2")
-    split.add_argument("--seed", type=int, default=0)
+    # random.Random(-n) draws as random.Random(n): a negative seed would alias another
+    split.add_argument("--seed", type=at_least(0, MAX_SEED), default=0)
     split.add_argument("--stratify", action="store_true", help="keep each label's share (classification)")
-    split.add_argument("--output-dir", metavar="DIR", help="where train/test.jsonl go (default: FILE's folder)")
+    split.add_argument("--output-dir", type=nonempty("a directory"), metavar="DIR", help="where train/test.jsonl go (default: FILE's folder)")
     split.set_defaults(func=run_split)
 
 
@@ -83,6 +85,7 @@ def run_check(args: argparse.Namespace) -> int:
     for out, flag in ((args.output, "--output"), (rejects, "--rejects")):
         if out:  # refused before the check, which on a large file with a tokenizer takes a while
             check_not_input(out, args.files[0], flag)
+            check_file_to_write(out, flag)  # a directory failed after the check, and after --output was written
     template = _template(args)
     tokenizer = _load_tokenizer(args.tokenizer)
     status = 0
