@@ -9,7 +9,8 @@ servers take it). Under /v1 its body is OpenAI's: type "invalid_request_error", 
 plus the multipart envelope; everything else: max_body_bytes) gets 413 before it is read, and a
 chunked body, whose size is unknown in advance, gets 411. Validation errors become 400 with each bad field named
 ("hyper_parameters.n_epochs: Input should be a valid integer (got 'three')"); malformed JSON says
-where it broke. The scheduler starts and stops with the application (lifespan).
+where it broke, a wrong method which ones the path takes, and a client's value is repeated cut to
+errors.SHOWN characters. The scheduler starts and stops with the application (lifespan).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from .errors import ApiError, error_body
+from .errors import SHOWN, ApiError, error_body, shown
 from .openai_api import openai_router
 from .routes import management_router
 from .state import Platform, Settings
@@ -90,24 +92,57 @@ def _unauthorized(path: str, wrong: bool) -> dict[str, Any]:
     return answer
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return f" (got {text})" if len(text) <= 60 and not isinstance(value, (dict, list)) else ""
+def _got(value: Any) -> str:
+    return "" if isinstance(value, (dict, list)) else f" (got {shown(value)})"
+
+
+def _field(loc: tuple) -> str:
+    """A field's dotted path; a key that is empty, unprintable or long is quoted (and cut), so the
+    extra key "" is not reported as the whole body, nor a NUL or a 1,000-character key echoed raw."""
+    keys = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
+    return ".".join(str(k) if not isinstance(k, str) or (k.isprintable() and 0 < len(k) <= SHOWN) else shown(k)
+                    for k in keys)
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]]:
     """Pydantic's errors as one sentence naming each field, and the first field (OpenAI's `param`)."""
     parts, params = [], []
     for e in errors:
-        if e["type"] == "json_invalid":
-            return f"malformed JSON body: {e.get('ctx', {}).get('error', e['msg'])}", None
-        where = ".".join(str(x) for x in e["loc"] if x not in ("body", "query", "path"))
+        if e["type"] == "json_invalid":  # loc: ("body", the character where the parser stopped)
+            where = f" (at character {e['loc'][1]})" if len(e["loc"]) > 1 else ""
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e['msg'])}{where}", None
+        where = _field(e["loc"])
         if e["type"] == "missing":
             parts.append(f"{where or 'request body'}: required")
         else:
-            parts.append(f"{where or 'request body'}: {e['msg']}{_shown(e.get('input'))}")
+            parts.append(f"{where or 'request body'}: {e['msg']}{_got(e.get('input'))}")
         params.append(where or None)
     return "; ".join(parts), params[0] if params else None
+
+
+def _allowed(request: Request) -> str:
+    """The methods of every route at the request's path (Starlette's 405 names only the first
+    route's: "DELETE /api/v1/files" was told it takes POST, and GET it takes too)."""
+    routes = [r for r in request.app.state.routes if r.matches(request.scope)[0] != Match.NONE]
+    return ", ".join(sorted({m for r in routes for m in r.methods}))
+
+
+def _http_message(request: Request, e: StarletteHTTPException) -> str:
+    """The routing's and body reading's errors, which Starlette words for no one in particular,
+    said with the request's method and path, what the path allows, and why a body was unreadable."""
+    path = request.url.path
+    path = path if path.isprintable() and len(path) <= SHOWN else shown(path)
+    if e.status_code == 404:
+        return f"no route {request.method} {path}"
+    if e.status_code == 405:
+        return f"Method Not Allowed: {request.method} {path}; this path takes {_allowed(request)}"
+    cause = e.__cause__
+    if e.status_code == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+        return (f"the request body is not UTF-8: {cause.reason} at byte {cause.start}; send the JSON body "
+                "encoded as UTF-8")
+    if e.status_code == 400 and cause is not None:
+        return f"the request body could not be read: {type(cause).__name__}: {cause}"
+    return str(e.detail)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -130,9 +165,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return JSONResponse(error_body(e.status_code, message), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        headers = dict(getattr(e, "headers", None) or {})
+        if e.status_code == 405:
+            headers["Allow"] = _allowed(request)
+        return JSONResponse(error_body(e.status_code, _http_message(request, e)), status_code=e.status_code,
+                            headers=headers or None)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception):  # a bug, not the request's fault: say so, stay up
@@ -154,8 +191,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="minipeft platform", lifespan=lifespan)
     app.state.platform = platform
-    app.include_router(management_router(platform))
-    app.include_router(openai_router(platform))
+    routers = [management_router(platform), openai_router(platform)]
+    app.state.routes = [route for router in routers for route in router.routes]  # their paths and methods: a 405's
+    for router in routers:
+        app.include_router(router)
     _add_error_handlers(app)
     app.add_middleware(Guard, settings=settings)
     return app

@@ -16,6 +16,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
          503: "service_unavailable", 507: "server_error"}
 MODEL_NOT_FOUND = "model_not_found"  # OpenAI's code for a `model` that names nothing served
+SHOWN = 80  # characters of a client's value an error message repeats
 
 
 class ApiError(Exception):
@@ -37,6 +38,20 @@ def error_body(status: int, message: str, param: Optional[str] = None, detail: A
     return {"error": body}
 
 
+def shown(value: Any) -> str:
+    """A client's value for an error message: a string quoted (repr: control characters escaped),
+    anything else as str(); cut to SHOWN characters with its length said, so a 100k-character id
+    or a 500-digit max_tokens is not echoed back whole."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= SHOWN else f"{value[:SHOWN]!r}... ({len(value)} characters)"
+    return cut(str(value))
+
+
+def cut(text: str) -> str:
+    """`text` whole if short, else its first SHOWN characters and its length."""
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
+
+
 def not_found(kind: str, key: str, hint: str = "", code: Optional[str] = None,
               param: Optional[str] = None) -> ApiError:
-    return ApiError(404, f"{kind} {key!r} not found" + (f"; {hint}" if hint else ""), param=param, code=code)
+    return ApiError(404, f"{kind} {shown(key)} not found" + (f"; {hint}" if hint else ""), param=param, code=code)

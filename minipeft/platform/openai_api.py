@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..templates import ChatTemplate
 from ..tokenizer import Tokenizer, check_unicode
-from .errors import MODEL_NOT_FOUND, ApiError, error_body, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, cut, error_body, not_found, shown
 from .inference import Loaded, Sampling, StopText, TextStream, stream_tokens
 from .state import Platform
 
@@ -56,6 +56,11 @@ def _without_nulls(data: Any, keep: Sequence[str] = ()) -> Any:
     if isinstance(data, dict):
         return {k: v for k, v in data.items() if v is not None or k in keep}
     return data
+
+
+def _json(value: Any) -> str:
+    """A value as the client sent it (JSON's spelling: true, null, {...}), cut to SHOWN characters."""
+    return cut(json.dumps(value, ensure_ascii=False))
 
 
 class ContentPart(BaseModel):
@@ -76,14 +81,30 @@ class Message(BaseModel):
     def _null_is_nothing(cls, data: Any) -> Any:
         return _without_nulls(data, keep=("content",))  # null content: an empty reply, or refused below
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        """A wrong shape said once: the union alone reports each member's error for one value
+        ("content.str: ...; content.list[ContentPart].0: ..."). _text_only then checks the parts' types."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"expected a string, a list of text parts or null (got {_json(value)})")
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str) or not isinstance(
+                    part.get("text", ""), (str, type(None))):
+                raise ValueError(f'part {i}: expected an object {{"type": "text", "text": "..."}} '
+                                 f"(got {_json(part)})")
+        return value
+
     @model_validator(mode="after")
     def _text_only(self) -> "Message":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: required in a {self.role} turn (null is allowed for assistant turns only)")
         for i, part in enumerate(self.content if isinstance(self.content, list) else []):
             if part.type != "text":
-                raise ValueError(f"content.{i}: part type {part.type!r} is not supported; this server takes text "
-                                 'parts only, {"type": "text", "text": ...}')
+                raise ValueError(f"content.{i}: part type {shown(part.type)} is not supported; this server takes "
+                                 'text parts only, {"type": "text", "text": ...}')
             if part.text is None:
                 raise ValueError(f"content.{i}.text: required")
         check_unicode(self.turn()["content"], "content")  # where the client sent it, not the rendered prompt
@@ -167,13 +188,14 @@ def _sampling(req: SamplingRequest, prompt_tokens: int, context: int, virtual: i
     unknown = {k for k, v in (req.model_extra or {}).items()
                if k not in IGNORED_FIELDS and not (k in OFF_BY_DEFAULT and v is False)}
     if unknown:
-        raise ApiError(400, f"unsupported field(s) {sorted(unknown)}: this server implements model, messages/prompt, "
-                       "max_tokens, max_completion_tokens, temperature, top_p, n=1, seed, stop, presence_penalty, "
-                       "frequency_penalty, stream, stream_options", param=sorted(unknown)[0])
+        raise ApiError(400, f"unsupported field(s) [{', '.join(map(shown, sorted(unknown)))}]: this server "
+                       "implements model, messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, "
+                       "n=1, seed, stop, presence_penalty, frequency_penalty, stream, stream_options",
+                       param=sorted(unknown)[0])
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"  # the one obeyed: name it
     asked = getattr(req, field)
     if asked is not None and asked > limit:
-        raise ApiError(400, f"{field}={asked} is over this server's limit of {limit}", param=field)
+        raise ApiError(400, f"{field}={shown(asked)} is over this server's limit of {limit}", param=field)
     room, after = context - virtual - prompt_tokens, f" after {virtual} virtual tokens" if virtual else ""
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens, which fills the model's context of "
@@ -191,7 +213,7 @@ def _stop_strings(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop: expected a string or a list of up to 4 non-empty strings, got "
-                       f"{json.dumps(stop, ensure_ascii=False)[:200]}", param="stop")
+                       f"{_json(stop)}", param="stop")
     return stops
 
 

@@ -26,10 +26,12 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import FormParserError, MultiPartException
 
 from . import jobs
-from .errors import MODEL_NOT_FOUND, ApiError, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, not_found, shown
 from .files import delete_file, save_upload
 from .models import publish
 from .scheduler import note, publish_again
@@ -39,6 +41,8 @@ from .store import Store
 
 PAGE_SIZE, MAX_PAGE_SIZE = 10, 100  # Bailian's default and largest page_size
 MAX_PAGE_NO = 10 ** 6  # past any list's end; keeps the row offset within SQLite's integers
+UPLOAD_HOWTO = ("send one file as multipart/form-data field 'file' (and optionally purpose=fine-tune), as "
+                "curl -F file=@train.jsonl does")
 
 
 class DeploymentRequest(BaseModel):
@@ -67,13 +71,13 @@ def paged(store: Store, table: str, asked: tuple[int, int], **where: Any) -> dic
 def _register_files(router: APIRouter, platform: Platform) -> None:
     @router.post("/files")
     async def upload_file(request: Request):
-        form = await request.form(max_files=1, max_fields=4)
+        form = await _read_form(request)
         try:
             upload, purpose = form.get("file"), form.get("purpose", "fine-tune")
             if not isinstance(upload, UploadFile):
                 raise ApiError(400, "multipart field 'file' is required: the JSONL file to upload", param="file")
             if purpose != "fine-tune":
-                raise ApiError(400, f"purpose {purpose!r}: only 'fine-tune' is supported", param="purpose")
+                raise ApiError(400, f"purpose {shown(str(purpose))}: only 'fine-tune' is supported", param="purpose")
             limit = platform.settings.max_upload_bytes
             return await run_in_threadpool(save_upload, platform.store, platform.data_dir, upload.filename or "",
                                            upload.file, limit)
@@ -92,6 +96,24 @@ def _register_files(router: APIRouter, platform: Platform) -> None:
     def remove_file(file_id: str):
         delete_file(platform.store, platform.data_dir, file_id)
         return {"id": file_id, "deleted": True}
+
+
+async def _read_form(request: Request) -> FormData:
+    """The upload's form; one that is not multipart/form-data, or that its parser refuses, is a 400
+    that says what an upload is (Starlette's own words, "Too many files. Maximum number of files is
+    1.", name neither the field nor the fix)."""
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        raise ApiError(400, f"{UPLOAD_HOWTO} (this request has " + (f"Content-Type {shown(kind)})" if kind else
+                                                                      "no Content-Type)"), param="file")
+    try:
+        return await request.form(max_files=1, max_fields=4)
+    except (HTTPException, MultiPartException) as e:
+        reason, inner = e.detail if isinstance(e, HTTPException) else e.message, e
+        while inner.__cause__ or inner.__context__:  # python-multipart's own reason, under Starlette's
+            inner = inner.__cause__ or inner.__context__  # "Invalid multipart data."
+        why = f" ({inner})" if isinstance(inner, FormParserError) else ""
+        raise ApiError(400, f"malformed multipart upload: {reason}{why}; {UPLOAD_HOWTO}", param="file") from None
 
 
 def _found(row: Optional[dict[str, Any]], error: ApiError) -> dict[str, Any]:

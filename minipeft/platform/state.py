@@ -26,7 +26,7 @@ from typing import IO, Any, Optional
 
 from ..files import staging_dir
 from ..templates import ChatTemplate
-from .errors import MODEL_NOT_FOUND, ApiError, not_found
+from .errors import MODEL_NOT_FOUND, ApiError, not_found, shown
 from .files import remove_partial_uploads
 from .inference import Loaded, ModelPool, Target
 from .jobs import ACTIVE, FineTuneRequest, create_job
@@ -135,7 +135,7 @@ class Platform:
         loaded now, so a model that cannot be served is refused here rather than at first call."""
         name = model if name is None else name  # "" is a name given, and refused below
         if not NAME.fullmatch(name):
-            raise ApiError(400, f"name {name!r}: expected 1-128 letters, digits, '.', '_' or '-', starting with "
+            raise ApiError(400, f"name {shown(name)}: expected 1-128 letters, digits, '.', '_' or '-', starting with "
                            "a letter or digit", param="name")
         with self._naming:  # check-then-insert, so two requests cannot both take one name (nor a deleted model)
             if self.store.get("models", model) is None:
