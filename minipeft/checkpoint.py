@@ -168,7 +168,7 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, device:
     def convert(name: str, stored: torch.Tensor):
         t = (stored.to(dtype) if dtype is not None and stored.is_floating_point() else stored).to(device)
         if name in quantized:
-            return quantize_nf4(t)
+            return quantize_nf4(t, name=name)
         # When quantizing, kept tensors are copied out of the file's mapping, so that the mapping, with
         # the pages of every weight read to quantize it, goes when loading ends.
         return t.clone() if quantized and t.data_ptr() == stored.data_ptr() else t

@@ -79,9 +79,10 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
-        """Quantize `linear.weight` to NF4; compute_dtype defaults to the weight's dtype."""
-        weight = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
+                    compute_dtype: Optional[torch.dtype] = None, name: str = "weight") -> "Linear4bit":
+        """Quantize `linear.weight` to NF4; compute_dtype defaults to the weight's dtype. `name` is what a
+        refusal (a NaN or infinite weight) calls it."""
+        weight = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant, name=name)
         return cls(weight, linear.bias, compute_dtype or linear.weight.dtype)
 
     @property
@@ -172,7 +173,8 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: Optiona
     for name, linear in quantization_targets(model, skip):
         if id(linear) not in replaced:
             replaced[id(linear)] = (Linear4bit(weights[name], linear.bias, compute_dtype) if name in weights
-                                    else Linear4bit.from_linear(linear, compute_dtype=compute_dtype))
+                                    else Linear4bit.from_linear(linear, compute_dtype=compute_dtype,
+                                                                name=f"{name}.weight"))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replaced[id(linear)])
     return model

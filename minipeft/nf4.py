@@ -2,7 +2,9 @@
 
 Bit-compatible with `bitsandbytes.functional.quantize_4bit(A, blocksize=64, quant_type="nf4",
 compress_statistics=True)` on CPU (bitsandbytes 0.50): same packed bytes, absmax codes, nested
-absmax, offset and dequantized values (tests/test_nf4.py compares them for odd shapes, fp32/bf16).
+absmax, offset and dequantized values (tests/test_nf4.py: chosen cases; tests/test_nf4_fuzz.py: a seeded
+fuzz over every blocksize, fp32/bf16/fp16 and edge values). Dequantization follows bitsandbytes' formula,
+not its CPU kernel's two AVX-512 bugs (rows ending inside a block mis-scaled, bf16 subnormals flushed to 0).
 
 Quantization of a tensor W with n = W.numel() elements, b = blocksize (64):
     w = W.flatten().float()                                   # row-major, (n,)
@@ -177,6 +179,15 @@ def _check_input(tensor: torch.Tensor, blocksize: int) -> None:
         raise ValueError(f"quantize_nf4 cannot quantize an empty tensor (shape {tuple(tensor.shape)})")
 
 
+def _refuse_non_finite(tensor: torch.Tensor, chunk: torch.Tensor, start: int, name: str) -> None:
+    """Raise the ValueError naming the first NaN/inf element of `chunk` (tensor's flat values from
+    `start`); only called when the chunk has one, so the bool temporary is the chunk's, once."""
+    i = start + int((chunk.isnan() | chunk.isinf()).nonzero()[0])
+    index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tensor.shape))
+    raise ValueError(f"quantize_nf4: {name} (shape {tuple(tensor.shape)}) contains NaN or infinite values, "
+                     f"the first {chunk[i - start].item()} at index {index}; NF4 stores finite weights only")
+
+
 def _absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(absmax per block, flat / absmax clamped to [-1, 1]) for the 4-bit step, bitsandbytes' way.
 
@@ -234,22 +245,28 @@ def _quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(-1)[: x.numel()], absmax
 
 
-def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 name: str = "the tensor") -> NF4Tensor:
     """Quantize `tensor` (any shape, float32/bfloat16/float16) to NF4; see the module docstring.
 
     Blocks are independent, so they are quantized CHUNK values at a time: the temporaries (float32
     copies, int64 code indices: ~6x the chunk's float32 bytes) stay a few tens of MB whatever the
-    weight's size, which matters when a large model is quantized as it loads."""
+    weight's size, which matters when a large model is quantized as it loads.
+
+    NaN or +-inf values are refused (a ValueError naming `name` and the first such element):
+    bitsandbytes quantizes them without a word, and its block then dequantizes to NaN (an inf to +inf,
+    whatever its sign; with double quantization the offset is NaN/inf and so is every weight)."""
     _check_input(tensor, blocksize)
     flat = tensor.detach().reshape(-1)
     step = max(blocksize, CHUNK - CHUNK % blocksize)  # whole blocks, an even number of values
     absmaxes, packed = [], []
     for start in range(0, flat.numel(), step):
-        absmax, scaled = _absmax_scale(flat[start:start + step].float(), blocksize)
+        chunk = flat[start:start + step]
+        absmax, scaled = _absmax_scale(chunk.float(), blocksize)
         # A NaN or an infinity makes its block's absmax one: checked here, chunk by chunk, rather than by
         # isfinite over the whole weight, a bool temporary of half a bf16 weight's size.
         if not torch.isfinite(absmax).all():
-            raise ValueError("quantize_nf4: the tensor contains NaN or infinite values")
+            _refuse_non_finite(tensor, chunk, start, name)
         codes = _nearest_nf4(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))).to(torch.uint8)
         absmaxes.append(absmax)
         packed.append((codes[0::2] << 4) | codes[1::2])
@@ -258,8 +275,8 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if double_quant:
         offset_t = absmax.mean()
         if not torch.isfinite(offset_t):  # bitsandbytes goes on, and every weight dequantizes to NaN
-            raise ValueError("quantize_nf4: double quantization's offset, the float32 mean of the block absmax "
-                             "values, overflows float32 (weights near 3.4e38); quantize with double_quant=False")
+            raise ValueError(f"quantize_nf4: {name}: double quantization's offset, the float32 mean of the block "
+                             "absmax values, overflows float32 (weights near 3.4e38); quantize with double_quant=False")
         absmax, nested = _quantize_dynamic(absmax - offset_t)
         offset = offset_t.item()
     return NF4Tensor(data, absmax, nested, offset, tensor.shape, blocksize, tensor.dtype)
