@@ -93,6 +93,12 @@ class ModelConfig:
             if getattr(self, field) != value:
                 raise ValueError(f"model_type {self.model_type!r}: {field} must be {value} (transformers' "
                                  f"{self.model_type} class has no other), got {getattr(self, field)}")
+        if self.model_type == "llama" and self.hidden_size % self.num_attention_heads:
+            # LlamaConfig (transformers 5) refuses it even with head_dim given: the checkpoint would not load
+            # there. MistralConfig and Qwen2Config take it (head_dim = hidden_size // heads, or as given).
+            raise ValueError(f"model_type 'llama': hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads}), as transformers' LlamaConfig "
+                             f"requires even with head_dim given (mistral and qwen2 take it)")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         _check_token_ids(self)
 
