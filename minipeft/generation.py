@@ -88,7 +88,8 @@ def generate(
     with n <= max_new_tokens.
 
     A row that emitted an eos token is finished: it is filled with pad_token_id (default: the
-    first eos id) and generation stops when every row is finished. `model` is any callable with
+    model.config's, else the first eos id) and generation stops when every row is finished.
+    eos_token_id defaults to model.config's, as in transformers; eos_token_id=[] never stops early. `model` is any callable with
     the Transformer's signature, model(ids, attention_mask=, cache=, logits_to_keep=) -> logits
     (B, T', V) (a PeftModel works: prefix tuning fills the cache first). use_cache=True also needs
     model.config.num_hidden_layers (the cache holds one key/value pair per layer), else it is refused
@@ -102,6 +103,9 @@ def generate(
         name = getattr(model, "__qualname__", None) or type(model).__qualname__  # a function's name, or a class's
         raise ValueError(f"use_cache=True needs model.config.num_hidden_layers (the KV cache holds one key/value "
                          f"pair per layer), which {name} lacks; pass use_cache=False, or give the model a config")
+    config = getattr(model, "config", None)  # as transformers' generate: the model's ids unless given
+    eos_token_id = getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id
+    pad_token_id = getattr(config, "pad_token_id", None) if pad_token_id is None else pad_token_id
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     B, T = input_ids.shape

@@ -224,3 +224,16 @@ def test_a_model_without_a_config_needs_use_cache_false():
                                              f"[^ ]*{name} lacks; pass use_cache=False"):
             generate(callable_, ids, 4)
         assert torch.equal(generate(callable_, ids, 4, use_cache=False), generate(model, ids, 4))
+
+
+def test_generate_stops_at_the_models_own_eos_as_transformers():
+    """Without eos_token_id, transformers' generate stops at the model config's eos; minipeft ran on,
+    repeating it. eos_token_id=[] runs to max_new_tokens."""
+    model = tiny_model()
+    prompt = torch.tensor([[1, 5, 9, 4]])
+    free = model.generate(prompt, 6, eos_token_id=[])
+    eos = int(free[0, prompt.shape[1] + 1])  # the second token generated: the run stops there
+    model.config.eos_token_id, model.config.pad_token_id = eos, None
+    ours = model.generate(prompt, 6)
+    theirs = to_hf(model).generate(prompt, max_new_tokens=6, do_sample=False)
+    assert ours.tolist() == theirs.tolist() == free[:, :prompt.shape[1] + 2].tolist()
