@@ -295,9 +295,10 @@ class LoRALinearFunction(torch.autograd.Function):
 def _apply(x: torch.Tensor, weight, n_out: int, bias, lora_A, lora_B, scaling, dropout_mask, keep_scale,
            xa_in_loop: Optional[bool], nf4_fused: bool) -> torch.Tensor:
     """LoRALinearFunction on x (..., K) flattened to 2-D, the output reshaped back to (..., n_out)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, k)
+    k, m = x.shape[-1], x.shape[:-1].numel()
+    # Rows counted from the leading dims: reshape(-1, 0) cannot infer them (in_features 0, as nn.Linear allows).
+    x2 = x.reshape(m, k)
+    mask2 = None if dropout_mask is None else dropout_mask.reshape(m, k)
     if xa_in_loop is None:
         xa_in_loop = x2.shape[0] <= XA_IN_LOOP_MAX_M
     y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(keep_scale),

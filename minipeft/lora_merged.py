@@ -62,7 +62,8 @@ class _LoraLinearMerged(torch.autograd.Function):
         x, weight, lora_A, lora_B = ctx.saved_tensors
         weight = _dense(ctx.nf4 or weight, x.dtype)
         s, needs = ctx.scaling, ctx.needs_input_grad
-        g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, N), (M, K)
+        M = grad.shape[:-1].numel()  # from the leading dims: reshape(-1, 0) cannot infer M when K or N is 0
+        g, x2 = grad.reshape(M, grad.shape[-1]), x.reshape(M, x.shape[-1])  # (M, N), (M, K)
         dx = grad @ merged_weight(weight, lora_A, lora_B, s) if needs[0] else None
         db = g.sum(0) if needs[2] else None
         dA = ((g @ lora_B).t() @ x2) * s if needs[3] else None

@@ -9,16 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interpreted import DEVICE, _interpreter, common, klora, knf4  # noqa: F401 (_interpreter: an autouse fixture)
 from minipeft.kernels import triton_interpreter
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-with triton_interpreter(enabled=DEVICE == "cpu"):
+with triton_interpreter(enabled=DEVICE == "cpu"):  # a test kernel of this module, defined as the flag says
     import triton
     import triton.language as tl
-
-    from minipeft.kernels import common
-    from minipeft.kernels import lora as klora
-    from minipeft.kernels import nf4 as knf4
 
     @triton.jit
     def _to_dtype_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
@@ -28,13 +24,6 @@ with triton_interpreter(enabled=DEVICE == "cpu"):
 
 from minipeft import functional as MF  # noqa: E402
 from minipeft import nf4  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """The kernel launches of this module run with the flag set too (see triton_interpreter)."""
-    with triton_interpreter(enabled=DEVICE == "cpu"):
-        yield
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -70,6 +70,20 @@ def test_empty_batch_gives_empty_output_and_zero_gradients():
     assert y.shape == (0, 24) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
 
 
+@pytest.mark.parametrize("k,n", [(0, 5), (5, 0)])
+def test_no_in_or_out_features_matches_the_twin(k, n):
+    """reshape(-1, 0) cannot infer the rows of a 0-wide tensor: the backward raised."""
+    x, weight, b, lora_A, lora_B = torch.randn(2, 3, k), torch.randn(n, k), torch.randn(n), torch.randn(2, k), \
+        torch.randn(n, 2)
+    grads = []
+    for f in (lora_linear_merged, MF.lora_linear_torch):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, b, lora_A, lora_B)]
+        y = f(leaves[0], weight, leaves[1], leaves[2], leaves[3], 0.5)
+        y.sum().backward()
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
 def test_what_can_merge_and_the_error_otherwise():
     x, weight, b, lora_A, lora_B = inputs((5,), 16, 24, 4, True, torch.float32)
     mask, _ = MF.dropout_mask(x, 0.5, training=True)
