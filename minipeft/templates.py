@@ -91,9 +91,13 @@ def _split(messages: Sequence[Message], final: str) -> tuple[Optional[str], list
             raise ValueError(f"messages[{index}]: expected role {expected!r} (an optional system turn, then "
                              f"user and assistant alternating), got {m.get('role')!r}")
     if not body or body[-1]["role"] != final:
-        last = f"ends with a {body[-1]['role']!r} turn" if body else "holds no turn after the system one"
-        raise ValueError(f"messages must end with {'an' if final[0] == 'a' else 'a'} {final} turn; "
-                         f"this conversation {last}")
+        if body:
+            role = body[-1]["role"]
+            last = f"ends with {'an' if role == 'assistant' else 'a'} {role!r} turn"
+        else:
+            last = "holds no turn after the system one"
+        raise ValueError(f"messages[{len(messages) - 1}]: a conversation must end with "
+                         f"{'an' if final[0] == 'a' else 'a'} {final} turn; this conversation {last}")
     contents = [m["content"] for m in body] + ([None] if final == "user" else [])
     return system, list(zip(contents[::2], contents[1::2]))
 
