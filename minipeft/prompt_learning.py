@@ -12,9 +12,9 @@ concatenated before the token embeddings: the model reads [prompt ; embed(ids)] 
 
 Both extend the attention mask with P ones in front (virtual tokens are never padding), so a
 real token's position is P + (number of real tokens before it), and shift explicit position_ids
-by P (prompt tuning numbers its virtual tokens 0..P-1 in front of them). PEFT 0.21 shifts them
+by P (prompt tuning numbers its virtual tokens 0..P-1 in front of them). PEFT 0.22 shifts them
 only for prefix tuning; for prompt tuning it warns, drops them, and the model numbers all P + T
-inputs 0.. pads included. So on left-padded batches prompt-tuning logits differ from PEFT's by
+inputs 0.. pads included (its generate too). So on left-padded batches prompt-tuning logits differ from PEFT's by
 design: minipeft numbers real tokens only, PEFT numbers pads too (tests/test_prefix_prompt.py
 `our_logits` passes PEFT's numbering, arange(T), explicitly to compare). With a KV cache, the virtual tokens are put into an empty cache once; later
 generation steps find them there and add nothing. Under a sliding window (Mistral) the virtual
@@ -34,8 +34,10 @@ output when prefix_projection: the MLP is folded away). A folded file loads with
 training it further trains the table. For GQA models token_dim is the key/value width n_kv·hd
 and num_attention_heads is n_kv (prefix tuning; PEFT issue #1901). PEFT's forward returns logits
 for the virtual positions too when prompt tuning (B, P+T, V); here the logits are the real
-tokens' only (B, T, V), aligned with input_ids. tests/test_prefix_prompt.py checks logits,
-files both ways, generation and parameter counts against peft.
+tokens' only (B, T, V), aligned with input_ids, so PEFT's prompt-tuning loss also scores labels[:, 0]
+(read at the last virtual token) and a loss over these logits does not. tests/test_prefix_prompt.py
+checks logits, files both ways, generation and parameter counts against peft;
+tests/test_prompt_learning_fuzz.py, 25 drawn cases (also losses, gradients, peft's generate).
 """
 from __future__ import annotations
 

@@ -136,9 +136,8 @@ def test_llama_2_7b_counts_equal_peft(config, expected, capsys):
 def peft_greedy(ref, case, ids, mask, n):
     """Greedy decoding by PEFT's forward on the whole sequence each step (see peft_logits).
 
-    Not PEFT's generate: peft 0.21.2 looks for the cache under `past_key_values`, transformers
-    5.x's generate passes it as `cache`, so PEFT never sees it: the prefix is dropped (prefix
-    tuning) or the soft prompt is prepended again at every step (prompt tuning).
+    Uncached, so that this test does not rest on PEFT's generate (in peft 0.21.2 it lost the cache under
+    transformers 5; 0.22's works, and tests/test_prompt_learning_fuzz.py compares with it directly).
     """
     for _ in range(n):
         nxt = peft_logits(ref, case, ids, mask)[:, -1].argmax(-1, keepdim=True)
