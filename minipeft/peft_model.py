@@ -88,11 +88,6 @@ class PeftModel(MergeMixin, AdapterFilesMixin, nn.Module):
                 type(config).__qualname__
             raise TypeError(f"config must be a minipeft config instance (LoraConfig(...), PrefixTuningConfig(...), "
                             f"...), got {got}; from a dict with 'peft_type': PeftConfig.from_dict(d)")
-        other = next((n for n, c in self.peft_config.items() if c.peft_type != config.peft_type), None)
-        if other is not None:  # as PEFT: one PeftModel holds one method (its layers, its forward)
-            raise ValueError(f"Cannot combine adapters with different peft types: adapter {other!r} is "
-                             f"{self.peft_config[other].peft_type}, {name!r} would be {config.peft_type}; delete "
-                             f"the {self.peft_config[other].peft_type} adapters first, or use another PeftModel")
         self._check_bias(config)
         config.check_model(self.base_model)
         try:

@@ -169,20 +169,3 @@ def test_a_config_file_of_another_peft_type_is_refused_naming_the_field(tmp_path
             peft.PeftModel.from_pretrained(to_hf(tiny_model()), str(good))
         with pytest.raises(ValueError, match="adapter_config.json: PrefixTuningConfig: num_virtual_tokens must be"):
             PeftModel.from_pretrained(tiny_model(), good)
-
-
-def test_adapters_of_two_peft_types_in_one_model_are_refused_as_peft():
-    """LoRA then prefix tuning in one PeftModel: PEFT refuses; minipeft ran both, a combination neither
-    config describes (nor PEFT can load)."""
-    from minipeft.prompt_learning import PrefixTuningConfig
-
-    ref = peft.get_peft_model(to_hf(tiny_model()), peft.LoraConfig(**CFG))
-    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
-        ref.add_adapter("prefix", peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
-    ours = get_peft_model(tiny_model(), LoraConfig(**CFG))
-    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types: adapter 'default' is "
-                                         "LORA, 'prefix' would be PREFIX_TUNING"):
-        ours.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=3))
-    assert list(ours.peft_config) == ["default"] and not ours.prompt_encoder
-    ours.delete_adapter("default")
-    ours.add_adapter("prefix", PrefixTuningConfig(num_virtual_tokens=3))  # the LoRA gone: a new method is fine
