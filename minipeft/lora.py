@@ -264,14 +264,15 @@ class LoraLinear(LoraLayer):
             a, b = _orthogonal_init(A.shape[1], A.shape[0], B.shape[0], A.device)
             A.data.copy_(a), B.data.copy_(b)
             return
+        if init is False:
+            # Not a no-op (for tests and experiments): A and B keep nn.Linear's own init, drawn as they were
+            # built; as PEFT, which leaves them so: the same seed gives its draws.
+            return
         if init == "gaussian":
             nn.init.normal_(A, std=1 / A.shape[0])
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
-        if init is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))  # not a no-op: for tests and experiments
-        else:
-            nn.init.zeros_(B)
+        nn.init.zeros_(B)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

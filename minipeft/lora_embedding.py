@@ -57,21 +57,20 @@ class LoraEmbedding(LoraLayer):
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         # float32 whatever the table's dtype, as LoraLinear's adapters (and PEFT's autocast_adapter_dtype).
         kw = dict(dtype=torch.float32, device=self.base_layer.weight.device)
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(config.r, self.in_features, **kw))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.out_features, config.r, **kw))
+        # Both drawn N(0, 1) before the init, as PEFT draws them: the same seed gives the same adapter.
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(config.r, self.in_features, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, config.r, **kw))
         self.scaling[name] = config.scaling
         self.reset_lora_parameters(name, config.init_lora_weights)
 
     def reset_lora_parameters(self, name: str, init: Union[bool, str]) -> None:
-        """A zeros, B N(0, 1) for every init but False, as PEFT: its Linear-only inits ("gaussian",
-        "orthogonal", "eva") fall back to this one on an embedding. False: A N(0, 1) too, not a no-op."""
+        """A zeros, B N(0, 1) (drawn again) for every init but False, as PEFT: its Linear-only inits
+        ("gaussian", "orthogonal", "eva") fall back to this one on an embedding. False: A and B keep
+        their N(0, 1) draws from add_adapter, not a no-op."""
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        if A.is_meta:
+        if A.is_meta or init is False:
             return
-        if init is False:
-            nn.init.normal_(A)
-        else:
-            nn.init.zeros_(A)
+        nn.init.zeros_(A)
         nn.init.normal_(B)
 
     def delta_weight(self, name: str) -> torch.Tensor:

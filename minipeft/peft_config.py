@@ -135,7 +135,10 @@ class PeftConfig(metaclass=_ConfigMeta):
             raise ValueError(f"{where}: {e}") from None
 
     def save(self, directory: Union[str, os.PathLike]) -> None:
-        write_atomic(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Fields sorted as PEFT writes them, but not the keys inside one: LoRA's rank_pattern and alpha_pattern
+        # take their first matching key, so their order is part of their meaning.
+        fields = dict(sorted(self.to_dict().items()))
+        write_atomic(Path(directory) / CONFIG_NAME, json.dumps(fields, indent=2) + "\n")
 
     @staticmethod
     def load(directory: Union[str, os.PathLike]) -> "PeftConfig":

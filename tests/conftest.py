@@ -130,3 +130,13 @@ def two_gpus(monkeypatch):
 @pytest.fixture
 def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): on two shared
+    cores, two torch threads contend with other processes and small models run ~10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

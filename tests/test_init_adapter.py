@@ -18,13 +18,7 @@ from minipeft.prompt_learning import PrefixTuningConfig
 from test_job import base_dir, data_file, job_config  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: two torch threads contend with other processes and run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small models run faster on one thread
 
 
 @pytest.fixture(scope="module")
