@@ -109,6 +109,11 @@ class Trainer:
         dataclasses.replace(config)  # checks its values again: one set after construction (batch_size = 0) too
         self.cfg, self.model, self.pad_id, self.compute_metrics = config, model, pad_id, compute_metrics
         check_weights(model)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        if frozen and (torch.bfloat16 in frozen) != config.bf16:  # bf16 is applied where the base is loaded
+            warnings.warn(f"bf16={config.bf16}, but the model's frozen weights are {', '.join(sorted(map(str, frozen)))}: "
+                          "bf16 says how `minipeft train` (run_job) loads the base; a Trainer trains the model as it "
+                          f"is given, and its checkpoints record bf16={config.bf16}", stacklevel=2)
         vocab = model.config.vocab_size
         if not 0 <= pad_id < vocab:
             raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {vocab}): use the tokenizer's pad_id")

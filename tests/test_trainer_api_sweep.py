@@ -87,7 +87,7 @@ def test_models_that_cannot_train_are_refused(tmp_path):
     # LoRA over a bf16 base: float32 adapters, and a bf16 trained copy of lm_head, trained as PEFT does
     peft_bf16 = get_peft_model(tiny_model().to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"],
                                                                             modules_to_save=["lm_head"]))
-    Trainer(config(tmp_path), peft_bf16, ragged_data(4))
+    Trainer(config(tmp_path, bf16=True), peft_bf16, ragged_data(4))
 
 
 def test_the_config_is_checked_when_the_trainer_is_built(tmp_path):
@@ -144,3 +144,12 @@ def test_compute_metrics_may_return_tensors_and_numpy_numbers(tmp_path):
     t = Trainer(config(tmp_path), lora(), ragged_data(4), ragged_data(2, seed=1), compute_metrics=metrics)
     result = t.train()
     assert (result.eval["a"], result.eval["b"], result.eval["c"]) == (1.5, 0.25, 3)
+
+
+@pytest.mark.parametrize("bf16,base", [(True, torch.float32), (False, torch.bfloat16)])
+def test_a_bf16_setting_the_model_does_not_follow_is_warned_of(tmp_path, bf16, base):
+    """bf16 is how run_job loads the base: from Python the model comes as it is, and a float32 LoRA run
+    recorded bf16=True in its checkpoints without a word."""
+    model = get_peft_model(tiny_model().to(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=f"bf16={bf16}, but the model's frozen weights are {base}"):
+        Trainer(config(tmp_path, bf16=bf16), model, ragged_data(4))
