@@ -17,7 +17,7 @@ from .trainer import TrainingDiverged
 
 COMMANDS = [
     "minipeft.generate_cli",
-    "minipeft.tokenizer",
+    "minipeft.tokenizer_cli",
     "minipeft.data.cli",
     "minipeft.train_cli",
     "minipeft.param_count",

@@ -11,7 +11,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from minipeft.tokenizer import load_tokenizer, register, train_tokenizer
+from minipeft.tokenizer import load_tokenizer, train_tokenizer
+from minipeft.tokenizer_cli import register
 from conftest import VOCAB, train_tiny, write_corpus
 
 @pytest.fixture(scope="module")
