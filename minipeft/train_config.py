@@ -222,6 +222,8 @@ class TrainConfig:
             ("target_modules", self.target_modules not in ([], ""),
              "a non-empty list of module names, a regular expression or 'all-linear'"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+            # "" is the current folder to Path: checkpoints and metrics would land among the user's files
+            ("output_dir", str(self.output_dir).strip() != "", "a directory path (\".\" for the current folder)"),
             # The trainer updates weights in their own dtype, with no float32 master copy: a step below
             # half of bf16's spacing (2^-8 of the weight) rounds away; at lr 2e-5 norm gains never move.
             ("bf16", not (self.bf16 and self.method == "full"),

@@ -153,3 +153,10 @@ def test_a_bf16_setting_the_model_does_not_follow_is_warned_of(tmp_path, bf16, b
     model = get_peft_model(tiny_model().to(base), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.warns(UserWarning, match=f"bf16={bf16}, but the model's frozen weights are {base}"):
         Trainer(config(tmp_path, bf16=bf16), model, ragged_data(4))
+
+
+@pytest.mark.parametrize("output_dir", ["", "  "])
+def test_an_empty_output_dir_is_refused(output_dir):
+    """Path("") is the current folder: a Trainer wrote its checkpoints and metrics among the user's files."""
+    with pytest.raises(ValueError, match=r"output_dir='\s*' \(expected a directory path"):
+        TrainConfig(output_dir=output_dir)
